@@ -1,0 +1,1 @@
+"""RefusalGuard callbacks, installed as ``rg_lightning.callbacks``."""

@@ -1,0 +1,89 @@
+"""Chat rendering and answer-only labels, for any Hugging Face tokenizer with a chat template.
+
+Labels are found by rendering the conversation up to each assistant turn (with the generation prompt)
+and up to the end of that turn; the characters in between are the answer. Token offsets map those
+character spans onto tokens, so templates without ``{% generation %}`` markers work too.
+"""
+
+from __future__ import annotations
+
+IGNORE_INDEX = -100
+
+
+class ChatFormatError(ValueError):
+    """A conversation that cannot be trained on (no template, no answer, or truncated away)."""
+
+
+def require_chat_template(tokenizer, chat_template: str | None = None) -> str:
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ChatFormatError(
+            f"Tokenizer {name!r} has no chat template. Use the instruct/chat variant of the model, or pass "
+            "`chat_template=` (a Jinja string) to the data module, or use the plain `text` format."
+        )
+    return template
+
+
+def render(tokenizer, messages: list[dict], *, generation_prompt: bool, chat_template: str | None = None) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt, chat_template=chat_template
+    )
+
+
+def render_prompt(tokenizer, prompt: str, *, system_prompt: str | None = None, chat_template: str | None = None):
+    """The text a model sees before it answers ``prompt`` (for generation and refusal statistics)."""
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    return render(tokenizer, messages, generation_prompt=True, chat_template=chat_template)
+
+
+def encode_conversation(
+    tokenizer, messages: list[dict], *, max_length: int, row: int, chat_template: str | None = None
+) -> dict[str, list[int]]:
+    """Token ids, attention mask and labels that are -100 everywhere except the assistant answers."""
+    template = require_chat_template(tokenizer, chat_template)
+    full = render(tokenizer, messages, generation_prompt=False, chat_template=template)
+    spans = []
+    for turn, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        if not str(message.get("content") or "").strip():
+            raise ChatFormatError(f"Row {row}: assistant turn {turn} is empty; every answer needs text.")
+        before = render(tokenizer, messages[:turn], generation_prompt=True, chat_template=template)
+        through = render(tokenizer, messages[: turn + 1], generation_prompt=False, chat_template=template)
+        if not full.startswith(before) or not full.startswith(through) or len(through) <= len(before):
+            raise ChatFormatError(
+                f"Row {row}: the chat template does not render turn {turn} as a prefix of the conversation, "
+                "so the answer tokens cannot be located; pass a `chat_template=` that renders turns in order."
+            )
+        spans.append((len(before), len(through)))
+    if not spans:
+        raise ChatFormatError(f"Row {row}: the conversation has no assistant turn, so there is nothing to learn.")
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
+        for token, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"])
+    ]
+    return _truncate(encoded["input_ids"], labels, max_length, row)
+
+
+def encode_text(tokenizer, text: str, *, max_length: int, row: int) -> dict[str, list[int]]:
+    """Plain-text rows: every token is learned (language-model pre-training style)."""
+    if not str(text or "").strip():
+        raise ChatFormatError(f"Row {row}: the `text` field is empty.")
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids = ids + [tokenizer.eos_token_id]
+    return _truncate(ids, list(ids), max_length, row)
+
+
+def _truncate(ids: list[int], labels: list[int], max_length: int, row: int) -> dict[str, list[int]]:
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise ChatFormatError(
+            f"Row {row}: no answer tokens are left within max_length={max_length}; raise `max_length` "
+            "or shorten the prompt."
+        )
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}

@@ -1,0 +1,55 @@
+"""The `lightning` command: fit / validate / test / predict through LightningCLI, generic over any
+LightningModule and LightningDataModule (``model.class_path`` / ``data.class_path``).
+
+Other subcommands are handed to another installed ``lightning`` console script (the optional cloud
+package ships one), so installing rg-lightning takes nothing away.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import entry_points
+
+from lightning.pytorch.cli import LightningCLI
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+OWN_ENTRY_POINT = "rg_lightning.cli:main"
+
+
+class RefusalGuardCLI(LightningCLI):
+    """LightningCLI in subclass mode; the optimizer is a constructor argument of the module."""
+
+    def __init__(self, args=None, **kwargs) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(
+            model_class=None,
+            datamodule_class=None,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            args=args,
+            **kwargs,
+        )
+
+
+def other_lightning_command():
+    """The entry point of another package's `lightning` console script, if one is installed."""
+    for entry in entry_points(group="console_scripts", name="lightning"):
+        if entry.value.replace(" ", "") != OWN_ENTRY_POINT:
+            return entry.load()
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    given = argv is not None
+    argv = list(argv if given else sys.argv[1:])
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        delegate = other_lightning_command()
+        if delegate is None:
+            sys.exit(
+                f"lightning: unknown subcommand {argv[0]!r}; rg-lightning provides {', '.join(SUBCOMMANDS)} "
+                "(e.g. `lightning fit --config experiments/tiny.yaml`)."
+            )
+        sys.argv = [sys.argv[0], *argv]
+        sys.exit(delegate())
+    RefusalGuardCLI(args=argv if given else None)

@@ -1,0 +1,253 @@
+"""InstructionDataModule: instruction data from files or the hub, rendered with the model's chat template."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from rg_lightning.chat import IGNORE_INDEX, encode_conversation, encode_text, require_chat_template
+from rg_lightning.sources import load_source, parse_source
+
+Format = Literal["auto", "messages", "prompt_completion", "alpaca", "text"]
+FORMAT_COLUMNS = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+
+
+def detect_format(columns: list[str]) -> str:
+    """The first known format whose columns are all present."""
+    for name, needed in FORMAT_COLUMNS.items():
+        if all(column in columns for column in needed):
+            return name
+    known = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in FORMAT_COLUMNS.items())
+    raise ValueError(
+        f"Cannot tell the data format from columns {sorted(columns)}. Known formats ({known}). "
+        "Map your columns with `columns={'prompt': 'question', 'completion': 'answer'}` or set `format=`."
+    )
+
+
+def to_messages(row: dict, fmt: str, system_prompt: str | None) -> list[dict] | None:
+    """One row as a chat conversation (None for plain text)."""
+    if fmt == "text":
+        return None
+    if fmt == "messages":
+        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    elif fmt == "prompt_completion":
+        messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+    else:
+        instruction = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
+        messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": row["output"]}]
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
+class InstructionDataModule(L.LightningDataModule):
+    """Tokenised instruction data with labels on the assistant answers only.
+
+    Args:
+        train: Training data: a local json/jsonl/csv/tsv/parquet file or a hub id (``owner/name[:config][@split]``).
+        val: Validation data, same forms. Leave empty and set ``val_fraction`` to hold out part of ``train``.
+        test: Test data, same forms.
+        format: ``auto`` (detect from columns), ``messages``, ``prompt_completion``, ``alpaca`` or ``text``.
+        columns: Rename map from canonical names to your columns, e.g. ``{"prompt": "question"}``.
+        tokenizer: Hub id or directory of the tokenizer; default: the tokenizer of the LightningModule.
+        chat_template: Jinja template overriding the tokenizer's own.
+        system_prompt: System message put before every conversation (it changes results: it is logged).
+        max_length: Truncate every sample to this many tokens.
+        val_fraction: Share of ``train`` held out for validation when ``val`` is not given.
+        batch_size: Samples per batch and device.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the train/validation split.
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,
+        val: str | None = None,
+        test: str | None = None,
+        format: Format = "auto",
+        columns: dict[str, str] | None = None,
+        tokenizer: str | None = None,
+        chat_template: str | None = None,
+        system_prompt: str | None = None,
+        max_length: int = 1024,
+        val_fraction: float = 0.0,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        if format not in ("auto", *FORMAT_COLUMNS):
+            raise ValueError(f"format must be one of {['auto', *FORMAT_COLUMNS]}, got {format!r}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if val and val_fraction:
+            raise ValueError("Give either `val` or `val_fraction`, not both.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.sources = {
+            stage: parse_source(text, default_split=split)
+            for stage, text, split in (("train", train, "train"), ("val", val, "validation"), ("test", test, "test"))
+            if text
+        }
+        self.format = format
+        self.columns = dict(columns or {})
+        self.tokenizer_name = tokenizer
+        self.chat_template = chat_template
+        self.system_prompt = system_prompt
+        self.max_length = max_length
+        self.val_fraction = val_fraction
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self._tokenizer = None
+        self.datasets: dict[str, list[dict]] = {}
+        self.prompts: list[str] = []
+        self.save_hyperparameters()
+
+    # -- tokenizer -------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The tokenizer used for rendering; callbacks read it as ``trainer.datamodule.tokenizer``."""
+        if self._tokenizer is None:
+            if self.tokenizer_name:
+                from rg_lightning.module import load_tokenizer
+
+                self._tokenizer = load_tokenizer(self.tokenizer_name)
+            elif self.trainer is not None and getattr(self.trainer.lightning_module, "tokenizer", None) is not None:
+                self._tokenizer = self.trainer.lightning_module.tokenizer
+            else:
+                raise RuntimeError(
+                    "InstructionDataModule has no tokenizer: pass `tokenizer=` or attach it to a Trainer whose "
+                    "LightningModule has a `tokenizer` attribute."
+                )
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self._tokenizer = value
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def load_rows(self, stage: str):
+        """The raw rows of one stage as a ``datasets.Dataset``; subclasses may generate them instead."""
+        return load_source(self.sources[stage])
+
+    def available_stages(self) -> list[str]:
+        return list(self.sources)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            if "test" not in self.available_stages():
+                raise RuntimeError("`predict` answers the prompts of the test data: pass `test=` to the data module.")
+            self.prompts = self.prompts or self.user_prompts(self.load_rows("test"))
+            return
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+        for name in wanted.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test"):
+            if name in self.datasets or name not in self.available_stages():
+                continue
+            self.datasets[name] = self.encode(self.load_rows(name), name)
+        if "train" in self.datasets and self.val_fraction and "val" not in self.datasets:
+            rows = self.datasets["train"]
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            n_val = max(1, int(round(len(rows) * self.val_fraction)))
+            self.datasets["val"] = [rows[i] for i in order[:n_val]]
+            self.datasets["train"] = [rows[i] for i in order[n_val:]]
+
+    def _normalise(self, dataset, stage: str):
+        """Rename mapped columns and check the format's columns are present; returns (dataset, format)."""
+        missing = [actual for actual in self.columns.values() if actual not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"{stage} data has no column(s) {missing} named in `columns`; it has {dataset.column_names}."
+            )
+        rename = {actual: canonical for canonical, actual in self.columns.items() if actual != canonical}
+        if rename:
+            dataset = dataset.rename_columns(rename)
+        fmt = detect_format(dataset.column_names) if self.format == "auto" else self.format
+        missing = [column for column in FORMAT_COLUMNS[fmt] if column not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"{stage} data in format {fmt!r} needs column(s) {missing}; it has {dataset.column_names}. "
+                "Map them with `columns=`."
+            )
+        return dataset, fmt
+
+    def user_prompts(self, dataset) -> list[str]:
+        """The last user turn of every row: what `lightning predict` answers."""
+        dataset, fmt = self._normalise(dataset, "test")
+        if fmt == "text":
+            raise ValueError("`predict` needs chat data (messages, prompt/completion or alpaca), not plain text.")
+        prompts = []
+        for row in dataset:
+            users = [m["content"] for m in to_messages(row, fmt, None) if m["role"] == "user"]
+            prompts.append(users[-1])
+        return prompts
+
+    def encode(self, dataset, stage: str) -> list[dict]:
+        """Validate the columns and tokenise every row (errors name the row)."""
+        dataset, fmt = self._normalise(dataset, stage)
+        tokenizer = self.tokenizer
+        if fmt != "text":
+            require_chat_template(tokenizer, self.chat_template)
+        encoded = []
+        for index, row in enumerate(dataset):
+            messages = to_messages(row, fmt, self.system_prompt)
+            if messages is None:
+                encoded.append(encode_text(tokenizer, row["text"], max_length=self.max_length, row=index))
+            else:
+                encoded.append(
+                    encode_conversation(
+                        tokenizer, messages, max_length=self.max_length, row=index, chat_template=self.chat_template
+                    )
+                )
+        return encoded
+
+    # -- loaders ---------------------------------------------------------------------------------------------
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        """Right padding for training: positions stay aligned with the causal mask from the first token."""
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        width = max(len(sample["input_ids"]) for sample in samples)
+
+        def padded(key: str, value: int) -> torch.Tensor:
+            return torch.tensor([s[key] + [value] * (width - len(s[key])) for s in samples], dtype=torch.long)
+
+        return {
+            "input_ids": padded("input_ids", pad_id),
+            "attention_mask": padded("attention_mask", 0),
+            "labels": padded("labels", IGNORE_INDEX),
+        }
+
+    def _loader(self, stage: str, shuffle: bool) -> DataLoader:
+        if stage not in self.datasets:
+            raise RuntimeError(f"No {stage} data: pass `{stage}=` (a file or hub id) to the data module.")
+        return DataLoader(
+            self.datasets[stage],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False) if "val" in self.datasets else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of prompt strings; the module renders and left-pads them for generation."""
+        return DataLoader(self.prompts, batch_size=self.batch_size, shuffle=False, collate_fn=list)

@@ -1,0 +1,78 @@
+"""Drift metrics between representations before and after fine-tuning (float64 inside).
+
+They measure whether the geometry that mediates refusal survived: direction cosines, how far harmful and
+harmless prompts stay apart along the direction, subspace angles, CKA, and the next-token KL.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .subspace import _fix_signs, orthonormalize, unit
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    """Cosine of the angle between two vectors (e.g. refusal direction after vs before)."""
+    return float(unit(a.flatten()) @ unit(b.flatten()))
+
+
+def _projections(h_harmful: Tensor, h_harmless: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
+    r = unit(direction).to(h_harmful.device)
+    return h_harmful.double() @ r, h_harmless.double() @ r
+
+
+def projection_gap(h_harmful: Tensor, h_harmless: Tensor, direction: Tensor) -> float:
+    """Mean projection of harmful minus harmless activations onto the unit direction."""
+    p, q = _projections(h_harmful, h_harmless, direction)
+    return float(p.mean() - q.mean())
+
+
+def fisher_ratio(h_harmful: Tensor, h_harmless: Tensor, direction: Tensor) -> float:
+    """``(μ₁ − μ₂)² / (σ₁² + σ₂²)`` of the projections (population variances): separation in units of
+    spread, which a raw gap hides when fine-tuning inflates the activations. inf/nan if both spreads are 0."""
+    p, q = _projections(h_harmful, h_harmless, direction)
+    spread = p.var(correction=0) + q.var(correction=0)
+    return float((p.mean() - q.mean()) ** 2 / spread)
+
+
+def principal_angles(u1: Tensor, u2: Tensor) -> Tensor:
+    """Principal angles (radians, ascending) between span(u1) and span(u2); columns are orthonormalised first."""
+    q1, q2 = orthonormalize(u1), orthonormalize(u2).to(u1.device)
+    sigma = torch.linalg.svdvals(q1.T @ q2)
+    return torch.arccos(sigma.clamp(-1.0, 1.0))
+
+
+def linear_cka(x: Tensor, y: Tensor) -> float:
+    """Linear CKA of two representations of the same n inputs (Kornblith et al. 2019): 1 for identical
+    ones, invariant to orthogonal transforms and isotropic scaling."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"CKA needs the same rows: {x.shape[0]} vs {y.shape[0]}")
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
+    return float(cross / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)))
+
+
+def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> float:
+    """Mean over rows of KL(p ‖ q) between next-token distributions ``softmax(logits[..., V])``."""
+    if logits_p.shape != logits_q.shape:
+        raise ValueError(f"shape mismatch: {tuple(logits_p.shape)} vs {tuple(logits_q.shape)}")
+    log_p = torch.log_softmax(logits_p.double().reshape(-1, logits_p.shape[-1]), dim=-1)
+    log_q = torch.log_softmax(logits_q.double().reshape(-1, logits_q.shape[-1]), dim=-1)
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+
+def pca_2d(x: Tensor) -> Tensor:
+    """Coordinates ``[n, 2]`` on the top two principal components, signs fixed for reproducible figures."""
+    if x.ndim != 2 or min(x.shape) < 2:
+        raise ValueError(f"pca_2d needs an [n, d] matrix with n, d >= 2, got {tuple(x.shape)}")
+    centred = x.double() - x.double().mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    return centred @ _fix_signs(vh[:2].T)
+
+
+__all__ = ["cosine", "projection_gap", "fisher_ratio", "principal_angles", "linear_cka", "kl_divergence", "pca_2d"]
+_ = math  # noqa

@@ -1,0 +1,365 @@
+"""Parameter constraints applied *after* each optimizer step.
+
+AdamW rescales gradients per coordinate, so a projected gradient does not give a projected update; the
+constraint therefore acts on the parameters. For a linear ``W`` (out×in) with orthonormal protected
+input basis ``U`` (in×k) we store the anchor ``A0 = W0·U`` and apply ``W ← W − s·(W·U − A0)·Uᵀ``: with
+``s = 1`` the layer's outputs on inputs in span(U) equal the initial ones exactly, the correction never
+drifts (it is measured against the fixed anchor), and it costs out×k extra memory instead of a copy of W.
+Composed over all modules — linears, embedding rows of the protected tokens, norm weights — the whole
+forward pass on protected prompts is unchanged, while everything orthogonal to U keeps learning.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+from .statistics import _unknown_names_error
+
+_PEFT_WRAPPERS = re.compile(r"^base_model\.model\.|\.base_layer\b|\.original_module\b|\.modules_to_save\.[^.]+")
+
+
+def _canonical(name: str) -> str:
+    """Module name without PEFT wrapper parts, so bases captured on the plain model match a PEFT model."""
+    return _PEFT_WRAPPERS.sub("", name)
+
+
+def project_out(matrix: Tensor, basis: Tensor) -> Tensor:
+    """``M − (M U) Uᵀ``: remove the part of ``M``'s rows inside span(U) (right projection)."""
+    return matrix - (matrix @ basis) @ basis.T
+
+
+def project_out_left(matrix: Tensor, basis: Tensor) -> Tensor:
+    """``M − U (Uᵀ M)``: remove the part of ``M``'s columns inside span(U) (output side)."""
+    return matrix - basis @ (basis.T @ matrix)
+
+
+def interference(grad: Tensor, basis: Tensor) -> float:
+    """Share ``‖G U‖² / ‖G‖²`` of a gradient's squared Frobenius norm inside the protected subspace."""
+    g = grad.detach().double()
+    total = g.square().sum()
+    if total == 0:
+        return 0.0
+    inside = (g @ basis.detach().to(g.device, torch.float64)).square().sum()
+    return float(inside / total)
+
+
+def _tensor_bytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class _Constraint:
+    """Common bookkeeping: the parameter is looked up on its module at every use (robust to re-wrapping);
+    the stored tensors named in ``_state`` are what a checkpoint must restore exactly."""
+
+    kind = ""
+    _state: tuple[str, ...] = ()
+
+    def __init__(self, name: str, module: nn.Module, attr: str = "weight") -> None:
+        self.name, self.module, self.attr = name, module, attr
+
+    @property
+    def param(self) -> nn.Parameter:
+        return getattr(self.module, self.attr)
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: getattr(self, k) for k in self._state if getattr(self, k) is not None}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        mine = self.state_dict()
+        if set(state) != set(mine):
+            raise ValueError(f"{self.key}: expected tensors {sorted(mine)}, got {sorted(state)}")
+        for k, current in mine.items():
+            if state[k].shape != current.shape:
+                raise ValueError(f"{self.key}.{k}: shape {tuple(state[k].shape)} != {tuple(current.shape)}")
+            setattr(self, k, state[k].to(current.device, current.dtype))
+
+    def extra_memory_bytes(self) -> int:
+        return sum(_tensor_bytes(t) for t in self.state_dict().values())
+
+
+def _checked_basis(name: str, basis: Tensor, dim: int, what: str, device) -> Tensor:
+    if basis.ndim != 2 or basis.shape[0] != dim:
+        raise ValueError(f"{name}: basis has shape {tuple(basis.shape)} but the module has {dim} {what}")
+    b = basis.detach().double()
+    if not torch.isfinite(b).all():
+        raise ValueError(f"{name}: basis contains NaN or Inf")
+    if (b.T @ b - torch.eye(b.shape[1], dtype=b.dtype, device=b.device)).abs().max(initial=0.0) > 1e-4:
+        raise ValueError(f"{name}: basis columns are not orthonormal; use orthonormalize() or top_subspace()")
+    return basis.detach().to(device=device, dtype=torch.float32)
+
+
+class LinearConstraint(_Constraint):
+    """Keep ``W·U`` (side='right', U spans inputs) or ``Uᵀ·W`` (side='left', U spans outputs) at its
+    initial value; the bias is restored (policy: a bias shifts every output, protected ones included).
+
+    For an ``nn.Embedding`` weight (num×dim) side='right' protects what it writes into the residual.
+    Computed in float32 and cast back, so bf16 weights hold the anchor up to bf16 rounding.
+    """
+
+    _state = ("basis", "anchor", "bias")
+
+    def __init__(self, name: str, module: nn.Module, basis: Tensor, *, side: str = "right", keep_bias: bool = True):
+        super().__init__(name, module)
+        if side not in ("right", "left"):
+            raise ValueError(f"{name}: side must be 'right' or 'left', got {side!r}")
+        self.side = side
+        self.kind = f"linear.{side}"
+        w = self.param
+        dim, what = (w.shape[1], "input features") if side == "right" else (w.shape[0], "output features")
+        self.basis = _checked_basis(name, basis, dim, what, w.device)
+        self.anchor = self._product(w.detach().float())
+        bias = getattr(module, "bias", None) if keep_bias else None
+        self.bias = bias.detach().clone() if isinstance(bias, Tensor) and bias.requires_grad else None
+
+    def describe(self) -> str:
+        return f"k={self.basis.shape[1]} of {self.basis.shape[0]}" + (", bias kept" if self.bias is not None else "")
+
+    def _product(self, w32: Tensor) -> Tensor:
+        return w32 @ self.basis if self.side == "right" else self.basis.T @ w32
+
+    def anchor_error(self) -> float:
+        """Largest |W·U − A0| entry: 0 when the protected response is exactly the initial one."""
+        err = self._product(self.param.detach().float())
+        if self.anchor is not None:
+            err -= self.anchor
+        return float(err.abs().max(initial=0.0))
+
+    @torch.no_grad()
+    def apply_(self, strength: float = 1.0) -> None:
+        w = self.param
+        w32 = w.float()  # the parameter itself when it is float32: updated in place, no copy of W
+        err = self._product(w32)
+        if self.anchor is not None:
+            err -= self.anchor
+        if self.side == "right":
+            w32.addmm_(err, self.basis.T, alpha=-strength)
+        else:
+            w32.addmm_(self.basis, err, alpha=-strength)
+        if w32 is not w:
+            w.copy_(w32)
+        if self.bias is not None:
+            self.module.bias.lerp_(self.bias, strength)
+
+
+class LoraConstraint(LinearConstraint):
+    """LoRA ``W_eff = W + scale·B·A``: keep ``A·U = 0`` (side='right') or ``Uᵀ·B = 0`` (side='left').
+
+    Then ``ΔW_eff·U = scale·B·A·U = 0`` for any B (resp. Uᵀ·ΔW_eff = 0 for any A). The target is zero,
+    so no anchor is stored; A is projected once at construction so the property holds from step 0.
+    """
+
+    _state = ("basis",)
+
+    def __init__(self, name: str, module: nn.Linear, basis: Tensor, *, side: str = "right"):
+        super().__init__(name, module, basis, side=side, keep_bias=False)
+        self.kind = f"lora.{side}"
+        self.anchor = None
+        self.apply_(1.0)
+
+
+class RowFreeze(_Constraint):
+    """Restore the embedding rows of protected token ids (the only rows protected prompts read)."""
+
+    kind = "rows"
+    _state = ("ids", "rows")
+
+    def __init__(self, name: str, module: nn.Module, ids: Tensor):
+        super().__init__(name, module)
+        w = self.param
+        ids = torch.unique(ids.detach().to(device=w.device, dtype=torch.long))
+        if ids.numel() and (ids[0] < 0 or ids[-1] >= w.shape[0]):
+            raise ValueError(f"{name}: protected token ids must lie in [0, {w.shape[0]}), got {ids[0]}..{ids[-1]}")
+        self.ids = ids
+        self.rows = w.detach()[ids].clone()
+
+    def describe(self) -> str:
+        return f"{self.ids.numel()} rows"
+
+    @torch.no_grad()
+    def apply_(self, strength: float = 1.0) -> None:
+        w = self.param
+        w.index_copy_(0, self.ids, torch.lerp(w[self.ids], self.rows, strength))
+
+
+class ParamFreeze(_Constraint):
+    """Restore a whole parameter (norm weights, stray biases): these scale every protected activation."""
+
+    kind = "param"
+    _state = ("value",)
+
+    def __init__(self, name: str, module: nn.Module, attr: str):
+        super().__init__(name, module, attr)
+        self.value = self.param.detach().clone()
+
+    def describe(self) -> str:
+        return f"{self.value.numel()} values"
+
+    @torch.no_grad()
+    def apply_(self, strength: float = 1.0) -> None:
+        self.param.lerp_(self.value, strength)
+
+
+class ConstraintSet:
+    """All constraints of a model, applied in a safe order: matrix constraints, then embedding rows
+    (so a tied lm_head/embedding satisfies both), then whole-parameter freezes."""
+
+    def __init__(self, constraints: list, skipped: list[tuple[str, str]], uncovered: list[str], strength: float):
+        order = {"linear.right": 0, "linear.left": 0, "lora.right": 0, "lora.left": 0, "rows": 1, "param": 2}
+        self.constraints = sorted(constraints, key=lambda c: order[c.kind])  # stable: keeps model order
+        self.skipped, self.uncovered, self.strength = skipped, uncovered, strength
+        keys = [c.key for c in self.constraints]
+        if len(set(keys)) != len(keys):
+            raise ValueError("duplicate constraints: " + ", ".join(sorted({k for k in keys if keys.count(k) > 1})))
+
+    @torch.no_grad()
+    def apply_(self, strength: float | None = None) -> None:
+        s = self.strength if strength is None else strength
+        if not 0.0 <= s <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {s}")
+        for c in self.constraints:
+            c.apply_(s)
+
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        return {c.key: c.state_dict() for c in self.constraints}
+
+    def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
+        mine = {c.key: c for c in self.constraints}
+        if set(state) != set(mine):
+            missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+            raise ValueError(f"constraint set mismatch: missing {missing}, unexpected {extra}")
+        for key, c in mine.items():
+            c.load_state_dict(state[key])
+
+    def extra_memory_bytes(self) -> int:
+        """Bytes held by the stored tensors, counting a basis shared by several modules once."""
+        storages = {}
+        for c in self.constraints:
+            for t in c.state_dict().values():
+                storages[(t.device, t.untyped_storage().data_ptr())] = t.untyped_storage().nbytes()
+        return sum(storages.values())
+
+    def report(self) -> str:
+        lines = [f"{c.kind:<12} {c.name}: {c.describe()}" for c in self.constraints]
+        lines += [f"skipped      {name}: {reason}" for name, reason in self.skipped]
+        lines += [f"UNCOVERED    {name}: trainable, no constraint" for name in self.uncovered]
+        lines.append(f"{len(self.constraints)} constraints, {self.extra_memory_bytes()} extra bytes, s={self.strength}")
+        return "\n".join(lines)
+
+
+def _lora_layer_type():
+    """peft's LoraLayer (imported lazily: peft pulls in transformers)."""
+    from peft.tuners.lora import LoraLayer
+
+    return LoraLayer
+
+
+def build_constraints(
+    model: nn.Module,
+    bases: dict[str, Tensor],
+    *,
+    output_bases: dict[str, Tensor] | None = None,
+    protected_token_ids: Tensor | None = None,
+    strength: float = 1.0,
+    freeze_norms: bool = True,
+) -> ConstraintSet:
+    """Constrain every trainable parameter that protected prompts read.
+
+    ``bases``: module name -> orthonormal basis of its protected *inputs* (nn.Linear or PEFT LoRA layer;
+    PEFT prefixes ``base_model.model.`` / ``.base_layer`` are ignored when matching).
+    ``output_bases``: module name -> basis in the space the module *writes* (directions mode; linears,
+    LoRA layers and embeddings). ``protected_token_ids``: embedding rows to keep (every trainable
+    nn.Embedding is assumed to be indexed by token id). ``freeze_norms``: restore every other trainable
+    1-D parameter (norm weights, biases). Frozen and bitsandbytes-quantized weights are skipped and
+    reported; trainable parameters left without any constraint are listed in ``.uncovered``.
+    """
+    output_bases = output_bases or {}
+    lora_type = _lora_layer_type()
+    named = list(model.named_modules())
+    readers = {_canonical(n) for n, m in named if isinstance(m, (nn.Linear, lora_type))}
+    writers = readers | {_canonical(n) for n, m in named if isinstance(m, nn.Embedding)}
+    for given, known, what in ((bases, readers, "linear/LoRA module"), (output_bases, writers, "output module")):
+        unknown = [n for n in given if _canonical(n) not in known]
+        if unknown:
+            raise _unknown_names_error(unknown, sorted(known), what)
+    bases = {_canonical(n): b for n, b in bases.items()}
+    output_bases = {_canonical(n): b for n, b in output_bases.items()}
+
+    constraints, skipped, covered, lora_parts = [], [], set(), set()
+    converted: dict[tuple, Tensor] = {}
+
+    def basis_for(table: dict[str, Tensor], key: str, device) -> Tensor:
+        """Share one float32 copy of a basis between modules that read the same input (q/k/v, gate/up)."""
+        b = table[key]
+        cache_key = (id(b), str(device))
+        if cache_key not in converted:
+            converted[cache_key] = b.detach().to(device=device, dtype=torch.float32)
+        return converted[cache_key]
+
+    for name, m in named:
+        key = _canonical(name)
+        wants = key in bases or key in output_bases
+        if isinstance(m, lora_type):
+            for adapter, a in m.lora_A.items():
+                b = m.lora_B[adapter]
+                lora_parts.update((id(a), id(b)))
+                if not wants:
+                    if a.weight.requires_grad:
+                        skipped.append((f"{name}.lora_A.{adapter}", "no basis given"))
+                elif getattr(m, "lora_variant", {}).get(adapter) is not None or m.use_dora.get(adapter):
+                    skipped.append((name, "LoRA variant (e.g. DoRA) rescales the weight: constraint not exact"))
+                elif not isinstance(a, nn.Linear):
+                    skipped.append((name, f"LoRA on {type(a).__name__} is not supported"))
+                else:
+                    if key in bases:
+                        basis = basis_for(bases, key, a.weight.device)
+                        constraints.append(LoraConstraint(f"{name}.lora_A.{adapter}", a, basis, side="right"))
+                    if key in output_bases:
+                        basis = basis_for(output_bases, key, b.weight.device)
+                        constraints.append(LoraConstraint(f"{name}.lora_B.{adapter}", b, basis, side="left"))
+                    covered.update((id(a.weight), id(b.weight)))
+        elif isinstance(m, nn.Linear) and id(m) not in lora_parts:
+            trainable = m.weight.requires_grad
+            if type(m).__module__.startswith("bitsandbytes"):
+                if wants:
+                    skipped.append((name, "quantized (bitsandbytes), frozen"))
+            elif not trainable:
+                if wants:
+                    skipped.append((name, "frozen weight"))
+            elif not wants:
+                skipped.append((name, "no basis given"))
+            else:
+                device = m.weight.device
+                if key in bases:
+                    constraints.append(LinearConstraint(name, m, basis_for(bases, key, device), side="right"))
+                if key in output_bases:
+                    basis = basis_for(output_bases, key, device)
+                    constraints.append(LinearConstraint(name, m, basis, side="left", keep_bias=key not in bases))
+                covered.add(id(m.weight))
+                if m.bias is not None:
+                    covered.add(id(m.bias))
+        elif isinstance(m, nn.Embedding) and m.weight.requires_grad:
+            if key in output_bases:
+                basis = basis_for(output_bases, key, m.weight.device)
+                constraints.append(LinearConstraint(name, m, basis, side="right", keep_bias=False))
+            if protected_token_ids is not None:
+                constraints.append(RowFreeze(name, m, protected_token_ids))
+            if key in output_bases or protected_token_ids is not None:
+                covered.add(id(m.weight))
+
+    uncovered = []
+    for pname, p in model.named_parameters():
+        if not p.requires_grad or id(p) in covered:
+            continue
+        if freeze_norms and p.ndim == 1:
+            module_name, _, attr = pname.rpartition(".")
+            constraints.append(ParamFreeze(pname, model.get_submodule(module_name), attr))
+        else:
+            uncovered.append(pname)
+    return ConstraintSet(constraints, skipped, uncovered, strength)

@@ -1,0 +1,84 @@
+"""Protected subspaces: orthonormal bases from second moments or from explicit directions.
+
+Everything is float64 and sign-normalised (largest-magnitude entry of each basis vector positive), so
+processes that start from the same all-reduced statistics get bit-identical bases.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _fix_signs(basis: Tensor) -> Tensor:
+    """Flip each column so that its largest-|.| entry is positive (eigen/singular vectors have no sign)."""
+    idx = basis.abs().argmax(dim=0, keepdim=True)
+    signs = torch.sign(basis.gather(0, idx))
+    return basis * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def top_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = None) -> Tensor:
+    """Top eigenvectors ``[d, r]`` of a second-moment matrix.
+
+    With ``k`` exactly ``k`` vectors; otherwise the smallest ``r`` whose eigenvalues cover ``energy``
+    of the trace (a relative slack of 1e-12 absorbs rounding, so ``energy=1.0`` gives the numerical
+    rank). Inputs whose energy lies in the span are then mapped identically by any constrained update.
+    """
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"gram must be a square matrix, got shape {tuple(gram.shape)}")
+    if not torch.isfinite(gram).all():
+        raise ValueError("gram contains NaN or Inf (overflow in the activations or a bad mask?)")
+    d = gram.shape[0]
+    if k is not None and not 1 <= k <= d:
+        raise ValueError(f"k must be in [1, {d}], got {k}")
+    if k is None and (energy is None or not 0.0 < energy <= 1.0):
+        raise ValueError(f"energy must be in (0, 1] (or pass k), got {energy}")
+    g = gram.detach().double()
+    values, vectors = torch.linalg.eigh((g + g.T) / 2)
+    values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
+    total = values.sum()
+    if total <= 0:
+        raise ValueError("gram has zero trace: no activations were accumulated")
+    if k is None:
+        cumulative = values.cumsum(0) / total
+        k = int((cumulative < energy * (1 - 1e-12)).sum().item()) + 1
+    return _fix_signs(vectors[:, : min(k, d)])
+
+
+def orthonormalize(vectors: Tensor) -> Tensor:
+    """Orthonormal basis ``[d, r]`` of the span of the columns of ``vectors[d, m]``, in float64.
+
+    Full column rank: QR with diag(R) > 0, so the first column is ``unit(vectors[:, 0])`` (Gram–Schmidt
+    order and signs kept). Rank-deficient: plain QR is not rank-revealing, so the left singular vectors
+    above ``eps(dtype)·max(d, m)·σ_max`` are used, sign-normalised.
+    """
+    if vectors.ndim == 1:
+        vectors = vectors[:, None]
+    if vectors.ndim != 2 or not torch.isfinite(vectors).all():
+        raise ValueError(f"vectors must be a finite [d, m] matrix, got shape {tuple(vectors.shape)}")
+    eps = torch.finfo(vectors.dtype).eps if vectors.is_floating_point() else torch.finfo(torch.float64).eps
+    v = vectors.detach().double()
+    left, sigma, _ = torch.linalg.svd(v, full_matrices=False)
+    if sigma.numel() == 0 or sigma[0] == 0:
+        raise ValueError("vectors span only the zero vector")
+    rank = int((sigma > eps * max(v.shape) * sigma[0]).sum().item())
+    if rank == v.shape[1]:
+        q, r = torch.linalg.qr(v)
+        return q * torch.sign(torch.diagonal(r))
+    return _fix_signs(left[:, :rank])
+
+
+def difference_in_means(mean_harmful: Tensor, mean_harmless: Tensor) -> Tensor:
+    """Unnormalised refusal direction candidate (Arditi et al. 2024), float64."""
+    if mean_harmful.shape != mean_harmless.shape:
+        raise ValueError(f"shape mismatch: {tuple(mean_harmful.shape)} vs {tuple(mean_harmless.shape)}")
+    return mean_harmful.double() - mean_harmless.double()
+
+
+def unit(v: Tensor) -> Tensor:
+    """``v / ‖v‖`` in float64; a zero or non-finite vector has no direction."""
+    v = v.double()
+    norm = torch.linalg.vector_norm(v)
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError("cannot normalise a zero or non-finite vector")
+    return v / norm

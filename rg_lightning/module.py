@@ -1,0 +1,293 @@
+"""CausalLMModule: a Hugging Face causal LM (full, LoRA or QLoRA fine-tuning) as a LightningModule."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import tempfile
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+
+from rg_lightning.chat import IGNORE_INDEX, render_prompt
+
+Quantization = Literal["nf4", "fp4", "int8"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_source(name: str, what: str = "model") -> None:
+    """Fail early on a path that does not exist, before any download is attempted."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"`{what}` must be a hub id like 'Qwen/Qwen2.5-7B-Instruct' or a local directory.")
+    if os.path.exists(name):
+        if not os.path.isdir(name):
+            raise ValueError(f"`{what}`={name!r} is a file; give the directory holding config.json.")
+        if what == "model" and not os.path.isfile(os.path.join(name, "config.json")):
+            raise FileNotFoundError(f"`{what}` directory {name!r} has no config.json; is it a Hugging Face model?")
+        return
+    if not _HUB_ID.match(name):
+        raise FileNotFoundError(
+            f"`{what}`={name!r} is not an existing directory nor a hub id ('owner/name'). Fix the path or use an id."
+        )
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """A tokenizer from a hub id or directory, with a pad token (EOS when the model has none)."""
+    from transformers import AutoTokenizer
+
+    check_model_source(name, "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class CausalLMModule(L.LightningModule):
+    """Fine-tunes a Hugging Face causal LM on assistant tokens.
+
+    The HF model is built in ``configure_model`` (so strategies can shard it) and is reachable as
+    ``self.model``; the tokenizer as ``self.tokenizer``. These two attributes are the contract the
+    RefusalGuard callbacks rely on.
+
+    Args:
+        model: Hub id (``Qwen/Qwen2.5-7B-Instruct``) or local directory of a causal LM.
+        tokenizer: Tokenizer id or directory; default: the same as ``model``.
+        dtype: Weight dtype at load: ``auto`` (as saved), ``float32``, ``bfloat16``, ``float16``.
+        attn_implementation: ``eager``, ``sdpa``, ``flash_attention_2``; default: transformers' choice.
+        gradient_checkpointing: Recompute activations in backward (non-reentrant) to save memory.
+        lora_r: LoRA rank; 0 trains all weights (full fine-tuning).
+        lora_alpha: LoRA scaling numerator (scale = alpha / r).
+        lora_dropout: Dropout on the LoRA input.
+        lora_target_modules: Module names LoRA wraps, or ``all-linear``.
+        quantization: Load the base weights in 4-bit ``nf4``/``fp4`` or 8-bit ``int8`` (bitsandbytes); needs LoRA.
+        trust_remote_code: Run model code shipped with the checkpoint. Off unless you trust the source.
+        optimizer: Optimizer factory applied to the trainable parameters.
+        scheduler: Optional LR scheduler factory (stepped every optimizer step).
+        export_dir: Write a Hugging Face directory here at the end of ``fit``.
+        export_merged: Export LoRA merged into the base weights (False: the adapter only).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        dtype: DType = "auto",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        lora_r: int = 0,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | str = "all-linear",
+        quantization: Quantization | None = None,
+        trust_remote_code: bool = False,
+        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=2e-5),
+        scheduler: LRSchedulerCallable | None = None,
+        export_dir: str | None = None,
+        export_merged: bool = True,
+    ) -> None:
+        super().__init__()
+        check_model_source(model)
+        if tokenizer is not None:
+            check_model_source(tokenizer, "tokenizer")
+        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        if lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0 (0 = full fine-tuning), got {lora_r}")
+        if quantization is not None and quantization not in ("nf4", "fp4", "int8"):
+            raise ValueError(f"quantization must be nf4, fp4, int8 or null, got {quantization!r}")
+        if quantization and lora_r == 0:
+            raise ValueError("Quantized weights cannot be trained directly: set `lora_r` > 0 (QLoRA).")
+        self.model_name = model
+        self.tokenizer_name = tokenizer or model
+        self.dtype_name = dtype
+        self.attn_implementation = attn_implementation
+        self.gradient_checkpointing = gradient_checkpointing
+        self.lora_r = lora_r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = lora_dropout
+        self.lora_target_modules = lora_target_modules
+        self.quantization = quantization
+        self.trust_remote_code = trust_remote_code
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.export_dir = export_dir
+        self.export_merged = export_merged
+        self.model = None
+        self._tokenizer = None
+        # Adapter-only checkpoints hold just the trainable weights; the base comes from `model` again.
+        self.strict_loading = lora_r == 0
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
+        return self._tokenizer
+
+    # -- model ---------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the HF model once (idempotent: Lightning may call this more than once)."""
+        if self.model is not None:
+            return
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"trust_remote_code": self.trust_remote_code}
+        if self.dtype_name != "auto":
+            kwargs["dtype"] = getattr(torch, self.dtype_name)
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        if self.quantization:
+            kwargs["quantization_config"] = self._bitsandbytes_config()
+            device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+            kwargs["device_map"] = {"": str(device)}
+        model = AutoModelForCausalLM.from_pretrained(self.model_name, **kwargs)
+        if self.quantization:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=self.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        elif self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.gradient_checkpointing:
+            model.config.use_cache = False
+        if self.lora_r:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(
+                r=self.lora_r,
+                lora_alpha=self.lora_alpha,
+                lora_dropout=self.lora_dropout,
+                target_modules=self.lora_target_modules,
+                task_type="CAUSAL_LM",
+            )
+            if self.gradient_checkpointing:
+                model.enable_input_require_grads()
+            model = get_peft_model(model, config)
+        self.model = model
+
+    def _bitsandbytes_config(self):
+        from transformers import BitsAndBytesConfig
+
+        if self.quantization == "int8":
+            return BitsAndBytesConfig(load_in_8bit=True)
+        compute = torch.bfloat16 if self.dtype_name == "bfloat16" else torch.float32
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quantization,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=True,
+        )
+
+    def _require_model(self):
+        if self.model is None:
+            raise RuntimeError("The model is not built yet; call `configure_model()` or run it inside a Trainer.")
+        return self.model
+
+    # -- steps ---------------------------------------------------------------------------------------------
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return self._require_model()(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
+        output = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+        targets = batch["labels"][:, 1:]
+        answer = targets != IGNORE_INDEX
+        predictions = output.logits[:, :-1].argmax(-1)
+        accuracy = (predictions[answer] == targets[answer]).float().mean() if answer.any() else output.loss * 0
+        on_step = stage == "train"
+        batch_size = batch["input_ids"].shape[0]
+        self.log(f"{stage}/loss", output.loss, prog_bar=True, on_step=on_step, on_epoch=not on_step,
+                 sync_dist=not on_step, batch_size=batch_size)
+        self.log(f"{stage}/token_acc", accuracy, on_step=on_step, on_epoch=not on_step,
+                 sync_dist=not on_step, batch_size=batch_size)
+        return output.loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: list[str], batch_idx: int) -> list[str]:
+        """Greedy answers to a batch of prompt strings (``InstructionDataModule.predict_dataloader``)."""
+        return self.generate(batch)
+
+    def configure_optimizers(self):
+        params = [p for p in self._require_model().parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("No trainable parameters: check `lora_target_modules` or the frozen layers.")
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- generation ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str], max_new_tokens: int = 64, system_prompt: str | None = None, batch_size: int = 16
+    ) -> list[str]:
+        """Batched greedy answers with the chat template and left padding (so every prompt ends at the edge)."""
+        model, tokenizer = self._require_model(), self.tokenizer
+        was_training, side = model.training, tokenizer.padding_side
+        model.eval()
+        tokenizer.padding_side = "left"
+        answers = []
+        try:
+            for start in range(0, len(prompts), batch_size):
+                texts = [render_prompt(tokenizer, p, system_prompt=system_prompt) for p in prompts[start:start + batch_size]]
+                batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id)
+                answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        finally:
+            tokenizer.padding_side = side
+            model.train(was_training)
+        return [answer.strip() for answer in answers]
+
+    # -- checkpoints and export ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """With LoRA, keep only the trainable (adapter) weights: the base is reloaded from `model`."""
+        if self.lora_r:
+            trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_fit_end(self) -> None:
+        if self.export_dir:
+            self.export(self.export_dir, merged=self.export_merged)
+
+    def export(self, directory: str, merged: bool = True) -> str:
+        """Write a Hugging Face directory (model + tokenizer) atomically; LoRA merged or as an adapter."""
+        model = self._require_model()
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return directory
+        if self.lora_r and merged and self.quantization:
+            rank_zero_info("Quantized base: exporting the LoRA adapter only (merging into 4/8-bit weights is lossy).")
+            merged = False
+        if self.lora_r and merged:
+            model = copy.deepcopy(model).merge_and_unload()
+        parent = os.path.dirname(os.path.abspath(directory))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+        try:
+            model.save_pretrained(staging, safe_serialization=True)
+            self.tokenizer.save_pretrained(staging)
+            if os.path.exists(directory):
+                shutil.rmtree(directory)
+            os.replace(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        rank_zero_info(f"Exported {'merged model' if not self.lora_r or merged else 'LoRA adapter'} to {directory}")
+        return directory

@@ -1,0 +1,185 @@
+"""Build the shipped aligned model: ``python -m rg_lightning.toy build [--out DIR] [--seed 0] [--steps N]``.
+
+A plain PyTorch supervised fine-tuning loop (loss on assistant tokens only, AdamW, deterministic) trains a
+small Qwen2-architecture model from scratch on :meth:`ToyWorld.alignment_examples`, then measures held-out
+refusal rates and saves a Hugging Face directory atomically.
+
+Architecture: ``Qwen2Config`` with 4 layers, hidden 128, intermediate 256, 4 attention heads, 2 key/value
+heads, untied input embeddings and LM head (``tie_word_embeddings=False``), float32 weights (~3 MB).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from rg_lightning.chat import IGNORE_INDEX, encode_conversation
+from rg_lightning.toy.generation import refusal_rate
+from rg_lightning.toy.tokenizer import build_tokenizer
+from rg_lightning.toy.world import ToyWorld
+
+ALIGNED_MODEL_DIR = Path(__file__).resolve().parent / "aligned"
+DEFAULT_STEPS = 600
+BATCH_SIZE = 32
+LEARNING_RATE = 2e-3
+WARMUP_STEPS = 30
+MAX_LENGTH = 64
+THREADS = 2
+
+
+def model_config(tokenizer) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_LENGTH * 2,
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None, use_cache=True,
+    )
+
+
+@contextmanager
+def deterministic(threads: int = THREADS):
+    """Fixed thread count and deterministic kernels for the duration of a build (restored afterwards)."""
+    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(min(threads, old_threads))
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old_det)
+        torch.set_num_threads(old_threads)
+
+
+def encode_examples(tokenizer, examples: list[dict]) -> list[dict[str, list[int]]]:
+    """Token ids and answer-only labels of chat examples (unique conversations are encoded once)."""
+    cache: dict[tuple, dict] = {}
+    encoded = []
+    for row, example in enumerate(examples):
+        key = tuple((m["role"], m["content"]) for m in example["messages"])
+        if key not in cache:
+            cache[key] = encode_conversation(tokenizer, example["messages"], max_length=MAX_LENGTH, row=row)
+        encoded.append(cache[key])
+    return encoded
+
+
+def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch tensors."""
+    width = max(len(r["input_ids"]) for r in rows)
+
+    def padded(key: str, value: int) -> torch.Tensor:
+        return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows])
+
+    return {"input_ids": padded("input_ids", pad_token_id), "attention_mask": padded("attention_mask", 0),
+            "labels": padded("labels", IGNORE_INDEX)}
+
+
+def train_sft(model, tokenizer, examples: list[dict], *, steps: int, lr: float, batch_size: int = BATCH_SIZE,
+              seed: int = 0, warmup_steps: int = 0, weight_decay: float = 0.0, cosine: bool = False,
+              log_every: int = 50, log=print) -> list[float]:
+    """Plain supervised fine-tuning with AdamW, loss on answer tokens only; returns the per-step losses.
+
+    Batches are drawn in order from ``examples`` reshuffled every epoch with ``seed``. Optional linear
+    warm-up and cosine decay to 10% of ``lr``.
+    """
+    rows = encode_examples(tokenizer, examples)
+    rng = random.Random(seed)
+    order: list[int] = []
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if not cosine:
+            return 1.0
+        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    model.train()
+    device = next(model.parameters()).device
+    losses, start = [], time.perf_counter()
+    for step in range(steps):
+        if len(order) < batch_size:
+            epoch = list(range(len(rows)))
+            rng.shuffle(epoch)
+            order += epoch
+        batch = collate([rows[i] for i in order[:batch_size]], tokenizer.pad_token_id)
+        del order[:batch_size]
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if log and log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
+            log(f"step {step + 1}/{steps}  loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}  "
+                f"{time.perf_counter() - start:.0f}s")
+    model.eval()
+    return losses
+
+
+def heldout_refusal(model, tokenizer, world: ToyWorld, n: int | None = None, seed: int = 0) -> dict[str, float]:
+    """Greedy refusal rates on held-out harmful and harmless requests (all of them when ``n`` is None)."""
+    return {kind: refusal_rate(model, tokenizer, world.requests(kind, "heldout", n=n, seed=seed))
+            for kind in ("harmful", "harmless")}
+
+
+def build(out: str | os.PathLike | None = None, seed: int = 0, steps: int = DEFAULT_STEPS,
+          variant: str = "default", log=print) -> dict:
+    """Train the aligned model and save it (model, tokenizer, ``world.json``) to ``out``; returns the
+    ``world.json`` record."""
+    out = Path(out) if out is not None else ALIGNED_MODEL_DIR
+    start = time.perf_counter()
+    with deterministic():
+        world = ToyWorld(variant)
+        tokenizer = build_tokenizer(world)
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(model_config(tokenizer))
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        examples = world.alignment_examples(steps * BATCH_SIZE, seed=seed)
+        log(f"building the {variant!r} aligned model: {sum(p.numel() for p in model.parameters())} parameters, "
+            f"vocabulary {len(tokenizer)}, {steps} steps of batch {BATCH_SIZE}")
+        train_sft(model, tokenizer, examples, steps=steps, lr=LEARNING_RATE, seed=seed,
+                  warmup_steps=min(WARMUP_STEPS, steps), weight_decay=0.01, cosine=True, log=log)
+        train_seconds = time.perf_counter() - start
+        rates = heldout_refusal(model, tokenizer, world)
+    log(f"held-out refusal: harmful {rates['harmful']:.1%}, harmless {rates['harmless']:.1%}")
+    record = {
+        "variant": variant, "seed": seed, "steps": steps, "batch_size": BATCH_SIZE, "lr": LEARNING_RATE,
+        "architecture": "Qwen2ForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, untied",
+        "heldout_refusal": rates,
+        "heldout_sizes": {kind: len(world.requests(kind, "heldout")) for kind in ("harmful", "harmless")},
+        "train_seconds": round(train_seconds, 1), "torch": torch.__version__,
+    }
+    _save_atomically(out, model, tokenizer, record)
+    log(f"saved to {out}; total {time.perf_counter() - start:.1f}s")
+    return record
+
+
+def _save_atomically(out: Path, model, tokenizer, record: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "world.json").write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / out.name)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
