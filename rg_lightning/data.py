@@ -20,6 +20,23 @@ FORMAT_COLUMNS = {
 }
 
 
+class EpochSeededSampler(torch.utils.data.Sampler):
+    """A shuffle fixed by (seed, epoch), so a run resumed at an epoch boundary sees the same order."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
 def detect_format(columns: list[str]) -> str:
     """The first known format whose columns are all present."""
     for name, needed in FORMAT_COLUMNS.items():
@@ -64,7 +81,7 @@ class InstructionDataModule(L.LightningDataModule):
         val_fraction: Share of ``train`` held out for validation when ``val`` is not given.
         batch_size: Samples per batch and device.
         num_workers: DataLoader worker processes.
-        seed: Seed of the train/validation split.
+        seed: Seed of the train/validation split and of the per-epoch shuffle.
     """
 
     def __init__(
@@ -231,10 +248,11 @@ class InstructionDataModule(L.LightningDataModule):
     def _loader(self, stage: str, shuffle: bool) -> DataLoader:
         if stage not in self.datasets:
             raise RuntimeError(f"No {stage} data: pass `{stage}=` (a file or hub id) to the data module.")
+        rows = self.datasets[stage]
         return DataLoader(
-            self.datasets[stage],
+            rows,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochSeededSampler(len(rows), self.seed) if shuffle else None,
             collate_fn=self.collate,
             num_workers=self.num_workers,
         )

@@ -66,6 +66,8 @@ def load_source(source: Source):
         try:
             dataset = datasets.load_dataset(builder, data_files=source.path, split="train", **kwargs)
         except Exception as error:  # datasets raises many types for malformed files
+            if os.path.getsize(source.path) == 0 or "corresponds to no data" in str(error):
+                raise ValueError(f"Dataset {source.label!r} has no rows; give a file with data.") from error
             raise ValueError(f"Could not read data file {source.path!r}: {error}") from error
     else:
         dataset = datasets.load_dataset(source.hub_id, source.config, split=source.split)

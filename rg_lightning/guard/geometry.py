@@ -6,8 +6,6 @@ harmless prompts stay apart along the direction, subspace angles, CKA, and the n
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -40,7 +38,8 @@ def fisher_ratio(h_harmful: Tensor, h_harmless: Tensor, direction: Tensor) -> fl
 
 def principal_angles(u1: Tensor, u2: Tensor) -> Tensor:
     """Principal angles (radians, ascending) between span(u1) and span(u2); columns are orthonormalised first."""
-    q1, q2 = orthonormalize(u1), orthonormalize(u2).to(u1.device)
+    q1 = orthonormalize(u1)
+    q2 = orthonormalize(u2).to(q1.device)
     sigma = torch.linalg.svdvals(q1.T @ q2)
     return torch.arccos(sigma.clamp(-1.0, 1.0))
 
@@ -73,6 +72,3 @@ def pca_2d(x: Tensor) -> Tensor:
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
     return centred @ _fix_signs(vh[:2].T)
 
-
-__all__ = ["cosine", "projection_gap", "fisher_ratio", "principal_angles", "linear_cka", "kl_divergence", "pca_2d"]
-_ = math  # noqa

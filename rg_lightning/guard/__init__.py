@@ -1,0 +1,45 @@
+"""RefusalGuard core: activation statistics, protected subspaces, post-step parameter constraints, drift metrics.
+
+Pure torch (no Lightning): the callbacks build on these functions.
+"""
+
+from .geometry import cosine, fisher_ratio, kl_divergence, linear_cka, pca_2d, principal_angles, projection_gap
+from .projection import (
+    ConstraintSet,
+    LinearConstraint,
+    LoraConstraint,
+    ParamFreeze,
+    RowFreeze,
+    build_constraints,
+    interference,
+    project_out,
+    project_out_left,
+)
+from .statistics import GramAccumulator, MeanAccumulator, capture_linear_inputs
+from .subspace import difference_in_means, orthonormalize, top_subspace, unit
+
+__all__ = [
+    "ConstraintSet",
+    "GramAccumulator",
+    "LinearConstraint",
+    "LoraConstraint",
+    "MeanAccumulator",
+    "ParamFreeze",
+    "RowFreeze",
+    "build_constraints",
+    "capture_linear_inputs",
+    "cosine",
+    "difference_in_means",
+    "fisher_ratio",
+    "interference",
+    "kl_divergence",
+    "linear_cka",
+    "orthonormalize",
+    "pca_2d",
+    "principal_angles",
+    "project_out",
+    "project_out_left",
+    "projection_gap",
+    "top_subspace",
+    "unit",
+]

@@ -1,0 +1,207 @@
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import make_tokenizer, write_jsonl
+from rg_lightning import InstructionDataModule
+from rg_lightning.chat import IGNORE_INDEX, ChatFormatError
+
+QA = {"prompt": "how do i bake a cake ?", "completion": "sure here you go ."}
+
+
+def build(tmp_path, rows, name="data.jsonl", **kwargs):
+    path = tmp_path / name
+    write_jsonl(path, rows)
+    module = InstructionDataModule(train=str(path), **kwargs)
+    module.tokenizer = make_tokenizer()
+    module.setup("fit")
+    return module
+
+
+def answer_tokens(module, sample):
+    tok = module.tokenizer
+    return tok.convert_ids_to_tokens([t for t in sample["labels"] if t != IGNORE_INDEX])
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"messages": [{"role": "user", "content": QA["prompt"]}, {"role": "assistant", "content": QA["completion"]}]},
+        QA,
+        {"instruction": "how do i bake a cake", "input": "", "output": QA["completion"]},
+    ],
+    ids=["messages", "prompt_completion", "alpaca"],
+)
+def test_every_chat_format_labels_exactly_the_answer(tmp_path, row):
+    module = build(tmp_path, [row] * 3)
+    sample = module.datasets["train"][0]
+    assert answer_tokens(module, sample) == ["sure", "here", "you", "go", ".", "<|end|>"]
+    prompt_tokens = module.tokenizer.convert_ids_to_tokens(sample["input_ids"][: sample["labels"].count(IGNORE_INDEX)])
+    assert prompt_tokens[0] == "<|user|>" and prompt_tokens[-1] == "<|assistant|>"
+
+
+def test_alpaca_input_is_appended_to_instruction(tmp_path):
+    module = build(tmp_path, [{"instruction": "tell me", "input": "about cake", "output": "sure ."}])
+    text = module.tokenizer.decode(module.datasets["train"][0]["input_ids"])
+    assert "tell me" in text and "about cake" in text
+
+
+def test_multi_turn_labels_every_assistant_turn(tmp_path):
+    messages = [
+        {"role": "system", "content": "you help"},
+        {"role": "user", "content": "what is one plus two ?"},
+        {"role": "assistant", "content": "three"},
+        {"role": "user", "content": "and two plus two ?"},
+        {"role": "assistant", "content": "four"},
+    ]
+    module = build(tmp_path, [{"messages": messages}])
+    assert answer_tokens(module, module.datasets["train"][0]) == ["three", "<|end|>", "four", "<|end|>"]
+
+
+def test_plain_text_learns_every_token(tmp_path):
+    module = build(tmp_path, [{"text": "tell me a story about a cake"}])
+    sample = module.datasets["train"][0]
+    assert sample["labels"] == sample["input_ids"]
+    assert sample["input_ids"][-1] == module.tokenizer.eos_token_id
+
+
+def test_column_mapping_and_other_file_types(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame([{"question": QA["prompt"], "answer": QA["completion"]}] * 4)
+    for name, write in (("d.csv", frame.to_csv), ("d.parquet", frame.to_parquet)):
+        write(tmp_path / name, index=False)
+    frame.to_csv(tmp_path / "d.tsv", sep="\t", index=False)
+    for name in ("d.csv", "d.parquet", "d.tsv"):
+        module = InstructionDataModule(train=str(tmp_path / name), columns={"prompt": "question", "completion": "answer"})
+        module.tokenizer = make_tokenizer()
+        module.setup("fit")
+        assert len(module.datasets["train"]) == 4
+        assert answer_tokens(module, module.datasets["train"][0])[:2] == ["sure", "here"]
+
+
+def test_system_prompt_is_rendered(tmp_path):
+    module = build(tmp_path, [QA], system_prompt="you help")
+    assert module.tokenizer.convert_ids_to_tokens(module.datasets["train"][0]["input_ids"])[:3] == [
+        "<|system|>", "you", "help"]
+
+
+def test_truncation_keeps_max_length(tmp_path):
+    module = build(tmp_path, [{"prompt": "how do i", "completion": "sure here you go . " * 20}], max_length=12)
+    assert len(module.datasets["train"][0]["input_ids"]) == 12
+
+
+def test_collate_pads_right_with_masked_labels(tmp_path):
+    module = build(tmp_path, [QA, {"prompt": "how", "completion": "sure ."}])
+    batch = module.collate(module.datasets["train"])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    short = batch["attention_mask"][1]
+    assert short[0] == 1 and short[-1] == 0  # right padding
+    assert (batch["labels"][1][short == 0] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][1][short == 0] == module.tokenizer.pad_token_id).all()
+
+
+def test_val_fraction_split_is_deterministic_and_disjoint(tmp_path):
+    rows = [{"prompt": f"what is {w} ?", "completion": "sure ."} for w in ("one", "two", "three", "four", "five")] * 2
+    first = build(tmp_path, rows, val_fraction=0.3, seed=3)
+    second = build(tmp_path, rows, val_fraction=0.3, seed=3)
+    assert len(first.datasets["val"]) == 3 and len(first.datasets["train"]) == 7
+    assert first.datasets["val"] == second.datasets["val"]
+
+
+def test_shuffle_depends_only_on_seed_and_epoch(tmp_path):
+    rows = [{"prompt": f"what is {w} ?", "completion": "sure ."} for w in ("one", "two", "three", "four", "five")]
+    module = build(tmp_path, rows, batch_size=5)
+    orders = []
+    for global_seed in (1, 2):
+        L.seed_everything(global_seed)
+        loader = module.train_dataloader()
+        first = next(iter(loader))["input_ids"]
+        loader.sampler.set_epoch(1)
+        orders.append((first, next(iter(loader))["input_ids"]))
+    assert torch.equal(orders[0][0], orders[1][0]) and torch.equal(orders[0][1], orders[1][1])
+    assert not torch.equal(orders[0][0], orders[0][1])
+
+
+def test_tokenizer_comes_from_the_trainers_module(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [QA])
+    module = InstructionDataModule(train=path)
+    holder = L.LightningModule()
+    holder.tokenizer = make_tokenizer()
+    trainer = L.Trainer(logger=False, accelerator="cpu")
+    trainer.strategy.connect(holder)
+    module.trainer = trainer
+    assert module.tokenizer is holder.tokenizer
+
+
+# -- bad inputs: each names what to fix --------------------------------------------------------------------
+def test_missing_columns_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="columns="):
+        build(tmp_path, [{"question": "x", "answer": "y"}])
+    with pytest.raises(ValueError, match="no column"):
+        build(tmp_path, [QA], columns={"prompt": "question"})
+    with pytest.raises(ValueError, match="needs column"):
+        build(tmp_path, [QA], format="alpaca")
+
+
+def test_empty_dataset_is_refused(tmp_path):
+    (tmp_path / "empty.csv").write_text("prompt,completion\n")
+    module = InstructionDataModule(train=str(tmp_path / "empty.csv"))
+    module.tokenizer = make_tokenizer()
+    with pytest.raises(ValueError, match="no rows"):
+        module.setup("fit")
+
+
+def test_missing_file_and_bad_source(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        InstructionDataModule(train=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(FileNotFoundError, match="neither"):
+        InstructionDataModule(train="not a / valid // id")
+
+
+def test_tokenizer_without_chat_template(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [QA])
+    module = InstructionDataModule(train=path)
+    module.tokenizer = make_tokenizer(chat_template=None)
+    with pytest.raises(ChatFormatError, match="no chat template"):
+        module.setup("fit")
+    module = InstructionDataModule(train=path, chat_template=make_tokenizer().chat_template)
+    module.tokenizer = make_tokenizer(chat_template=None)
+    module.setup("fit")  # an explicit template is enough
+    assert module.datasets["train"]
+
+
+def test_answerless_rows_name_the_row(tmp_path):
+    with pytest.raises(ChatFormatError, match="Row 1: assistant turn 1 is empty"):
+        build(tmp_path, [QA, {"prompt": "how", "completion": "  "}])
+    with pytest.raises(ChatFormatError, match="Row 0: the conversation has no assistant turn"):
+        build(tmp_path, [{"messages": [{"role": "user", "content": "how"}]}])
+    with pytest.raises(ChatFormatError, match="max_length=4"):
+        build(tmp_path, [QA], max_length=4)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="format"):
+        InstructionDataModule(format="csv")
+    with pytest.raises(ValueError, match="val_fraction"):
+        InstructionDataModule(val_fraction=1.5)
+    with pytest.raises(ValueError, match="not both"):
+        path = write_jsonl(tmp_path / "d.jsonl", [QA])
+        InstructionDataModule(train=path, val=path, val_fraction=0.1)
+
+
+def test_hub_ids_parse_without_download():
+    module = InstructionDataModule(train="openai/gsm8k:main@train", test="tatsu-lab/alpaca")
+    assert module.sources["train"].hub_id == "openai/gsm8k"
+    assert module.sources["train"].config == "main" and module.sources["train"].split == "train"
+    assert module.sources["test"].split == "test"
+
+
+def test_predict_prompts_are_user_turns(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [QA, {"prompt": "what is two plus two ?", "completion": "four"}])
+    module = InstructionDataModule(test=path, batch_size=1)
+    module.setup("predict")
+    assert list(module.predict_dataloader()) == [[QA["prompt"]], ["what is two plus two ?"]]
+    json.dumps(module.prompts)

@@ -1,0 +1,71 @@
+"""Drift metrics against hand-computed values and their invariances."""
+
+import math
+
+import pytest
+import torch
+
+from rg_lightning.guard import (
+    cosine,
+    fisher_ratio,
+    kl_divergence,
+    linear_cka,
+    pca_2d,
+    principal_angles,
+    projection_gap,
+)
+
+
+def test_cosine():
+    assert cosine(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])) == pytest.approx(1 / math.sqrt(2))
+    assert cosine(torch.tensor([1.0, 2.0]), torch.tensor([-2.0, -4.0])) == pytest.approx(-1.0)
+
+
+def test_projection_gap_and_fisher_ratio():
+    harmful = torch.tensor([[2.0, 5.0], [4.0, -5.0]])  # projections onto e0: 2, 4 (mean 3, var 1)
+    harmless = torch.tensor([[0.0, 1.0], [-2.0, 0.0]])  # projections: 0, -2 (mean -1, var 1)
+    direction = torch.tensor([10.0, 0.0])  # scale must not matter
+    assert projection_gap(harmful, harmless, direction) == pytest.approx(4.0)
+    assert fisher_ratio(harmful, harmless, direction) == pytest.approx(16.0 / 2.0)
+
+
+def test_principal_angles():
+    e = torch.eye(4)
+    assert torch.allclose(principal_angles(e[:, :2], e[:, [1, 0]] * 3), torch.zeros(2, dtype=torch.float64), atol=1e-6)
+    torch.testing.assert_close(principal_angles(e[:, :2], e[:, 2:]), torch.full((2,), math.pi / 2, dtype=torch.float64))
+    half = torch.stack([e[0], (e[1] + e[2]) / math.sqrt(2)], 1)  # shares e0; the rest is 45° from e1
+    angles = principal_angles(e[:, :2], half)
+    torch.testing.assert_close(angles, torch.tensor([0.0, math.pi / 4], dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_linear_cka():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g))
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    assert linear_cka(x, 3.0 * x @ q + 1.0) == pytest.approx(1.0)
+    assert linear_cka(x, torch.randn(50, 8, generator=g)) < 0.5
+    with pytest.raises(ValueError, match="same rows"):
+        linear_cka(x, x[:10])
+
+
+def test_kl_divergence():
+    logits = torch.randn(2, 3, 10)
+    assert kl_divergence(logits, logits + 5.0) == pytest.approx(0.0, abs=1e-12)
+    p = torch.tensor([[0.0, 0.0]])
+    q = torch.log(torch.tensor([[0.25, 0.75]]))
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert kl_divergence(p, q) == pytest.approx(expected)
+
+
+def test_pca_2d_recovers_main_axes_with_fixed_signs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 3, generator=g) * torch.tensor([10.0, 3.0, 0.1])
+    coords = pca_2d(x)
+    assert coords.shape == (100, 2)
+    centred = x.double() - x.double().mean(0)
+    _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending: the last two are the main axes
+    torch.testing.assert_close(coords.abs(), (centred @ vectors[:, [2, 1]]).abs())
+    assert (coords * centred[:, :2]).sum(0).min() > 0  # loadings ≈ +e0, +e1: largest entry made positive
+    torch.testing.assert_close(pca_2d(-x), -coords)
+    assert torch.equal(pca_2d(x), coords)

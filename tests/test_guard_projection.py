@@ -1,0 +1,226 @@
+"""Post-step constraints on plain linears: exact protection after real AdamW steps, learning elsewhere."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from rg_lightning.guard import (
+    LinearConstraint,
+    build_constraints,
+    interference,
+    orthonormalize,
+    project_out,
+    project_out_left,
+)
+
+
+def _basis(d, k, seed):
+    return orthonormalize(torch.randn(d, k, generator=torch.Generator().manual_seed(seed))).float()
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 4, bias=False))
+
+
+def _linears(net):
+    return {name: m for name, m in net.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _train(net, constraints=None, steps=8, lr=5e-2, seed=1, apply=True):
+    """AdamW on random regression data; constraints applied after every step (the intended use)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.1)
+    losses = []
+    for _ in range(steps):
+        x, y = torch.randn(32, 16, generator=g), torch.randn(32, 4, generator=g)
+        loss = nn.functional.mse_loss(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if constraints is not None and apply:
+            constraints.apply_()
+        losses.append(loss.item())
+    return losses
+
+
+def _protected_setup(seed=0):
+    net = _net(seed)
+    bases = {name: _basis(m.in_features, 3, i) for i, (name, m) in enumerate(_linears(net).items())}
+    probes = {name: torch.randn(20, 3) @ bases[name].T for name in bases}  # random inputs inside span(U)
+    before = {name: m(probes[name]).detach() for name, m in _linears(net).items()}
+    return net, bases, probes, before
+
+
+def _max_rel_change(net, probes, before):
+    return max(
+        float((m(probes[name]) - before[name]).abs().max() / before[name].abs().max())
+        for name, m in _linears(net).items()
+    )
+
+
+def test_protected_outputs_unchanged_after_adamw_steps():
+    net, bases, probes, before = _protected_setup()
+    initial = [p.detach().clone() for p in net.parameters()]
+    cs = build_constraints(net, bases)
+    assert cs.uncovered == [] and cs.skipped == []
+    _train(net, cs)
+    assert _max_rel_change(net, probes, before) < 1e-5
+    assert all(not torch.equal(p, q) for p, q in zip(net.parameters(), initial) if p.ndim == 2)  # weights moved
+    assert all(torch.equal(m.bias, initial[2 * i + 1]) for i, m in enumerate(list(_linears(net).values())[:2]))
+
+
+def test_without_constraints_protected_outputs_do_change():
+    net, _, probes, before = _protected_setup()
+    _train(net)
+    assert _max_rel_change(net, probes, before) > 1e-2
+
+
+def test_strength_zero_is_identity_and_half_halves_the_anchor_error():
+    net, bases, _, _ = _protected_setup()
+    cs = build_constraints(net, bases, strength=0.0)
+    _train(net, cs)  # applies with strength 0
+    linear = [c for c in cs.constraints if isinstance(c, LinearConstraint)]
+    errors = [c.anchor_error() for c in linear]
+    assert min(errors) > 1e-3
+    snapshot = [p.detach().clone() for p in net.parameters()]
+    cs.apply_(0.0)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), snapshot))
+    bias_gap = [(c.module.bias - c.bias).abs().max().item() for c in linear if c.bias is not None]
+    cs.apply_(0.5)
+    for c, err in zip(linear, errors):
+        assert c.anchor_error() == pytest.approx(err / 2, rel=1e-4)
+    for c, gap in zip([c for c in linear if c.bias is not None], bias_gap):
+        assert (c.module.bias - c.bias).abs().max().item() == pytest.approx(gap / 2, rel=1e-4)
+    cs.apply_(1.0)
+    assert max(c.anchor_error() for c in linear) < 1e-5
+
+
+def test_unprotected_directions_still_learn():
+    """A task living in the complement of U is learned; outputs on inputs orthogonal to U move."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 4, bias=False)
+    basis = _basis(16, 6, 0)
+    cs = build_constraints(layer, {"": basis})
+    teacher = torch.randn(4, 16)
+    g = torch.Generator().manual_seed(1)
+    opt = torch.optim.AdamW(layer.parameters(), lr=3e-2)
+    probe_in, probe_out = torch.randn(8, 6) @ basis.T, project_out(torch.randn(8, 16), basis)
+    ref_in, ref_out = layer(probe_in).detach(), layer(probe_out).detach()
+    losses = []
+    for _ in range(150):
+        x = project_out(torch.randn(64, 16, generator=g), basis)
+        loss = nn.functional.mse_loss(layer(x), x @ teacher.T)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        cs.apply_()
+        losses.append(loss.item())
+    assert losses[-1] < 0.05 * losses[0]
+    assert (layer(probe_out) - ref_out).abs().max() > 0.5
+    assert (layer(probe_in) - ref_in).abs().max() < 1e-5
+
+
+def test_output_side_keeps_what_a_layer_writes_along_directions():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 12)
+    directions = _basis(12, 2, 3)
+    cs = build_constraints(layer, {}, output_bases={"": directions})
+    x = torch.randn(10, 16)
+    before = layer(x).detach()
+    g = torch.Generator().manual_seed(1)
+    opt = torch.optim.AdamW(layer.parameters(), lr=5e-2)
+    for _ in range(5):
+        loss = (layer(torch.randn(8, 16, generator=g)) - 1).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        cs.apply_()
+    after = layer(x).detach()
+    torch.testing.assert_close(after @ directions, before @ directions, atol=1e-5, rtol=0)
+    assert (project_out(after, directions) - project_out(before, directions)).abs().max() > 1e-2
+
+
+def test_bf16_weights_stay_bf16_and_hold_anchor_up_to_rounding():
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 16).to(torch.bfloat16)
+    basis = _basis(32, 4, 0)
+    cs = build_constraints(layer, {"": basis})
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    for _ in range(3):
+        layer(torch.randn(4, 32, dtype=torch.bfloat16)).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        cs.apply_()
+    assert layer.weight.dtype == torch.bfloat16
+    assert cs.constraints[0].anchor_error() < 2e-2 * layer.weight.float().abs().max()
+
+
+def test_state_dict_roundtrip_restores_the_original_anchors():
+    net, bases, probes, before = _protected_setup()
+    cs = build_constraints(net, bases)
+    _train(net, cs, apply=False)  # drifted: anchors now differ from what a rebuild would store
+    buffer = io.BytesIO()
+    torch.save(cs.state_dict(), buffer)
+    resumed = build_constraints(net, bases)
+    assert _max_rel_change(net, probes, before) > 1e-2
+    resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    resumed.apply_()
+    assert _max_rel_change(net, probes, before) < 1e-5
+    with pytest.raises(ValueError, match="constraint set mismatch"):
+        build_constraints(net, {"0": bases["0"]}).load_state_dict(cs.state_dict())
+
+
+def test_extra_memory_counts_shared_bases_once():
+    layers = nn.ModuleDict({"q": nn.Linear(8, 6, bias=False), "k": nn.Linear(8, 4, bias=False)})
+    basis = _basis(8, 2, 0)
+    cs = build_constraints(layers, {"q": basis, "k": basis})
+    assert cs.extra_memory_bytes() == 4 * (8 * 2 + 6 * 2 + 4 * 2)  # one basis + two anchors (float32)
+    assert "linear.right" in cs.report() and "extra bytes" in cs.report()
+
+
+def test_bad_inputs_give_clear_errors():
+    net = _net()
+    with pytest.raises(ValueError, match=r"'2\.weight'.*close: \['2'"):
+        build_constraints(net, {"2.weight": _basis(12, 2, 0)})
+    with pytest.raises(ValueError, match=r"2: basis has shape \(16, 2\) but the module has 12 input features"):
+        build_constraints(net, {"2": _basis(16, 2, 0)})
+    with pytest.raises(ValueError, match="not orthonormal"):
+        build_constraints(net, {"0": torch.ones(16, 2)})
+    with pytest.raises(ValueError, match="NaN"):
+        build_constraints(net, {"0": torch.full((16, 2), float("nan"))})
+    with pytest.raises(ValueError, match="protected token ids"):
+        build_constraints(nn.Embedding(5, 4), {}, protected_token_ids=torch.tensor([7]))
+    with pytest.raises(ValueError, match="strength"):
+        build_constraints(net, {}).apply_(1.5)
+
+
+def test_uncovered_and_skipped_are_reported():
+    net = _net()
+    net[0].weight.requires_grad_(False)
+    cs = build_constraints(net, {"0": _basis(16, 2, 0), "2": _basis(12, 2, 1)}, freeze_norms=False)
+    assert ("0", "frozen weight") in cs.skipped and ("4", "no basis given") in cs.skipped
+    assert cs.uncovered == ["0.bias", "4.weight"]
+
+
+def test_quantized_bitsandbytes_layers_are_skipped():
+    bnb = pytest.importorskip("bitsandbytes")
+    net = nn.Sequential(bnb.nn.Linear8bitLt(8, 4, has_fp16_weights=False), nn.Linear(4, 4))
+    cs = build_constraints(net, {"0": _basis(8, 2, 0), "1": _basis(4, 2, 1)})
+    assert ("0", "quantized (bitsandbytes), frozen") in cs.skipped
+    assert [c.name for c in cs.constraints] == ["1"]
+
+
+def test_projection_primitives_and_interference():
+    basis = _basis(16, 3, 0)
+    m = torch.randn(5, 16)
+    torch.testing.assert_close(project_out(m, basis) @ basis, torch.zeros(5, 3), atol=1e-5, rtol=0)
+    left = _basis(5, 2, 1)
+    torch.testing.assert_close(left.T @ project_out_left(m, left), torch.zeros(2, 16), atol=1e-5, rtol=0)
+    assert interference(torch.randn(5, 3) @ basis.T, basis) == pytest.approx(1.0)
+    assert interference(project_out(m, basis), basis) == pytest.approx(0.0, abs=1e-10)
+    assert interference(torch.zeros(5, 16), basis) == 0.0
+    g = torch.randn(5, 16)
+    assert interference(g, basis) == pytest.approx(float((g @ basis).square().sum() / g.square().sum()), rel=1e-5)

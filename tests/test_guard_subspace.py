@@ -1,0 +1,84 @@
+"""Protected bases: energy/k selection, orthonormality, deterministic signs, clear errors."""
+
+import math
+
+import pytest
+import torch
+
+from rg_lightning.guard import difference_in_means, orthonormalize, top_subspace, unit
+
+
+def _rotated_diag(values, seed=0):
+    q, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ q.T, q
+
+
+@pytest.mark.parametrize("energy, expected", [(0.4, 1), (0.7, 2), (0.71, 3), (0.9, 3), (0.95, 4), (1.0, 4)])
+def test_energy_picks_smallest_covering_rank(energy, expected):
+    gram = torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0], dtype=torch.float64))
+    assert top_subspace(gram, energy=energy).shape == (5, expected)
+
+
+def test_top_subspace_spans_leading_eigenvectors_orthonormal_and_deterministic():
+    gram, q = _rotated_diag([5.0, 4.0, 1e-3, 1e-4, 0.0, 0.0])
+    basis = top_subspace(gram, k=2)
+    assert basis.dtype == torch.float64
+    torch.testing.assert_close(basis.T @ basis, torch.eye(2, dtype=torch.float64))
+    torch.testing.assert_close(basis @ basis.T, q[:, :2] @ q[:, :2].T)
+    assert (basis.gather(0, basis.abs().argmax(0, keepdim=True)) > 0).all()  # sign convention
+    assert torch.equal(basis, top_subspace(gram.clone(), k=2))
+    assert torch.equal(top_subspace(gram, k=2), top_subspace(-(-gram), k=2))
+
+
+def test_full_energy_gives_numerical_rank_of_activations():
+    x = torch.randn(3, 16) @ torch.randn(16, 16)  # 3 rows -> rank 3
+    gram = x.double().T @ x.double()
+    assert top_subspace(gram, energy=1.0).shape == (16, 3)
+    assert top_subspace(gram.float(), energy=1.0).dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "gram, kwargs, message",
+    [
+        (torch.tensor([[1.0, math.nan], [math.nan, 1.0]]), {}, "NaN or Inf"),
+        (torch.tensor([[math.inf, 0.0], [0.0, 1.0]]), {}, "NaN or Inf"),
+        (torch.eye(2), {"energy": 0.0}, r"energy must be in \(0, 1\]"),
+        (torch.eye(2), {"energy": 1.5}, r"energy must be in \(0, 1\]"),
+        (torch.eye(2), {"energy": None}, "energy must be"),
+        (torch.eye(2), {"k": 3}, r"k must be in \[1, 2\]"),
+        (torch.eye(2), {"k": 0}, r"k must be in \[1, 2\]"),
+        (torch.ones(2, 3), {}, "square"),
+        (torch.zeros(3, 3), {}, "zero trace"),
+    ],
+)
+def test_top_subspace_errors(gram, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        top_subspace(gram, **kwargs)
+
+
+def test_orthonormalize_keeps_gram_schmidt_order_when_full_rank():
+    v = torch.tensor([[3.0, 1.0], [4.0, 1.0], [0.0, 1.0]])
+    q = orthonormalize(v)
+    torch.testing.assert_close(q[:, 0], unit(v[:, 0]))
+    torch.testing.assert_close(q.T @ q, torch.eye(2, dtype=torch.float64))
+    torch.testing.assert_close(orthonormalize(v[:, 0]), unit(v[:, 0])[:, None])
+
+
+def test_orthonormalize_handles_rank_deficiency():
+    e = torch.eye(4)
+    v = torch.stack([e[0], e[0], e[1], e[0] + e[1]], dim=1)  # rank 2, dependent column in the middle
+    q = orthonormalize(v)
+    assert q.shape == (4, 2)
+    torch.testing.assert_close(q @ q.T @ v.double(), v.double())
+    with pytest.raises(ValueError, match="zero vector"):
+        orthonormalize(torch.zeros(4, 2))
+
+
+def test_difference_in_means_and_unit():
+    d = difference_in_means(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.0]))
+    assert d.dtype == torch.float64
+    torch.testing.assert_close(unit(d), torch.tensor([0.6, 0.8], dtype=torch.float64))
+    with pytest.raises(ValueError, match="zero"):
+        unit(torch.zeros(3))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        difference_in_means(torch.zeros(2), torch.zeros(3))

@@ -1,0 +1,123 @@
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from transformers import AutoModelForCausalLM
+
+from rg_lightning import CausalLMModule, InstructionDataModule
+
+
+def adamw(lr=1e-2):
+    return lambda params: torch.optim.AdamW(params, lr=lr)
+
+
+def trainer(tmp_path, steps=3, **kwargs):
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    return L.Trainer(max_steps=steps, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+                     default_root_dir=tmp_path, **kwargs)
+
+
+def fit(tmp_path, model_dir, chat_file, steps=3, **module_kwargs):
+    L.seed_everything(0)
+    module = CausalLMModule(model=model_dir, optimizer=adamw(), **module_kwargs)
+    data = InstructionDataModule(train=chat_file, val_fraction=0.25, batch_size=4)
+    trainer(tmp_path, steps, limit_val_batches=1).fit(module, data)
+    return module
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fit_updates_weights_for_each_family(tmp_path, tiny_models, chat_file, family, mode):
+    lora = {"lora_r": 4, "lora_target_modules": ["q_proj", "v_proj", "down_proj"]} if mode == "lora" else {}
+    tokenizer = {"tokenizer": tiny_models["llama"]} if family == "qwen2" else {}  # word-level tokenizer, see conftest
+    module = fit(tmp_path, tiny_models[family], chat_file, **lora, **tokenizer)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_models[family])
+    trained = module.model.merge_and_unload() if mode == "lora" else module.model
+    changed = [name for name, p in trained.state_dict().items()
+               if not torch.equal(p, initial.state_dict()[name])]
+    assert changed, "fitting changed nothing"
+    if mode == "lora":
+        assert all(any(t in name for t in ("q_proj", "v_proj", "down_proj")) for name in changed)
+    assert torch.isfinite(torch.tensor([p.abs().sum() for p in trained.parameters()])).all()
+
+
+def test_qlora_4bit_trains_only_adapters(tmp_path, tiny_models, chat_file):
+    pytest.importorskip("bitsandbytes")
+    module = fit(tmp_path, tiny_models["llama"], chat_file, lora_r=4, quantization="nf4",
+                    lora_target_modules="all-linear")
+    import bitsandbytes as bnb
+
+    quantized = [m for m in module.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized, "base linears were not loaded in 4 bit"
+    trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(p.abs().sum() > 0 for n, p in module.model.named_parameters() if "lora_B" in n)
+
+
+def test_gradient_checkpointing_trains(tmp_path, tiny_models, chat_file):
+    module = fit(tmp_path, tiny_models["llama"], chat_file, gradient_checkpointing=True)
+    assert module.model.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_resume_from_mid_fit_checkpoint_matches_uninterrupted(tmp_path, tiny_models, chat_file, lora_r):
+    def run(root, steps, ckpt_path=None):
+        L.seed_everything(0)
+        module = CausalLMModule(model=tiny_models["llama"], optimizer=adamw(), lora_r=lora_r)
+        data = InstructionDataModule(train=chat_file, batch_size=8)  # two steps per epoch
+        checkpoint = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1)
+        trainer(root, steps, callbacks=[checkpoint], enable_checkpointing=True).fit(module, data, ckpt_path=ckpt_path)
+        return module
+
+    straight = run(tmp_path / "straight", 4)
+    run(tmp_path / "crashed", 2)
+    saved = next((tmp_path / "crashed").glob("*step=2.ckpt"))
+    state = torch.load(saved, weights_only=True, map_location="cpu")["state_dict"]
+    if lora_r:
+        assert state and all("lora_" in key for key in state), "LoRA checkpoints should hold adapters only"
+    resumed = run(tmp_path / "resumed", 4, ckpt_path=str(saved))
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("merged", [True, False])
+def test_export_writes_a_loadable_hf_directory(tmp_path, tiny_models, chat_file, merged):
+    module = fit(tmp_path, tiny_models["llama"], chat_file, lora_r=4,
+                    export_dir=str(tmp_path / "export"), export_merged=merged)
+    files = {p.name for p in (tmp_path / "export").iterdir()}
+    assert "tokenizer.json" in files
+    if merged:
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+        expected = module.model.merge_and_unload()
+        for (name, a), (_, b) in zip(expected.state_dict().items(), reloaded.state_dict().items()):
+            torch.testing.assert_close(a, b, msg=name)
+    else:
+        assert "adapter_model.safetensors" in files
+    assert not list(tmp_path.glob(".export-*")), "staging directory left behind"
+
+
+def test_generate_is_greedy_and_restores_state(tiny_models):
+    module = CausalLMModule(model=tiny_models["llama"])
+    module.configure_model()
+    module.configure_model()  # idempotent
+    model = module.model
+    model.train()
+    first = module.generate(["how do i bake a cake ?", "what is one plus two ?"], max_new_tokens=4)
+    second = module.generate(["how do i bake a cake ?"], max_new_tokens=4)
+    assert first[0] == second[0] and len(first) == 2
+    assert model.training and module.tokenizer.padding_side == "right" and module.model is model
+
+
+def test_bad_model_inputs_name_the_fix(tmp_path, tiny_models):
+    with pytest.raises(FileNotFoundError, match="not an existing directory"):
+        CausalLMModule(model="./models/does-not-exist")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        CausalLMModule(model=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="lora_r"):
+        CausalLMModule(model=tiny_models["llama"], quantization="nf4")
+    with pytest.raises(ValueError, match="dtype"):
+        CausalLMModule(model=tiny_models["llama"], dtype="float8")
+    with pytest.raises(RuntimeError, match="configure_model"):
+        CausalLMModule(model=tiny_models["llama"]).generate(["hi"])
