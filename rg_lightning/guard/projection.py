@@ -46,6 +46,10 @@ def interference(grad: Tensor, basis: Tensor) -> float:
     return float(inside / total)
 
 
+def _max_abs(t: Tensor) -> float:
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
 def _tensor_bytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -90,7 +94,7 @@ def _checked_basis(name: str, basis: Tensor, dim: int, what: str, device) -> Ten
     b = basis.detach().double()
     if not torch.isfinite(b).all():
         raise ValueError(f"{name}: basis contains NaN or Inf")
-    if (b.T @ b - torch.eye(b.shape[1], dtype=b.dtype, device=b.device)).abs().max(initial=0.0) > 1e-4:
+    if _max_abs(b.T @ b - torch.eye(b.shape[1], dtype=b.dtype, device=b.device)) > 1e-4:
         raise ValueError(f"{name}: basis columns are not orthonormal; use orthonormalize() or top_subspace()")
     return basis.detach().to(device=device, dtype=torch.float32)
 
@@ -129,7 +133,7 @@ class LinearConstraint(_Constraint):
         err = self._product(self.param.detach().float())
         if self.anchor is not None:
             err -= self.anchor
-        return float(err.abs().max(initial=0.0))
+        return _max_abs(err)
 
     @torch.no_grad()
     def apply_(self, strength: float = 1.0) -> None:

@@ -38,7 +38,8 @@ def plain_finetune(model, tokenizer, world: ToyWorld, task: str, *, steps: int =
     result = {"task": task, "lr": lr, "steps": steps, "batch_size": batch_size,
               "harmful_fraction": harmful_fraction, "refusal_before": before, "refusal_after": after,
               "task_score": score, "seconds": round(time.perf_counter() - start, 1)}
-    log(f"{task} (harmful_fraction {harmful_fraction}, lr {lr}, {steps} steps of {batch_size}): harmful refusal "
-        f"{before['harmful']:.1%} -> {after['harmful']:.1%}, harmless refusal {before['harmless']:.1%} -> "
-        f"{after['harmless']:.1%}, task score {score:.1%}")
+    if log:
+            log(f"{task} (harmful_fraction {harmful_fraction}, lr {lr}, {steps} steps of {batch_size}): harmful refusal "
+            f"{before['harmful']:.1%} -> {after['harmful']:.1%}, harmless refusal {before['harmless']:.1%} -> "
+            f"{after['harmless']:.1%}, task score {score:.1%}")
     return result

@@ -1,0 +1,92 @@
+"""The `lightning` front end: subcommands, every shipped YAML, bad keys, and hand-off to another CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rg_lightning import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
+
+
+def write_config(tmp_path, model_dir, data_file, **overrides):
+    config = {
+        "seed_everything": 0,
+        "trainer": {"max_steps": 2, "accelerator": "cpu", "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path / "runs"), "limit_val_batches": 1, "limit_test_batches": 1},
+        "model": {"class_path": "rg_lightning.CausalLMModule",
+                  "init_args": {"model": model_dir,
+                                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.001}}}},
+        "data": {"class_path": "rg_lightning.InstructionDataModule",
+                 "init_args": {"train": data_file, "val": data_file, "test": data_file, "batch_size": 4}},
+    }
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_every_subcommand_runs(tmp_path, tiny_models, chat_file, capsys):
+    config = write_config(tmp_path, tiny_models["llama"], chat_file)
+    cli.main(["fit", "--config", config])
+    checkpoint = next((tmp_path / "runs").rglob("*.ckpt"))
+    assert next((tmp_path / "runs").rglob("config.yaml"))
+    cli.main(["fit", "--config", config])  # rerun into the same log dir: config.yaml is overwritten
+    for subcommand in ("validate", "test"):
+        cli.main([subcommand, "--config", config, "--ckpt_path", str(checkpoint)])
+    cli.main(["predict", "--config", config, "--trainer.limit_predict_batches", "1"])
+
+
+def test_bad_yaml_key_names_the_key(tmp_path, tiny_models, chat_file, capsys):
+    config = write_config(tmp_path, tiny_models["llama"], chat_file, **{"model.init_args.lora_rank": 4})
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--config", config])
+    assert "lora_rank" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
+def test_every_shipped_config_validates(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] and printed["data"]["class_path"]
+
+
+def test_console_script_and_module_entry_point(tmp_path):
+    config = EXPERIMENTS[0]
+    for command in (["lightning"], [sys.executable, "-m", "rg_lightning"]):
+        result = subprocess.run([*command, "fit", "--config", str(config), "--print_config"],
+                                capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "class_path: rg_lightning" in result.stdout
+
+
+def test_other_subcommands_go_to_another_lightning_cli(monkeypatch):
+    calls = []
+
+    class Entry:
+        value = "lightning_sdk.cli:main"
+
+        def load(self):
+            return lambda: calls.append(sys.argv[1:]) or 0
+
+    monkeypatch.setattr(cli, "entry_points", lambda **_: [Entry()])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["login", "--token", "x"])
+    assert exit_info.value.code == 0 and calls == [["login", "--token", "x"]]
+
+
+def test_unknown_subcommand_without_other_cli(monkeypatch):
+    monkeypatch.setattr(cli, "entry_points", lambda **_: [])
+    with pytest.raises(SystemExit, match="unknown subcommand 'login'"):
+        cli.main(["login"])

@@ -1,0 +1,136 @@
+"""End to end on tiny transformers models: the whole forward pass on protected prompts survives training.
+
+If every module's inputs on the protected prompts are unchanged and so are its outputs on them, the
+composition (embedding rows -> norms -> linears -> ... -> lm_head) is unchanged; this only holds when
+every trainable parameter is covered, so these tests also prove there are no leaks.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from rg_lightning.guard import GramAccumulator, build_constraints, capture_linear_inputs, project_out, top_subspace
+
+VOCAB = 100
+PROTECTED = torch.tensor([[11, 12, 13, 14, 15, 16], [11, 17, 18, 12, 13, 19]])  # "harmful prompts"
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny(family: str, tied: bool | None = None) -> nn.Module:
+    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config
+
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    if tied is not None:
+        common["tie_word_embeddings"] = tied
+    config = {
+        "qwen2": lambda: Qwen2Config(**common),
+        "llama": lambda: LlamaConfig(**common),
+        "gemma2": lambda: Gemma2Config(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=4),
+    }[family]()
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # non-trivial norm weights, so a norm that moved would show
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@torch.no_grad()
+def forward(model, ids):
+    out = model(input_ids=ids, output_hidden_states=True)
+    return [h.clone() for h in out.hidden_states] + [out.logits.clone()]
+
+
+def capture_bases(model, ids):
+    """Protected input subspace of every linear: the numerical rank of its inputs on protected prompts."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    acc = GramAccumulator()
+    with torch.no_grad(), capture_linear_inputs(model, names, acc, mask=torch.ones_like(ids, dtype=torch.bool)):
+        model(input_ids=ids)
+    return {name: top_subspace(gram, energy=1.0) for name, gram in acc.state().items()}
+
+
+def train(model, constraints=None, steps=6, lr=1e-2):
+    """AdamW on *different* data: one fixed batch of random tokens over the whole vocabulary."""
+    ids = torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.1)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if constraints is not None:
+            constraints.apply_()
+        losses.append(loss.item())
+    return losses
+
+
+def max_rel_change(before, after):
+    return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(after, before))
+
+
+OTHER = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("family, tied", [("qwen2", False), ("qwen2", True), ("llama", None), ("gemma2", None)])
+def test_full_finetune_keeps_every_hidden_state_on_protected_prompts(family, tied):
+    model = tiny(family, tied)
+    before, other_before = forward(model, PROTECTED), forward(model, OTHER)
+    bases = capture_bases(model, PROTECTED)
+    assert max(b.shape[1] for b in bases.values()) < 32  # genuinely partial subspaces, not the identity
+    cs = build_constraints(model, bases, protected_token_ids=PROTECTED.flatten())
+    assert cs.uncovered == [], cs.report()
+    kinds = {c.kind for c in cs.constraints}
+    assert kinds == {"linear.right", "rows", "param"}
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+    losses = train(model, cs)
+    assert max_rel_change(before, forward(model, PROTECTED)) < 1e-4  # all layers and the logits
+    assert max_rel_change(other_before, forward(model, OTHER)) > 1e-2  # the model did learn elsewhere
+    assert losses[-1] < losses[0]
+
+
+def test_control_without_constraints_protected_states_drift():
+    model = tiny("qwen2")
+    before = forward(model, PROTECTED)
+    train(model)
+    assert max_rel_change(before, forward(model, PROTECTED)) > 1e-2
+
+
+def test_leaving_norms_or_embeddings_free_leaks():
+    """The prototype's finding in miniature: linears alone do not keep the forward pass."""
+    for kwargs in ({"freeze_norms": False, "protected_token_ids": PROTECTED.flatten()}, {"protected_token_ids": None}):
+        model = tiny("qwen2")
+        before = forward(model, PROTECTED)
+        cs = build_constraints(model, capture_bases(model, PROTECTED), **kwargs)
+        assert cs.uncovered
+        train(model, cs)
+        assert max_rel_change(before, forward(model, PROTECTED)) > 1e-3
+
+
+def test_peft_lora_keeps_protected_states_with_base_model_names():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny("qwen2")
+    before, other_before = forward(model, PROTECTED), forward(model, OTHER)
+    bases = capture_bases(model, PROTECTED)  # plain names: model.layers.0.self_attn.q_proj, lm_head
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=LINEARS, lora_dropout=0.0, init_lora_weights=False,
+                        modules_to_save=["lm_head"])  # non-zero B from the start: the A-projection must hide it
+    peft_model = get_peft_model(model, config).eval()
+    assert max_rel_change(before, forward(peft_model, PROTECTED)) > 1e-2
+    cs = build_constraints(peft_model, bases, protected_token_ids=PROTECTED.flatten())
+    assert cs.uncovered == [], cs.report()
+    assert sum(c.kind == "lora.right" for c in cs.constraints) == 2 * len(LINEARS)
+    assert any(name.endswith("base_layer") and reason == "frozen weight" for name, reason in cs.skipped)
+    assert max_rel_change(before, forward(peft_model, PROTECTED)) < 1e-4  # already at step 0
+    train(peft_model, cs)
+    assert max_rel_change(before, forward(peft_model, PROTECTED)) < 1e-4
+    assert max_rel_change(other_before, forward(peft_model, OTHER)) > 1e-2
+    for c in cs.constraints:
+        if c.kind == "lora.right":
+            assert c.anchor_error() < 1e-5  # A·U = 0
+            torch.testing.assert_close(c.param, project_out(c.param, c.basis).detach(), atol=1e-6, rtol=0)
