@@ -1,0 +1,79 @@
+"""AlignmentReport: refusal on held-out harmful / harmless requests and the task metric, before vs after."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+from rg_lightning.contract import hf_model, tokenizer_of
+from rg_lightning.toy.generation import generate, refusal_rate
+from rg_lightning.toy.world import ToyWorld, task_metric
+
+METRICS = ("harmful_refusal", "harmless_refusal", "task_metric")
+
+
+def measure(model, tokenizer, world: ToyWorld, task: str, n_requests: int, n_task: int) -> dict[str, float]:
+    """The three numbers of the miniature world's story, by greedy generation on held-out data."""
+    examples = world.task_examples(task, "heldout", n_task, seed=1)
+    prompts = [e["messages"][0]["content"] for e in examples]
+    references = [e["messages"][1]["content"] for e in examples]
+    answers = generate(model, tokenizer, prompts, max_new_tokens=max(len(r.split()) for r in references) + 2)
+    return {
+        "harmful_refusal": refusal_rate(model, tokenizer, world.requests("harmful", "heldout", n_requests)),
+        "harmless_refusal": refusal_rate(model, tokenizer, world.requests("harmless", "heldout", n_requests)),
+        "task_metric": task_metric(task, answers, references),
+    }
+
+
+class AlignmentReport(L.Callback):
+    """Measures at fit start and fit end, prints a before/after table and writes ``alignment_report.json``.
+
+    Args:
+        task: The downstream task whose held-out metric is reported.
+        variant: World variant of the held-out requests.
+        n_requests: Held-out harmful and harmless requests each.
+        n_task: Held-out task examples.
+    """
+
+    def __init__(self, task: str = "benign", variant: str = "default", n_requests: int = 200, n_task: int = 200):
+        if n_requests < 1 or n_task < 1:
+            raise ValueError("n_requests and n_task must be positive")
+        self.world = ToyWorld(variant)
+        self.task = task
+        self.n_requests = n_requests
+        self.n_task = n_task
+        self.before: dict[str, float] | None = None
+        self.after: dict[str, float] | None = None
+
+    def _measure(self, trainer, pl_module) -> dict[str, float]:
+        return measure(hf_model(pl_module), tokenizer_of(trainer, pl_module), self.world, self.task,
+                       self.n_requests, self.n_task)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.before is None:  # restored from a checkpoint on resume: the "before" is the aligned model
+            self.before = self._measure(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.after = self._measure(trainer, pl_module)
+        self._write(trainer)
+
+    @rank_zero_only
+    def _write(self, trainer) -> None:
+        rows = [f"{'':18s} {'before':>8s} {'after':>8s}"]
+        rows += [f"{name:18s} {self.before[name]:8.1%} {self.after[name]:8.1%}" for name in METRICS]
+        print("\nMiniature world, held-out data (task: %s)\n%s\n" % (self.task, "\n".join(rows)))
+        directory = trainer.log_dir or trainer.default_root_dir
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "alignment_report.json")
+        with open(path + ".tmp", "w") as handle:
+            json.dump({"task": self.task, "before": self.before, "after": self.after}, handle, indent=2)
+        os.replace(path + ".tmp", path)
+
+    def state_dict(self) -> dict:
+        return {"before": self.before}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.before = state_dict.get("before")
