@@ -1,1 +1,12 @@
-"""RefusalGuard callbacks, installed as ``rg_lightning.callbacks``."""
+"""RefusalGuard callbacks, installed as ``rg_lightning.callbacks``.
+
+They work with any LightningModule that exposes its Hugging Face causal LM as ``self.model`` (or a
+``hf_model()`` method) and a tokenizer as ``self.tokenizer`` (or on the datamodule); see
+``rg_lightning.contract``.
+"""
+
+from rg_lightning.callbacks.drift import DriftGeometry
+from rg_lightning.callbacks.projection import RepresentationProjection
+from rg_lightning.callbacks.refusal_directions import RefusalDirections
+
+__all__ = ["DriftGeometry", "RefusalDirections", "RepresentationProjection"]

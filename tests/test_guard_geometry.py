@@ -31,11 +31,13 @@ def test_projection_gap_and_fisher_ratio():
 
 def test_principal_angles():
     e = torch.eye(4)
-    assert torch.allclose(principal_angles(e[:, :2], e[:, [1, 0]] * 3), torch.zeros(2, dtype=torch.float64), atol=1e-6)
-    torch.testing.assert_close(principal_angles(e[:, :2], e[:, 2:]), torch.full((2,), math.pi / 2, dtype=torch.float64))
+    f64 = dict(dtype=torch.float64)
+    same = principal_angles(e[:, :2], e[:, [1, 0]] * 3)
+    torch.testing.assert_close(same, torch.zeros(2, **f64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(principal_angles(e[:, :2], e[:, 2:]), torch.full((2,), math.pi / 2, **f64))
     half = torch.stack([e[0], (e[1] + e[2]) / math.sqrt(2)], 1)  # shares e0; the rest is 45° from e1
     angles = principal_angles(e[:, :2], half)
-    torch.testing.assert_close(angles, torch.tensor([0.0, math.pi / 4], dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(angles, torch.tensor([0.0, math.pi / 4], **f64), atol=1e-6, rtol=0)
 
 
 def test_linear_cka():

@@ -9,11 +9,26 @@ import pytest
 import torch
 from torch import nn
 
-from rg_lightning.guard import GramAccumulator, build_constraints, capture_linear_inputs, project_out, top_subspace
+from rg_lightning.guard import (
+    GramAccumulator,
+    build_constraints,
+    capture_linear_inputs,
+    project_out,
+    top_subspace,
+)
 
 VOCAB = 100
 PROTECTED = torch.tensor([[11, 12, 13, 14, 15, 16], [11, 17, 18, 12, 13, 19]])  # "harmful prompts"
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and spinning threads crawl on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny(family: str, tied: bool | None = None) -> nn.Module:
@@ -48,7 +63,8 @@ def capture_bases(model, ids):
     """Protected input subspace of every linear: the numerical rank of its inputs on protected prompts."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     acc = GramAccumulator()
-    with torch.no_grad(), capture_linear_inputs(model, names, acc, mask=torch.ones_like(ids, dtype=torch.bool)):
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad(), capture_linear_inputs(model, names, acc, mask=mask):
         model(input_ids=ids)
     return {name: top_subspace(gram, energy=1.0) for name, gram in acc.state().items()}
 
@@ -76,7 +92,9 @@ def max_rel_change(before, after):
 OTHER = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(2))
 
 
-@pytest.mark.parametrize("family, tied", [("qwen2", False), ("qwen2", True), ("llama", None), ("gemma2", None)])
+@pytest.mark.parametrize(
+    "family, tied", [("qwen2", False), ("qwen2", True), ("llama", None), ("gemma2", None)]  # gemma2: tied
+)
 def test_full_finetune_keeps_every_hidden_state_on_protected_prompts(family, tied):
     model = tiny(family, tied)
     before, other_before = forward(model, PROTECTED), forward(model, OTHER)
@@ -103,7 +121,8 @@ def test_control_without_constraints_protected_states_drift():
 
 def test_leaving_norms_or_embeddings_free_leaks():
     """The prototype's finding in miniature: linears alone do not keep the forward pass."""
-    for kwargs in ({"freeze_norms": False, "protected_token_ids": PROTECTED.flatten()}, {"protected_token_ids": None}):
+    ids = PROTECTED.flatten()
+    for kwargs in ({"freeze_norms": False, "protected_token_ids": ids}, {"protected_token_ids": None}):
         model = tiny("qwen2")
         before = forward(model, PROTECTED)
         cs = build_constraints(model, capture_bases(model, PROTECTED), **kwargs)
@@ -119,7 +138,7 @@ def test_peft_lora_keeps_protected_states_with_base_model_names():
     before, other_before = forward(model, PROTECTED), forward(model, OTHER)
     bases = capture_bases(model, PROTECTED)  # plain names: model.layers.0.self_attn.q_proj, lm_head
     config = LoraConfig(r=4, lora_alpha=8, target_modules=LINEARS, lora_dropout=0.0, init_lora_weights=False,
-                        modules_to_save=["lm_head"])  # non-zero B from the start: the A-projection must hide it
+                        modules_to_save=["lm_head"])  # non-zero B at start: the A-projection must hide it
     peft_model = get_peft_model(model, config).eval()
     assert max_rel_change(before, forward(peft_model, PROTECTED)) > 1e-2
     cs = build_constraints(peft_model, bases, protected_token_ids=PROTECTED.flatten())
@@ -134,3 +153,37 @@ def test_peft_lora_keeps_protected_states_with_base_model_names():
         if c.kind == "lora.right":
             assert c.anchor_error() < 1e-5  # A·U = 0
             torch.testing.assert_close(c.param, project_out(c.param, c.basis).detach(), atol=1e-6, rtol=0)
+
+
+def test_lora_with_strength_zero_changes_nothing():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny("qwen2"), LoraConfig(r=4, target_modules=LINEARS, init_lora_weights=False))
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+    build_constraints(model, capture_bases(model, PROTECTED), strength=0.0)
+    assert all(torch.equal(p, snapshot[n]) for n, p in model.named_parameters())
+
+
+def test_directions_mode_keeps_what_writers_put_along_the_direction():
+    """Output-side primitive: residual writers (embeddings, o_proj, down_proj, LoRA B) keep Uᵀ·W fixed."""
+    from peft import LoraConfig, get_peft_model
+
+    direction = torch.nn.functional.normalize(torch.randn(32, 1, generator=torch.Generator().manual_seed(3)), dim=0)
+    model = tiny("qwen2")
+    writers = [n for n, _ in model.named_modules() if n.endswith(("o_proj", "down_proj"))]
+    cs = build_constraints(model, {}, output_bases={**{n: direction for n in writers}, "model.embed_tokens": direction})
+    weights0 = {n: model.get_submodule(n).weight.detach().clone() for n in [*writers, "model.embed_tokens"]}
+    train(model, cs)
+    for name, w0 in weights0.items():
+        w = model.get_submodule(name).weight.detach()
+        along = (lambda m: m @ direction) if name.endswith("embed_tokens") else (lambda m: direction.T @ m)
+        torch.testing.assert_close(along(w), along(w0), atol=1e-5, rtol=0)
+        assert (w - w0).abs().max() > 1e-3
+    assert any("q_proj" in name for name in cs.uncovered)  # directions mode leaves the readers free
+
+    lora = get_peft_model(tiny("qwen2"), LoraConfig(r=4, target_modules=["o_proj"], init_lora_weights=False))
+    cs = build_constraints(lora, {}, output_bases={n: direction for n in writers if "o_proj" in n})
+    train(lora, cs)
+    for layer in (m for n, m in lora.named_modules() if n.endswith("o_proj")):
+        delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        assert (direction.T @ delta).abs().max() < 1e-6 < delta.abs().max()

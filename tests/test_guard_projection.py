@@ -16,13 +16,24 @@ from rg_lightning.guard import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and spinning threads crawl on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _basis(d, k, seed):
     return orthonormalize(torch.randn(d, k, generator=torch.Generator().manual_seed(seed))).float()
 
 
 def _net(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 4, bias=False))
+    return nn.Sequential(
+        nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 4, bias=False)
+    )
 
 
 def _linears(net):
@@ -69,8 +80,9 @@ def test_protected_outputs_unchanged_after_adamw_steps():
     assert cs.uncovered == [] and cs.skipped == []
     _train(net, cs)
     assert _max_rel_change(net, probes, before) < 1e-5
-    assert all(not torch.equal(p, q) for p, q in zip(net.parameters(), initial) if p.ndim == 2)  # weights moved
-    assert all(torch.equal(m.bias, initial[2 * i + 1]) for i, m in enumerate(list(_linears(net).values())[:2]))
+    assert all(not torch.equal(p, q) for p, q in zip(net.parameters(), initial) if p.ndim == 2)  # W moved
+    biases = [m.bias for m in _linears(net).values() if m.bias is not None]
+    assert all(torch.equal(b, b0) for b, b0 in zip(biases, [initial[1], initial[3]]))  # policy: restored
 
 
 def test_without_constraints_protected_outputs_do_change():
@@ -187,7 +199,7 @@ def test_bad_inputs_give_clear_errors():
     named = nn.ModuleDict({"up_proj": nn.Linear(4, 4)})
     with pytest.raises(ValueError, match=r"'up_prj'.*close: \['up_proj'\]"):
         build_constraints(named, {"up_prj": _basis(4, 2, 0)})
-    with pytest.raises(ValueError, match=r"2: basis has shape \(16, 2\) but the module has 12 input features"):
+    with pytest.raises(ValueError, match=r"2: basis has shape \(16, 2\) but the module has 12 input feat"):
         build_constraints(net, {"2": _basis(16, 2, 0)})
     with pytest.raises(ValueError, match="not orthonormal"):
         build_constraints(net, {"0": torch.ones(16, 2)})
@@ -225,4 +237,5 @@ def test_projection_primitives_and_interference():
     assert interference(project_out(m, basis), basis) == pytest.approx(0.0, abs=1e-10)
     assert interference(torch.zeros(5, 16), basis) == 0.0
     g = torch.randn(5, 16)
-    assert interference(g, basis) == pytest.approx(float((g @ basis).square().sum() / g.square().sum()), rel=1e-5)
+    expected = float((g @ basis).square().sum() / g.square().sum())
+    assert interference(g, basis) == pytest.approx(expected, rel=1e-5)

@@ -9,7 +9,8 @@ from rg_lightning.guard import difference_in_means, orthonormalize, top_subspace
 
 
 def _rotated_diag(values, seed=0):
-    q, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=g, dtype=torch.float64))
     return q @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ q.T, q
 
 

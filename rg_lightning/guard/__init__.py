@@ -1,9 +1,17 @@
-"""RefusalGuard core: activation statistics, protected subspaces, post-step parameter constraints, drift metrics.
+"""RefusalGuard core: activation statistics, protected subspaces, post-step constraints, drift metrics.
 
 Pure torch (no Lightning): the callbacks build on these functions.
 """
 
-from .geometry import cosine, fisher_ratio, kl_divergence, linear_cka, pca_2d, principal_angles, projection_gap
+from .geometry import (
+    cosine,
+    fisher_ratio,
+    kl_divergence,
+    linear_cka,
+    pca_2d,
+    principal_angles,
+    projection_gap,
+)
 from .projection import (
     ConstraintSet,
     LinearConstraint,

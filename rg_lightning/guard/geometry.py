@@ -37,7 +37,7 @@ def fisher_ratio(h_harmful: Tensor, h_harmless: Tensor, direction: Tensor) -> fl
 
 
 def principal_angles(u1: Tensor, u2: Tensor) -> Tensor:
-    """Principal angles (radians, ascending) between span(u1) and span(u2); columns are orthonormalised first."""
+    """Principal angles (radians, ascending) between span(u1) and span(u2); columns orthonormalised first."""
     q1 = orthonormalize(u1)
     q2 = orthonormalize(u2).to(q1.device)
     sigma = torch.linalg.svdvals(q1.T @ q2)

@@ -2,9 +2,9 @@
 
 AdamW rescales gradients per coordinate, so a projected gradient does not give a projected update; the
 constraint therefore acts on the parameters. For a linear ``W`` (out×in) with orthonormal protected
-input basis ``U`` (in×k) we store the anchor ``A0 = W0·U`` and apply ``W ← W − s·(W·U − A0)·Uᵀ``: with
-``s = 1`` the layer's outputs on inputs in span(U) equal the initial ones exactly, the correction never
-drifts (it is measured against the fixed anchor), and it costs out×k extra memory instead of a copy of W.
+input basis ``U`` (in×k) we store the anchor ``A0 = W0·U`` and apply ``W ← W − s·(W·U − A0)·Uᵀ``:
+with ``s = 1`` the layer's outputs on inputs in span(U) equal the initial ones exactly, the correction
+never drifts (it is measured against the fixed anchor), and it costs out×k extra memory, not a copy of W.
 Composed over all modules — linears, embedding rows of the protected tokens, norm weights — the whole
 forward pass on protected prompts is unchanged, while everything orthogonal to U keeps learning.
 """
@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 from .statistics import _unknown_names_error
 
-_PEFT_WRAPPERS = re.compile(r"^base_model\.model\.|\.base_layer\b|\.original_module\b|\.modules_to_save\.[^.]+")
+_PEFT_WRAPPERS = re.compile(
+    r"^base_model\.model\.|\.base_layer\b|\.original_module\b|\.modules_to_save\.[^.]+"
+)
 
 
 def _canonical(name: str) -> str:
@@ -109,7 +111,9 @@ class LinearConstraint(_Constraint):
 
     _state = ("basis", "anchor", "bias")
 
-    def __init__(self, name: str, module: nn.Module, basis: Tensor, *, side: str = "right", keep_bias: bool = True):
+    def __init__(
+        self, name: str, module: nn.Module, basis: Tensor, *, side: str = "right", keep_bias: bool = True
+    ) -> None:
         super().__init__(name, module)
         if side not in ("right", "left"):
             raise ValueError(f"{name}: side must be 'right' or 'left', got {side!r}")
@@ -123,7 +127,8 @@ class LinearConstraint(_Constraint):
         self.bias = bias.detach().clone() if isinstance(bias, Tensor) and bias.requires_grad else None
 
     def describe(self) -> str:
-        return f"k={self.basis.shape[1]} of {self.basis.shape[0]}" + (", bias kept" if self.bias is not None else "")
+        kept = ", bias kept" if self.bias is not None else ""
+        return f"k={self.basis.shape[1]} of {self.basis.shape[0]}{kept}"
 
     def _product(self, w32: Tensor) -> Tensor:
         return w32 @ self.basis if self.side == "right" else self.basis.T @ w32
@@ -156,16 +161,19 @@ class LoraConstraint(LinearConstraint):
     """LoRA ``W_eff = W + scale·B·A``: keep ``A·U = 0`` (side='right') or ``Uᵀ·B = 0`` (side='left').
 
     Then ``ΔW_eff·U = scale·B·A·U = 0`` for any B (resp. Uᵀ·ΔW_eff = 0 for any A). The target is zero,
-    so no anchor is stored; A is projected once at construction so the property holds from step 0.
+    so no anchor is stored; the matrix is projected once at construction (with ``strength``) so the
+    property holds from step 0, also for adapters whose B does not start at zero.
     """
 
     _state = ("basis",)
 
-    def __init__(self, name: str, module: nn.Linear, basis: Tensor, *, side: str = "right"):
+    def __init__(
+        self, name: str, module: nn.Linear, basis: Tensor, *, side: str = "right", strength: float = 1.0
+    ) -> None:
         super().__init__(name, module, basis, side=side, keep_bias=False)
         self.kind = f"lora.{side}"
         self.anchor = None
-        self.apply_(1.0)
+        self.apply_(strength)
 
 
 class RowFreeze(_Constraint):
@@ -179,7 +187,9 @@ class RowFreeze(_Constraint):
         w = self.param
         ids = torch.unique(ids.detach().to(device=w.device, dtype=torch.long))
         if ids.numel() and (ids[0] < 0 or ids[-1] >= w.shape[0]):
-            raise ValueError(f"{name}: protected token ids must lie in [0, {w.shape[0]}), got {ids[0]}..{ids[-1]}")
+            raise ValueError(
+                f"{name}: protected token ids must be in [0, {w.shape[0]}), got {int(ids[0])}..{int(ids[-1])}"
+            )
         self.ids = ids
         self.rows = w.detach()[ids].clone()
 
@@ -214,13 +224,15 @@ class ConstraintSet:
     """All constraints of a model, applied in a safe order: matrix constraints, then embedding rows
     (so a tied lm_head/embedding satisfies both), then whole-parameter freezes."""
 
-    def __init__(self, constraints: list, skipped: list[tuple[str, str]], uncovered: list[str], strength: float):
-        order = {"linear.right": 0, "linear.left": 0, "lora.right": 0, "lora.left": 0, "rows": 1, "param": 2}
-        self.constraints = sorted(constraints, key=lambda c: order[c.kind])  # stable: keeps model order
+    def __init__(
+        self, constraints: list, skipped: list[tuple[str, str]], uncovered: list[str], strength: float
+    ) -> None:
+        order = {RowFreeze: 1, ParamFreeze: 2}
+        self.constraints = sorted(constraints, key=lambda c: order.get(type(c), 0))  # stable: model order
         self.skipped, self.uncovered, self.strength = skipped, uncovered, strength
         keys = [c.key for c in self.constraints]
         if len(set(keys)) != len(keys):
-            raise ValueError("duplicate constraints: " + ", ".join(sorted({k for k in keys if keys.count(k) > 1})))
+            raise ValueError(f"duplicate constraints: {sorted({k for k in keys if keys.count(k) > 1})}")
 
     @torch.no_grad()
     def apply_(self, strength: float | None = None) -> None:
@@ -253,7 +265,9 @@ class ConstraintSet:
         lines = [f"{c.kind:<12} {c.name}: {c.describe()}" for c in self.constraints]
         lines += [f"skipped      {name}: {reason}" for name, reason in self.skipped]
         lines += [f"UNCOVERED    {name}: trainable, no constraint" for name in self.uncovered]
-        lines.append(f"{len(self.constraints)} constraints, {self.extra_memory_bytes()} extra bytes, s={self.strength}")
+        lines.append(
+            f"{len(self.constraints)} constraints, {self.extra_memory_bytes()} extra bytes, s={self.strength}"
+        )
         return "\n".join(lines)
 
 
@@ -288,7 +302,7 @@ def build_constraints(
     named = list(model.named_modules())
     readers = {_canonical(n) for n, m in named if isinstance(m, (nn.Linear, lora_type))}
     writers = readers | {_canonical(n) for n, m in named if isinstance(m, nn.Embedding)}
-    for given, known, what in ((bases, readers, "linear/LoRA module"), (output_bases, writers, "output module")):
+    for given, known, what in ((bases, readers, "linear/LoRA"), (output_bases, writers, "output")):
         unknown = [n for n in given if _canonical(n) not in known]
         if unknown:
             raise _unknown_names_error(unknown, sorted(known), what)
@@ -298,12 +312,13 @@ def build_constraints(
     constraints, skipped, covered, lora_parts = [], [], set(), set()
     converted: dict[tuple, Tensor] = {}
 
-    def basis_for(table: dict[str, Tensor], key: str, device) -> Tensor:
-        """Share one float32 copy of a basis between modules that read the same input (q/k/v, gate/up)."""
-        b = table[key]
-        cache_key = (id(b), str(device))
+    def basis_for(table: dict[str, Tensor], key: str, param: Tensor) -> Tensor | None:
+        """One float32 copy per basis and device, shared by modules reading the same input (q/k/v)."""
+        if key not in table:
+            return None
+        cache_key = (id(table[key]), str(param.device))
         if cache_key not in converted:
-            converted[cache_key] = b.detach().to(device=device, dtype=torch.float32)
+            converted[cache_key] = table[key].detach().to(device=param.device, dtype=torch.float32)
         return converted[cache_key]
 
     for name, m in named:
@@ -317,44 +332,42 @@ def build_constraints(
                     if a.weight.requires_grad:
                         skipped.append((f"{name}.lora_A.{adapter}", "no basis given"))
                 elif getattr(m, "lora_variant", {}).get(adapter) is not None or m.use_dora.get(adapter):
-                    skipped.append((name, "LoRA variant (e.g. DoRA) rescales the weight: constraint not exact"))
+                    skipped.append((name, "LoRA variant (e.g. DoRA) rescales the weight: not exact"))
                 elif not isinstance(a, nn.Linear):
                     skipped.append((name, f"LoRA on {type(a).__name__} is not supported"))
                 else:
-                    if key in bases:
-                        basis = basis_for(bases, key, a.weight.device)
-                        constraints.append(LoraConstraint(f"{name}.lora_A.{adapter}", a, basis, side="right"))
-                    if key in output_bases:
-                        basis = basis_for(output_bases, key, b.weight.device)
-                        constraints.append(LoraConstraint(f"{name}.lora_B.{adapter}", b, basis, side="left"))
+                    for part, side, basis in (("lora_A", "right", basis_for(bases, key, a.weight)),
+                                              ("lora_B", "left", basis_for(output_bases, key, b.weight))):
+                        if basis is not None:
+                            module = a if part == "lora_A" else b
+                            constraints.append(LoraConstraint(
+                                f"{name}.{part}.{adapter}", module, basis, side=side, strength=strength
+                            ))
                     covered.update((id(a.weight), id(b.weight)))
         elif isinstance(m, nn.Linear) and id(m) not in lora_parts:
-            trainable = m.weight.requires_grad
             if type(m).__module__.startswith("bitsandbytes"):
-                if wants:
-                    skipped.append((name, "quantized (bitsandbytes), frozen"))
-            elif not trainable:
-                if wants:
-                    skipped.append((name, "frozen weight"))
-            elif not wants:
-                skipped.append((name, "no basis given"))
+                reason = "quantized (bitsandbytes), frozen" if wants else None
+            elif not m.weight.requires_grad:
+                reason = "frozen weight" if wants else None
             else:
-                device = m.weight.device
-                if key in bases:
-                    constraints.append(LinearConstraint(name, m, basis_for(bases, key, device), side="right"))
-                if key in output_bases:
-                    basis = basis_for(output_bases, key, device)
-                    constraints.append(LinearConstraint(name, m, basis, side="left", keep_bias=key not in bases))
-                covered.add(id(m.weight))
-                if m.bias is not None:
-                    covered.add(id(m.bias))
+                reason = None if wants else "no basis given"
+            if reason:
+                skipped.append((name, reason))
+            if reason or not wants:
+                continue
+            reads, writes = basis_for(bases, key, m.weight), basis_for(output_bases, key, m.weight)
+            if reads is not None:
+                constraints.append(LinearConstraint(name, m, reads, side="right"))
+            if writes is not None:
+                constraints.append(LinearConstraint(name, m, writes, side="left", keep_bias=reads is None))
+            covered.update(id(p) for p in (m.weight, m.bias) if p is not None)
         elif isinstance(m, nn.Embedding) and m.weight.requires_grad:
-            if key in output_bases:
-                basis = basis_for(output_bases, key, m.weight.device)
-                constraints.append(LinearConstraint(name, m, basis, side="right", keep_bias=False))
+            writes = basis_for(output_bases, key, m.weight)
+            if writes is not None:
+                constraints.append(LinearConstraint(name, m, writes, side="right", keep_bias=False))
             if protected_token_ids is not None:
                 constraints.append(RowFreeze(name, m, protected_token_ids))
-            if key in output_bases or protected_token_ids is not None:
+            if writes is not None or protected_token_ids is not None:
                 covered.add(id(m.weight))
 
     uncovered = []

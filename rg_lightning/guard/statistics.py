@@ -20,7 +20,7 @@ def _rows(x: Tensor, mask: Tensor | None) -> Tensor:
     rows = x.detach().reshape(-1, x.shape[-1])
     if mask is not None:
         if tuple(mask.shape) != tuple(x.shape[:-1]):
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not match input shape {tuple(x.shape[:-1])}")
+            raise ValueError(f"mask shape {tuple(mask.shape)} != input {tuple(x.shape[:-1])}")
         rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
     return rows.double()
 
@@ -95,12 +95,12 @@ class MeanAccumulator(_SumAccumulator):
 def _unknown_names_error(unknown, known, what: str = "module") -> ValueError:
     """A ValueError that lists the closest known names for each unknown one."""
     known = list(known)
-    lines = [f"{name!r} (close: {difflib.get_close_matches(name, known, n=3, cutoff=0.5)})" for name in unknown]
+    lines = [f"{n!r} (close: {difflib.get_close_matches(n, known, n=3, cutoff=0.5)})" for n in unknown]
     return ValueError(f"unknown {what} name(s): " + "; ".join(lines))
 
 
 class _Capture:
-    """Handle yielded by :func:`capture_linear_inputs`; set ``mask`` per batch (bool, shape ``x.shape[:-1]``)."""
+    """Handle yielded by :func:`capture_linear_inputs`; set ``mask`` per batch (bool, ``x.shape[:-1]``)."""
 
     def __init__(self, mask: Tensor | None) -> None:
         self.mask = mask

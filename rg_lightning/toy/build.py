@@ -1,11 +1,14 @@
 """Build the shipped aligned model: ``python -m rg_lightning.toy build [--out DIR] [--seed 0] [--steps N]``.
 
 A plain PyTorch supervised fine-tuning loop (loss on assistant tokens only, AdamW, deterministic) trains a
-small Qwen2-architecture model from scratch on :meth:`ToyWorld.alignment_examples`, then measures held-out
+small Llama-architecture model from scratch on :meth:`ToyWorld.alignment_examples`, then measures held-out
 refusal rates and saves a Hugging Face directory atomically.
 
-Architecture: ``Qwen2Config`` with 4 layers, hidden 128, intermediate 256, 4 attention heads, 2 key/value
-heads, untied input embeddings and LM head (``tie_word_embeddings=False``), float32 weights (~3 MB).
+Architecture: ``LlamaConfig`` with 4 layers, hidden 128, intermediate 256, 4 attention heads, 2 key/value
+heads, untied input embeddings and LM head (``tie_word_embeddings=False``), float32 weights (~2.5 MB).
+Why not Qwen2: transformers 5.x lists "qwen2" among the model types whose hub tokenizer class it distrusts,
+so ``AutoTokenizer.from_pretrained`` on a directory with a qwen2 ``config.json`` forces the byte-level BPE
+``Qwen2Tokenizer`` and silently breaks a word-level tokenizer. Llama directories load the saved tokenizer.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from rg_lightning.chat import IGNORE_INDEX, encode_conversation
 from rg_lightning.toy.generation import refusal_rate
@@ -29,7 +32,7 @@ from rg_lightning.toy.tokenizer import build_tokenizer
 from rg_lightning.toy.world import ToyWorld
 
 ALIGNED_MODEL_DIR = Path(__file__).resolve().parent / "aligned"
-DEFAULT_STEPS = 600
+DEFAULT_STEPS = 400
 BATCH_SIZE = 32
 LEARNING_RATE = 2e-3
 WARMUP_STEPS = 30
@@ -37,8 +40,8 @@ MAX_LENGTH = 64
 THREADS = 2
 
 
-def model_config(tokenizer) -> Qwen2Config:
-    return Qwen2Config(
+def model_config(tokenizer) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_LENGTH * 2,
         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -143,7 +146,7 @@ def build(out: str | os.PathLike | None = None, seed: int = 0, steps: int = DEFA
         world = ToyWorld(variant)
         tokenizer = build_tokenizer(world)
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(model_config(tokenizer))
+        model = LlamaForCausalLM(model_config(tokenizer))
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         examples = world.alignment_examples(steps * BATCH_SIZE, seed=seed)
@@ -156,7 +159,7 @@ def build(out: str | os.PathLike | None = None, seed: int = 0, steps: int = DEFA
     log(f"held-out refusal: harmful {rates['harmful']:.1%}, harmless {rates['harmless']:.1%}")
     record = {
         "variant": variant, "seed": seed, "steps": steps, "batch_size": BATCH_SIZE, "lr": LEARNING_RATE,
-        "architecture": "Qwen2ForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, untied",
+        "architecture": "LlamaForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, untied",
         "heldout_refusal": rates,
         "heldout_sizes": {kind: len(world.requests(kind, "heldout")) for kind in ("harmful", "harmless")},
         "train_seconds": round(train_seconds, 1), "torch": torch.__version__,

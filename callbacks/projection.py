@@ -1,0 +1,135 @@
+"""RepresentationProjection: after every optimizer step, put the protected responses back where they were.
+
+Why after the step and on the parameters: AdamW divides each coordinate by its own running scale, so a
+gradient projected into the null space comes out of the optimizer as an update that is not in it (and
+tiny residual gradients are blown up to full-size steps). Acting on the updated weights with
+``W <- W - s (W U - W0 U) U^T`` (``guard.projection``) keeps ``W U = W0 U`` exactly whatever the
+optimizer did, costs two thin matmuls per module and stores only ``W0 U``, not a copy of ``W``.
+The hook sits on the optimizer itself (``register_step_post_hook``), so gradient accumulation, clipping and
+AMP (a skipped step never reaches the hook) need no special handling.
+
+Leak policy (measured: leaving any of these free lost all refusals in the miniature world):
+norm weights and other 1-D parameters are restored (frozen); embedding rows of every token seen in the
+protected prompts are restored; a tied lm_head is projected first and its protected rows restored after;
+biases of protected linears are restored. Frozen and bitsandbytes-quantized weights are skipped.
+Under FSDP the weights are sharded by rows; the right projection acts row by row, so each shard can be
+projected locally with the same ``U``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from rg_lightning.callbacks.refusal_directions import find_refusal_directions
+from rg_lightning.contract import hf_model
+from rg_lightning.guard.basis import SafetyBasis
+from rg_lightning.guard.projection import ConstraintSet, build_constraints
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def direction_bases(model, basis: SafetyBasis) -> tuple[dict, dict]:
+    """Directions mode: residual readers keep the layer's refusal direction in their input null space,
+    residual writers keep it out of what they write (the direction-only defence, for comparison)."""
+    directions = basis.layer_directions().float()
+    hidden, n_layers = basis.hidden_size, directions.shape[0]
+    readers, writers = {}, {}
+    usable = directions.norm(dim=-1) > 0.5  # a layer whose harmful and harmless means coincide has none
+    for name in basis.subspaces:
+        module = model.get_submodule(name)
+        weight = getattr(module, "base_layer", module).weight
+        match = _LAYER.search("." + name + ".")
+        layer = int(match.group(1)) if match else n_layers - 1
+        written = min(layer + 1, n_layers - 1)
+        if weight.shape[-1] == hidden and usable[layer]:
+            readers[name] = directions[layer][:, None]
+        if weight.shape[0] == hidden and usable[written]:
+            writers[name] = directions[written][:, None]
+    if usable[0]:
+        embeddings = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding) and m.weight.requires_grad]
+        writers.update({name: directions[0][:, None] for name in embeddings})
+    return readers, writers
+
+
+class RepresentationProjection(L.Callback):
+    """Keeps the representations that mediate refusal fixed during fine-tuning.
+
+    Args:
+        mode: ``subspace`` (recommended: every protected module's response to the harmful-prompt
+            activations is unchanged) or ``directions`` (only the refusal direction per layer).
+        strength: 1 enforces the constraint exactly after every step, 0 turns it off.
+        basis: Directory of a saved SafetyBasis; default: the ``RefusalDirections`` callback's basis.
+        freeze_norms: Restore norm weights and other 1-D parameters (a leak otherwise).
+        protect_embeddings: Restore the embedding rows of tokens that occur in the protected prompts.
+    """
+
+    def __init__(
+        self,
+        mode: Literal["subspace", "directions"] = "subspace",
+        strength: float = 1.0,
+        basis: str | None = None,
+        freeze_norms: bool = True,
+        protect_embeddings: bool = True,
+    ) -> None:
+        if mode not in ("subspace", "directions"):
+            raise ValueError(f"mode must be 'subspace' or 'directions', got {mode!r}")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1] (1 exact, 0 off), got {strength}")
+        self.mode, self.strength, self.basis_path = mode, strength, basis
+        self.freeze_norms, self.protect_embeddings = freeze_norms, protect_embeddings
+        self.constraints: ConstraintSet | None = None
+        self._restored_state: dict | None = None
+        self._hooks: list = []
+
+    def _basis(self, trainer, pl_module) -> SafetyBasis:
+        if self.basis_path:
+            basis = SafetyBasis.load(self.basis_path)
+            model = hf_model(pl_module)
+            basis.check_compatible(model, str(getattr(model.config, "_name_or_path", "")))
+            return basis
+        return find_refusal_directions(trainer).ensure_basis(trainer, pl_module)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        basis, model = self._basis(trainer, pl_module), hf_model(pl_module)
+        if self.mode == "subspace":
+            inputs, outputs = basis.subspaces, {}
+        else:
+            inputs, outputs = direction_bases(model, basis)
+        ids = basis.protected_token_ids if self.protect_embeddings else None
+        self.constraints = build_constraints(model, inputs, output_bases=outputs, protected_token_ids=ids,
+                                             strength=self.strength, freeze_norms=self.freeze_norms)
+        if self._restored_state is not None:  # resume: the anchors of the aligned model, not of the drifted one
+            self.constraints.load_state_dict(self._restored_state)
+            self._restored_state = None
+        if self.constraints.uncovered:
+            rank_zero_info(f"RepresentationProjection: unconstrained trainable parameters: {self.constraints.uncovered}")
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        rank_zero_info(
+            f"RepresentationProjection ({self.mode}, strength {self.strength}): {len(self.constraints.constraints)} "
+            f"constraints, {len(self.constraints.skipped)} skipped, extra memory "
+            f"{self.constraints.extra_memory_bytes() / max(weights, 1):.2%} of the weights"
+        )
+        for optimizer in trainer.optimizers:
+            self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.constraints.apply_()))
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._remove_hooks()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._remove_hooks()
+
+    def state_dict(self) -> dict:
+        return {"constraints": self.constraints.state_dict()} if self.constraints is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored_state = state_dict.get("constraints")

@@ -1,0 +1,139 @@
+"""RefusalDirections: measure the aligned model once, before any training step, and keep the result.
+
+The SafetyBasis (difference-in-means refusal directions, protected module subspaces, protected token
+ids) is computed in ``on_train_start`` — after every strategy has restored callback state — unless a
+checkpoint restored it or ``load`` gives a saved one. It goes into checkpoints through ``state_dict``,
+so a resumed run never recomputes it on the drifted model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from tqdm.auto import tqdm
+
+from rg_lightning.contract import hf_model, tokenizer_of
+from rg_lightning.guard.basis import SafetyBasis
+from rg_lightning.guard.collect import collect_basis
+from rg_lightning.prompts import DEFAULT_HARMFUL, DEFAULT_HARMLESS, fingerprint, load_prompts
+
+
+class RefusalDirections(L.Callback):
+    """Computes (or loads) the SafetyBasis at fit start; other RefusalGuard callbacks read ``.basis``.
+
+    Args:
+        harmful: Harmful prompts: a list of strings, a local file, a hub dataset id, or ``toy:harmful``.
+        harmless: Harmless prompts, same forms.
+        n_prompts: Prompts sampled from each set (seeded).
+        energy: Share of the input energy each protected subspace keeps (ignored when ``rank`` is set).
+        rank: Fixed dimension of every protected subspace instead of ``energy``.
+        answer_tokens: Greedy answer tokens appended to each harmful prompt, so the refusal itself is protected.
+        batch_size: Prompts per forward pass.
+        system_prompt: System message used when rendering the prompts (keep it equal to training's).
+        load: Directory of a saved basis (``basis.safetensors`` + ``basis.json``) to use instead of computing.
+        save: Directory where the computed basis is written (rank zero, atomically).
+        seed: Seed of the prompt sampling.
+    """
+
+    def __init__(
+        self,
+        harmful: str | list[str] = DEFAULT_HARMFUL,
+        harmless: str | list[str] = DEFAULT_HARMLESS,
+        n_prompts: int = 128,
+        energy: float | None = 0.99,
+        rank: int | None = None,
+        answer_tokens: int = 16,
+        batch_size: int = 16,
+        system_prompt: str | None = None,
+        load: str | None = None,
+        save: str | None = None,
+        seed: int = 42,
+    ) -> None:
+        if n_prompts < 2:
+            raise ValueError(f"n_prompts must be at least 2, got {n_prompts}")
+        if rank is None and (energy is None or not 0.0 < energy <= 1.0):
+            raise ValueError(f"energy must be in (0, 1] (or give `rank`), got {energy}")
+        if rank is not None and rank < 1:
+            raise ValueError(f"rank must be positive, got {rank}")
+        if answer_tokens < 0 or batch_size < 1:
+            raise ValueError("answer_tokens must be >= 0 and batch_size >= 1")
+        if load is not None and not os.path.isdir(load):
+            raise FileNotFoundError(f"No saved safety basis at {load!r}; drop `load` to compute one.")
+        if isinstance(harmful, str) and harmful == harmless:
+            raise ValueError("`harmful` and `harmless` name the same prompt source.")
+        self.harmful, self.harmless = harmful, harmless
+        self.n_prompts, self.energy, self.rank = n_prompts, energy, rank
+        self.answer_tokens, self.batch_size = answer_tokens, batch_size
+        self.system_prompt, self.load, self.save, self.seed = system_prompt, load, save, seed
+        self.basis: SafetyBasis | None = None
+
+    def ensure_basis(self, trainer: L.Trainer, pl_module: L.LightningModule) -> SafetyBasis:
+        """The basis, computed now if nothing restored or loaded it (idempotent; callbacks may call it first)."""
+        if self.basis is not None:
+            return self.basis
+        model = hf_model(pl_module)
+        model_id = str(getattr(model.config, "_name_or_path", "") or getattr(pl_module, "model_name", ""))
+        if self.load:
+            basis = SafetyBasis.load(self.load)
+            basis.check_compatible(model, model_id)
+            rank_zero_info(f"RefusalDirections: loaded the safety basis from {self.load}")
+        else:
+            basis = self._compute(trainer, pl_module, model, model_id)
+        # Every rank computed the same all-reduced statistics; broadcasting rank zero's result makes the
+        # bases bit-identical even if eigen-solvers differ across devices.
+        self.basis = trainer.strategy.broadcast(basis, src=0)
+        if self.save and trainer.is_global_zero:
+            self.basis.save(self.save)
+        return self.basis
+
+    def _compute(self, trainer, pl_module, model, model_id: str) -> SafetyBasis:
+        tokenizer = tokenizer_of(trainer, pl_module)
+        harmful = load_prompts(self.harmful, self.n_prompts, self.seed)
+        harmless = load_prompts(self.harmless, self.n_prompts, self.seed)
+        total = len(harmful) + len(harmless)
+        bar = tqdm(total=total, desc="RefusalDirections", disable=not trainer.is_global_zero or
+                   not trainer.progress_bar_callback, leave=False)
+        try:
+            basis = collect_basis(
+                model, tokenizer, harmful, harmless, energy=None if self.rank else self.energy, rank=self.rank,
+                answer_tokens=self.answer_tokens, batch_size=self.batch_size, system_prompt=self.system_prompt,
+                progress=lambda kind, n: bar.update(n * trainer.world_size),
+                metadata={"model_id": model_id, "chat_template_hash": fingerprint([tokenizer.chat_template or ""]),
+                          "harmful_hash": fingerprint(harmful), "harmless_hash": fingerprint(harmless),
+                          "harmful_source": str(self.harmful)[:200], "harmless_source": str(self.harmless)[:200]},
+            )
+        finally:
+            bar.close()
+        dims = list(basis.metadata["subspace_dims"].values())
+        rank_zero_info(
+            f"RefusalDirections: {len(harmful)} harmful / {len(harmless)} harmless prompts, "
+            f"{len(basis.subspaces)} protected modules (subspace dims {min(dims, default=0)}-{max(dims, default=0)}), "
+            f"{basis.protected_token_ids.numel()} protected tokens"
+        )
+        return basis
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.ensure_basis(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        if self.basis is None:
+            return {}
+        return {"tensors": self.basis.tensors(), "metadata": self.basis.metadata}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            self.basis = SafetyBasis.from_tensors(state_dict["tensors"], state_dict["metadata"])
+
+
+def find_refusal_directions(trainer: L.Trainer) -> RefusalDirections:
+    """The RefusalDirections callback among the trainer's callbacks (other callbacks depend on it)."""
+    found = [c for c in trainer.callbacks if isinstance(c, RefusalDirections)]
+    if len(found) != 1:
+        raise RuntimeError(
+            f"Expected exactly one RefusalDirections callback, found {len(found)}: add "
+            "`RefusalDirections(harmful=..., harmless=...)` to the Trainer's callbacks, or give `basis=` a saved one."
+        )
+    return found[0]
+

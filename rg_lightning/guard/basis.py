@@ -1,0 +1,124 @@
+"""SafetyBasis: everything RefusalGuard measured on the aligned model, as one checkpointable object.
+
+It holds the difference-in-means candidates (per layer and post-instruction position), the protected
+input subspace of every module, the token ids of the protected prompts, and metadata that ties it to
+one model and one prompt set. It saves as ``basis.safetensors`` + ``basis.json`` in a directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SafetyBasis:
+    harmful_means: Tensor  # [layers, positions, hidden] float64, residual stream at each block's input
+    harmless_means: Tensor  # same shape
+    subspaces: dict[str, Tensor]  # module name -> [in_features, k] orthonormal, float32
+    protected_token_ids: Tensor  # 1-D int64
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.harmful_means.shape != self.harmless_means.shape or self.harmful_means.dim() != 3:
+            raise ValueError(
+                f"harmful and harmless means must both be [layers, positions, hidden]; got "
+                f"{tuple(self.harmful_means.shape)} and {tuple(self.harmless_means.shape)}"
+            )
+        for name, tensor in {"harmful_means": self.harmful_means, "harmless_means": self.harmless_means,
+                             **{f"subspace {k}": v for k, v in self.subspaces.items()}}.items():
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"SafetyBasis {name} holds NaN or Inf values; recompute it on a healthy model.")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.harmful_means.shape[-1]
+
+    @property
+    def candidates(self) -> Tensor:
+        """Unnormalised difference-in-means refusal directions, [layers, positions, hidden]."""
+        return self.harmful_means - self.harmless_means
+
+    def direction(self, layer: int | None = None, position: int | None = None) -> Tensor:
+        """One unit refusal direction; default: the selected (position, layer), else last position, middle layer."""
+        selected = self.metadata.get("selected") or {}
+        layer = selected.get("layer", self.candidates.shape[0] // 2) if layer is None else layer
+        position = selected.get("position", -1) if position is None else position
+        vector = self.candidates[layer, position]
+        return vector / vector.norm().clamp_min(1e-12)
+
+    def layer_directions(self, position: int = -1) -> Tensor:
+        """Unit refusal direction of every layer at one position, [layers, hidden]."""
+        vectors = self.candidates[:, position]
+        return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    # -- checks ------------------------------------------------------------------------------------------------
+    def check_compatible(self, model: torch.nn.Module, model_id: str | None = None) -> None:
+        """Refuse a basis computed on another model: hidden size, layer count, module shapes, model id."""
+        config = getattr(model, "config", None)
+        hidden = getattr(config, "hidden_size", None)
+        if hidden is not None and hidden != self.hidden_size:
+            raise ValueError(
+                f"Safety basis has hidden size {self.hidden_size} but the model has {hidden}: it was computed on "
+                f"another model ({self.metadata.get('model_id')!r}). Recompute it for this model."
+            )
+        layers = getattr(config, "num_hidden_layers", None)
+        if layers is not None and layers != self.harmful_means.shape[0]:
+            raise ValueError(f"Safety basis covers {self.harmful_means.shape[0]} layers, the model has {layers}.")
+        saved_id = self.metadata.get("model_id")
+        if model_id and saved_id and os.path.basename(str(saved_id).rstrip("/")) != os.path.basename(model_id.rstrip("/")):
+            raise ValueError(
+                f"Safety basis was computed on {saved_id!r}, not on {model_id!r}; recompute it or pass the right file."
+            )
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"harmful_means": self.harmful_means, "harmless_means": self.harmless_means,
+               "protected_token_ids": self.protected_token_ids}
+        out.update({f"subspace.{name}": basis for name, basis in self.subspaces.items()})
+        return {key: value.detach().cpu().contiguous() for key, value in out.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], metadata: dict) -> "SafetyBasis":
+        missing = {"harmful_means", "harmless_means", "protected_token_ids"} - set(tensors)
+        if missing:
+            raise ValueError(f"Safety basis is missing {sorted(missing)}; the file is not a RefusalGuard basis.")
+        subspaces = {k[len("subspace."):]: v for k, v in tensors.items() if k.startswith("subspace.")}
+        return cls(tensors["harmful_means"], tensors["harmless_means"], subspaces, tensors["protected_token_ids"],
+                   dict(metadata))
+
+    def save(self, directory: str) -> str:
+        """Write ``basis.safetensors`` and ``basis.json`` atomically (staged, then renamed)."""
+        from safetensors.torch import save_file
+
+        parent = os.path.dirname(os.path.abspath(directory))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".basis-", dir=parent)
+        try:
+            save_file(self.tensors(), os.path.join(staging, "basis.safetensors"))
+            with open(os.path.join(staging, "basis.json"), "w") as handle:
+                json.dump(self.metadata, handle, indent=2, sort_keys=True)
+            if os.path.exists(directory):
+                shutil.rmtree(directory)
+            os.replace(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory: str) -> "SafetyBasis":
+        from safetensors.torch import load_file
+
+        tensors_path = os.path.join(directory, "basis.safetensors")
+        if not os.path.isfile(tensors_path):
+            raise FileNotFoundError(f"No basis.safetensors in {directory!r}; save one with SafetyBasis.save().")
+        with open(os.path.join(directory, "basis.json")) as handle:
+            metadata = json.load(handle)
+        return cls.from_tensors(load_file(tensors_path), metadata)

@@ -1,0 +1,60 @@
+"""Prompt sets for refusal statistics: a list of strings, a local file, a hub dataset, or the miniature world.
+
+``toy:harmful`` / ``toy:harmless`` (optionally ``toy:alt:harmful``) are the training requests of the
+miniature world; anything else goes through :mod:`rg_lightning.sources`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from rg_lightning.sources import load_source, parse_source
+
+PROMPT_COLUMNS = ("instruction", "prompt", "goal", "Goal", "Behavior", "forbidden_prompt", "text", "question")
+DEFAULT_HARMFUL = "walledai/AdvBench"
+DEFAULT_HARMLESS = "tatsu-lab/alpaca"
+
+
+def load_prompts(source: str | list[str], n: int | None = None, seed: int = 0) -> list[str]:
+    """Up to ``n`` prompts (a seeded sample when the source has more), as plain strings."""
+    if isinstance(source, (list, tuple)):
+        prompts = [str(p) for p in source]
+    elif source.startswith("toy:"):
+        from rg_lightning.toy.world import ToyWorld
+
+        *variant, kind = source.split(":")[1:]
+        return ToyWorld(variant[0] if variant else "default").requests(kind, "train", n, seed=seed)
+    elif source.endswith(".json") and os.path.isfile(source) and _is_string_list(strings := _read_json(source)):
+        prompts = strings
+    else:
+        dataset = load_source(parse_source(source))
+        if "input" in dataset.column_names and "instruction" in dataset.column_names:  # Alpaca: no-input rows
+            dataset = dataset.filter(lambda row: not row["input"])
+        column = next((c for c in PROMPT_COLUMNS if c in dataset.column_names), None)
+        if column is None:
+            raise ValueError(
+                f"Prompt source {source!r} has columns {dataset.column_names}; none of {PROMPT_COLUMNS} holds prompts."
+            )
+        prompts = [str(p) for p in dataset[column]]
+    prompts = [p for p in prompts if p.strip()]
+    if n is not None and len(prompts) > n:
+        import random
+
+        prompts = random.Random(seed).sample(prompts, n)
+    return prompts
+
+
+def _read_json(path: str):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _is_string_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def fingerprint(prompts: list[str]) -> str:
+    """A short hash that identifies a prompt set in checkpoints and saved bases."""
+    return hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:16]
