@@ -168,10 +168,12 @@ def test_directions_mode_keeps_what_writers_put_along_the_direction():
     """Output-side primitive: residual writers (embeddings, o_proj, down_proj, LoRA B) keep Uᵀ·W fixed."""
     from peft import LoraConfig, get_peft_model
 
-    direction = torch.nn.functional.normalize(torch.randn(32, 1, generator=torch.Generator().manual_seed(3)), dim=0)
+    direction = torch.randn(32, 1, generator=torch.Generator().manual_seed(3))
+    direction /= direction.norm()
     model = tiny("qwen2")
     writers = [n for n, _ in model.named_modules() if n.endswith(("o_proj", "down_proj"))]
-    cs = build_constraints(model, {}, output_bases={**{n: direction for n in writers}, "model.embed_tokens": direction})
+    outputs = {**{n: direction for n in writers}, "model.embed_tokens": direction}
+    cs = build_constraints(model, {}, output_bases=outputs)
     weights0 = {n: model.get_submodule(n).weight.detach().clone() for n in [*writers, "model.embed_tokens"]}
     train(model, cs)
     for name, w0 in weights0.items():

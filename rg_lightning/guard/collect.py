@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rg_lightning.chat import render_prompt
+from rg_lightning.chat import render_prompt, require_chat_template
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.statistics import GramAccumulator, MeanAccumulator, capture_linear_inputs
 from rg_lightning.guard.subspace import top_subspace
@@ -119,6 +119,7 @@ def collect_basis(
         raise ValueError(f"Need at least 2 harmful and 2 harmless prompts, got {len(harmful)} and {len(harmless)}.")
     if set(harmful) == set(harmless):
         raise ValueError("The harmful and harmless prompt sets are identical: the refusal direction would be zero.")
+    require_chat_template(tokenizer)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -345,15 +345,13 @@ def build_constraints(
                             ))
                     covered.update((id(a.weight), id(b.weight)))
         elif isinstance(m, nn.Linear) and id(m) not in lora_parts:
-            if type(m).__module__.startswith("bitsandbytes"):
-                reason = "quantized (bitsandbytes), frozen" if wants else None
-            elif not m.weight.requires_grad:
-                reason = "frozen weight" if wants else None
-            else:
-                reason = None if wants else "no basis given"
-            if reason:
-                skipped.append((name, reason))
-            if reason or not wants:
+            quantized = type(m).__module__.startswith("bitsandbytes")
+            if quantized or not m.weight.requires_grad:
+                if wants:
+                    skipped.append((name, "quantized (bitsandbytes)" if quantized else "frozen weight"))
+                continue
+            if not wants:
+                skipped.append((name, "no basis given"))
                 continue
             reads, writes = basis_for(bases, key, m.weight), basis_for(output_bases, key, m.weight)
             if reads is not None:

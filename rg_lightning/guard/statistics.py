@@ -36,13 +36,13 @@ class _SumAccumulator:
         if key in self.sums:
             self.sums[key] += value.to(self.sums[key].device)
         else:
-            self.sums[key] = value.clone()
+            self.sums[key] = value
         self.counts[key] = self.counts.get(key, 0) + n
 
     def merge(self, other: _SumAccumulator) -> None:
         """Add another accumulator's sums (e.g. from another data shard) into this one."""
         for key, value in other.sums.items():
-            self._add(key, value, other.counts[key])
+            self._add(key, value.clone(), other.counts[key])
 
     def all_reduce_(self, group=None) -> None:
         """Sum over processes when torch.distributed is initialised; every rank must hold the same keys.

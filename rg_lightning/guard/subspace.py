@@ -42,7 +42,7 @@ def top_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = None
     if k is None:
         cumulative = values.cumsum(0) / total
         k = int((cumulative < energy * (1 - 1e-12)).sum().item()) + 1
-    return _fix_signs(vectors[:, : min(k, d)])
+    return _fix_signs(vectors[:, :k])
 
 
 def orthonormalize(vectors: Tensor) -> Tensor:

@@ -1,0 +1,235 @@
+"""RefusalGuard callbacks on tiny models: exact protection, LoRA/QLoRA, resume, DDP, bad inputs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from conftest import make_tokenizer
+from rg_lightning import CausalLMModule, InstructionDataModule
+from rg_lightning.callbacks import DriftGeometry, RefusalDirections, RepresentationProjection
+from rg_lightning.chat import render_prompt
+from rg_lightning.guard.basis import SafetyBasis
+
+HARMFUL = [f"how do i make a bomb {w} ?" for w in ("one", "two", "three", "four", "five")]
+HARMLESS = [f"how do i bake a cake {w} ?" for w in ("one", "two", "three", "four", "five")]
+HERE = Path(__file__).resolve().parent
+
+
+def run_fit(root, model_dir, data_file, callbacks, steps=4, ckpt_path=None, checkpoint_every=None, **module_kwargs):
+    L.seed_everything(0)
+    module = CausalLMModule(model=model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), **module_kwargs)
+    data = InstructionDataModule(train=data_file, batch_size=8)
+    if checkpoint_every:
+        callbacks = [*callbacks, ModelCheckpoint(dirpath=root, every_n_train_steps=checkpoint_every, save_top_k=-1)]
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=bool(checkpoint_every),
+                        default_root_dir=root, callbacks=callbacks)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def protected_forward(module, prompts=HARMFUL):
+    """Logits of the model on the protected prompts (rendered as RefusalDirections renders them)."""
+    tokenizer = module.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    batch = tokenizer([render_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                      add_special_tokens=False)
+    tokenizer.padding_side = side
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = module.model(**batch, position_ids=positions).logits
+    return logits[batch["attention_mask"].bool()]
+
+
+def guard(**kwargs):
+    kwargs.setdefault("energy", 1.0)
+    kwargs.setdefault("answer_tokens", 0)
+    return RefusalDirections(harmful=HARMFUL, harmless=HARMLESS, **kwargs)
+
+
+@pytest.mark.parametrize("lora", [{}, {"lora_r": 4}, {"lora_r": 4, "quantization": "nf4"}],
+                         ids=["full", "lora", "qlora"])
+def test_protected_outputs_do_not_move_while_the_task_learns(tmp_path, tiny_models, chat_file, lora):
+    if lora.get("quantization"):
+        pytest.importorskip("bitsandbytes")
+    reference = CausalLMModule(model=tiny_models["llama"], **lora)
+    reference.configure_model()
+    before = protected_forward(reference)
+    module, _ = run_fit(tmp_path, tiny_models["llama"], chat_file, [guard(), RepresentationProjection()], **lora)
+    torch.testing.assert_close(protected_forward(module), before, atol=2e-5, rtol=0)
+    unprotected = protected_forward(module, ["what is one plus two ?"])
+    assert not torch.allclose(unprotected, protected_forward(reference, ["what is one plus two ?"]), atol=1e-3)
+
+
+def test_protection_holds_with_answers_tied_embeddings_and_gemma_norms(tmp_path, tiny_models, chat_file):
+    for family in ("qwen2", "gemma2"):
+        kwargs = {"tokenizer": tiny_models["llama"]}
+        reference = CausalLMModule(model=tiny_models[family], **kwargs)
+        reference.configure_model()
+        before = protected_forward(reference)
+        module, _ = run_fit(tmp_path / family, tiny_models[family], chat_file,
+                            [guard(answer_tokens=3), RepresentationProjection()], **kwargs)
+        torch.testing.assert_close(protected_forward(module), before, atol=5e-5, rtol=0)
+
+
+def test_strength_zero_and_directions_mode_do_not_protect(tmp_path, tiny_models, chat_file):
+    reference = CausalLMModule(model=tiny_models["llama"])
+    reference.configure_model()
+    before = protected_forward(reference)
+    for projection in (RepresentationProjection(strength=0.0), RepresentationProjection(mode="directions")):
+        module, _ = run_fit(tmp_path, tiny_models["llama"], chat_file, [guard(), projection])
+        assert (protected_forward(module) - before).abs().max() > 1e-3
+
+
+def test_gradient_accumulation_and_clipping_keep_protection(tmp_path, tiny_models, chat_file):
+    reference = CausalLMModule(model=tiny_models["llama"])
+    reference.configure_model()
+    before = protected_forward(reference)
+    L.seed_everything(0)
+    module = CausalLMModule(model=tiny_models["llama"], optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+              accumulate_grad_batches=2, gradient_clip_val=0.5, callbacks=[guard(), RepresentationProjection()],
+              default_root_dir=tmp_path).fit(module, InstructionDataModule(train=chat_file, batch_size=4))
+    torch.testing.assert_close(protected_forward(module), before, atol=2e-5, rtol=0)
+
+
+def test_crash_then_resume_restores_every_callback(tmp_path, tiny_models, chat_file, monkeypatch):
+    def callbacks():
+        return [guard(), RepresentationProjection(strength=0.5), DriftGeometry(every_n_steps=1, figures=False)]
+
+    straight, _ = run_fit(tmp_path / "straight", tiny_models["llama"], chat_file, callbacks(), steps=4)
+    first = callbacks()
+    run_fit(tmp_path / "crashed", tiny_models["llama"], chat_file, first, steps=2, checkpoint_every=2)
+    checkpoint = next((tmp_path / "crashed").glob("*step=2.ckpt"))
+
+    import rg_lightning.callbacks.refusal_directions as rd
+
+    monkeypatch.setattr(rd, "collect_basis", lambda *a, **k: pytest.fail("basis recomputed on resume"))
+    second = callbacks()
+    resumed, _ = run_fit(tmp_path / "resumed", tiny_models["llama"], chat_file, second, steps=4,
+                         ckpt_path=str(checkpoint))
+    for key, tensor in first[0].basis.tensors().items():
+        assert torch.equal(tensor, second[0].basis.tensors()[key]), key
+    for key, state in first[1].constraints.state_dict().items():
+        for name, tensor in state.items():
+            assert torch.equal(tensor, second[1].constraints.state_dict()[key][name]), (key, name)
+    assert torch.equal(first[2].initial["harmful_states"], second[2].initial["harmful_states"])
+    assert [r["step"] for r in second[2].history] == [0, 1, 2, 3, 4]
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_drift_geometry_alone_logs_and_writes_summary_and_figures(tmp_path, tiny_models, chat_file):
+    drift = DriftGeometry(every_n_steps=2, harmful=HARMFUL, harmless=HARMLESS)
+    run_fit(tmp_path, tiny_models["llama"], chat_file, [drift], steps=4)
+    summary = json.loads((tmp_path / "drift_summary.json").read_text())
+    assert [r["step"] for r in summary["history"]] == [0, 2, 4]
+    assert summary["history"][0]["cos_layer0"] == pytest.approx(1.0)
+    assert summary["final"]["cos_min"] < 1.0 and summary["final"]["harmless_kl"] > 0
+    assert (tmp_path / "drift_curves.png").stat().st_size > 0 and (tmp_path / "activations_pca.png").exists()
+
+
+def test_saved_basis_round_trip_and_projection_from_file(tmp_path, tiny_models, chat_file):
+    refusal = guard(save=str(tmp_path / "basis"))
+    run_fit(tmp_path / "a", tiny_models["llama"], chat_file, [refusal], steps=1)
+    loaded = SafetyBasis.load(str(tmp_path / "basis"))
+    for key, tensor in refusal.basis.tensors().items():
+        assert torch.equal(tensor, loaded.tensors()[key])
+    reference = CausalLMModule(model=tiny_models["llama"])
+    reference.configure_model()
+    module, _ = run_fit(tmp_path / "b", tiny_models["llama"], chat_file,
+                        [RepresentationProjection(basis=str(tmp_path / "basis"))])
+    torch.testing.assert_close(protected_forward(module), protected_forward(reference), atol=2e-5, rtol=0)
+
+
+def test_ddp_two_processes_match_one(tmp_path, tiny_models):
+    outputs = {}
+    for devices in (1, 2):
+        out = tmp_path / f"ddp{devices}"
+        result = subprocess.run([sys.executable, str(HERE / "ddp_basis.py"), tiny_models["llama"], str(out), str(devices)],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[devices] = {rank: torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(devices)}
+    two = outputs[2]
+    for key in two[0]:
+        assert torch.equal(two[0][key], two[1][key]), f"ranks disagree on {key}"
+        torch.testing.assert_close(two[0][key], outputs[1][0][key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+# -- bad inputs -----------------------------------------------------------------------------------------------
+def test_bad_arguments_are_refused_early():
+    with pytest.raises(ValueError, match="n_prompts"):
+        RefusalDirections(n_prompts=1)
+    with pytest.raises(ValueError, match="same prompt source"):
+        RefusalDirections(harmful="toy:harmful", harmless="toy:harmful")
+    with pytest.raises(ValueError, match="energy"):
+        RefusalDirections(energy=0.0)
+    with pytest.raises(FileNotFoundError, match="saved safety basis"):
+        RefusalDirections(load="/nonexistent/basis")
+    with pytest.raises(ValueError, match="mode"):
+        RepresentationProjection(mode="gradient")
+    with pytest.raises(ValueError, match="strength"):
+        RepresentationProjection(strength=2.0)
+
+
+@pytest.mark.parametrize(
+    "refusal, message",
+    [
+        (lambda: RefusalDirections(harmful=HARMFUL[:1], harmless=HARMLESS, answer_tokens=0), "at least 2"),
+        (lambda: RefusalDirections(harmful=HARMFUL, harmless=list(reversed(HARMFUL)), answer_tokens=0), "identical"),
+    ],
+    ids=["tiny-set", "harmful-equals-harmless"],
+)
+def test_bad_prompt_sets(tmp_path, tiny_models, chat_file, refusal, message):
+    with pytest.raises(ValueError, match=message):
+        run_fit(tmp_path, tiny_models["llama"], chat_file, [refusal()], steps=1)
+
+
+def test_projection_without_refusal_directions_names_the_fix(tmp_path, tiny_models, chat_file):
+    with pytest.raises(RuntimeError, match="RefusalDirections"):
+        run_fit(tmp_path, tiny_models["llama"], chat_file, [RepresentationProjection()], steps=1)
+
+
+def test_basis_from_another_model_or_wrong_size_is_refused(tmp_path, tiny_models, chat_file):
+    refusal = guard(save=str(tmp_path / "basis"))
+    run_fit(tmp_path / "a", tiny_models["llama"], chat_file, [refusal], steps=1)
+    with pytest.raises(ValueError, match="computed on"):
+        run_fit(tmp_path / "b", tiny_models["gemma2"], chat_file, [RepresentationProjection(basis=str(tmp_path / "basis"))],
+                steps=1)
+    basis = refusal.basis
+    wide = SafetyBasis(torch.zeros(2, 2, 48, dtype=torch.float64), torch.zeros(2, 2, 48, dtype=torch.float64), {},
+                       basis.protected_token_ids, dict(basis.metadata))
+    wide.save(str(tmp_path / "wide"))
+    with pytest.raises(ValueError, match="hidden size 48"):
+        run_fit(tmp_path / "c", tiny_models["llama"], chat_file, [RepresentationProjection(basis=str(tmp_path / "wide"))],
+                steps=1)
+    renamed = SafetyBasis(basis.harmful_means, basis.harmless_means, {"model.layers.0.nonexistent": torch.eye(32)[:, :2]},
+                          basis.protected_token_ids, dict(basis.metadata))
+    renamed.save(str(tmp_path / "renamed"))
+    with pytest.raises(ValueError, match="nonexistent"):
+        run_fit(tmp_path / "d", tiny_models["llama"], chat_file,
+                [RepresentationProjection(basis=str(tmp_path / "renamed"))], steps=1)
+
+
+def test_nan_statistics_are_refused():
+    nan = torch.full((2, 2, 4), float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match="NaN"):
+        SafetyBasis(nan, torch.zeros_like(nan), {}, torch.tensor([1]))
+
+
+def test_model_without_chat_template_is_refused(tmp_path, chat_file):
+    from conftest import save_tiny_model
+
+    directory = save_tiny_model(tmp_path / "plain", "llama", tokenizer=make_tokenizer(chat_template=None))
+    refusal = guard()
+    module = CausalLMModule(model=str(directory))
+    module.configure_model()
+    trainer = L.Trainer(accelerator="cpu", logger=False)
+    with pytest.raises(ValueError, match="chat template"):
+        refusal.ensure_basis(trainer, module)
