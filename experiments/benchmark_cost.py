@@ -1,0 +1,159 @@
+"""What RefusalGuard costs: step time, extra memory, and the basis pass against a plain forward.
+
+    python experiments/benchmark_cost.py                          # CPU, tiny Llama / Qwen2 / Gemma-2
+    python experiments/benchmark_cost.py --device cuda --size 1.5b   # GPU, a ~1.5B Qwen2 architecture
+
+Models are built from their transformers config with random weights (speed does not depend on them).
+Ratios come from one process, arms interleaved step by step, so machine noise hits both alike.
+Reports the median ratio and its spread (min-max over repeats) as Markdown on stdout and as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config
+
+from rg_lightning.guard.collect import collect_basis, protected_modules
+from rg_lightning.guard.projection import build_constraints
+
+SIZES = {
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=2048),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936),
+}
+FAMILIES = {"llama": (LlamaConfig, {}), "qwen2": (Qwen2Config, {}),
+            "gemma2": (Gemma2Config, {"head_dim": 32, "query_pre_attn_scalar": 32})}
+
+
+def word_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab = {w: i for i, w in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                        eos_token="<|end|>")
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return tokenizer
+
+
+def prompts(n: int, length: int, offset: int, vocab: int) -> list[str]:
+    generator = torch.Generator().manual_seed(offset)
+    ids = torch.randint(5, vocab, (n, length), generator=generator)
+    return [" ".join(f"w{i - 5}" for i in row.tolist()) for row in ids]
+
+
+def build_model(family: str, size: str, device: str, lora: bool):
+    config_class, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_config(config_class(**SIZES[size], **extra), dtype=dtype).to(device)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    return model
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(family: str, size: str, device: str, lora: bool, steps: int, batch: int, length: int) -> dict:
+    model = build_model(family, size, device, lora)
+    tokenizer = word_tokenizer(SIZES[size]["vocab_size"])
+    harmful, harmless = prompts(64, 24, 1, SIZES[size]["vocab_size"]), prompts(64, 24, 2, SIZES[size]["vocab_size"])
+    # basis pass vs plain forward over the same prompts (no answer generation, same batch size)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in harmful + harmless]
+
+    def plain_forward() -> float:
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, len(texts), 16):
+                encoded = tokenizer(texts[i:i + 16], return_tensors="pt", padding=True,
+                                    add_special_tokens=False).to(device)
+                model(**encoded)
+        sync(device)
+        tokenizer.padding_side = side
+        return time.perf_counter() - start
+
+    plain_forward()  # warm-up: the first pass pays for allocations and kernel selection
+    forward_seconds = plain_forward()
+    sync(device)
+    start = time.perf_counter()
+    basis = collect_basis(model, tokenizer, harmful, harmless, energy=0.99, answer_tokens=0, batch_size=16)
+    sync(device)
+    basis_seconds = time.perf_counter() - start
+
+    constraints = build_constraints(model, basis.subspaces, protected_token_ids=basis.protected_token_ids)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    data = torch.randint(5, SIZES[size]["vocab_size"], (batch, length), device=device)
+    times = {"plain": [], "guarded": []}
+    for step in range(steps + 2):
+        for arm in ("plain", "guarded") if step % 2 else ("guarded", "plain"):
+            sync(device)
+            start = time.perf_counter()
+            loss = model(input_ids=data, labels=data).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if arm == "guarded":
+                constraints.apply_()
+            sync(device)
+            if step >= 2:  # warm-up steps are not timed
+                times[arm].append(time.perf_counter() - start)
+    ratios = [g / p for g, p in zip(times["guarded"], times["plain"])]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {
+        "family": family, "size": size, "mode": "lora" if lora else "full", "device": device,
+        "step_ratio_median": statistics.median(ratios), "step_ratio_min": min(ratios), "step_ratio_max": max(ratios),
+        "plain_step_ms": 1000 * statistics.median(times["plain"]),
+        "extra_memory_share": constraints.extra_memory_bytes() / weights,
+        "basis_throughput_share": forward_seconds / basis_seconds,
+        "protected_modules": len(protected_modules(model)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--size", default="tiny", choices=tuple(SIZES))
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--out", default="experiments/results/cost.json")
+    args = parser.parse_args()
+    rows = [measure(f, args.size, args.device, lora, args.steps, args.batch, args.length)
+            for f in args.families for lora in (False, True)]
+    machine = (torch.cuda.get_device_name() if args.device == "cuda" else
+               f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    print(f"Machine: {machine}; torch {torch.__version__}; {args.steps} timed steps, batch {args.batch} x {args.length}")
+    print("| family | mode | step time guarded/plain (median, min-max) | plain step ms | extra memory / weights "
+          "| basis pass / plain forward throughput |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['family']} ({r['size']}) | {r['mode']} | {r['step_ratio_median']:.3f} ({r['step_ratio_min']:.3f}-"
+              f"{r['step_ratio_max']:.3f}) | {r['plain_step_ms']:.1f} | {r['extra_memory_share']:.2%} | "
+              f"{r['basis_throughput_share']:.2f} |")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as handle:
+        json.dump({"args": vars(args), "machine": machine, "rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

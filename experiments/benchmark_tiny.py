@@ -1,0 +1,118 @@
+"""RefusalGuard vs plain fine-tuning on the miniature world, over seeds: the project's own benchmark.
+
+    python experiments/benchmark_tiny.py                      # benign task, 3 seeds, shipped model
+    python experiments/benchmark_tiny.py --task sentiment --harmful-fraction 0.1
+    python experiments/benchmark_tiny.py --variant alt         # a world the guard was never tuned on
+
+Every arm runs the recipe of experiments/tiny.yaml (AdamW lr 1e-3, batch 32, 150 steps) and measures
+held-out harmful refusal, held-out harmless refusal and the task metric by greedy generation. Writes
+``<out>/<name>.json`` and ``<out>/<name>.md`` (mean ± std over seeds, wall time, machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import lightning as L
+import torch
+
+from rg_lightning import CausalLMModule
+from rg_lightning.callbacks import RefusalDirections, RepresentationProjection
+from rg_lightning.toy import ALIGNED_MODEL_DIR
+from rg_lightning.toy.data import ToyTaskDataModule
+from rg_lightning.toy.report import METRICS, AlignmentReport
+
+ARMS = ("plain", "guarded", "directions")
+
+
+def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, variant: str, seed: int, steps: int,
+            lr: float) -> dict:
+    L.seed_everything(seed)
+    report = AlignmentReport(task=task, variant=variant)
+    callbacks = [report]
+    if arm != "plain":
+        prefix = f"toy:{variant}:" if variant != "default" else "toy:"
+        callbacks += [RefusalDirections(harmful=prefix + "harmful", harmless=prefix + "harmless", answer_tokens=8,
+                                        batch_size=32, seed=seed),
+                      RepresentationProjection(mode="subspace" if arm == "guarded" else "directions")]
+    module = CausalLMModule(model=model_dir, dtype="float32", optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
+    data = ToyTaskDataModule(task=task, harmful_fraction=harmful_fraction, variant=variant, n_train=steps * 32,
+                             seed=seed)
+    with tempfile.TemporaryDirectory() as root:
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            default_root_dir=root, callbacks=callbacks)
+        start = time.perf_counter()
+        trainer.fit(module, data)
+        seconds = time.perf_counter() - start
+    return {"arm": arm, "seed": seed, "before": report.before, "after": report.after, "seconds": seconds}
+
+
+def mean_std(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f}"
+
+
+def table(runs: list[dict], arms: list[str]) -> str:
+    lines = ["| arm | harmful refusal % | harmless refusal % | task metric % | wall s / run |", "|---|---|---|---|---|"]
+    aligned = [r["before"] for r in runs if r["arm"] == arms[0]]
+    lines.append("| aligned model (before) | " + " | ".join(mean_std([b[m] for b in aligned]) for m in METRICS)
+                 + " | — |")
+    for arm in arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        cells = [mean_std([r["after"][m] for r in mine]) for m in METRICS]
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {statistics.mean(r['seconds'] for r in mine):.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="benign", choices=("benign", "sentiment", "arithmetic"))
+    parser.add_argument("--harmful-fraction", type=float, default=0.0)
+    parser.add_argument("--variant", default="default", choices=("default", "alt"))
+    parser.add_argument("--model", default=None, help="aligned model directory (default: shipped; alt: built now)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=["plain", "guarded"], choices=ARMS)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--out", default="experiments/results")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    start = time.perf_counter()
+    model_dir = args.model
+    if model_dir is None and args.variant != "default":
+        from rg_lightning.toy.build import build
+
+        model_dir = os.path.join(tempfile.mkdtemp(), f"aligned-{args.variant}")
+        build(model_dir, variant=args.variant)
+    model_dir = model_dir or str(ALIGNED_MODEL_DIR)
+    runs = []
+    for seed in args.seeds:
+        for arm in args.arms:
+            runs.append(run_arm(arm, model_dir, args.task, args.harmful_fraction, args.variant, seed, args.steps, args.lr))
+            after = runs[-1]["after"]
+            print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
+    name = f"tiny_{args.variant}_{args.task}" + (f"_attack{args.harmful_fraction:g}" if args.harmful_fraction else "")
+    command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    markdown = (f"### {name}\n\n{table(runs, args.arms)}\n\n"
+                f"Command: `{command.strip()}`; seeds {args.seeds}; {args.steps} steps, AdamW lr {args.lr}, batch 32; "
+                f"held-out data, greedy generation. Machine: {machine}. Total wall time "
+                f"{time.perf_counter() - start:.0f} s.\n")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, name + ".json"), "w") as handle:
+        json.dump({"args": vars(args), "machine": machine, "runs": runs}, handle, indent=2)
+    with open(os.path.join(args.out, name + ".md"), "w") as handle:
+        handle.write(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
