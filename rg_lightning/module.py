@@ -14,7 +14,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
-from rg_lightning.chat import IGNORE_INDEX, render_prompt
+from rg_lightning.chat import IGNORE_INDEX
+from rg_lightning.generation import generate
 
 Quantization = Literal["nf4", "fp4", "int8"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -234,27 +235,12 @@ class CausalLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- generation ----------------------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(
         self, prompts: list[str], max_new_tokens: int = 64, system_prompt: str | None = None, batch_size: int = 16
     ) -> list[str]:
-        """Batched greedy answers with the chat template and left padding (so every prompt ends at the edge)."""
-        model, tokenizer = self._require_model(), self.tokenizer
-        was_training, side = model.training, tokenizer.padding_side
-        model.eval()
-        tokenizer.padding_side = "left"
-        answers = []
-        try:
-            for start in range(0, len(prompts), batch_size):
-                texts = [render_prompt(tokenizer, p, system_prompt=system_prompt) for p in prompts[start:start + batch_size]]
-                batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tokenizer.pad_token_id)
-                answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        finally:
-            tokenizer.padding_side = side
-            model.train(was_training)
-        return [answer.strip() for answer in answers]
+        """Batched greedy answers with the chat template and left padding."""
+        return generate(self._require_model(), self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, system_prompt=system_prompt)
 
     # -- checkpoints and export ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,0 +1,33 @@
+"""Batched greedy generation with the chat template, for any Hugging Face causal LM."""
+
+from __future__ import annotations
+
+import torch
+
+from rg_lightning.chat import render_prompt
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
+             system_prompt: str | None = None) -> list[str]:
+    """Greedy answers to user ``prompts``, decoded without special tokens and stripped.
+
+    Left padding puts every prompt's last token at the same edge, which greedy decoding needs. The
+    tokenizer's padding side and the model's train/eval mode are restored afterwards.
+    """
+    was_training, side = model.training, tokenizer.padding_side
+    device = next(model.parameters()).device
+    model.eval()
+    tokenizer.padding_side = "left"
+    answers: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [render_prompt(tokenizer, p, system_prompt=system_prompt) for p in prompts[start:start + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return [answer.strip() for answer in answers]
