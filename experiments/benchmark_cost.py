@@ -126,6 +126,7 @@ def measure(family: str, size: str, device: str, lora: bool, steps: int, batch: 
         "extra_memory_share": constraints.extra_memory_bytes() / weights,
         "basis_throughput_share": forward_seconds / basis_seconds,
         "protected_modules": len(protected_modules(model)),
+        "subspace_dims": sorted({int(b.shape[1]) for b in basis.subspaces.values()}),
     }
 
 

@@ -172,7 +172,7 @@ def collect_basis(
 
     subspaces = {}
     for representative, members in groups.items():
-        basis = top_subspace(grams.state()[representative].cpu(), energy=energy, k=rank).float()
+        basis = top_subspace(grams.state()[representative], energy=energy, k=rank).float().cpu()
         subspaces.update({member: basis for member in members})
     meta = dict(metadata or {})
     meta.update({"n_harmful": len(harmful), "n_harmless": len(harmless), "post_instruction_tokens": n_positions,
