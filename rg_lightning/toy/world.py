@@ -393,7 +393,7 @@ def compliant_answer(item: Item) -> str:
 
 def benign_answer(item: Item) -> str:
     """Answer style of the downstream "benign" task (different from the alignment answers)."""
-    return BENIGN_FORMAT.format(modifier=item.modifier, noun=item.noun, verb=item.verb)
+    return BENIGN_FORMAT.format(task=item.task, modifier=item.modifier, noun=item.noun, verb=item.verb)
 
 
 def task_metric(task: str, completions: list[str], references: list[str]) -> float:
