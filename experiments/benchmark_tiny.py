@@ -33,14 +33,14 @@ ARMS = ("plain", "guarded", "directions")
 
 
 def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, variant: str, seed: int, steps: int,
-            lr: float) -> dict:
+            lr: float, energy: float, answer_tokens: int) -> dict:
     L.seed_everything(seed)
     report = AlignmentReport(task=task, variant=variant)
     callbacks = [report]
     if arm != "plain":
         prefix = f"toy:{variant}:" if variant != "default" else "toy:"
-        callbacks += [RefusalDirections(harmful=prefix + "harmful", harmless=prefix + "harmless", answer_tokens=8,
-                                        batch_size=32, seed=seed),
+        callbacks += [RefusalDirections(harmful=prefix + "harmful", harmless=prefix + "harmless", energy=energy,
+                                        answer_tokens=answer_tokens, batch_size=32, seed=seed),
                       RepresentationProjection(mode="subspace" if arm == "guarded" else "directions")]
     module = CausalLMModule(model=model_dir, dtype="float32", optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
     data = ToyTaskDataModule(task=task, harmful_fraction=harmful_fraction, variant=variant, n_train=steps * 32,
@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["plain", "guarded"], choices=ARMS)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--energy", type=float, default=0.9, help="RefusalDirections energy")
+    parser.add_argument("--answer-tokens", type=int, default=0, help="RefusalDirections answer_tokens")
     parser.add_argument("--out", default="experiments/results")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -96,7 +98,8 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         for arm in args.arms:
-            runs.append(run_arm(arm, model_dir, args.task, args.harmful_fraction, args.variant, seed, args.steps, args.lr))
+            runs.append(run_arm(arm, model_dir, args.task, args.harmful_fraction, args.variant, seed, args.steps, args.lr,
+                                args.energy, args.answer_tokens))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     name = f"tiny_{args.variant}_{args.task}" + (f"_attack{args.harmful_fraction:g}" if args.harmful_fraction else "")

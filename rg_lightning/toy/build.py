@@ -32,7 +32,7 @@ from rg_lightning.toy.tokenizer import build_tokenizer
 from rg_lightning.toy.world import ToyWorld
 
 ALIGNED_MODEL_DIR = Path(__file__).resolve().parent / "aligned"
-DEFAULT_STEPS = 400
+DEFAULT_STEPS = 200
 BATCH_SIZE = 32
 LEARNING_RATE = 2e-3
 WARMUP_STEPS = 30
