@@ -64,6 +64,7 @@ def test_tokenizer_covers_every_word_and_round_trips(tmp_path, variant):
     assert reloaded.chat_template == tokenizer.chat_template
 
 
+@pytest.mark.slow  # two builds, each generating answers to all 825 held-out requests: about a minute
 def test_build_command_is_deterministic_and_loadable(tmp_path):
     from rg_lightning.toy.__main__ import main
 
