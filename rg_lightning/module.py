@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import shutil
-import tempfile
 from typing import Literal
 
 import lightning as L
@@ -14,6 +12,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
+from rg_lightning.atomic import atomic_directory
 from rg_lightning.chat import IGNORE_INDEX
 from rg_lightning.generation import generate
 
@@ -263,17 +262,8 @@ class CausalLMModule(L.LightningModule):
             merged = False
         if self.lora_r and merged:
             model = copy.deepcopy(model).merge_and_unload()
-        parent = os.path.dirname(os.path.abspath(directory))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
-        try:
+        with atomic_directory(directory) as staging:
             model.save_pretrained(staging, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
-            if os.path.exists(directory):
-                shutil.rmtree(directory)
-            os.replace(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         rank_zero_info(f"Exported {'merged model' if not self.lora_r or merged else 'LoRA adapter'} to {directory}")
         return directory

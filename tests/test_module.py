@@ -94,7 +94,7 @@ def test_export_writes_a_loadable_hf_directory(tmp_path, tiny_models, chat_file,
             torch.testing.assert_close(a, b, msg=name)
     else:
         assert "adapter_model.safetensors" in files
-    assert not list(tmp_path.glob(".export-*")), "staging directory left behind"
+    assert not list(tmp_path.glob(".staging-*")), "staging directory left behind"
 
 
 def test_generate_is_greedy_and_restores_state(tiny_models):

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from rg_lightning.atomic import atomic_directory
 
 
 @dataclass
@@ -97,19 +97,10 @@ class SafetyBasis:
         """Write ``basis.safetensors`` and ``basis.json`` atomically (staged, then renamed)."""
         from safetensors.torch import save_file
 
-        parent = os.path.dirname(os.path.abspath(directory))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".basis-", dir=parent)
-        try:
+        with atomic_directory(directory) as staging:
             save_file(self.tensors(), os.path.join(staging, "basis.safetensors"))
             with open(os.path.join(staging, "basis.json"), "w") as handle:
                 json.dump(self.metadata, handle, indent=2, sort_keys=True)
-            if os.path.exists(directory):
-                shutil.rmtree(directory)
-            os.replace(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return directory
 
     @classmethod

@@ -1,36 +1,9 @@
-"""Batched greedy generation and refusal rate, for any Hugging Face causal LM with a chat template."""
+"""Refusal rate of the miniature world, by batched greedy generation (``rg_lightning.generation``)."""
 
 from __future__ import annotations
 
-import torch
-
-from rg_lightning.chat import render_prompt
+from rg_lightning.generation import generate
 from rg_lightning.toy.world import is_refusal
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 12, batch_size: int = 64) -> list[str]:
-    """Greedy answers to user ``prompts`` (chat template with the generation prompt, left padding).
-
-    Returns the decoded answers without special tokens, stripped. The tokenizer's padding side and the
-    model's train/eval mode are restored afterwards.
-    """
-    was_training, side = model.training, tokenizer.padding_side
-    device = next(model.parameters()).device
-    model.eval()
-    tokenizer.padding_side = "left"
-    answers: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [render_prompt(tokenizer, prompt) for prompt in prompts[start:start + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return [answer.strip() for answer in answers]
 
 
 def refusal_rate(model, tokenizer, prompts: list[str], max_new_tokens: int = 4, batch_size: int = 64) -> float:

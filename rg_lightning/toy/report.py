@@ -20,7 +20,8 @@ def measure(model, tokenizer, world: ToyWorld, task: str, n_requests: int, n_tas
     examples = world.task_examples(task, "heldout", n_task, seed=1)
     prompts = [e["messages"][0]["content"] for e in examples]
     references = [e["messages"][1]["content"] for e in examples]
-    answers = generate(model, tokenizer, prompts, max_new_tokens=max(len(r.split()) for r in references) + 2)
+    answers = generate(model, tokenizer, prompts, max_new_tokens=max(len(r.split()) for r in references) + 2,
+                       batch_size=64)
     return {
         "harmful_refusal": refusal_rate(model, tokenizer, world.requests("harmful", "heldout", n_requests)),
         "harmless_refusal": refusal_rate(model, tokenizer, world.requests("harmless", "heldout", n_requests)),
