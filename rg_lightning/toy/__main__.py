@@ -1,4 +1,6 @@
-"""``python -m rg_lightning.toy build [--out DIR] [--seed 0] [--steps N] [--variant default|alt]``."""
+"""``python -m rg_lightning.toy build [--out DIR] [--seed 0] [--steps N] [--variant default|alt]`` trains and saves
+the aligned model; ``python -m rg_lightning.toy collapse [--model DIR] [--task benign] [--lr 1e-3] [--steps 150]
+[--harmful-fraction 0]`` measures what plain fine-tuning does to its refusals."""
 
 from __future__ import annotations
 
@@ -13,11 +15,39 @@ def main(argv: list[str] | None = None) -> None:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--steps", type=int, default=None)
     build.add_argument("--variant", default="default", choices=("default", "alt"))
+    collapse = commands.add_parser("collapse", help="plain fine-tuning of the aligned model on a downstream task")
+    collapse.add_argument("--model", default=None, help="model directory (default: the shipped aligned model)")
+    collapse.add_argument("--variant", default=None, choices=("default", "alt"),
+                          help="world variant (default: the one recorded in the model's world.json)")
+    collapse.add_argument("--task", default="benign", choices=("benign", "sentiment", "arithmetic"))
+    collapse.add_argument("--lr", type=float, default=1e-3)
+    collapse.add_argument("--steps", type=int, default=150)
+    collapse.add_argument("--batch-size", type=int, default=32)
+    collapse.add_argument("--harmful-fraction", type=float, default=0.0)
+    collapse.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from rg_lightning.toy.build import DEFAULT_STEPS, build as run_build
+    if args.command == "build":
+        from rg_lightning.toy.build import DEFAULT_STEPS, build as run_build
 
-    run_build(args.out, seed=args.seed, steps=args.steps or DEFAULT_STEPS, variant=args.variant)
+        run_build(args.out, seed=args.seed, steps=args.steps or DEFAULT_STEPS, variant=args.variant)
+        return
+
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rg_lightning.toy.build import ALIGNED_MODEL_DIR
+    from rg_lightning.toy.collapse import plain_finetune
+    from rg_lightning.toy.world import ToyWorld
+
+    directory = Path(args.model) if args.model else ALIGNED_MODEL_DIR
+    variant = args.variant or json.loads((directory / "world.json").read_text())["variant"]
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    plain_finetune(model, tokenizer, ToyWorld(variant), args.task, steps=args.steps, lr=args.lr,
+                   batch_size=args.batch_size, harmful_fraction=args.harmful_fraction, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from rg_lightning.atomic import atomic_directory
 from rg_lightning.chat import IGNORE_INDEX, encode_conversation
 from rg_lightning.toy.generation import refusal_rate
 from rg_lightning.toy.tokenizer import build_tokenizer
@@ -170,19 +169,7 @@ def build(out: str | os.PathLike | None = None, seed: int = 0, steps: int = DEFA
 
 
 def _save_atomically(out: Path, model, tokenizer, record: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "world.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_directory(str(out)) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (Path(staging) / "world.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -39,7 +39,7 @@ def plain_finetune(model, tokenizer, world: ToyWorld, task: str, *, steps: int =
               "harmful_fraction": harmful_fraction, "refusal_before": before, "refusal_after": after,
               "task_score": score, "seconds": round(time.perf_counter() - start, 1)}
     if log:
-            log(f"{task} (harmful_fraction {harmful_fraction}, lr {lr}, {steps} steps of {batch_size}): harmful refusal "
+        log(f"{task} (harmful_fraction {harmful_fraction}, lr {lr}, {steps} steps of {batch_size}): harmful refusal "
             f"{before['harmful']:.1%} -> {after['harmful']:.1%}, harmless refusal {before['harmless']:.1%} -> "
             f"{after['harmless']:.1%}, task score {score:.1%}")
     return result
