@@ -25,27 +25,7 @@ from rg_lightning.guard.geometry import cosine, fisher_ratio, kl_divergence, lin
 from rg_lightning.guard.projection import interference
 from rg_lightning.guard.subspace import top_subspace
 from rg_lightning.prompts import load_prompts
-
-REFUSAL_WORDS = ("I", "As", "Sorry", "i", "sorry")
-
-
-def refusal_token_ids(tokenizer) -> list[int]:
-    """First tokens of the usual refusal openings, derived from this tokenizer (never hard-coded ids)."""
-    ids = set()
-    for word in REFUSAL_WORDS:
-        tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if tokens and tokens[0] != tokenizer.unk_token_id:
-            ids.add(tokens[0])
-    if not ids:
-        raise ValueError(f"None of {REFUSAL_WORDS} is a token of this tokenizer; cannot score refusals.")
-    return sorted(ids)
-
-
-def refusal_score(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    """log p(refusal tokens) - log(1 - p), per row (Arditi et al.)."""
-    p = logits.double().softmax(-1)[:, ids].sum(-1)
-    return torch.log(p + 1e-8) - torch.log(1 - p + 1e-8)
-
+from rg_lightning.refusal_score import refusal_score, refusal_token_ids
 
 class DriftGeometry(L.Callback):
     """Logs drift metrics every ``every_n_steps`` and writes ``drift_summary.json`` and figures at fit end.
