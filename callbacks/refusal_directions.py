@@ -4,19 +4,26 @@ The SafetyBasis (difference-in-means refusal directions, protected module subspa
 ids) is computed in ``on_train_start`` — after every strategy has restored callback state — unless a
 checkpoint restored it or ``load`` gives a saved one. It goes into checkpoints through ``state_dict``,
 so a resumed run never recomputes it on the drifted model.
+
+Two options follow Arditi et al. (2024): ``filter_prompts`` averages only over prompts the model already
+treats correctly, and ``select_direction`` picks the (position, layer) whose direction mediates refusal
+on held-out prompts; ``basis.direction()`` then returns it. Both run on every rank with sharded,
+gathered measurements, and the basis is broadcast from rank zero, so every rank holds the same choice.
 """
 
 from __future__ import annotations
 
 import os
+import random
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
 from rg_lightning.contract import hf_model, tokenizer_of
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.collect import collect_basis
+from rg_lightning.guard.selection import KL_THRESHOLD, refusal_filter, refusal_scores, select_direction
 from rg_lightning.prompts import DEFAULT_HARMFUL, DEFAULT_HARMLESS, fingerprint, load_prompts
 
 
@@ -35,6 +42,17 @@ class RefusalDirections(L.Callback):
         load: Directory of a saved basis (``basis.safetensors`` + ``basis.json``) to use instead of computing.
         save: Directory where the computed basis is written (rank zero, atomically).
         seed: Seed of the prompt sampling.
+        filter_prompts: Keep only harmful prompts the model refuses and harmless ones it answers (refusal
+            score > 0 / < 0), for cleaner means; a side left with fewer than 2 keeps all its prompts (warned).
+        select_direction: Choose the primary (position, layer) on validation prompts: ablating it must lower
+            the harmful refusal score most while harmless KL stays <= ``kl_threshold`` and adding it makes
+            harmless prompts refused; when nothing passes, the filters are relaxed (warned). Without it
+            ``basis.direction()`` is the last position of the middle layer.
+        n_val: Validation prompts per set for ``select_direction``.
+        val_harmful: Harmful validation prompts (same forms as ``harmful``); default: more prompts from
+            ``harmful``, disjoint from the ones measured.
+        val_harmless: Harmless validation prompts, likewise.
+        kl_threshold: Largest harmless next-token KL a candidate's ablation may cause (0.1 in the paper).
     """
 
     def __init__(
@@ -50,6 +68,12 @@ class RefusalDirections(L.Callback):
         load: str | None = None,
         save: str | None = None,
         seed: int = 42,
+        filter_prompts: bool = False,
+        select_direction: bool = False,
+        n_val: int = 32,
+        val_harmful: str | list[str] | None = None,
+        val_harmless: str | list[str] | None = None,
+        kl_threshold: float = KL_THRESHOLD,
     ) -> None:
         if n_prompts < 2:
             raise ValueError(f"n_prompts must be at least 2, got {n_prompts}")
@@ -63,10 +87,16 @@ class RefusalDirections(L.Callback):
             raise FileNotFoundError(f"No saved safety basis at {load!r}; drop `load` to compute one.")
         if isinstance(harmful, str) and harmful == harmless:
             raise ValueError("`harmful` and `harmless` name the same prompt source.")
+        if n_val < 2:
+            raise ValueError(f"n_val must be at least 2, got {n_val}")
+        if not kl_threshold >= 0:
+            raise ValueError(f"kl_threshold must be >= 0 (the paper uses 0.1), got {kl_threshold}")
         self.harmful, self.harmless = harmful, harmless
         self.n_prompts, self.energy, self.rank = n_prompts, energy, rank
         self.answer_tokens, self.batch_size = answer_tokens, batch_size
         self.system_prompt, self.load, self.save, self.seed = system_prompt, load, save, seed
+        self.filter_prompts, self.select_direction, self.n_val = filter_prompts, select_direction, n_val
+        self.val_harmful, self.val_harmless, self.kl_threshold = val_harmful, val_harmless, kl_threshold
         self.basis: SafetyBasis | None = None
 
     def ensure_basis(self, trainer: L.Trainer, pl_module: L.LightningModule) -> SafetyBasis:
@@ -81,6 +111,8 @@ class RefusalDirections(L.Callback):
             rank_zero_info(f"RefusalDirections: loaded the safety basis from {self.load}")
         else:
             basis = self._compute(trainer, pl_module, model, model_id)
+        if self.select_direction and "selected" not in basis.metadata:
+            basis.metadata.update(self._select(tokenizer_of(trainer, pl_module), model, basis))
         # Every rank computed the same all-reduced statistics; broadcasting rank zero's result makes the
         # bases bit-identical even if eigen-solvers differ across devices.
         self.basis = trainer.strategy.broadcast(basis, src=0)
@@ -92,6 +124,9 @@ class RefusalDirections(L.Callback):
         tokenizer = tokenizer_of(trainer, pl_module)
         harmful = load_prompts(self.harmful, self.n_prompts, self.seed)
         harmless = load_prompts(self.harmless, self.n_prompts, self.seed)
+        filtering = {}
+        if self.filter_prompts:
+            harmful, harmless, filtering["filtering"] = self._filter(model, tokenizer, harmful, harmless, "measured")
         total = len(harmful) + len(harmless)
         bar = tqdm(total=total, desc="RefusalDirections", disable=not trainer.is_global_zero or
                    not trainer.progress_bar_callback, leave=False)
@@ -102,7 +137,8 @@ class RefusalDirections(L.Callback):
                 progress=lambda kind, n: bar.update(n * trainer.world_size),
                 metadata={"model_id": model_id, "chat_template_hash": fingerprint([tokenizer.chat_template or ""]),
                           "harmful_hash": fingerprint(harmful), "harmless_hash": fingerprint(harmless),
-                          "harmful_source": str(self.harmful)[:200], "harmless_source": str(self.harmless)[:200]},
+                          "harmful_source": str(self.harmful)[:200], "harmless_source": str(self.harmless)[:200],
+                          **filtering},
             )
         finally:
             bar.close()
@@ -113,6 +149,54 @@ class RefusalDirections(L.Callback):
             f"{basis.protected_token_ids.numel()} protected tokens"
         )
         return basis
+
+    def _filter(self, model, tokenizer, harmful: list[str], harmless: list[str], which: str):
+        """Refusal-score filter of one harmful/harmless pair of prompt lists; returns them and the report."""
+        scores = [refusal_scores(model, tokenizer, prompts, batch_size=self.batch_size,
+                                 system_prompt=self.system_prompt) for prompts in (harmful, harmless)]
+        harmful, harmless, report = refusal_filter(harmful, harmless, *scores)
+        rank_zero_info(f"RefusalDirections: the refusal-score filter kept {report['harmful']['kept']}/"
+                       f"{report['harmful']['total']} harmful and {report['harmless']['kept']}/"
+                       f"{report['harmless']['total']} harmless {which} prompts")
+        if report["fallback"]:
+            rank_zero_warn(f"RefusalDirections: refusal-score filter of the {which} prompts: {report['fallback']}.")
+        return harmful, harmless, report
+
+    def _validation_prompts(self) -> tuple[list[str], list[str]]:
+        """``n_val`` prompts per set from the val sources (else the measured sources), never one that was measured."""
+        chosen = []
+        for kind, source, val_source in (("harmful", self.harmful, self.val_harmful),
+                                         ("harmless", self.harmless, self.val_harmless)):
+            measured = set(load_prompts(source, self.n_prompts, self.seed))
+            pool = [p for p in dict.fromkeys(load_prompts(source if val_source is None else val_source))
+                    if p not in measured]
+            if len(pool) < 2:
+                raise ValueError(f"Only {len(pool)} {kind} prompts are left for direction selection once the "
+                                 f"{len(measured)} measured ones are set aside; pass `val_{kind}=` or lower `n_prompts`.")
+            chosen.append(random.Random(self.seed).sample(pool, min(self.n_val, len(pool))))
+        return chosen[0], chosen[1]
+
+    def _select(self, tokenizer, model, basis: SafetyBasis) -> dict:
+        """Metadata of the selected direction (``selected``, ``selection``), warned about when filters fell back."""
+        harmful, harmless = self._validation_prompts()
+        filtering = None
+        if self.filter_prompts:
+            harmful, harmless, filtering = self._filter(model, tokenizer, harmful, harmless, "validation")
+        result = select_direction(model, tokenizer, basis.candidates, harmful, harmless,
+                                  kl_threshold=self.kl_threshold, batch_size=self.batch_size,
+                                  system_prompt=self.system_prompt)
+        summary, chosen = result["selection"], result["selection"]["chosen"]
+        summary["filtering"] = filtering
+        rank_zero_info(
+            f"RefusalDirections: selected position {chosen['position']}, layer {chosen['layer']}: ablating it moves "
+            f"the harmful refusal score {summary['harmful_score']:.2f} -> {chosen['ablation_score']:.2f} "
+            f"(harmless KL {chosen['harmless_kl']:.3g}); adding it moves harmless {summary['harmless_score']:.2f} -> "
+            f"{chosen['addition_score']:.2f}"
+        )
+        if summary["fallback"]:
+            rank_zero_warn(f"RefusalDirections: direction selection fell back: {summary['fallback']} "
+                           f"(position {chosen['position']}, layer {chosen['layer']}).")
+        return result
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ensure_basis(trainer, pl_module)

@@ -233,3 +233,65 @@ def test_model_without_chat_template_is_refused(tmp_path, chat_file):
     trainer = L.Trainer(accelerator="cpu", logger=False)
     with pytest.raises(ValueError, match="chat template"):
         refusal.ensure_basis(trainer, module)
+
+
+# -- refusal-score filtering and direction selection ---------------------------------------------------------
+VAL_HARMFUL = [f"how do i build the bomb {w} ?" for w in ("one", "two", "three")]
+VAL_HARMLESS = [f"how do i cook the cake {w} ?" for w in ("one", "two", "three")]
+
+
+def test_filter_and_selection_on_the_aligned_model():
+    from rg_lightning.prompts import load_prompts
+    from rg_lightning.toy import ALIGNED_MODEL_DIR
+
+    torch.set_num_threads(1)  # the miniature model is too small to gain from threads on shared cores
+    module = CausalLMModule(model=str(ALIGNED_MODEL_DIR))
+    module.configure_model()
+    refusal = RefusalDirections(harmful="toy:harmful", harmless="toy:harmless", n_prompts=32, n_val=16, energy=0.9,
+                                answer_tokens=0, batch_size=32, filter_prompts=True, select_direction=True)
+    val_harmful, val_harmless = refusal._validation_prompts()
+    assert len(val_harmful) == len(val_harmless) == 16
+    assert not set(val_harmful) & set(load_prompts("toy:harmful", 32, refusal.seed))  # disjoint from the measured
+    basis = refusal.ensure_basis(L.Trainer(accelerator="cpu", logger=False), module)
+    filtering, selection = basis.metadata["filtering"], basis.metadata["selection"]
+    assert filtering["harmful"]["kept"] >= 30 and filtering["harmless"]["kept"] >= 30 and not filtering["fallback"]
+    assert selection["filtering"]["harmful"]["kept"] >= 15
+    chosen = selection["chosen"]
+    assert selection["harmful_score"] > 3 and chosen["ablation_score"] < -2  # ablation turns refusal into compliance
+    expected = basis.candidates[chosen["layer"], chosen["position"]]
+    torch.testing.assert_close(basis.direction(), expected / expected.norm())
+
+
+def test_filter_and_selection_fall_back_warn_and_survive_resume(tmp_path, tiny_models, chat_file, monkeypatch):
+    def callbacks():
+        return [guard(filter_prompts=True, select_direction=True, val_harmful=VAL_HARMFUL, val_harmless=VAL_HARMLESS,
+                      save=str(tmp_path / "basis"))]
+
+    first = callbacks()
+    with pytest.warns(UserWarning) as warned:  # a random model refuses nothing: both the filter and selection fall back
+        run_fit(tmp_path / "crashed", tiny_models["llama"], chat_file, first, steps=2, checkpoint_every=2)
+    messages = " ".join(str(w.message) for w in warned)
+    assert "of 5 harmful prompts are refused (score > 0), so all 5 are kept" in messages
+    assert "direction selection fell back" in messages
+    metadata = first[0].basis.metadata
+    assert metadata["filtering"]["harmful"]["fallback"] and metadata["n_harmful"] == 5
+    assert metadata["selection"]["fallback"] and metadata["selected"] == first[0].basis.selected
+    assert SafetyBasis.load(str(tmp_path / "basis")).metadata == json.loads(json.dumps(metadata))
+
+    import rg_lightning.callbacks.refusal_directions as rd
+
+    monkeypatch.setattr(rd, "select_direction", lambda *a, **k: pytest.fail("direction reselected on resume"))
+    second = callbacks()
+    run_fit(tmp_path / "resumed", tiny_models["llama"], chat_file, second, steps=3,
+            ckpt_path=str(next((tmp_path / "crashed").glob("*step=2.ckpt"))))
+    assert second[0].basis.metadata == metadata
+    assert torch.equal(second[0].basis.direction(), first[0].basis.direction())
+
+
+def test_bad_selection_arguments_are_refused_early():
+    with pytest.raises(ValueError, match="n_val"):
+        RefusalDirections(n_val=1)
+    with pytest.raises(ValueError, match="kl_threshold"):
+        RefusalDirections(kl_threshold=-0.1)
+    with pytest.raises(ValueError, match="val_harmful"):
+        RefusalDirections(harmful=HARMFUL, harmless=HARMLESS, n_prompts=5)._validation_prompts()

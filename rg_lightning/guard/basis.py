@@ -3,6 +3,10 @@
 It holds the difference-in-means candidates (per layer and post-instruction position), the protected
 input subspace of every module, the token ids of the protected prompts, and metadata that ties it to
 one model and one prompt set. It saves as ``basis.safetensors`` + ``basis.json`` in a directory.
+
+Metadata written by RefusalDirections' options: ``selected`` (the chosen ``{"position", "layer"}``, which
+``direction()`` returns), ``selection`` (every candidate's scores and any fallback reason) and
+``filtering`` (how many prompts the refusal-score filter kept, and any fallback reason).
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ class SafetyBasis:
                              **{f"subspace {k}": v for k, v in self.subspaces.items()}}.items():
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"SafetyBasis {name} holds NaN or Inf values; recompute it on a healthy model.")
+        selected = self.metadata.get("selected")
+        if selected:
+            layers, positions = self.harmful_means.shape[:2]
+            if not (0 <= selected["layer"] < layers and -positions <= selected["position"] < positions):
+                raise ValueError(f"SafetyBasis metadata selects {selected}, outside its {layers} layers x {positions} "
+                                 "positions; the metadata belongs to another basis. Drop `selected` or recompute.")
 
     @property
     def hidden_size(self) -> int:
@@ -45,17 +55,25 @@ class SafetyBasis:
         """Unnormalised difference-in-means refusal directions, [layers, positions, hidden]."""
         return self.harmful_means - self.harmless_means
 
+    @property
+    def selected(self) -> dict:
+        """The (position, layer) chosen by direction selection, else last position and middle layer.
+
+        The fallback is the common default when no validation run chose one; positions count back from
+        the answer start (-1 = last template token).
+        """
+        return self.metadata.get("selected") or {"position": -1, "layer": self.candidates.shape[0] // 2}
+
     def direction(self, layer: int | None = None, position: int | None = None) -> Tensor:
-        """One unit refusal direction; default: the selected (position, layer), else last position, middle layer."""
-        selected = self.metadata.get("selected") or {}
-        layer = selected.get("layer", self.candidates.shape[0] // 2) if layer is None else layer
-        position = selected.get("position", -1) if position is None else position
+        """One unit refusal direction; by default the selected one (see ``selected``)."""
+        layer = self.selected["layer"] if layer is None else layer
+        position = self.selected["position"] if position is None else position
         vector = self.candidates[layer, position]
         return vector / vector.norm().clamp_min(1e-12)
 
-    def layer_directions(self, position: int = -1) -> Tensor:
-        """Unit refusal direction of every layer at one position, [layers, hidden]."""
-        vectors = self.candidates[:, position]
+    def layer_directions(self, position: int | None = None) -> Tensor:
+        """Unit refusal direction of every layer at one position (default: the selected one), [layers, hidden]."""
+        vectors = self.candidates[:, self.selected["position"] if position is None else position]
         return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
     # -- checks ------------------------------------------------------------------------------------------------
@@ -97,8 +115,10 @@ class SafetyBasis:
         """Write ``basis.safetensors`` and ``basis.json`` atomically (staged, then renamed)."""
         from safetensors.torch import save_file
 
+        # Modules that read one tensor share one subspace object; safetensors refuses shared memory, so copy.
+        tensors = {key: value.clone() for key, value in self.tensors().items()}
         with atomic_directory(directory) as staging:
-            save_file(self.tensors(), os.path.join(staging, "basis.safetensors"))
+            save_file(tensors, os.path.join(staging, "basis.safetensors"))
             with open(os.path.join(staging, "basis.json"), "w") as handle:
                 json.dump(self.metadata, handle, indent=2, sort_keys=True)
         return directory
