@@ -3,10 +3,15 @@
     python experiments/benchmark_tiny.py                      # benign task, 3 seeds, shipped model
     python experiments/benchmark_tiny.py --task sentiment --harmful-fraction 0.1
     python experiments/benchmark_tiny.py --variant alt         # a world the guard was never tuned on
+    python experiments/benchmark_tiny.py --variant alt --arch gemma2   # ... and another architecture family
 
 Every arm runs the recipe of experiments/tiny.yaml (AdamW lr 1e-3, batch 32, 150 steps) and measures
 held-out harmful refusal, held-out harmless refusal and the task metric by greedy generation. Writes
 ``<out>/<name>.json`` and ``<out>/<name>.md`` (mean ± std over seeds, wall time, machine).
+
+A world is a variant (templates, vocabulary) times an architecture. The default world (``default`` x
+``llama``) uses the shipped aligned model; any other is built once by ``python -m rg_lightning.toy build``
+into ``--cache`` (``runs/worlds/<variant>-<arch>``) and reused while its ``world.json`` matches.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from rg_lightning import CausalLMModule
 from rg_lightning.callbacks import RefusalDirections, RepresentationProjection
 from rg_lightning.toy import ALIGNED_MODEL_DIR
+from rg_lightning.toy.build import ARCHITECTURES, DEFAULT_STEPS
 from rg_lightning.toy.data import ToyTaskDataModule
 from rg_lightning.toy.report import METRICS, AlignmentReport
 
@@ -55,6 +61,22 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
     return {"arm": arm, "seed": seed, "before": report.before, "after": report.after, "seconds": seconds}
 
 
+def world_model(variant: str, arch: str, cache: str) -> str:
+    """Directory of the aligned model of a world: the shipped one, or a cached build (built on demand)."""
+    if (variant, arch) == ("default", "llama"):
+        return str(ALIGNED_MODEL_DIR)
+    directory = os.path.join(cache, f"{variant}-{arch}")
+    record = os.path.join(directory, "world.json")
+    if os.path.isfile(record):
+        built = json.load(open(record))
+        if (built.get("variant"), built.get("arch", "llama"), built.get("steps")) == (variant, arch, DEFAULT_STEPS):
+            return directory
+    from rg_lightning.toy.build import build
+
+    build(directory, variant=variant, arch=arch)
+    return directory
+
+
 def mean_std(values: list[float]) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f}"
@@ -77,7 +99,10 @@ def main() -> None:
     parser.add_argument("--task", default="benign", choices=("benign", "sentiment", "arithmetic"))
     parser.add_argument("--harmful-fraction", type=float, default=0.0)
     parser.add_argument("--variant", default="default", choices=("default", "alt"))
-    parser.add_argument("--model", default=None, help="aligned model directory (default: shipped; alt: built now)")
+    parser.add_argument("--arch", default="llama", choices=sorted(ARCHITECTURES), help="architecture family")
+    parser.add_argument("--model", default=None, help="aligned model directory (default: the world's, see above)")
+    parser.add_argument("--cache", default="runs/worlds", help="where non-shipped aligned models are built")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=["plain", "guarded"], choices=ARMS)
     parser.add_argument("--steps", type=int, default=150)
@@ -86,15 +111,9 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=0, help="RefusalDirections answer_tokens")
     parser.add_argument("--out", default="experiments/results")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    start = time.perf_counter()
-    model_dir = args.model
-    if model_dir is None and args.variant != "default":
-        from rg_lightning.toy.build import build
-
-        model_dir = os.path.join(tempfile.mkdtemp(), f"aligned-{args.variant}")
-        build(model_dir, variant=args.variant)
-    model_dir = model_dir or str(ALIGNED_MODEL_DIR)
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    model_dir = args.model or world_model(args.variant, args.arch, args.cache)
     runs = []
     for seed in args.seeds:
         for arm in args.arms:
@@ -102,9 +121,11 @@ def main() -> None:
                                 args.energy, args.answer_tokens))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
-    name = f"tiny_{args.variant}_{args.task}" + (f"_attack{args.harmful_fraction:g}" if args.harmful_fraction else "")
+    world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
+    name = f"tiny_{world}_{args.task}" + (f"_attack{args.harmful_fraction:g}" if args.harmful_fraction else "")
     command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+               f"1-min load average {load_start:.1f} at start / {os.getloadavg()[0]:.1f} at end")
     markdown = (f"### {name}\n\n{table(runs, args.arms)}\n\n"
                 f"Command: `{command.strip()}`; seeds {args.seeds}; {args.steps} steps, AdamW lr {args.lr}, batch 32; "
                 f"held-out data, greedy generation. Machine: {machine}. Total wall time "

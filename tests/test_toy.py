@@ -76,6 +76,42 @@ def test_build_command_is_deterministic_and_loadable(tmp_path):
     assert json.loads((tmp_path / "a" / "world.json").read_text())["steps"] == 3
 
 
+def test_gemma2_world_trains_saves_and_reloads_with_the_word_level_tokenizer(tmp_path):
+    """The second architecture family: a few deterministic SFT steps, then a Hugging Face round trip."""
+    from rg_lightning.toy.build import deterministic, model_config, train_sft
+
+    world = ToyWorld("alt")
+    tokenizer = build_tokenizer(world)
+    states = []
+    for _ in range(2):
+        with deterministic():
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(model_config(tokenizer, "gemma2"))
+            train_sft(model, tokenizer, world.alignment_examples(64), steps=2, lr=2e-3, log=None)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert model.config.model_type == "gemma2" and model.config.tie_word_embeddings
+    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 1e6  # about the Llama model's size
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)  # must stay word-level (Qwen2 would not)
+    text = world.requests("harmful", "heldout", 1)[0]
+    assert reloaded(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert reloaded.unk_token_id not in reloaded(text)["input_ids"]
+    assert 0.0 <= refusal_rate(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), reloaded, [text]) <= 1.0
+
+
+def test_non_shipped_worlds_never_overwrite_the_shipped_model():
+    from rg_lightning.toy.build import build
+
+    with pytest.raises(ValueError, match="output directory"):
+        build(None, steps=1, arch="gemma2")
+    with pytest.raises(ValueError, match="output directory"):
+        build(None, steps=1, variant="alt")
+    with pytest.raises(ValueError, match="arch"):
+        build("unused", steps=1, arch="qwen2")
+
+
 def test_tiny_recipe_runs_guarded_through_the_cli(tmp_path, monkeypatch):
     """The embedded default, shortened (fewer steps, prompts and evaluations): the guard keeps refusal."""
     import yaml

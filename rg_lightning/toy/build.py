@@ -1,11 +1,18 @@
-"""Build the shipped aligned model: ``python -m rg_lightning.toy build [--out DIR] [--seed 0] [--steps N]``.
+"""Build the shipped aligned model: ``python -m rg_lightning.toy build [--out DIR] [--seed 0] [--steps N]
+[--variant default|alt] [--arch llama|gemma2]``.
 
 A plain PyTorch supervised fine-tuning loop (loss on assistant tokens only, AdamW, deterministic) trains a
-small Llama-architecture model from scratch on :meth:`ToyWorld.alignment_examples`, then measures held-out
-refusal rates and saves a Hugging Face directory atomically.
+small model from scratch on :meth:`ToyWorld.alignment_examples`, then measures held-out refusal rates and
+saves a Hugging Face directory atomically.
 
-Architecture: ``LlamaConfig`` with 4 layers, hidden 128, intermediate 256, 4 attention heads, 2 key/value
-heads, untied input embeddings and LM head (``tie_word_embeddings=False``), float32 weights (~2.5 MB).
+Architectures (:data:`ARCHITECTURES`), both 4 layers, hidden 128, intermediate 256, 4 attention heads of
+width 32, 2 key/value heads, float32 weights:
+
+* ``llama`` (the shipped model): SiLU-gated MLP, untied input embeddings and LM head (~2.7 MB).
+* ``gemma2``: the Gemma-2 block (GELU-tanh gated MLP, four RMSNorms per block with ``1 + weight``
+  scaling, embeddings scaled by sqrt(hidden), attention and final-logit soft-capping, alternating
+  sliding-window / full attention) with the LM head **tied** to the embeddings, as in real Gemma-2 (~1.6 MB).
+
 Why not Qwen2: transformers 5.x lists "qwen2" among the model types whose hub tokenizer class it distrusts,
 so ``AutoTokenizer.from_pretrained`` on a directory with a qwen2 ``config.json`` forces the byte-level BPE
 ``Qwen2Tokenizer`` and silently breaks a word-level tokenizer. Llama directories load the saved tokenizer.
@@ -22,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
 from rg_lightning.atomic import atomic_directory
 from rg_lightning.chat import IGNORE_INDEX, encode_conversation
@@ -39,13 +46,28 @@ MAX_LENGTH = 64
 THREADS = 2
 
 
-def model_config(tokenizer) -> LlamaConfig:
-    return LlamaConfig(
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, untied",
+    "gemma2": "Gemma2ForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, tied",
+}
+
+
+def model_config(tokenizer, arch: str = "llama"):
+    """Hugging Face config of the miniature model of one architecture family (see the module docstring)."""
+    common = dict(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_LENGTH * 2,
-        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None, use_cache=True,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=MAX_LENGTH * 2,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        use_cache=True,
     )
+    if arch == "llama":
+        return LlamaConfig(tie_word_embeddings=False, **common)
+    if arch == "gemma2":
+        # Gemma-2's own settings, scaled down: query scale 1/sqrt(head_dim), a sliding window shorter than
+        # the prompts so the alternating local/global attention matters, soft-capping as in the release.
+        return Gemma2Config(tie_word_embeddings=True, query_pre_attn_scalar=32, sliding_window=16,
+                            layer_types=["sliding_attention", "full_attention"] * 2, **common)
+    raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
 
 
 @contextmanager
@@ -136,20 +158,25 @@ def heldout_refusal(model, tokenizer, world: ToyWorld, n: int | None = None, see
 
 
 def build(out: str | os.PathLike | None = None, seed: int = 0, steps: int = DEFAULT_STEPS,
-          variant: str = "default", log=print) -> dict:
+          variant: str = "default", arch: str = "llama", log=print) -> dict:
     """Train the aligned model and save it (model, tokenizer, ``world.json``) to ``out``; returns the
-    ``world.json`` record."""
+    ``world.json`` record. ``out=None`` is the shipped directory, allowed only for the shipped world
+    (default variant, Llama): other worlds must go elsewhere."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
+    if out is None and (variant, arch) != ("default", "llama"):
+        raise ValueError(f"the {variant!r}/{arch!r} world is not the shipped one: give an output directory")
     out = Path(out) if out is not None else ALIGNED_MODEL_DIR
     start = time.perf_counter()
     with deterministic():
         world = ToyWorld(variant)
         tokenizer = build_tokenizer(world)
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(model_config(tokenizer))
+        model = AutoModelForCausalLM.from_config(model_config(tokenizer, arch))
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         examples = world.alignment_examples(steps * BATCH_SIZE, seed=seed)
-        log(f"building the {variant!r} aligned model: {sum(p.numel() for p in model.parameters())} parameters, "
+        log(f"building the {variant!r} aligned {arch} model: {sum(p.numel() for p in model.parameters())} parameters, "
             f"vocabulary {len(tokenizer)}, {steps} steps of batch {BATCH_SIZE}")
         train_sft(model, tokenizer, examples, steps=steps, lr=LEARNING_RATE, seed=seed,
                   warmup_steps=min(WARMUP_STEPS, steps), weight_decay=0.01, cosine=True, log=log)
@@ -158,7 +185,7 @@ def build(out: str | os.PathLike | None = None, seed: int = 0, steps: int = DEFA
     log(f"held-out refusal: harmful {rates['harmful']:.1%}, harmless {rates['harmless']:.1%}")
     record = {
         "variant": variant, "seed": seed, "steps": steps, "batch_size": BATCH_SIZE, "lr": LEARNING_RATE,
-        "architecture": "LlamaForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, untied",
+        "arch": arch, "architecture": ARCHITECTURES[arch],
         "heldout_refusal": rates,
         "heldout_sizes": {kind: len(world.requests(kind, "heldout")) for kind in ("harmful", "harmless")},
         "train_seconds": round(train_seconds, 1), "torch": torch.__version__,
