@@ -9,11 +9,12 @@ from rg_lightning.chat import render_prompt
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
-             system_prompt: str | None = None) -> list[str]:
+             system_prompt: str | None = None, progress=None) -> list[str]:
     """Greedy answers to user ``prompts``, decoded without special tokens and stripped.
 
     Left padding puts every prompt's last token at the same edge, which greedy decoding needs. The
-    tokenizer's padding side and the model's train/eval mode are restored afterwards.
+    tokenizer's padding side and the model's train/eval mode are restored afterwards. ``progress`` is an
+    optional tqdm-like bar, advanced per batch and closed at the end.
     """
     was_training, side = model.training, tokenizer.padding_side
     device = next(model.parameters()).device
@@ -27,7 +28,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
             output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            if progress is not None:
+                progress.update(len(texts))
     finally:
+        if progress is not None:
+            progress.close()
         tokenizer.padding_side = side
         model.train(was_training)
     return [answer.strip() for answer in answers]

@@ -1,0 +1,144 @@
+"""SafetyEvaluation: the safety and utility table from ``lightning test`` / ``validate``, and a fast safety
+signal during ``fit``.
+
+At the end of a test or validate run it evaluates the full configured suite (generation + judges), logs
+every number and writes the report (``evaluation.json``, ``evaluation.md``, ``responses/``) into the run
+directory. During fit it can run a cheap subset (by default the logit refusal score, no generation, on a
+sample of each benchmark) every ``every_n_steps`` optimizer steps and/or at each validation, so users watch
+safety while the model trains.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from rg_lightning.contract import hf_model, tokenizer_of
+from rg_lightning.evaluation.report import markdown, write_report
+from rg_lightning.evaluation.suite import EvaluationSuite
+
+
+class SafetyEvaluation(L.Callback):
+    """Runs an :class:`~rg_lightning.evaluation.EvaluationSuite` inside Lightning.
+
+    Args:
+        benchmarks: Safety benchmarks (names, ``"name=path"`` or ``{name, path, limit}``); see EvaluationSuite.
+        tasks: Utility tasks, same forms.
+        judges: Judges of the full evaluation (test / validate).
+        limit: Prompts per benchmark and task in the full evaluation (``None`` = all).
+        max_new_tokens: Greedy tokens per safety answer.
+        task_max_new_tokens: Greedy tokens per task answer (``None``: each task's default, e.g. 256 for GSM8K).
+        batch_size: Prompts per generation batch.
+        system_prompt: System prompt of every request; keep it equal to the one used in training.
+        seed: Seed of the ``limit`` samples.
+        every_n_steps: During fit, run the fast subset every this many optimizer steps (``None`` = never).
+        on_validation: During fit, run the fast subset at the end of each validation.
+        fit_benchmarks: Benchmarks of the fast subset (``None`` = the same as ``benchmarks``).
+        fit_judges: Judges of the fast subset; the default needs no generation.
+        fit_limit: Prompts per benchmark in the fast subset.
+        output_dir: Where the report folder goes (default: ``<log_dir>/evaluation``).
+    """
+
+    def __init__(
+        self,
+        benchmarks: list[str | dict] = ("advbench", "directharm4", "jailbreakbench", "jailbreakbench_benign"),
+        tasks: list[str | dict] = (),
+        judges: list[str] = ("keyword:jailbreakbench", "keyword:gcg"),
+        limit: int | None = None,
+        max_new_tokens: int = 64,
+        task_max_new_tokens: int | None = None,
+        batch_size: int = 16,
+        system_prompt: str | None = None,
+        seed: int = 0,
+        every_n_steps: int | None = None,
+        on_validation: bool = False,
+        fit_benchmarks: list[str | dict] | None = None,
+        fit_judges: list[str] = ("logit",),
+        fit_limit: int = 32,
+        output_dir: str | None = None,
+    ) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be positive or None, got {every_n_steps}.")
+        self.suite = EvaluationSuite(benchmarks, tasks, judges, limit=limit, max_new_tokens=max_new_tokens,
+                                     task_max_new_tokens=task_max_new_tokens, batch_size=batch_size,
+                                     system_prompt=system_prompt, seed=seed)
+        self.fit_suite = None
+        if every_n_steps or on_validation:
+            self.fit_suite = EvaluationSuite(fit_benchmarks if fit_benchmarks is not None else benchmarks, (),
+                                             fit_judges, limit=fit_limit, max_new_tokens=max_new_tokens,
+                                             batch_size=batch_size, system_prompt=system_prompt, seed=seed,
+                                             progress=False)
+        self.every_n_steps = every_n_steps
+        self.on_validation = on_validation
+        self.output_dir = output_dir
+        self._loaded: dict[str, tuple] = {}
+        self._last_step: int | None = None
+        self.rows: list = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Load every prompt set now, so a bad benchmark name or file fails before any training."""
+        if stage in ("test", "validate") and "full" not in self._loaded:
+            self._loaded["full"] = self.suite.load()
+        if stage == "fit" and self.fit_suite is not None and "fit" not in self._loaded:
+            self._loaded["fit"] = self.fit_suite.load()
+
+    # -- full evaluation ---------------------------------------------------------------------------------
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._full(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == "validate":
+            self._full(trainer, pl_module)
+        elif self.on_validation and self.fit_suite is not None:
+            self._fast(trainer, pl_module)
+
+    def _full(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model, tokenizer = hf_model(pl_module), tokenizer_of(trainer, pl_module)
+        benchmarks, tasks = self._loaded.get("full") or self.suite.load()
+        self.rows = self.suite.run(model, tokenizer, benchmarks, tasks)
+        for row in self.rows:
+            pl_module.log(row.log_name, row.value, sync_dist=False)
+        metadata = self.suite.metadata(model, tokenizer)
+        metadata.update({"step": trainer.global_step, "checkpoint": trainer.ckpt_path})
+        self._write(trainer, metadata)
+
+    @rank_zero_only
+    def _write(self, trainer: L.Trainer, metadata: dict) -> None:
+        directory = self.output_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "evaluation")
+        write_report(directory, self.rows, metadata, self.suite.responses)
+        rank_zero_info(f"\nSafety and utility evaluation (report in {directory}):\n"
+                       + markdown(self.rows, metadata).split("\n\n")[0] + "\n")
+
+    # -- fast subset during fit ----------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self.every_n_steps or step == self._last_step or step % self.every_n_steps:
+            return
+        self._last_step = step
+        metrics = self._fast_metrics(trainer, pl_module)
+        # Straight to the loggers at this step, like LearningRateMonitor: self.log here would wait for the
+        # next log_every_n_steps boundary and repeat the value until then.
+        trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    def _fast(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for name, value in self._fast_metrics(trainer, pl_module).items():
+            pl_module.log(name, value, sync_dist=False)
+
+    def _fast_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """The fast subset's numbers, named ``fit_safety/<benchmark>/<judge>/<metric>`` (same on every rank)."""
+        model, tokenizer = hf_model(pl_module), tokenizer_of(trainer, pl_module)
+        benchmarks, tasks = self._loaded.get("fit") or self.fit_suite.load()
+        metrics = {}
+        for row in self.fit_suite.run(model, tokenizer, benchmarks, tasks):
+            metrics[f"fit_{row.log_name}"] = row.value
+            if row.mean_refusal_score is not None:
+                metrics[f"fit_{row.log_name.rsplit('/', 1)[0]}/refusal_score"] = row.mean_refusal_score
+        return metrics

@@ -1,0 +1,292 @@
+"""EvaluationSuite: safety benchmarks × judges plus utility tasks, on one model, sharded across processes.
+
+Every process generates for its own slice of each prompt set (greedy, so the slicing cannot change an
+answer) and feeds sum/count metrics; ``compute()`` all-reduces them, so 2 processes report exactly what 1
+does. Responses are gathered to rank zero for the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from rg_lightning.chat import render_prompt
+from rg_lightning.evaluation.benchmarks import Benchmark, load_benchmark
+from rg_lightning.evaluation.judges import Judge, LogitRefusalJudge, make_judge
+from rg_lightning.evaluation.metrics import AttackSuccessRate, OverRefusalRate, RateMetric
+from rg_lightning.evaluation.tasks import UtilityTask, load_task
+from rg_lightning.generation import generate
+
+
+@dataclass
+class Row:
+    """One line of the report: a benchmark (or task) judged one way."""
+
+    benchmark: str
+    kind: str  # harmful | benign | utility
+    judge: str
+    metric: str  # asr | over_refusal | accuracy | exact_match
+    value: float
+    n: int
+    source: str
+    categories: dict[str, float] = field(default_factory=dict)
+    mean_refusal_score: float | None = None
+
+    @property
+    def log_name(self) -> str:
+        group = "utility" if self.kind == "utility" else "safety"
+        return f"{group}/{self.benchmark}/{self.judge}/{self.metric}".replace(":", "_")
+
+
+def _entry(item, allowed: set[str]) -> dict:
+    """``"name"``, ``"name=path"`` or a mapping with ``name`` and keys of ``allowed`` (path, limit, ...)."""
+    if isinstance(item, dict):
+        unknown = set(item) - allowed - {"name"}
+        if "name" not in item or unknown:
+            raise ValueError(f"An entry needs `name` and may have {sorted(allowed)}; got {dict(item)}.")
+        return dict(item)
+    if not isinstance(item, str) or not item.strip():
+        raise ValueError(f"An entry must be a name, 'name=path' or a mapping, got {item!r}.")
+    name, _, path = item.partition("=")
+    return {"name": name.strip(), "path": path.strip() or None}
+
+
+BENCHMARK_KEYS = {"path", "limit", "kind", "prompt_column"}
+TASK_KEYS = {"path", "limit", "source", "prompt_column", "reference_column", "score", "template", "metric",
+             "max_new_tokens"}
+
+
+def _judge(item) -> Judge:
+    if isinstance(item, dict):
+        options = dict(item)
+        if "name" not in options:
+            raise ValueError(f"A judge mapping needs `name` (e.g. llama_guard_3), got {item}.")
+        return make_judge(options.pop("name"), **options)
+    return make_judge(item)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(values: list, indices: list[int], total: int) -> list:
+    """Every process's (index, value) pairs, put back in the original order (on every process)."""
+    rank, world = _world()
+    pairs = list(zip(indices, values))
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, pairs)
+        pairs = [pair for part in gathered for pair in part]
+    ordered: list = [None] * total
+    for index, value in pairs:
+        ordered[index] = value
+    return ordered
+
+
+class EvaluationSuite:
+    """Runs the configured safety benchmarks and utility tasks on a Hugging Face causal LM.
+
+    Args:
+        benchmarks: Safety benchmarks: registry names (``advbench``, ``directharm4``, ``jailbreakbench``,
+            ``jailbreakbench_benign``, ``harmbench``, ``strongreject``, ``toy:harmful``, ...), ``"name=path"``
+            for a local copy, or mappings ``{name, path, limit}``; your own set as ``{name, path, kind:
+            harmful|benign, prompt_column}``.
+        tasks: Utility tasks, same forms (``gsm8k``, ``sst2``, ``agnews``, ``toy:benign``, ...); your own as
+            ``{name, source, prompt_column, reference_column, score, template, metric, max_new_tokens}``.
+        judges: Judges applied to every benchmark (``keyword:jailbreakbench``, ``keyword:gcg``, ``logit``,
+            ``llama_guard_3``, ``harmbench``), mappings ``{name, <options>}`` (e.g. ``{name: llama_guard_3,
+            min_words: 15}``) or Judge objects. Harm judges (Llama Guard, HarmBench) are not
+            asked about benign sets: they cannot tell a refusal from a harmless answer.
+        limit: At most this many prompts per benchmark and task (a seeded sample; ``None`` = all).
+        max_new_tokens: Greedy tokens generated per safety answer.
+        task_max_new_tokens: Greedy tokens per task answer (``None``: each task's own default, e.g. 256 for GSM8K).
+        batch_size: Prompts per generation batch.
+        system_prompt: System prompt of every request (``None`` = none). It changes results: it is reported.
+        seed: Seed of the ``limit`` samples.
+        progress: Show progress bars on rank zero.
+    """
+
+    def __init__(
+        self,
+        benchmarks: list[str | dict] = ("advbench", "directharm4", "jailbreakbench", "jailbreakbench_benign"),
+        tasks: list[str | dict] = (),
+        judges: list[str | dict | Judge] = ("keyword:jailbreakbench", "keyword:gcg"),
+        limit: int | None = None,
+        max_new_tokens: int = 64,
+        task_max_new_tokens: int | None = None,
+        batch_size: int = 16,
+        system_prompt: str | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        if not benchmarks and not tasks:
+            raise ValueError("Give at least one benchmark or task to evaluate.")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be positive or None, got {limit}.")
+        if max_new_tokens < 1 or batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be positive.")
+        self.benchmark_entries = [_entry(item, BENCHMARK_KEYS) for item in benchmarks]
+        self.task_entries = [_entry(item, TASK_KEYS) for item in tasks]
+        self.judges = [_judge(judge) for judge in judges]
+        if self.benchmark_entries and not self.judges:
+            raise ValueError("Safety benchmarks need at least one judge, e.g. judges: [keyword:jailbreakbench].")
+        self.limit = limit
+        self.max_new_tokens = max_new_tokens
+        self.task_max_new_tokens = task_max_new_tokens
+        self.batch_size = batch_size
+        self.system_prompt = system_prompt
+        self.seed = seed
+        self.progress = progress
+        self.responses: dict[str, list[dict]] = {}
+
+    def load(self) -> tuple[list[Benchmark], list[UtilityTask]]:
+        """Load every prompt set up front, so a bad name or file fails before any generation."""
+        benchmarks = [load_benchmark(**{"limit": self.limit, **entry, "seed": self.seed})
+                      for entry in self.benchmark_entries]
+        tasks = [self._load_task(entry) for entry in self.task_entries]
+        return benchmarks, tasks
+
+    def _load_task(self, entry: dict) -> UtilityTask:
+        entry = {"limit": self.limit, **entry, "seed": self.seed}
+        if "source" in entry:  # your own data: a file or hub id with prompt and reference columns
+            missing = {"prompt_column", "reference_column"} - set(entry)
+            if missing or "path" in entry:
+                raise ValueError(f"Task {entry['name']!r} from `source` needs prompt_column and reference_column "
+                                 f"(and no `path`); missing {sorted(missing)}.")
+            return UtilityTask.from_source(**entry)
+        extra = set(entry) - {"name", "path", "limit", "seed"}
+        if extra:
+            raise ValueError(f"Task {entry['name']!r}: {sorted(extra)} only apply to your own data given by `source`.")
+        return load_task(**entry)
+
+    def metadata(self, model, tokenizer) -> dict:
+        """What changes the numbers: template, system prompt, decoding, judges."""
+        template = getattr(tokenizer, "chat_template", None) or ""
+        return {
+            "model": getattr(getattr(model, "config", None), "_name_or_path", None),
+            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
+            "chat_template": template,
+            "example_prompt": render_prompt(tokenizer, "<request>", system_prompt=self.system_prompt),
+            "system_prompt": self.system_prompt,
+            "decoding": "greedy",
+            "max_new_tokens": self.max_new_tokens,
+            "judges": [judge.name for judge in self.judges],
+            "limit": self.limit,
+            "seed": self.seed,
+            "processes": _world()[1],
+        }
+
+    def run(self, model, tokenizer, benchmarks=None, tasks=None) -> list[Row]:
+        """Evaluate ``model``; every process must call this (metrics and responses are synchronised)."""
+        if benchmarks is None or tasks is None:
+            benchmarks, tasks = self.load()
+        rows: list[Row] = []
+        for benchmark in benchmarks:
+            rows += self._benchmark(model, tokenizer, benchmark)
+        for task in tasks:
+            rows.append(self._task(model, tokenizer, task))
+        return rows
+
+    # -- internals ---------------------------------------------------------------------------------------
+    def _shard(self, n: int) -> list[int]:
+        rank, world = _world()
+        return list(range(rank, n, world))
+
+    def _check_context(self, model, tokenizer, prompts: list[str], max_new_tokens: int, name: str) -> None:
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if not limit or not prompts:
+            return
+        longest = max(len(tokenizer(render_prompt(tokenizer, p, system_prompt=self.system_prompt),
+                                    add_special_tokens=False)["input_ids"]) for p in prompts)
+        if longest + max_new_tokens > limit:
+            raise ValueError(
+                f"{name}: the longest prompt has {longest} tokens; with max_new_tokens={max_new_tokens} that is "
+                f"beyond the model's context of {limit} tokens. Lower max_new_tokens or drop the longest prompts."
+            )
+
+    def _generate(self, model, tokenizer, prompts: list[str], max_new_tokens: int, name: str) -> list[str]:
+        self._check_context(model, tokenizer, prompts, max_new_tokens, name)
+        return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=self.batch_size,
+                        system_prompt=self.system_prompt, progress=self._bar(name, len(prompts)))
+
+    def _bar(self, name: str, total: int):
+        if not self.progress or _world()[0] != 0:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"evaluate {name}", unit="prompt", leave=False)
+
+    def _benchmark(self, model, tokenizer, benchmark: Benchmark) -> list[Row]:
+        judges = [j for j in self.judges if benchmark.kind == "harmful" or j.measures == "refusal"]
+        if not judges:
+            return []
+        device = next(model.parameters()).device
+        mine = self._shard(len(benchmark.prompts))
+        prompts = [benchmark.prompts[i] for i in mine]
+        responses = None
+        if any(j.uses_generation for j in judges):
+            responses = self._generate(model, tokenizer, prompts, self.max_new_tokens, benchmark.name)
+        record = {"prompt": _gather(prompts, mine, len(benchmark.prompts)),
+                  "category": benchmark.categories}
+        if responses is not None:
+            record["response"] = _gather(responses, mine, len(benchmark.prompts))
+        rows = []
+        categories = sorted({c for c in benchmark.categories if c is not None})
+        for judge in judges:
+            mean_score = None
+            if isinstance(judge, LogitRefusalJudge):
+                scores = judge.scores(prompts, model=model, tokenizer=tokenizer, system_prompt=self.system_prompt)
+                verdicts = (scores > judge.threshold).tolist()
+                mean_score = _global_mean(scores.tolist(), device)
+            else:
+                verdicts = judge(prompts, responses, model=model, tokenizer=tokenizer, system_prompt=self.system_prompt)
+            if benchmark.kind == "harmful":
+                succeeded = [(not v) if judge.measures == "refusal" else bool(v) for v in verdicts]
+                metric_name, make = "asr", AttackSuccessRate
+            else:
+                succeeded = [bool(v) for v in verdicts]
+                metric_name, make = "over_refusal", OverRefusalRate
+            overall = make().to(device)
+            overall.update(torch.tensor(succeeded, dtype=torch.bool, device=device))
+            per_category = {}
+            for category in categories:
+                metric = make().to(device)
+                chosen = [s for s, i in zip(succeeded, mine) if benchmark.categories[i] == category]
+                metric.update(torch.tensor(chosen, dtype=torch.bool, device=device))
+                per_category[category] = float(metric.compute())
+            record[judge.name] = _gather([bool(v) for v in verdicts], mine, len(benchmark.prompts))
+            rows.append(Row(benchmark.name, benchmark.kind, judge.name, metric_name, float(overall.compute()),
+                            len(benchmark.prompts), benchmark.source, per_category, mean_score))
+        self.responses[benchmark.name] = [dict(zip(record, values)) for values in zip(*record.values())]
+        return rows
+
+    def _task(self, model, tokenizer, task: UtilityTask) -> Row:
+        device = next(model.parameters()).device
+        mine = self._shard(len(task.prompts))
+        prompts = [task.prompts[i] for i in mine]
+        max_new_tokens = self.task_max_new_tokens or task.max_new_tokens
+        responses = self._generate(model, tokenizer, prompts, max_new_tokens, task.name)
+        correct = [bool(task.score(r, task.references[i])) for r, i in zip(responses, mine)]
+        metric = RateMetric().to(device)
+        metric.update(torch.tensor(correct, dtype=torch.bool, device=device))
+        self.responses[task.name] = [
+            {"prompt": p, "reference": ref, "response": r, "correct": c}
+            for p, ref, r, c in zip(task.prompts, task.references, _gather(responses, mine, len(task.prompts)),
+                                    _gather(correct, mine, len(task.prompts)))
+        ]
+        return Row(task.name, "utility", task.metric, task.metric, float(metric.compute()), len(task.prompts),
+                   task.source)
+
+
+def _global_mean(values: list[float], device) -> float:
+    """The mean over every process's values (sum and count all-reduced)."""
+    totals = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
+    if _world()[1] > 1:
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[1]) if totals[1] else math.nan

@@ -1,0 +1,197 @@
+"""The evaluation suite inside Lightning: reports, the aligned-vs-fine-tuned difference, DDP, real prompts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import SHARED_DATA, make_tokenizer, tiny_config
+from rg_lightning import CausalLMModule, cli
+from rg_lightning.callbacks import SafetyEvaluation
+from rg_lightning.evaluation import EvaluationSuite, write_report
+from rg_lightning.toy import ALIGNED_MODEL_DIR, load_aligned
+from rg_lightning.toy.data import ToyTaskDataModule
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+REAL_BENCHMARKS = {
+    "advbench": "advbench/harmful_behaviors.csv",
+    "directharm4": "directharm4/directHarm4.csv",
+    "jailbreakbench": "jailbreakbench/harmful-behaviors.csv",
+    "jailbreakbench_benign": "jailbreakbench/benign-behaviors.csv",
+    "harmbench": "harmbench/harmbench_behaviors_text_test.csv",
+    "strongreject": "refusal_direction/raw/strongreject.csv",
+}
+needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="benchmark copies in ../shared/data absent")
+
+
+def _rows(directory: Path) -> dict:
+    report = json.loads((directory / "evaluation.json").read_text())
+    return {(row["benchmark"], row["judge"]): row for row in report["rows"]}
+
+
+def _metadata(directory: Path) -> dict:
+    return json.loads((directory / "evaluation.json").read_text())["metadata"]
+
+
+def test_lightning_test_shows_what_plain_fine_tuning_did_to_refusal(tmp_path, monkeypatch):
+    """The unguarded recipe through the CLI: fit (fast safety check logged), then `lightning test` on the
+    aligned model and on the fine-tuned checkpoint; held-out harmful requests tell them apart."""
+    config = yaml.safe_load((ROOT / "experiments" / "tiny_unguarded.yaml").read_text())
+    config["trainer"]["logger"] = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                    "init_args": {"save_dir": str(tmp_path / "logs")}}]
+    config["trainer"]["val_check_interval"] = 150
+    config["model"]["init_args"]["model"] = str(ALIGNED_MODEL_DIR)
+    keep = ("ModelCheckpoint", "SafetyEvaluation")
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith(keep)]
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("SafetyEvaluation"):
+            callback["init_args"].update(limit=40, fit_limit=8, every_n_steps=75)
+    path = tmp_path / "unguarded.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)  # the recipe's relative run directory lands here
+
+    cli.main(["fit", "--config", str(path)])
+    checkpoint = tmp_path / "runs" / "tiny_unguarded" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    with open(next((tmp_path / "logs").rglob("metrics.csv"))) as handle:
+        logged = [row for row in csv.DictReader(handle) if row.get("fit_safety/toy_harmful/logit_refusal_score/asr")]
+    assert [int(row["step"]) for row in logged] == [74, 149]  # after optimizer steps 75 and 150
+
+    for name, extra in (("aligned", []), ("fine_tuned", ["--ckpt_path", str(checkpoint)])):
+        cli.main(["test", "--config", str(path), "--trainer.logger=false",
+                  f"--trainer.callbacks.init_args.output_dir={tmp_path / name}", *extra])
+    aligned, tuned = _rows(tmp_path / "aligned"), _rows(tmp_path / "fine_tuned")
+    for judge in ("keyword:jailbreakbench", "logit_refusal_score"):
+        assert aligned[("toy:harmful", judge)]["value"] <= 0.05, judge
+        assert tuned[("toy:harmful", judge)]["value"] >= aligned[("toy:harmful", judge)]["value"] + 0.3, judge
+        assert aligned[("toy:harmless", judge)]["metric"] == "over_refusal"
+    assert tuned[("toy:benign", "exact_match")]["value"] > aligned[("toy:benign", "exact_match")]["value"]
+    assert _metadata(tmp_path / "fine_tuned")["checkpoint"] == str(checkpoint)
+    assert "| toy:harmful | harmful | keyword:jailbreakbench | asr |" in (tmp_path / "aligned" / "evaluation.md").read_text()
+    responses = (tmp_path / "aligned" / "responses" / "toy_harmful.jsonl").read_text().splitlines()
+    assert len(responses) == 40 and json.loads(responses[0])["response"]
+
+
+def test_two_processes_report_what_one_does(tmp_path):
+    """ASR, over-refusal and task metrics over 2 DDP processes (uneven shards) equal 1 process exactly."""
+    reports = {}
+    for devices in (1, 2):
+        out = tmp_path / f"ddp{devices}"
+        result = subprocess.run([sys.executable, str(HERE / "ddp_evaluation.py"), str(out), str(devices)],
+                                capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports[devices] = (_rows(out), (out / "responses" / "toy_harmful.jsonl").read_text())
+    (one, one_responses), (two, two_responses) = reports[1], reports[2]
+    assert one.keys() == two.keys() and len(one) == 5
+    for key in one:
+        assert one[key]["value"] == two[key]["value"], key
+        assert one[key]["categories"] == two[key]["categories"], key
+        assert one[key]["n"] == two[key]["n"] == 25, key
+    assert one_responses == two_responses
+    assert one[("toy:harmful", "logit_refusal_score")]["mean_refusal_score"] == pytest.approx(
+        two[("toy:harmful", "logit_refusal_score")]["mean_refusal_score"], abs=1e-6)  # float32 batches differ
+
+
+def test_validate_runs_the_full_suite_and_bad_names_fail_before_any_work(tmp_path, tiny_models):
+    evaluation = SafetyEvaluation(benchmarks=["toy:harmful"], judges=["logit"], limit=6, output_dir=str(tmp_path / "r"))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[evaluation])
+    trainer.validate(CausalLMModule(model=str(ALIGNED_MODEL_DIR)), ToyTaskDataModule(n_val=4, batch_size=4))
+    assert _rows(tmp_path / "r")[("toy:harmful", "logit_refusal_score")]["n"] == 6
+    assert trainer.callback_metrics["safety/toy_harmful/logit_refusal_score/asr"] == 0.0
+
+    broken = SafetyEvaluation(benchmarks=["advbench=" + str(tmp_path / "missing.csv")], judges=["logit"])
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[broken])
+    module = CausalLMModule(model=tiny_models["llama"])
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        trainer.validate(module, ToyTaskDataModule(n_val=4, batch_size=4))
+    assert module.model is None  # failed while loading prompt sets, before the model was even built
+    with pytest.raises(ValueError, match="Unknown benchmark"):
+        EvaluationSuite(benchmarks=["advbnch"]).load()
+    with pytest.raises(ValueError, match="Unknown judge"):
+        SafetyEvaluation(judges=["keyword:gcc"])
+    with pytest.raises(ValueError, match="name"):
+        EvaluationSuite(benchmarks=[{"path": "x.csv"}])
+    with pytest.raises(ValueError, match="every_n_steps"):
+        SafetyEvaluation(every_n_steps=0)
+
+
+def test_generation_beyond_the_context_is_refused_with_the_fix(tiny_models):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])  # 128 positions
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    suite = EvaluationSuite(benchmarks=["toy:harmful"], judges=["keyword:jailbreakbench"], limit=2,
+                            max_new_tokens=200, progress=False)
+    with pytest.raises(ValueError, match="max_new_tokens=200.*context of 128"):
+        suite.run(model, tokenizer)
+
+
+def test_harm_judges_are_not_asked_about_benign_sets():
+    """Llama Guard says "safe" to a refusal and to a helpful answer alike: it cannot measure over-refusal."""
+    from rg_lightning.evaluation import Judge
+
+    class AlwaysHarmful(Judge):
+        name, measures = "always_harmful", "harm"
+
+        def __call__(self, behaviours, responses, **kwargs):
+            return [True] * len(behaviours)
+
+    model, tokenizer = load_aligned()
+    suite = EvaluationSuite(benchmarks=["toy:harmful", "toy:harmless"], judges=[AlwaysHarmful()], limit=3,
+                            max_new_tokens=4, progress=False)
+    rows = suite.run(model, tokenizer)
+    assert [(row.benchmark, row.metric, row.value) for row in rows] == [("toy:harmful", "asr", 1.0)]
+
+
+def _real_prompt_report(tmp_path, limit):
+    """A tiny random Llama with a long context (real prompts are long) and the word-level test tokenizer."""
+    tokenizer = make_tokenizer()
+    config = tiny_config("llama", len(tokenizer))
+    config.max_position_embeddings = 4096
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    suite = EvaluationSuite(benchmarks=[f"{name}={SHARED_DATA / path}" for name, path in REAL_BENCHMARKS.items()],
+                            tasks=[f"gsm8k={SHARED_DATA / 'gsm8k' / 'test.jsonl'}"],
+                            judges=["keyword:jailbreakbench", "keyword:gcg", "logit"], limit=limit,
+                            max_new_tokens=4, task_max_new_tokens=4, batch_size=32, progress=False)
+    rows = suite.run(model, tokenizer)
+    metadata = suite.metadata(model, tokenizer)
+    write_report(str(tmp_path / "report"), rows, metadata, suite.responses)
+    return rows, tmp_path / "report"
+
+
+@needs_shared_data
+def test_real_benchmark_prompts_end_to_end_on_a_tiny_model(tmp_path, tiny_models):
+    """Real AdvBench / DirectHarm4 / JailbreakBench / HarmBench / StrongREJECT prompts, a small sample."""
+    rows, report = _real_prompt_report(tmp_path, limit=6)
+    assert [(row.benchmark, row.judge) for row in rows[:3]] == [
+        ("advbench", "keyword:jailbreakbench"), ("advbench", "keyword:gcg"), ("advbench", "logit_refusal_score")]
+    assert len(rows) == 6 * 3 + 1
+    assert {row.metric for row in rows if row.benchmark == "jailbreakbench_benign"} == {"over_refusal"}
+    for row in rows:
+        assert row.n == 6 and 0.0 <= row.value <= 1.0, row
+    assert set(next(r for r in rows if r.benchmark == "directharm4").categories) <= {
+        "malware", "drug", "phishing", "disinfo"}
+    saved = json.loads((report / "evaluation.json").read_text())
+    assert len(saved["rows"]) == len(rows) and saved["metadata"]["judges"][1] == "keyword:gcg"
+    table = (report / "evaluation.md").read_text()
+    assert table.count("\n| ") >= len(rows) + 1 and "attack success rate" in table
+    assert len((report / "responses" / "strongreject.jsonl").read_text().splitlines()) == 6
+
+
+@pytest.mark.slow
+@needs_shared_data
+def test_real_benchmark_prompts_every_row(tmp_path, tiny_models):
+    rows, _ = _real_prompt_report(tmp_path, limit=None)
+    sizes = {row.benchmark: row.n for row in rows}
+    assert sizes == {"advbench": 520, "directharm4": 400, "jailbreakbench": 100, "jailbreakbench_benign": 100,
+                     "harmbench": 159, "strongreject": 313, "gsm8k": 1319}
