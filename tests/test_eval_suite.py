@@ -117,13 +117,23 @@ def test_validate_runs_the_full_suite_and_bad_names_fail_before_any_work(tmp_pat
         trainer.validate(module, ToyTaskDataModule(n_val=4, batch_size=4))
     assert module.model is None  # failed while loading prompt sets, before the model was even built
     with pytest.raises(ValueError, match="Unknown benchmark"):
-        EvaluationSuite(benchmarks=["advbnch"]).load()
+        EvaluationSuite(benchmarks=["advbnch"])
+    with pytest.raises(ValueError, match="Unknown task"):
+        SafetyEvaluation(tasks=["gsm8"])
     with pytest.raises(ValueError, match="Unknown judge"):
         SafetyEvaluation(judges=["keyword:gcc"])
     with pytest.raises(ValueError, match="name"):
         EvaluationSuite(benchmarks=[{"path": "x.csv"}])
     with pytest.raises(ValueError, match="every_n_steps"):
         SafetyEvaluation(every_n_steps=0)
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_evaluates_with_registered_benchmarks_tasks_and_judges(recipe):
+    callbacks = yaml.safe_load(recipe.read_text())["trainer"]["callbacks"]
+    (evaluation,) = [c["init_args"] for c in callbacks if c["class_path"].endswith("SafetyEvaluation")]
+    callback = SafetyEvaluation(**evaluation)
+    assert callback.suite.benchmark_entries and callback.suite.judges and callback.fit_suite is not None
 
 
 def test_generation_beyond_the_context_is_refused_with_the_fix(tiny_models):

@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 
 from rg_lightning.chat import render_prompt
-from rg_lightning.evaluation.benchmarks import Benchmark, load_benchmark
+from rg_lightning.evaluation.benchmarks import Benchmark, benchmark_names, load_benchmark
 from rg_lightning.evaluation.judges import Judge, LogitRefusalJudge, make_judge
 from rg_lightning.evaluation.metrics import AttackSuccessRate, OverRefusalRate, RateMetric
-from rg_lightning.evaluation.tasks import UtilityTask, load_task
+from rg_lightning.evaluation.tasks import UtilityTask, load_task, task_names
 from rg_lightning.generation import generate
 
 
@@ -133,6 +133,14 @@ class EvaluationSuite:
             raise ValueError("max_new_tokens and batch_size must be positive.")
         self.benchmark_entries = [_entry(item, BENCHMARK_KEYS) for item in benchmarks]
         self.task_entries = [_entry(item, TASK_KEYS) for item in tasks]
+        for entry in self.benchmark_entries:  # names are checked now, files and hub data in load()
+            if "kind" not in entry and entry["name"] not in benchmark_names():
+                raise ValueError(f"Unknown benchmark {entry['name']!r}; known: {', '.join(benchmark_names())}. "
+                                 "Your own set needs `path` and `kind` (harmful or benign).")
+        for entry in self.task_entries:
+            if "source" not in entry and entry["name"] not in task_names():
+                raise ValueError(f"Unknown task {entry['name']!r}; known: {', '.join(task_names())}. "
+                                 "Your own task needs `source`, `prompt_column` and `reference_column`.")
         self.judges = [_judge(judge) for judge in judges]
         if self.benchmark_entries and not self.judges:
             raise ValueError("Safety benchmarks need at least one judge, e.g. judges: [keyword:jailbreakbench].")
