@@ -5,6 +5,10 @@ gradient projected into the null space comes out of the optimizer as an update t
 tiny residual gradients are blown up to full-size steps). Acting on the updated weights with
 ``W <- W - s (W U - W0 U) U^T`` (``guard.projection``) keeps ``W U = W0 U`` exactly whatever the
 optimizer did, costs two thin matmuls per module and stores only ``W0 U``, not a copy of ``W``.
+With ``project_gradients`` (default) the same constraints are also applied to the gradients in
+``on_before_optimizer_step`` (after accumulation and AMP unscaling, before clipping), so AdamW's
+per-coordinate scaling never turns the protected part of a gradient into steps in free directions
+(see ``guard.projection``; measured: it is what lets a high-energy subspace keep the task learnable).
 The hook sits on the optimizer itself (``register_step_post_hook``), so gradient accumulation, clipping and
 AMP (a skipped step never reaches the hook) need no special handling.
 
@@ -66,6 +70,8 @@ class RepresentationProjection(L.Callback):
         basis: Directory of a saved SafetyBasis; default: the ``RefusalDirections`` callback's basis.
         freeze_norms: Restore norm weights and other 1-D parameters (a leak otherwise).
         protect_embeddings: Restore the embedding rows of tokens that occur in the protected prompts.
+        project_gradients: Also remove the constrained parts from the gradients before each optimizer
+            step, so the optimizer's statistics only see what the constraint lets through.
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class RepresentationProjection(L.Callback):
         basis: str | None = None,
         freeze_norms: bool = True,
         protect_embeddings: bool = True,
+        project_gradients: bool = True,
     ) -> None:
         if mode not in ("subspace", "directions"):
             raise ValueError(f"mode must be 'subspace' or 'directions', got {mode!r}")
@@ -82,6 +89,7 @@ class RepresentationProjection(L.Callback):
             raise ValueError(f"strength must be in [0, 1] (1 exact, 0 off), got {strength}")
         self.mode, self.strength, self.basis_path = mode, strength, basis
         self.freeze_norms, self.protect_embeddings = freeze_norms, protect_embeddings
+        self.project_gradients = project_gradients
         self.constraints: ConstraintSet | None = None
         self._restored_state: dict | None = None
         self._hooks: list = []
@@ -116,6 +124,10 @@ class RepresentationProjection(L.Callback):
         )
         for optimizer in trainer.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.constraints.apply_()))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.project_gradients and self.constraints is not None:
+            self.constraints.project_grads_()
 
     def _remove_hooks(self) -> None:
         for hook in self._hooks:

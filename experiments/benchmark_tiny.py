@@ -31,7 +31,7 @@ import torch
 from rg_lightning import CausalLMModule
 from rg_lightning.callbacks import RefusalDirections, RepresentationProjection
 from rg_lightning.toy import ALIGNED_MODEL_DIR
-from rg_lightning.toy.build import ARCHITECTURES, DEFAULT_STEPS
+from rg_lightning.toy.build import ARCH_STEPS, ARCHITECTURES
 from rg_lightning.toy.data import ToyTaskDataModule
 from rg_lightning.toy.report import METRICS, AlignmentReport
 
@@ -39,7 +39,7 @@ ARMS = ("plain", "guarded", "directions")
 
 
 def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, variant: str, seed: int, steps: int,
-            lr: float, energy: float, answer_tokens: int) -> dict:
+            lr: float, energy: float, answer_tokens: int, project_gradients: bool = True) -> dict:
     L.seed_everything(seed)
     report = AlignmentReport(task=task, variant=variant)
     callbacks = [report]
@@ -47,7 +47,8 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
         prefix = f"toy:{variant}:" if variant != "default" else "toy:"
         callbacks += [RefusalDirections(harmful=prefix + "harmful", harmless=prefix + "harmless", energy=energy,
                                         answer_tokens=answer_tokens, batch_size=32, seed=seed),
-                      RepresentationProjection(mode="subspace" if arm == "guarded" else "directions")]
+                      RepresentationProjection(mode="subspace" if arm == "guarded" else "directions",
+                                               project_gradients=project_gradients)]
     module = CausalLMModule(model=model_dir, dtype="float32", optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
     data = ToyTaskDataModule(task=task, harmful_fraction=harmful_fraction, variant=variant, n_train=steps * 32,
                              seed=seed)
@@ -69,7 +70,7 @@ def world_model(variant: str, arch: str, cache: str) -> str:
     record = os.path.join(directory, "world.json")
     if os.path.isfile(record):
         built = json.load(open(record))
-        if (built.get("variant"), built.get("arch", "llama"), built.get("steps")) == (variant, arch, DEFAULT_STEPS):
+        if (built.get("variant"), built.get("arch", "llama"), built.get("steps")) == (variant, arch, ARCH_STEPS[arch]):
             return directory
     from rg_lightning.toy.build import build
 
@@ -107,8 +108,10 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["plain", "guarded"], choices=ARMS)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--energy", type=float, default=0.9, help="RefusalDirections energy")
+    parser.add_argument("--energy", type=float, default=0.99, help="RefusalDirections energy")
     parser.add_argument("--answer-tokens", type=int, default=0, help="RefusalDirections answer_tokens")
+    parser.add_argument("--post-step-only", action="store_true",
+                        help="RepresentationProjection project_gradients=False (the constraint only after each step)")
     parser.add_argument("--out", default="experiments/results")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
@@ -118,7 +121,7 @@ def main() -> None:
     for seed in args.seeds:
         for arm in args.arms:
             runs.append(run_arm(arm, model_dir, args.task, args.harmful_fraction, args.variant, seed, args.steps, args.lr,
-                                args.energy, args.answer_tokens))
+                                args.energy, args.answer_tokens, not args.post_step_only))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
@@ -128,6 +131,8 @@ def main() -> None:
                f"1-min load average {load_start:.1f} at start / {os.getloadavg()[0]:.1f} at end")
     markdown = (f"### {name}\n\n{table(runs, args.arms)}\n\n"
                 f"Command: `{command.strip()}`; seeds {args.seeds}; {args.steps} steps, AdamW lr {args.lr}, batch 32; "
+                f"guard: energy {args.energy}, answer tokens {args.answer_tokens}, gradients "
+                f"{'not ' if args.post_step_only else ''}projected before each step; "
                 f"held-out data, greedy generation. Machine: {machine}. Total wall time "
                 f"{time.perf_counter() - start:.0f} s.\n")
     os.makedirs(args.out, exist_ok=True)

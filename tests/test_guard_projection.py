@@ -111,7 +111,8 @@ def test_strength_zero_is_identity_and_half_halves_the_anchor_error():
     assert max(c.anchor_error() for c in linear) < 1e-5
 
 
-def test_unprotected_directions_still_learn():
+@pytest.mark.parametrize("project_grads", [False, True])
+def test_unprotected_directions_still_learn(project_grads):
     """A task living in the complement of U is learned; outputs on inputs orthogonal to U move."""
     torch.manual_seed(0)
     layer = nn.Linear(16, 4, bias=False)
@@ -128,6 +129,8 @@ def test_unprotected_directions_still_learn():
         loss = nn.functional.mse_loss(layer(x), x @ teacher.T)
         opt.zero_grad()
         loss.backward()
+        if project_grads:
+            cs.project_grads_()
         opt.step()
         cs.apply_()
         losses.append(loss.item())
@@ -239,3 +242,65 @@ def test_projection_primitives_and_interference():
     g = torch.randn(5, 16)
     expected = float((g @ basis).square().sum() / g.square().sum())
     assert interference(g, basis) == pytest.approx(expected, rel=1e-5)
+
+
+def _gradients_inside_span(project_grads: bool, steps: int = 20):
+    """AdamW on a layer whose every training input lies in span(U): all the gradient is protected."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 4, bias=False)
+    basis = _basis(16, 4, 0)
+    cs = build_constraints(layer, {"": basis})
+    w0 = layer.weight.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    # eps 1e-6: inputs built in float32 lie in span(U) only up to ~1e-7, and AdamW's default eps (1e-8)
+    # would normalise even that rounding-level free gradient up to visible steps.
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.0, eps=1e-6)
+    for _ in range(steps):
+        x = torch.randn(32, 4, generator=g) @ basis.T
+        loss = nn.functional.mse_loss(layer(x), torch.randn(32, 4, generator=g))
+        opt.zero_grad()
+        loss.backward()
+        if project_grads:
+            cs.project_grads_()
+        opt.step()
+        cs.apply_()
+    return (layer.weight.detach() - w0), basis
+
+
+def test_adamw_smears_protected_gradients_into_free_directions_unless_they_are_projected():
+    """Post-step restore alone: AdamW's per-coordinate scaling turns a gradient that lies wholly in the
+    protected directions into steps in the free ones (no loss term asked for them). Projected gradients:
+    (almost) nothing moves."""
+    smeared, basis = _gradients_inside_span(project_grads=False)
+    assert (smeared @ basis).abs().max() < 1e-5  # the constraint itself holds either way
+    assert smeared.abs().max() > 1e-2  # ... but the free directions moved by steps of about lr
+    drift, _ = _gradients_inside_span(project_grads=True)
+    assert drift.abs().max() < 0.02 * smeared.abs().max()
+
+
+def test_project_grads_removes_exactly_the_constrained_parts():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 6), nn.Linear(6, 3))
+    bases = {"2": _basis(8, 3, 0)}
+    outputs = {"3": _basis(3, 1, 1)}
+    ids = torch.tensor([1, 4, 7])
+    cs = build_constraints(net, bases, output_bases=outputs, protected_token_ids=ids)
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    before = {n: p.grad.clone() for n, p in net.named_parameters()}
+    cs.project_grads_(0.0)
+    assert all(torch.equal(p.grad, before[n]) for n, p in net.named_parameters())
+    cs.project_grads_()
+    grads = dict(net.named_parameters())
+    u = bases["2"]
+    assert (grads["2.weight"].grad @ u).abs().max() < 1e-6  # no part inside the protected inputs
+    free = before["2.weight"] - (before["2.weight"] @ u) @ u.T
+    assert torch.allclose(grads["2.weight"].grad, free, atol=1e-6)  # the free part untouched
+    assert grads["2.bias"].grad.abs().max() == 0  # kept bias
+    v = outputs["3"]
+    assert (v.T @ grads["3.weight"].grad).abs().max() < 1e-6  # output side: nothing written along v
+    emb = grads["0.weight"].grad
+    assert emb[ids].abs().max() == 0 and torch.equal(emb[[0, 2, 3]], before["0.weight"][[0, 2, 3]])
+    assert grads["1.weight"].grad.abs().max() == 0 and grads["1.bias"].grad.abs().max() == 0  # norm: frozen
+    with pytest.raises(ValueError, match="strength"):
+        cs.project_grads_(2.0)

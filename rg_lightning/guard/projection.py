@@ -7,6 +7,15 @@ with ``s = 1`` the layer's outputs on inputs in span(U) equal the initial ones e
 never drifts (it is measured against the fixed anchor), and it costs out×k extra memory, not a copy of W.
 Composed over all modules — linears, embedding rows of the protected tokens, norm weights — the whole
 forward pass on protected prompts is unchanged, while everything orthogonal to U keeps learning.
+
+``project_grads_`` removes the same parts from the *gradients* before the step. Exactness does not need
+it (the post-step restore gives that), but the optimizer does: AdamW divides every coordinate by its own
+running scale, so the gradient's part inside span(U) — large whenever the task's inputs resemble the
+protected ones — is smeared by that division into the free directions (an update that serves no loss
+term and changes the protected outputs through their energy outside U), and it inflates the scale that
+divides the useful free-direction gradient. Measured on the miniature alt world (energy 0.99, seed 0):
+post-step only 100% refusal kept but 21% task metric; with the gradients projected too 99% and 65.5%
+(plain fine-tuning: 64.5%).
 """
 
 from __future__ import annotations
@@ -156,6 +165,26 @@ class LinearConstraint(_Constraint):
         if self.bias is not None:
             self.module.bias.lerp_(self.bias, strength)
 
+    @torch.no_grad()
+    def project_grad_(self, strength: float = 1.0) -> None:
+        """Remove the gradient's part that the constraint would undo (``G U Uᵀ``, resp. ``U Uᵀ G``)."""
+        g = self.param.grad
+        if g is not None:
+            g32 = g.float()
+            # Twice ("twice is enough" re-orthogonalisation): one float32 pass leaves a rounding residue
+            # of ~1e-7·|G| inside span(U), and AdamW would normalise that noise up to full-size steps
+            # wherever the true free gradient is ~0. The second pass cuts it to ~1e-14·|G|.
+            for _ in range(2 if strength == 1.0 else 1):
+                inside = g32 @ self.basis if self.side == "right" else self.basis.T @ g32
+                if self.side == "right":
+                    g32.addmm_(inside, self.basis.T, alpha=-strength)
+                else:
+                    g32.addmm_(self.basis, inside, alpha=-strength)
+            if g32 is not g:
+                g.copy_(g32)
+        if self.bias is not None and self.module.bias.grad is not None:
+            self.module.bias.grad.mul_(1.0 - strength)
+
 
 class LoraConstraint(LinearConstraint):
     """LoRA ``W_eff = W + scale·B·A``: keep ``A·U = 0`` (side='right') or ``Uᵀ·B = 0`` (side='left').
@@ -201,6 +230,12 @@ class RowFreeze(_Constraint):
         w = self.param
         w.index_copy_(0, self.ids, torch.lerp(w[self.ids], self.rows, strength))
 
+    @torch.no_grad()
+    def project_grad_(self, strength: float = 1.0) -> None:
+        g = self.param.grad
+        if g is not None:
+            g.index_copy_(0, self.ids, g[self.ids] * (1.0 - strength))
+
 
 class ParamFreeze(_Constraint):
     """Restore a whole parameter (norm weights, stray biases): these scale every protected activation."""
@@ -218,6 +253,11 @@ class ParamFreeze(_Constraint):
     @torch.no_grad()
     def apply_(self, strength: float = 1.0) -> None:
         self.param.lerp_(self.value, strength)
+
+    @torch.no_grad()
+    def project_grad_(self, strength: float = 1.0) -> None:
+        if self.param.grad is not None:
+            self.param.grad.mul_(1.0 - strength)
 
 
 class ConstraintSet:
@@ -241,6 +281,16 @@ class ConstraintSet:
             raise ValueError(f"strength must be in [0, 1], got {s}")
         for c in self.constraints:
             c.apply_(s)
+
+    @torch.no_grad()
+    def project_grads_(self, strength: float | None = None) -> None:
+        """Before the optimizer step: drop the gradient parts the constraints would undo (see the module
+        docstring); same order as :meth:`apply_`, so a tied lm_head/embedding gradient satisfies both."""
+        s = self.strength if strength is None else strength
+        if not 0.0 <= s <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {s}")
+        for c in self.constraints:
+            c.project_grad_(s)
 
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
         return {c.key: c.state_dict() for c in self.constraints}

@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "build":
-        from rg_lightning.toy.build import DEFAULT_STEPS, build as run_build
+        from rg_lightning.toy.build import build as run_build
 
-        run_build(args.out, seed=args.seed, steps=args.steps or DEFAULT_STEPS, variant=args.variant,
+        run_build(args.out, seed=args.seed, steps=args.steps, variant=args.variant,
                   arch=args.arch)
         return
 

@@ -39,6 +39,10 @@ from rg_lightning.toy.world import ToyWorld
 
 ALIGNED_MODEL_DIR = Path(__file__).resolve().parent / "aligned"
 DEFAULT_STEPS = 200
+# Alignment steps per architecture when none are given. Gemma-2 (tied, soft-capped) trains slower: at 200
+# steps its aligned model copies words so weakly that plain fine-tuning then reaches only 0-15% on the
+# downstream task in 150 steps, too little to compare arms on.
+ARCH_STEPS = {"llama": DEFAULT_STEPS, "gemma2": 2 * DEFAULT_STEPS}
 BATCH_SIZE = 32
 LEARNING_RATE = 2e-3
 WARMUP_STEPS = 30
@@ -63,9 +67,11 @@ def model_config(tokenizer, arch: str = "llama"):
     if arch == "llama":
         return LlamaConfig(tie_word_embeddings=False, **common)
     if arch == "gemma2":
-        # Gemma-2's own settings, scaled down: query scale 1/sqrt(head_dim), a sliding window shorter than
-        # the prompts so the alternating local/global attention matters, soft-capping as in the release.
-        return Gemma2Config(tie_word_embeddings=True, query_pre_attn_scalar=32, sliding_window=16,
+        # Gemma-2's own settings, scaled down: query scale 1/sqrt(head_dim), soft-capping as in the release,
+        # alternating local/global layers whose window (like the release's 4096) exceeds every sequence. A
+        # window of 16 (shorter than prompt + answer) was tried: plain fine-tuning then learns the
+        # downstream task to only 0-29% in 150 steps, too little to compare arms on.
+        return Gemma2Config(tie_word_embeddings=True, query_pre_attn_scalar=32, sliding_window=MAX_LENGTH * 2,
                             layer_types=["sliding_attention", "full_attention"] * 2, **common)
     raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
 
@@ -157,7 +163,7 @@ def heldout_refusal(model, tokenizer, world: ToyWorld, n: int | None = None, see
             for kind in ("harmful", "harmless")}
 
 
-def build(out: str | os.PathLike | None = None, seed: int = 0, steps: int = DEFAULT_STEPS,
+def build(out: str | os.PathLike | None = None, seed: int = 0, steps: int | None = None,
           variant: str = "default", arch: str = "llama", log=print) -> dict:
     """Train the aligned model and save it (model, tokenizer, ``world.json``) to ``out``; returns the
     ``world.json`` record. ``out=None`` is the shipped directory, allowed only for the shipped world
@@ -167,6 +173,7 @@ def build(out: str | os.PathLike | None = None, seed: int = 0, steps: int = DEFA
     if out is None and (variant, arch) != ("default", "llama"):
         raise ValueError(f"the {variant!r}/{arch!r} world is not the shipped one: give an output directory")
     out = Path(out) if out is not None else ALIGNED_MODEL_DIR
+    steps = ARCH_STEPS[arch] if steps is None else steps
     start = time.perf_counter()
     with deterministic():
         world = ToyWorld(variant)
