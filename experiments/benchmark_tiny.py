@@ -36,6 +36,7 @@ from rg_lightning.toy.data import ToyTaskDataModule
 from rg_lightning.toy.report import METRICS, AlignmentReport
 
 ARMS = ("plain", "guarded", "directions")
+DEFAULT_ENERGY = 0.99  # experiments/tiny.yaml; other energies get their own result files
 
 
 def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, variant: str, seed: int, steps: int,
@@ -108,7 +109,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["plain", "guarded"], choices=ARMS)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--energy", type=float, default=0.99, help="RefusalDirections energy")
+    parser.add_argument("--energy", type=float, default=DEFAULT_ENERGY, help="RefusalDirections energy")
     parser.add_argument("--answer-tokens", type=int, default=0, help="RefusalDirections answer_tokens")
     parser.add_argument("--post-step-only", action="store_true",
                         help="RepresentationProjection project_gradients=False (the constraint only after each step)")
@@ -126,6 +127,7 @@ def main() -> None:
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
     name = f"tiny_{world}_{args.task}" + (f"_attack{args.harmful_fraction:g}" if args.harmful_fraction else "")
+    name += (f"_energy{args.energy:g}" if args.energy != DEFAULT_ENERGY else "") + ("_poststep" if args.post_step_only else "")
     command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                f"1-min load average {load_start:.1f} at start / {os.getloadavg()[0]:.1f} at end")

@@ -40,8 +40,7 @@ from rg_lightning.toy.world import ToyWorld
 ALIGNED_MODEL_DIR = Path(__file__).resolve().parent / "aligned"
 DEFAULT_STEPS = 200
 # Alignment steps per architecture when none are given. Gemma-2 (tied, soft-capped) trains slower: at 200
-# steps its aligned model copies words so weakly that plain fine-tuning then reaches only 0-15% on the
-# downstream task in 150 steps, too little to compare arms on.
+# steps its aligned model still refused 15.6% of held-out harmless requests; at 400, 0.0% (harmful 100%).
 ARCH_STEPS = {"llama": DEFAULT_STEPS, "gemma2": 2 * DEFAULT_STEPS}
 BATCH_SIZE = 32
 LEARNING_RATE = 2e-3
@@ -68,9 +67,9 @@ def model_config(tokenizer, arch: str = "llama"):
         return LlamaConfig(tie_word_embeddings=False, **common)
     if arch == "gemma2":
         # Gemma-2's own settings, scaled down: query scale 1/sqrt(head_dim), soft-capping as in the release,
-        # alternating local/global layers whose window (like the release's 4096) exceeds every sequence. A
-        # window of 16 (shorter than prompt + answer) was tried: plain fine-tuning then learns the
-        # downstream task to only 0-29% in 150 steps, too little to compare arms on.
+        # alternating local/global layers whose window (like the release's 4096) exceeds every sequence.
+        # Known limit: on this family plain fine-tuning (lr 1e-3, 150 steps) learns the benign task's
+        # format but not its exact words (0% exact match), with a window of 16 or of 128.
         return Gemma2Config(tie_word_embeddings=True, query_pre_attn_scalar=32, sliding_window=MAX_LENGTH * 2,
                             layer_types=["sliding_attention", "full_attention"] * 2, **common)
     raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
