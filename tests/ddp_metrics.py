@@ -1,10 +1,12 @@
 """Helper of test_eval_metrics: AttackSuccessRate over 2 CPU processes (gloo) with uneven shards.
 
-Prints one JSON line per rank: the synced hits, total and rate every rank sees after ``compute``.
+Each rank writes ``rank<N>.json`` next to the init file: the synced hits, total and rate it sees after
+``compute`` (files, not stdout, because the two processes' prints can interleave on one line).
 """
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,7 +27,8 @@ def run(rank: int, world_size: int, init_file: str) -> None:
         rate = metric.compute()
         with metric.sync_context():
             hits, total = int(metric.hits), int(metric.total)
-        print(json.dumps({"rank": rank, "hits": hits, "total": total, "rate": rate.item()}), flush=True)
+        record = {"rank": rank, "hits": hits, "total": total, "rate": rate.item()}
+        (Path(init_file).parent / f"rank{rank}.json").write_text(json.dumps(record))
     finally:
         dist.destroy_process_group()
 
