@@ -128,6 +128,41 @@ def test_validate_runs_the_full_suite_and_bad_names_fail_before_any_work(tmp_pat
         SafetyEvaluation(every_n_steps=0)
 
 
+class OwnModule(L.LightningModule):
+    """Somebody else's LightningModule: only the contract (``self.model``, ``self.tokenizer``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model, self.tokenizer = load_aligned()
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.model(**batch).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_fast_check_at_each_validation_in_a_foreign_module(tmp_path):
+    evaluation = SafetyEvaluation(benchmarks=["toy:harmful", "toy:harmless"], judges=["logit"], on_validation=True,
+                                  fit_limit=4)
+    assert evaluation.every_n_steps is None and evaluation.fit_suite is not None
+    module = OwnModule()
+    data = ToyTaskDataModule(n_train=8, n_val=4, batch_size=4)
+    logger = L.pytorch.loggers.CSVLogger(str(tmp_path))
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, val_check_interval=2, num_sanity_val_steps=0, logger=logger,
+                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[evaluation])
+    trainer.fit(module, data)
+    assert trainer.callback_metrics["fit_safety/toy_harmful/logit_refusal_score/asr"] == 0.0  # lr 0: still aligned
+    assert trainer.callback_metrics["fit_safety/toy_harmful/logit_refusal_score/refusal_score"] > 0
+    with open(next(tmp_path.rglob("metrics.csv"))) as handle:
+        logged = [row for row in csv.DictReader(handle) if row.get("fit_safety/toy_harmless/logit_refusal_score/over_refusal")]
+    assert [int(row["step"]) for row in logged] == [1, 3]  # after the validations at steps 2 and 4
+    assert not (tmp_path / "evaluation").exists()  # the full suite belongs to test / validate, not to fit
+
+
 @pytest.mark.parametrize("recipe", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_recipe_evaluates_with_registered_benchmarks_tasks_and_judges(recipe):
     callbacks = yaml.safe_load(recipe.read_text())["trainer"]["callbacks"]
