@@ -14,6 +14,9 @@ def atomic_directory(target: str):
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".staging-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary directory
     try:
         yield staging
         if os.path.exists(target):

@@ -1,0 +1,33 @@
+"""Artifacts are written all at once: a failed write leaves the previous result untouched."""
+
+import os
+
+import pytest
+
+from rg_lightning.atomic import atomic_directory
+
+
+def test_replaces_the_target_only_on_success(tmp_path):
+    target = tmp_path / "basis"
+    with atomic_directory(str(target)) as staging:
+        (tmp_path / staging / "a.txt").write_text("first")
+    assert (target / "a.txt").read_text() == "first"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(str(target)) as staging:
+            (tmp_path / staging / "a.txt").write_text("half-written")
+            raise RuntimeError("crash while writing")
+    assert (target / "a.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["basis"]  # no staging leftovers
+    with atomic_directory(str(target)) as staging:
+        (tmp_path / staging / "b.txt").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+
+
+def test_result_has_ordinary_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        with atomic_directory(str(tmp_path / "out")):
+            pass
+    finally:
+        os.umask(umask)
+    assert oct((tmp_path / "out").stat().st_mode & 0o777) == oct(0o755)
