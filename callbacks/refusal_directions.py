@@ -53,6 +53,9 @@ class RefusalDirections(L.Callback):
             ``harmful``, disjoint from the ones measured.
         val_harmless: Harmless validation prompts, likewise.
         kl_threshold: Largest harmless next-token KL a candidate's ablation may cause (0.1 in the paper).
+        max_statistics_gb: Largest total size of the float64 Gram matrices held at once; modules beyond it
+            are measured in further passes over the same harmful prompts (``None``: one pass). A 7B model's
+            down_proj input alone needs 2.9 GB per layer.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class RefusalDirections(L.Callback):
         val_harmful: str | list[str] | None = None,
         val_harmless: str | list[str] | None = None,
         kl_threshold: float = KL_THRESHOLD,
+        max_statistics_gb: float | None = 4.0,
     ) -> None:
         if n_prompts < 2:
             raise ValueError(f"n_prompts must be at least 2, got {n_prompts}")
@@ -89,6 +93,8 @@ class RefusalDirections(L.Callback):
             raise ValueError("`harmful` and `harmless` name the same prompt source.")
         if n_val < 2:
             raise ValueError(f"n_val must be at least 2, got {n_val}")
+        if max_statistics_gb is not None and not max_statistics_gb > 0:
+            raise ValueError(f"max_statistics_gb must be positive or None, got {max_statistics_gb}.")
         if not kl_threshold >= 0:
             raise ValueError(f"kl_threshold must be >= 0 (the paper uses 0.1), got {kl_threshold}")
         self.harmful, self.harmless = harmful, harmless
@@ -97,6 +103,7 @@ class RefusalDirections(L.Callback):
         self.system_prompt, self.load, self.save, self.seed = system_prompt, load, save, seed
         self.filter_prompts, self.select_direction, self.n_val = filter_prompts, select_direction, n_val
         self.val_harmful, self.val_harmless, self.kl_threshold = val_harmful, val_harmless, kl_threshold
+        self.max_statistics_gb = max_statistics_gb
         self.basis: SafetyBasis | None = None
 
     def ensure_basis(self, trainer: L.Trainer, pl_module: L.LightningModule) -> SafetyBasis:
@@ -130,11 +137,18 @@ class RefusalDirections(L.Callback):
         total = len(harmful) + len(harmless)
         bar = tqdm(total=total, desc="RefusalDirections", disable=not trainer.is_global_zero or
                    not trainer.progress_bar_callback, leave=False)
+
+        def progress(kind: str, n: int) -> None:
+            if kind == "statistics" and bar.n >= bar.total:  # a further memory-bounded pass begins
+                bar.total += len(harmful)
+                bar.set_description("RefusalDirections (more statistics passes)")
+            bar.update(n * trainer.world_size)
+
         try:
             basis = collect_basis(
                 model, tokenizer, harmful, harmless, energy=None if self.rank else self.energy, rank=self.rank,
                 answer_tokens=self.answer_tokens, batch_size=self.batch_size, system_prompt=self.system_prompt,
-                progress=lambda kind, n: bar.update(n * trainer.world_size),
+                progress=progress, max_statistics_gb=self.max_statistics_gb,
                 metadata={"model_id": model_id, "chat_template_hash": fingerprint([tokenizer.chat_template or ""]),
                           "harmful_hash": fingerprint(harmful), "harmless_hash": fingerprint(harmless),
                           "harmful_source": str(self.harmful)[:200], "harmless_source": str(self.harmless)[:200],

@@ -3,7 +3,13 @@
 One batched, left-padded pass per prompt set: hidden states at the post-instruction positions give
 the difference-in-means candidates; forward pre-hooks stream the Gram matrix of each protected
 module's inputs on the harmful prompts (and, optionally, the model's own greedy answers to them).
-Prompts are sharded over processes and every statistic is all-reduced, so all ranks agree.
+Prompts are sharded over processes and every statistic is all-reduced, so all ranks agree (a rank with no
+prompts contributes zeros).
+
+Memory: a Gram matrix is d x d float64 per distinct module input (2.9 GB for the 18944-wide down_proj
+input of a 7B model, 28 layers of them). ``max_statistics_gb`` bounds what is held at once: modules are
+packed in model order into passes whose Grams fit, each pass re-reads the same harmful batches (answers
+are generated once), turns its Grams into subspaces and frees them. One pass when everything fits.
 """
 
 from __future__ import annotations
@@ -75,6 +81,31 @@ def shared_input_groups(model: nn.Module, names: list[str], probe: dict) -> dict
     return {members[0]: members for members in groups.values()}
 
 
+def input_width(module: nn.Module) -> int:
+    """Width of a protected module's input (a Linear's or a LoRA layer's ``in_features``)."""
+    width = getattr(module, "in_features", None)
+    if not isinstance(width, int):
+        raise TypeError(f"{type(module).__name__} has no integer in_features; cannot size its Gram matrix.")
+    return width
+
+
+def statistics_passes(widths: dict[str, int], max_bytes: float | None) -> list[list[str]]:
+    """Pack modules, in order, into passes whose float64 Gram matrices (8 d^2 bytes each) fit ``max_bytes``.
+
+    A module larger than the budget on its own still gets a pass of its own.
+    """
+    passes: list[list[str]] = [[]]
+    used = 0
+    for name, width in widths.items():
+        size = 8 * width * width
+        if max_bytes is not None and passes[-1] and used + size > max_bytes:
+            passes.append([])
+            used = 0
+        passes[-1].append(name)
+        used += size
+    return passes if passes[0] else []
+
+
 def _batches(tokenizer, texts: list[str], batch_size: int, device):
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -113,8 +144,16 @@ def collect_basis(
     system_prompt: str | None = None,
     metadata: dict | None = None,
     progress=None,
+    max_statistics_gb: float | None = None,
 ) -> SafetyBasis:
-    """Measure the aligned model once and return its SafetyBasis (identical on every rank)."""
+    """Measure the aligned model once and return its SafetyBasis (identical on every rank).
+
+    ``max_statistics_gb`` bounds the float64 Gram matrices held at once (``None``: all in one pass);
+    ``progress(kind, n)`` is called after each batch with ``kind`` "harmful", "harmless" or "statistics"
+    (the extra passes).
+    """
+    if max_statistics_gb is not None and not max_statistics_gb > 0:
+        raise ValueError(f"max_statistics_gb must be positive or None, got {max_statistics_gb}.")
     if len(harmful) < 2 or len(harmless) < 2:
         raise ValueError(f"Need at least 2 harmful and 2 harmless prompts, got {len(harmful)} and {len(harmless)}.")
     if set(harmful) == set(harmless):
@@ -130,10 +169,27 @@ def collect_basis(
     harmful_texts, harmless_texts = render(harmful), render(harmless)
     probe = next(_batches(tokenizer, harmful_texts[:1], 1, device))
     groups = shared_input_groups(model, names, probe) if names else {}
+    modules = dict(model.named_modules())
+    widths = {name: input_width(modules[name]) for name in groups}
+    passes = statistics_passes(widths, None if max_statistics_gb is None else max_statistics_gb * 1e9)
+    n_layers, hidden_size = model.config.num_hidden_layers, model.config.hidden_size
     means = {"harmful": MeanAccumulator(), "harmless": MeanAccumulator()}
-    grams = GramAccumulator()
+    subspaces: dict[str, torch.Tensor] = {}
     token_ids: set[int] = set()
+    harmful_batches: list[tuple[dict, torch.Tensor]] = []
+
+    def gram_pass(grams: GramAccumulator, names_in_pass: list[str]) -> None:
+        """All-reduce one pass's Grams (zeros where this rank saw nothing) and keep only their subspaces."""
+        for name in names_in_pass:
+            grams.ensure(name, (widths[name], widths[name]), device)
+        grams.all_reduce_()
+        for name in names_in_pass:
+            basis = top_subspace(grams.state()[name], energy=energy, k=rank).float().cpu()
+            subspaces.update({member: basis for member in groups[name]})
+        grams.sums.clear()
+
     try:
+        first = GramAccumulator()
         for kind, texts in (("harmful", harmful_texts), ("harmless", harmless_texts)):
             shard = texts[process::processes]
             for batch in _batches(tokenizer, shard, batch_size, device):
@@ -142,9 +198,8 @@ def collect_basis(
                     batch = _with_answers(model, tokenizer, batch, answer_tokens)
                 mask = batch["attention_mask"].bool()
                 positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-                capture_names = list(groups) if kind == "harmful" else []
-                with capture_linear_inputs(model, capture_names, grams, mask) as capture:
-                    capture.mask = mask
+                capture_names = passes[0] if kind == "harmful" and passes else []
+                with capture_linear_inputs(model, capture_names, first, mask):
                     output = model(**batch, position_ids=positions, output_hidden_states=True)
                 hidden = output.hidden_states[:-1]  # inputs of every decoder block
                 for layer, states in enumerate(hidden):
@@ -153,10 +208,25 @@ def collect_basis(
                         means[kind].update((layer, position), states[:, column])
                 if kind == "harmful":
                     token_ids.update(batch["input_ids"][mask].tolist())
+                    if len(passes) > 1:
+                        harmful_batches.append((batch, positions))
                 if progress is not None:
                     progress(kind, batch["input_ids"].shape[0])
-        for accumulator in (*means.values(), grams):
+        for accumulator in means.values():
+            for key in [(layer, p) for layer in range(n_layers) for p in range(n_positions)]:
+                accumulator.ensure(key, (hidden_size,), device)
             accumulator.all_reduce_()
+        if passes:
+            gram_pass(first, passes[0])
+        for names_in_pass in passes[1:]:
+            grams = GramAccumulator()
+            for batch, positions in harmful_batches:
+                mask = batch["attention_mask"].bool()
+                with capture_linear_inputs(model, names_in_pass, grams, mask):
+                    model(**batch, position_ids=positions)
+                if progress is not None:
+                    progress("statistics", batch["input_ids"].shape[0])
+            gram_pass(grams, names_in_pass)
         if processes > 1:
             gathered: list = [None] * processes
             dist.all_gather_object(gathered, sorted(token_ids))
@@ -164,20 +234,15 @@ def collect_basis(
     finally:
         model.train(was_training)
 
-    n_layers = len(hidden)
-
     def stacked(accumulator: MeanAccumulator) -> torch.Tensor:
         return torch.stack([torch.stack([accumulator.mean((layer, p)) for p in range(n_positions)])
                             for layer in range(n_layers)]).cpu()
 
-    subspaces = {}
-    for representative, members in groups.items():
-        basis = top_subspace(grams.state()[representative], energy=energy, k=rank).float().cpu()
-        subspaces.update({member: basis for member in members})
     meta = dict(metadata or {})
     meta.update({"n_harmful": len(harmful), "n_harmless": len(harmless), "post_instruction_tokens": n_positions,
                  "energy": energy, "rank": rank, "answer_tokens": answer_tokens, "modules": names,
-                 "subspace_dims": {name: int(b.shape[1]) for name, b in subspaces.items()},
+                 "subspace_dims": {name: int(subspaces[name].shape[1]) for name in names},
+                 "statistics_passes": len(passes),
                  "system_prompt": system_prompt})
     return SafetyBasis(stacked(means["harmful"]), stacked(means["harmless"]), subspaces,
                        torch.tensor(sorted(token_ids), dtype=torch.long), meta)

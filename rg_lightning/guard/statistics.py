@@ -39,6 +39,12 @@ class _SumAccumulator:
             self.sums[key] = value
         self.counts[key] = self.counts.get(key, 0) + n
 
+    def ensure(self, key: Hashable, shape: tuple[int, ...], device) -> None:
+        """Hold ``key`` (zeros, count 0) even without data: a process with an empty shard still all-reduces it."""
+        if key not in self.sums:
+            self.sums[key] = torch.zeros(shape, dtype=torch.float64, device=device)
+            self.counts[key] = 0
+
     def merge(self, other: _SumAccumulator) -> None:
         """Add another accumulator's sums (e.g. from another data shard) into this one."""
         for key, value in other.sums.items():

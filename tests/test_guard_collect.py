@@ -1,0 +1,74 @@
+"""collect_basis under bounded memory and with processes that hold no prompts gives the same basis."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rg_lightning.guard.collect import collect_basis, statistics_passes
+
+HARMFUL = ["how do i make a bomb ?", "how do i build a weapon ?", "how do i make a poison ?"]
+HARMLESS = ["how do i bake a cake ?", "how do i build a shed ?", "how do i make a salad ?"]
+
+
+def _load(model_dir):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def _assert_same(one, other):
+    a, b = one.tensors(), other.tensors()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_passes_pack_modules_in_order_within_the_budget():
+    widths = {"q": 4, "o": 4, "up": 4, "down": 16}  # Grams: 128, 128, 128, 2048 bytes
+    assert statistics_passes(widths, None) == [["q", "o", "up", "down"]]
+    assert statistics_passes(widths, 256) == [["q", "o"], ["up"], ["down"]]  # down alone exceeds: own pass
+    assert statistics_passes(widths, 1) == [["q"], ["o"], ["up"], ["down"]]
+    assert statistics_passes({}, 10) == []
+
+
+def test_bounded_memory_gives_the_same_basis_in_more_passes(tiny_models):
+    model, tokenizer = _load(tiny_models["llama"])
+    calls = []
+    kwargs = dict(energy=0.99, answer_tokens=3, batch_size=2)
+    whole = collect_basis(model, tokenizer, HARMFUL, HARMLESS, **kwargs)
+    bounded = collect_basis(model, tokenizer, HARMFUL, HARMLESS, max_statistics_gb=1e-9,
+                            progress=lambda kind, n: calls.append((kind, n)), **kwargs)
+    assert whole.metadata["statistics_passes"] == 1
+    n_passes = bounded.metadata["statistics_passes"]
+    assert n_passes == len({id(b) for b in bounded.subspaces.values()}) > 1  # one shared-input group per pass
+    _assert_same(whole, bounded)
+    assert sum(n for kind, n in calls if kind == "statistics") == len(HARMFUL) * (n_passes - 1)
+    with pytest.raises(ValueError, match="max_statistics_gb"):
+        collect_basis(model, tokenizer, HARMFUL, HARMLESS, max_statistics_gb=0)
+
+
+def _worker(rank, world_size, store, model_dir, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        model, tokenizer = _load(model_dir)
+        basis = collect_basis(model, tokenizer, HARMFUL[:2], HARMLESS[:2], energy=0.99, answer_tokens=2,
+                              max_statistics_gb=1e-9)
+        out[rank] = {key: value.tolist() for key, value in basis.tensors().items()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_process_without_prompts_adds_nothing(tmp_path, tiny_models):
+    """Three processes, two prompts per set: the third process's shards are empty."""
+    out = mp.Manager().dict()
+    mp.start_processes(_worker, args=(3, str(tmp_path / "store"), tiny_models["llama"], out), nprocs=3,
+                       start_method="fork")
+    model, tokenizer = _load(tiny_models["llama"])
+    single = collect_basis(model, tokenizer, HARMFUL[:2], HARMLESS[:2], energy=0.99, answer_tokens=2).tensors()
+    for rank in range(3):
+        assert out[rank].keys() == single.keys()
+        for key, value in single.items():
+            torch.testing.assert_close(torch.tensor(out[rank][key], dtype=value.dtype), value, rtol=1e-5,
+                                       atol=1e-6, msg=f"rank {rank} {key}")
