@@ -31,23 +31,26 @@ import torch
 from rg_lightning import CausalLMModule
 from rg_lightning.callbacks import RefusalDirections, RepresentationProjection
 from rg_lightning.toy import ALIGNED_MODEL_DIR
-from rg_lightning.toy.build import ARCH_STEPS, ARCHITECTURES
+from rg_lightning.toy.build import ARCH_STEPS, ARCHITECTURES, TIED_ARCHITECTURES
 from rg_lightning.toy.data import ToyTaskDataModule
 from rg_lightning.toy.report import METRICS, AlignmentReport
 
 ARMS = ("plain", "guarded", "directions")
 DEFAULT_ENERGY = 0.99  # experiments/tiny.yaml; other energies get their own result files
+DEFAULT_N_PROMPTS = 128  # experiments/tiny.yaml (RefusalDirections n_prompts); likewise
 
 
 def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, variant: str, seed: int, steps: int,
-            lr: float, energy: float, answer_tokens: int, project_gradients: bool = True) -> dict:
+            lr: float, energy: float, answer_tokens: int, project_gradients: bool = True,
+            n_prompts: int = DEFAULT_N_PROMPTS, rank: int | None = None) -> dict:
     L.seed_everything(seed)
     report = AlignmentReport(task=task, variant=variant)
     callbacks = [report]
     if arm != "plain":
         prefix = f"toy:{variant}:" if variant != "default" else "toy:"
         callbacks += [RefusalDirections(harmful=prefix + "harmful", harmless=prefix + "harmless", energy=energy,
-                                        answer_tokens=answer_tokens, batch_size=32, seed=seed),
+                                        rank=rank, n_prompts=n_prompts, answer_tokens=answer_tokens, batch_size=32,
+                                        seed=seed),
                       RepresentationProjection(mode="subspace" if arm == "guarded" else "directions",
                                                project_gradients=project_gradients)]
     module = CausalLMModule(model=model_dir, dtype="float32", optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
@@ -71,7 +74,8 @@ def world_model(variant: str, arch: str, cache: str) -> str:
     record = os.path.join(directory, "world.json")
     if os.path.isfile(record):
         built = json.load(open(record))
-        if (built.get("variant"), built.get("arch", "llama"), built.get("steps")) == (variant, arch, ARCH_STEPS[arch]):
+        if ((built.get("variant"), built.get("arch", "llama"), built.get("steps")) == (variant, arch, ARCH_STEPS[arch])
+                and bool(built.get("vocabulary_examples")) == (arch in TIED_ARCHITECTURES)):
             return directory
     from rg_lightning.toy.build import build
 
@@ -110,6 +114,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--energy", type=float, default=DEFAULT_ENERGY, help="RefusalDirections energy")
+    parser.add_argument("--n-prompts", type=int, default=DEFAULT_N_PROMPTS,
+                        help="RefusalDirections n_prompts (harmful and harmless prompts measured for the basis)")
+    parser.add_argument("--rank", type=int, default=None, help="RefusalDirections rank (fixed subspace dimension)")
     parser.add_argument("--answer-tokens", type=int, default=0, help="RefusalDirections answer_tokens")
     parser.add_argument("--post-step-only", action="store_true",
                         help="RepresentationProjection project_gradients=False (the constraint only after each step)")
@@ -122,18 +129,21 @@ def main() -> None:
     for seed in args.seeds:
         for arm in args.arms:
             runs.append(run_arm(arm, model_dir, args.task, args.harmful_fraction, args.variant, seed, args.steps, args.lr,
-                                args.energy, args.answer_tokens, not args.post_step_only))
+                                args.energy, args.answer_tokens, not args.post_step_only, args.n_prompts, args.rank))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
     name = f"tiny_{world}_{args.task}" + (f"_attack{args.harmful_fraction:g}" if args.harmful_fraction else "")
-    name += (f"_energy{args.energy:g}" if args.energy != DEFAULT_ENERGY else "") + ("_poststep" if args.post_step_only else "")
+    name += (f"_energy{args.energy:g}" if args.energy != DEFAULT_ENERGY and args.rank is None else "")
+    name += (f"_rank{args.rank}" if args.rank is not None else "")
+    name += (f"_prompts{args.n_prompts}" if args.n_prompts != DEFAULT_N_PROMPTS else "") + ("_poststep" if args.post_step_only else "")
     command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                f"1-min load average {load_start:.1f} at start / {os.getloadavg()[0]:.1f} at end")
     markdown = (f"### {name}\n\n{table(runs, args.arms)}\n\n"
                 f"Command: `{command.strip()}`; seeds {args.seeds}; {args.steps} steps, AdamW lr {args.lr}, batch 32; "
-                f"guard: energy {args.energy}, answer tokens {args.answer_tokens}, gradients "
+                f"guard: " + (f"rank {args.rank}" if args.rank is not None else f"energy {args.energy}")
+                + f", {args.n_prompts} prompts, answer tokens {args.answer_tokens}, gradients "
                 f"{'not ' if args.post_step_only else ''}projected before each step; "
                 f"held-out data, greedy generation. Machine: {machine}. Total wall time "
                 f"{time.perf_counter() - start:.0f} s.\n")

@@ -132,3 +132,21 @@ def test_tiny_recipe_runs_guarded_through_the_cli(tmp_path, monkeypatch):
     assert report["after"]["harmful_refusal"] >= 0.95
     assert (tmp_path / "runs" / "tiny" / "basis" / "basis.safetensors").is_file()
     assert next(tmp_path.rglob("drift_summary.json"))
+
+
+def test_tied_worlds_mix_in_vocabulary_copy_examples_with_loss_on_the_copy():
+    """Tied embeddings (Gemma-2): every word must be a training target, or unseen words' rows collapse."""
+    from rg_lightning.toy.build import TIED_ARCHITECTURES, encode_examples, uses_vocabulary_examples, vocabulary_examples
+    from rg_lightning.toy.build import model_config
+
+    world = ToyWorld("alt")
+    tokenizer = build_tokenizer(world)
+    assert uses_vocabulary_examples(model_config(tokenizer, "gemma2")) and "gemma2" in TIED_ARCHITECTURES
+    assert not uses_vocabulary_examples(model_config(tokenizer, "llama"))  # the shipped world is built as before
+    examples = vocabulary_examples(world, 20, seed=0)
+    assert examples == vocabulary_examples(world, 20, seed=0) and all(3 <= len(e["copy"]) <= 8 for e in examples)
+    row = encode_examples(tokenizer, examples[:1])[0]
+    half = len(row["input_ids"]) // 2
+    assert row["input_ids"][:half] == row["input_ids"][half:] and row["input_ids"][-1] == tokenizer.eos_token_id
+    assert row["labels"][:half] == [-100] * half and row["labels"][half:] == row["input_ids"][half:]
+    assert tokenizer.unk_token_id not in row["input_ids"]

@@ -42,6 +42,19 @@ DEFAULT_STEPS = 200
 # Alignment steps per architecture when none are given. Gemma-2 (tied, soft-capped) trains slower: at 200
 # steps its aligned model still refused 15.6% of held-out harmless requests; at 400, 0.0% (harmful 100%).
 ARCH_STEPS = {"llama": DEFAULT_STEPS, "gemma2": 2 * DEFAULT_STEPS}
+# Tied input/output embeddings (Gemma-2) need every word of the vocabulary to be a training target now and
+# then: alignment data never contains the downstream tasks' words, and in a tied model the softmax pushes all
+# of their (shared) embedding rows toward one "never predict" vector, so as *inputs* they became nearly
+# indistinguishable (mean pairwise cosine 0.87 of the 47 benign-task-only words, vs 0.00 in the untied
+# Llama, whose input rows keep their random init), and plain fine-tuning could not copy them (0% exact match).
+# A real model's pretraining sees every token; the build mimics that with plain-text copy examples
+# ("w1 .. wk <|end|> w1 .. wk <|end|>", loss on the copy) over the whole vocabulary, mixed into alignment
+# (VOCABULARY_SHARE of the rows, on top of the alignment rows). Untied worlds (the shipped Llama) are built
+# as before.
+VOCABULARY_SHARE = 0.1
+VOCABULARY_WORDS = (3, 8)
+TIED_ARCHITECTURES = ("gemma2",)  # the families built with vocabulary copy examples
+BUILD_VERSION = 2  # recorded in world.json; 2: vocabulary copy examples for tied architectures
 BATCH_SIZE = 32
 LEARNING_RATE = 2e-3
 WARMUP_STEPS = 30
@@ -68,8 +81,8 @@ def model_config(tokenizer, arch: str = "llama"):
     if arch == "gemma2":
         # Gemma-2's own settings, scaled down: query scale 1/sqrt(head_dim), soft-capping as in the release,
         # alternating local/global layers whose window (like the release's 4096) exceeds every sequence.
-        # Known limit: on this family plain fine-tuning (lr 1e-3, 150 steps) learns the benign task's
-        # format but not its exact words (0% exact match), with a window of 16 or of 128.
+        # Built with vocabulary copy examples (see VOCABULARY_SHARE): without them plain fine-tuning (lr 1e-3,
+        # 150 steps) learnt the benign task's format but not its words (0% exact match, window 16 or 128).
         return Gemma2Config(tie_word_embeddings=True, query_pre_attn_scalar=32, sliding_window=MAX_LENGTH * 2,
                             layer_types=["sliding_attention", "full_attention"] * 2, **common)
     raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
@@ -88,11 +101,27 @@ def deterministic(threads: int = THREADS):
         torch.set_num_threads(old_threads)
 
 
+def vocabulary_examples(world: ToyWorld, n: int, seed: int = 0) -> list[dict]:
+    """``n`` plain-text copy examples ``{"copy": [words]}`` over the whole vocabulary of ``world`` (see above)."""
+    rng, words = random.Random(seed), world.vocabulary()
+    return [{"copy": [rng.choice(words) for _ in range(rng.randint(*VOCABULARY_WORDS))]} for _ in range(n)]
+
+
+def uses_vocabulary_examples(config) -> bool:
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
 def encode_examples(tokenizer, examples: list[dict]) -> list[dict[str, list[int]]]:
-    """Token ids and answer-only labels of chat examples (unique conversations are encoded once)."""
+    """Token ids and answer-only labels of chat examples (unique conversations are encoded once); a
+    ``{"copy": words}`` example is plain text ``words <eos> words <eos>`` with the loss on the copy."""
     cache: dict[tuple, dict] = {}
     encoded = []
     for row, example in enumerate(examples):
+        if "copy" in example:
+            ids = tokenizer.convert_tokens_to_ids(list(example["copy"])) + [tokenizer.eos_token_id]
+            encoded.append({"input_ids": ids + ids, "attention_mask": [1] * (2 * len(ids)),
+                            "labels": [IGNORE_INDEX] * len(ids) + ids})
+            continue
         key = tuple((m["role"], m["content"]) for m in example["messages"])
         if key not in cache:
             cache[key] = encode_conversation(tokenizer, example["messages"], max_length=MAX_LENGTH, row=row)
@@ -182,16 +211,24 @@ def build(out: str | os.PathLike | None = None, seed: int = 0, steps: int | None
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         examples = world.alignment_examples(steps * BATCH_SIZE, seed=seed)
+        vocabulary = uses_vocabulary_examples(model.config)
+        if vocabulary:  # on top of the alignment rows: as many alignment steps as before, plus the copies
+            extra = round(len(examples) * VOCABULARY_SHARE / (1 - VOCABULARY_SHARE))
+            examples = examples + vocabulary_examples(world, extra, seed=seed)
+            random.Random(seed).shuffle(examples)
+        train_steps = len(examples) // BATCH_SIZE
         log(f"building the {variant!r} aligned {arch} model: {sum(p.numel() for p in model.parameters())} parameters, "
-            f"vocabulary {len(tokenizer)}, {steps} steps of batch {BATCH_SIZE}")
-        train_sft(model, tokenizer, examples, steps=steps, lr=LEARNING_RATE, seed=seed,
-                  warmup_steps=min(WARMUP_STEPS, steps), weight_decay=0.01, cosine=True, log=log)
+            f"vocabulary {len(tokenizer)}, {train_steps} steps of batch {BATCH_SIZE}"
+            + (f" ({steps} steps' worth of alignment rows + {VOCABULARY_SHARE:.0%} vocabulary copies)" if vocabulary else ""))
+        train_sft(model, tokenizer, examples, steps=train_steps, lr=LEARNING_RATE, seed=seed,
+                  warmup_steps=min(WARMUP_STEPS, train_steps), weight_decay=0.01, cosine=True, log=log)
         train_seconds = time.perf_counter() - start
         rates = heldout_refusal(model, tokenizer, world)
     log(f"held-out refusal: harmful {rates['harmful']:.1%}, harmless {rates['harmless']:.1%}")
     record = {
         "variant": variant, "seed": seed, "steps": steps, "batch_size": BATCH_SIZE, "lr": LEARNING_RATE,
-        "arch": arch, "architecture": ARCHITECTURES[arch],
+        "arch": arch, "architecture": ARCHITECTURES[arch], "build_version": BUILD_VERSION,
+        "vocabulary_examples": vocabulary, "train_steps": train_steps,
         "heldout_refusal": rates,
         "heldout_sizes": {kind: len(world.requests(kind, "heldout")) for kind in ("harmful", "harmless")},
         "train_seconds": round(train_seconds, 1), "torch": torch.__version__,
