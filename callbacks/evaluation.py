@@ -11,14 +11,16 @@ safety while the model trains.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from rg_lightning.contract import hf_model, tokenizer_of
 from rg_lightning.evaluation.report import markdown, write_report
 from rg_lightning.evaluation.suite import EvaluationSuite
+from rg_lightning.prompts import prompt_hashes
 
 
 class SafetyEvaluation(L.Callback):
@@ -40,6 +42,9 @@ class SafetyEvaluation(L.Callback):
         fit_judges: Judges of the fast subset; the default needs no generation.
         fit_limit: Prompts per benchmark in the fast subset.
         output_dir: Where the report folder goes (default: ``<log_dir>/evaluation``).
+        exclude_basis_prompts: Drop from the benchmarks every prompt a ``RefusalDirections`` callback of the
+            same trainer measures the safety basis on (the guard was fitted to those; counting them would
+            flatter it). The report lists how many each benchmark lost.
     """
 
     def __init__(
@@ -59,6 +64,7 @@ class SafetyEvaluation(L.Callback):
         fit_judges: list[str] = ("logit",),
         fit_limit: int = 32,
         output_dir: str | None = None,
+        exclude_basis_prompts: bool = True,
     ) -> None:
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be positive or None, got {every_n_steps}.")
@@ -74,6 +80,8 @@ class SafetyEvaluation(L.Callback):
         self.every_n_steps = every_n_steps
         self.on_validation = on_validation
         self.output_dir = output_dir
+        self.exclude_basis_prompts = exclude_basis_prompts
+        self.excluded: dict[str, int] = {}
         self._loaded: dict[str, tuple] = {}
         self._last_step: int | None = None
         self.rows: list = []
@@ -81,9 +89,34 @@ class SafetyEvaluation(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Load every prompt set now, so a bad benchmark name or file fails before any training."""
         if stage in ("test", "validate") and "full" not in self._loaded:
-            self._loaded["full"] = self.suite.load()
+            self._loaded["full"] = self._without_basis_prompts(trainer, *self.suite.load())
         if stage == "fit" and self.fit_suite is not None and "fit" not in self._loaded:
-            self._loaded["fit"] = self.fit_suite.load()
+            self._loaded["fit"] = self._without_basis_prompts(trainer, *self.fit_suite.load())
+
+    def _without_basis_prompts(self, trainer: L.Trainer, benchmarks: list, tasks: list) -> tuple[list, list]:
+        from rg_lightning.callbacks import RefusalDirections
+
+        guards = [c for c in trainer.callbacks if isinstance(c, RefusalDirections)]
+        if not self.exclude_basis_prompts or not guards:
+            return benchmarks, tasks
+        hashes = guards[0].measured_prompt_hashes()
+        if hashes is None:
+            rank_zero_warn("SafetyEvaluation: the loaded safety basis does not list the prompts it was measured "
+                           "on, so none can be excluded from the benchmarks; some may overlap.")
+            return benchmarks, tasks
+        kept = []
+        for benchmark in benchmarks:
+            keep = [h not in hashes for h in prompt_hashes(benchmark.prompts)]
+            self.excluded[benchmark.name] = keep.count(False)
+            if not any(keep):
+                raise ValueError(f"Every prompt of benchmark {benchmark.name!r} is one the safety basis is measured "
+                                 "on; evaluate on other prompts or set exclude_basis_prompts=false.")
+            kept.append(replace(benchmark, prompts=[p for p, k in zip(benchmark.prompts, keep) if k],
+                                categories=[c for c, k in zip(benchmark.categories, keep) if k]))
+        if any(self.excluded.values()):
+            rank_zero_info("SafetyEvaluation: left out prompts the safety basis is measured on: "
+                           + ", ".join(f"{name} {n}" for name, n in self.excluded.items() if n))
+        return kept, tasks
 
     # -- full evaluation ---------------------------------------------------------------------------------
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -104,7 +137,8 @@ class SafetyEvaluation(L.Callback):
         for row in self.rows:
             pl_module.log(row.log_name, row.value, sync_dist=False)
         metadata = self.suite.metadata(model, tokenizer)
-        metadata.update({"step": trainer.global_step, "checkpoint": trainer.ckpt_path})
+        metadata.update({"step": trainer.global_step, "checkpoint": trainer.ckpt_path,
+                         "excluded_basis_prompts": dict(self.excluded)})
         self._write(trainer, metadata)
 
     @rank_zero_only

@@ -24,7 +24,7 @@ from rg_lightning.contract import hf_model, tokenizer_of
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.collect import collect_basis
 from rg_lightning.guard.selection import KL_THRESHOLD, refusal_filter, refusal_scores, select_direction
-from rg_lightning.prompts import DEFAULT_HARMFUL, DEFAULT_HARMLESS, fingerprint, load_prompts
+from rg_lightning.prompts import DEFAULT_HARMFUL, DEFAULT_HARMLESS, fingerprint, load_prompts, prompt_hashes
 
 
 class RefusalDirections(L.Callback):
@@ -131,7 +131,7 @@ class RefusalDirections(L.Callback):
         tokenizer = tokenizer_of(trainer, pl_module)
         harmful = load_prompts(self.harmful, self.n_prompts, self.seed)
         harmless = load_prompts(self.harmless, self.n_prompts, self.seed)
-        filtering = {}
+        filtering = {"measured_prompt_hashes": prompt_hashes(harmful + harmless)}
         if self.filter_prompts:
             harmful, harmless, filtering["filtering"] = self._filter(model, tokenizer, harmful, harmless, "measured")
         total = len(harmful) + len(harmless)
@@ -211,6 +211,18 @@ class RefusalDirections(L.Callback):
             rank_zero_warn(f"RefusalDirections: direction selection fell back: {summary['fallback']} "
                            f"(position {chosen['position']}, layer {chosen['layer']}).")
         return result
+
+    def measured_prompt_hashes(self) -> set[str] | None:
+        """Hashes of the prompts the basis is (or will be) measured on; ``None`` when a loaded basis does not say.
+
+        Evaluation drops these prompts from its benchmarks: the guard was fitted to them.
+        """
+        basis = self.basis if self.basis is not None else (SafetyBasis.load(self.load) if self.load else None)
+        if basis is not None:
+            hashes = basis.metadata.get("measured_prompt_hashes")
+            return None if hashes is None else set(hashes)
+        return set(prompt_hashes(load_prompts(self.harmful, self.n_prompts, self.seed)
+                                 + load_prompts(self.harmless, self.n_prompts, self.seed)))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ensure_basis(trainer, pl_module)

@@ -55,6 +55,11 @@ def _is_string_list(value) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
+def prompt_hashes(prompts: list[str]) -> list[str]:
+    """One short hash per prompt (surrounding whitespace ignored): which prompts a basis saw, without the text."""
+    return [hashlib.sha256(prompt.strip().encode()).hexdigest()[:16] for prompt in prompts]
+
+
 def fingerprint(prompts: list[str]) -> str:
     """A short hash that identifies a prompt set in checkpoints and saved bases."""
     return hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:16]

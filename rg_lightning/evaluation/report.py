@@ -22,6 +22,13 @@ def _percent(value: float) -> str:
     return "—" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
+def _excluded_line(excluded: dict[str, int]) -> list[str]:
+    if not any(excluded.values()):
+        return []
+    counts = ", ".join(f"{name} {n}" for name, n in excluded.items() if n)
+    return [f"Left out because the safety basis is measured on them: {counts} prompt(s)."]
+
+
 def markdown(rows, metadata: dict) -> str:
     """The report's table, its per-category breakdowns and what produced it."""
     lines = [
@@ -44,6 +51,7 @@ def markdown(rows, metadata: dict) -> str:
         f"{metadata.get('decoding')} decoding, max_new_tokens {metadata.get('max_new_tokens')}; system prompt "
         f"{metadata.get('system_prompt')!r}; chat template sha256 {metadata.get('chat_template_sha256')}; "
         f"{metadata.get('processes')} process(es).",
+        *_excluded_line(metadata.get("excluded_basis_prompts") or {}),
         "",
         "Prompt as the model saw it:",
         "",
