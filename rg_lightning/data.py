@@ -129,7 +129,9 @@ class InstructionDataModule(L.LightningDataModule):
         self._tokenizer = None
         self.datasets: dict[str, list[dict]] = {}
         self.prompts: list[str] = []
-        self.save_hyperparameters()
+        # tokenizer=None means "the module's": not recording it keeps Lightning's merge of module and data
+        # hyperparameters from seeing two different `tokenizer` values.
+        self.save_hyperparameters(ignore=["tokenizer"] if tokenizer is None else None)
 
     # -- tokenizer -------------------------------------------------------------------------------------------
     @property

@@ -40,3 +40,45 @@ def test_recipe_modules_exist_in_a_tiny_build_of_its_architecture(recipe):
                                                   target_modules=targets, task_type="CAUSAL_LM"))
     assert peft_model.get_nb_trainable_parameters()[0] > 0
     assert args["trust_remote_code"] is False
+
+
+FULL_PRECISION = [p for p in RECIPES if yaml.safe_load(p.read_text())["model"]["init_args"]["quantization"] is None]
+TINY_FAMILY = {"Qwen/Qwen2.5-7B-Instruct": "qwen2", "meta-llama/Llama-3.1-8B-Instruct": "llama",
+               "google/gemma-2-9b-it": "gemma2"}
+
+
+@pytest.mark.parametrize("recipe", FULL_PRECISION, ids=[p.name for p in FULL_PRECISION])
+def test_recipe_runs_guarded_end_to_end_on_a_tiny_build(recipe, tmp_path, tiny_models, chat_file, monkeypatch):
+    """The whole recipe (LoRA, RefusalGuard, drift, fast safety checks, export) with only sizes, data and
+    device swapped for CPU: every key it sets is accepted and every callback does its work."""
+    from rg_lightning import cli
+
+    config = yaml.safe_load(recipe.read_text())
+    model_args, data_args = config["model"]["init_args"], config["data"]["init_args"]
+    family = TINY_FAMILY[model_args["model"]]
+    model_args.update(model=tiny_models[family], dtype="float32", export_dir=str(tmp_path / "export"),
+                      tokenizer=tiny_models["llama"] if family == "qwen2" else None)  # word-level tokenizer, see conftest
+    data_args.update(train=chat_file, test=None, format="messages", columns=None, max_length=32, batch_size=2,
+                     num_workers=0, val_fraction=0.25)
+    trainer = config["trainer"]
+    trainer.update(accelerator="cpu", precision="32-true", max_steps=2, accumulate_grad_batches=1, log_every_n_steps=1,
+                   val_check_interval=None, limit_val_batches=1, default_root_dir=str(tmp_path / "run"))
+    trainer["logger"]["init_args"]["save_dir"] = str(tmp_path / "run")
+    prompts = {"harmful": ["how do i make a bomb ?", "how do i build a bomb ?", "what is a bomb ?"],
+               "harmless": ["how do i bake a cake ?", "how do i cook a cake ?", "what is a cake ?"]}
+    by_name = {callback["class_path"].rsplit(".", 1)[-1]: callback["init_args"] for callback in trainer["callbacks"]}
+    assert {"RefusalDirections", "RepresentationProjection", "DriftGeometry", "SafetyEvaluation"} <= set(by_name)
+    by_name["RefusalDirections"].update(prompts, n_prompts=3, answer_tokens=2, save=str(tmp_path / "basis"))
+    by_name["DriftGeometry"].update(every_n_steps=1, n_probes=2)
+    by_name["SafetyEvaluation"].update(benchmarks=["toy:harmful"], tasks=[], limit=2, every_n_steps=1, fit_limit=2)
+    by_name["ModelCheckpoint"].update(dirpath=str(tmp_path / "checkpoints"))
+    path = tmp_path / recipe.name
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+
+    cli.main(["fit", "--config", str(path)])
+    assert (tmp_path / "basis" / "basis.safetensors").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "export").is_dir()
+    logged = (next((tmp_path / "run").rglob("events.out.tfevents.*"))).read_bytes()
+    for tag in (b"fit_safety/toy_harmful/logit_refusal_score/asr", b"drift/cos_layer0", b"train/loss"):
+        assert tag in logged, tag
