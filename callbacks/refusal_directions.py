@@ -56,6 +56,13 @@ class RefusalDirections(L.Callback):
         max_statistics_gb: Largest total size of the float64 Gram matrices held at once; modules beyond it
             are measured in further passes over the same harmful prompts (``None``: one pass). A 7B model's
             down_proj input alone needs 2.9 GB per layer.
+        centered: ``energy`` counts the variance of each module's inputs around their mean (the mean
+            direction is always protected) instead of their uncentred energy, which a large common offset
+            dominates (see ``guard.subspace.centered_subspace``).
+        head_answer_only: Protect the logit head (``lm_head``) on its inputs where the answer is generated
+            (last prompt position and answer tokens) rather than at every prompt position: the logits at
+            earlier positions predict the prompt's own next words, which nothing reads, and protecting them
+            cost task learning (miniature world: see experiments/results).
     """
 
     def __init__(
@@ -78,6 +85,8 @@ class RefusalDirections(L.Callback):
         val_harmless: str | list[str] | None = None,
         kl_threshold: float = KL_THRESHOLD,
         max_statistics_gb: float | None = 4.0,
+        centered: bool = False,
+        head_answer_only: bool = True,
     ) -> None:
         if n_prompts < 2:
             raise ValueError(f"n_prompts must be at least 2, got {n_prompts}")
@@ -104,6 +113,7 @@ class RefusalDirections(L.Callback):
         self.filter_prompts, self.select_direction, self.n_val = filter_prompts, select_direction, n_val
         self.val_harmful, self.val_harmless, self.kl_threshold = val_harmful, val_harmless, kl_threshold
         self.max_statistics_gb = max_statistics_gb
+        self.centered, self.head_answer_only = centered, head_answer_only
         self.basis: SafetyBasis | None = None
 
     def ensure_basis(self, trainer: L.Trainer, pl_module: L.LightningModule) -> SafetyBasis:
@@ -148,7 +158,8 @@ class RefusalDirections(L.Callback):
             basis = collect_basis(
                 model, tokenizer, harmful, harmless, energy=None if self.rank else self.energy, rank=self.rank,
                 answer_tokens=self.answer_tokens, batch_size=self.batch_size, system_prompt=self.system_prompt,
-                progress=progress, max_statistics_gb=self.max_statistics_gb,
+                progress=progress, max_statistics_gb=self.max_statistics_gb, centered=self.centered,
+                head_answer_only=self.head_answer_only,
                 metadata={"model_id": model_id, "chat_template_hash": fingerprint([tokenizer.chat_template or ""]),
                           "harmful_hash": fingerprint(harmful), "harmless_hash": fingerprint(harmless),
                           "harmful_source": str(self.harmful)[:200], "harmless_source": str(self.harmless)[:200],

@@ -38,18 +38,21 @@ from rg_lightning.toy.report import METRICS, AlignmentReport
 ARMS = ("plain", "guarded", "directions")
 DEFAULT_ENERGY = 0.99  # experiments/tiny.yaml; other energies get their own result files
 DEFAULT_N_PROMPTS = 128  # experiments/tiny.yaml (RefusalDirections n_prompts); likewise
+DEFAULT_CENTERED = False  # experiments/tiny.yaml (RefusalDirections centered); likewise
 
 
 def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, variant: str, seed: int, steps: int,
             lr: float, energy: float, answer_tokens: int, project_gradients: bool = True,
-            n_prompts: int = DEFAULT_N_PROMPTS, rank: int | None = None) -> dict:
+            n_prompts: int = DEFAULT_N_PROMPTS, rank: int | None = None, centered: bool = DEFAULT_CENTERED,
+            head_answer_only: bool = True) -> dict:
     L.seed_everything(seed)
     report = AlignmentReport(task=task, variant=variant)
     callbacks = [report]
     if arm != "plain":
         prefix = f"toy:{variant}:" if variant != "default" else "toy:"
         callbacks += [RefusalDirections(harmful=prefix + "harmful", harmless=prefix + "harmless", energy=energy,
-                                        rank=rank, n_prompts=n_prompts, answer_tokens=answer_tokens, batch_size=32,
+                                        rank=rank, n_prompts=n_prompts, centered=centered,
+                                        head_answer_only=head_answer_only, answer_tokens=answer_tokens, batch_size=32,
                                         seed=seed),
                       RepresentationProjection(mode="subspace" if arm == "guarded" else "directions",
                                                project_gradients=project_gradients)]
@@ -117,6 +120,11 @@ def main() -> None:
     parser.add_argument("--n-prompts", type=int, default=DEFAULT_N_PROMPTS,
                         help="RefusalDirections n_prompts (harmful and harmless prompts measured for the basis)")
     parser.add_argument("--rank", type=int, default=None, help="RefusalDirections rank (fixed subspace dimension)")
+    parser.add_argument("--centered", type=lambda v: v.lower() in ("1", "true", "yes"), default=DEFAULT_CENTERED,
+                        help="RefusalDirections centered (true/false): energy of the variance around the mean")
+    parser.add_argument("--head-positions", default="answer", choices=("answer", "all"),
+                        help="positions where the logit head is protected: where answers are generated "
+                             "(RefusalDirections head_answer_only, the default) or every prompt position (before)")
     parser.add_argument("--answer-tokens", type=int, default=0, help="RefusalDirections answer_tokens")
     parser.add_argument("--post-step-only", action="store_true",
                         help="RepresentationProjection project_gradients=False (the constraint only after each step)")
@@ -129,13 +137,16 @@ def main() -> None:
     for seed in args.seeds:
         for arm in args.arms:
             runs.append(run_arm(arm, model_dir, args.task, args.harmful_fraction, args.variant, seed, args.steps, args.lr,
-                                args.energy, args.answer_tokens, not args.post_step_only, args.n_prompts, args.rank))
+                                args.energy, args.answer_tokens, not args.post_step_only, args.n_prompts, args.rank, args.centered,
+                                args.head_positions == "answer"))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
     name = f"tiny_{world}_{args.task}" + (f"_attack{args.harmful_fraction:g}" if args.harmful_fraction else "")
     name += (f"_energy{args.energy:g}" if args.energy != DEFAULT_ENERGY and args.rank is None else "")
     name += (f"_rank{args.rank}" if args.rank is not None else "")
+    name += "_head-answer" if args.head_positions == "answer" else ""  # files without it: every position
+    name += (("_centered" if args.centered else "_uncentered") if args.centered != DEFAULT_CENTERED else "")
     name += (f"_prompts{args.n_prompts}" if args.n_prompts != DEFAULT_N_PROMPTS else "") + ("_poststep" if args.post_step_only else "")
     command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -143,6 +154,7 @@ def main() -> None:
     markdown = (f"### {name}\n\n{table(runs, args.arms)}\n\n"
                 f"Command: `{command.strip()}`; seeds {args.seeds}; {args.steps} steps, AdamW lr {args.lr}, batch 32; "
                 f"guard: " + (f"rank {args.rank}" if args.rank is not None else f"energy {args.energy}")
+                + (" (centered)" if args.centered else "") + f", logit head protected at {args.head_positions} positions"
                 + f", {args.n_prompts} prompts, answer tokens {args.answer_tokens}, gradients "
                 f"{'not ' if args.post_step_only else ''}projected before each step; "
                 f"held-out data, greedy generation. Machine: {machine}. Total wall time "

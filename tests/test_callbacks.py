@@ -35,7 +35,9 @@ def run_fit(root, model_dir, data_file, callbacks, steps=4, ckpt_path=None, chec
 
 
 def protected_forward(module, prompts=HARMFUL):
-    """Logits of the model on the protected prompts (rendered as RefusalDirections renders them)."""
+    """What the guard keeps on the protected prompts (rendered as RefusalDirections renders them): the final
+    hidden states at every position and the logits the answer is generated from (last position; the logit
+    head is protected where answers are generated, not on the prompt's own next-word predictions)."""
     tokenizer = module.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     batch = tokenizer([render_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
@@ -43,8 +45,8 @@ def protected_forward(module, prompts=HARMFUL):
     tokenizer.padding_side = side
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
-        logits = module.model(**batch, position_ids=positions).logits
-    return logits[batch["attention_mask"].bool()]
+        output = module.model(**batch, position_ids=positions, output_hidden_states=True)
+    return torch.cat([output.hidden_states[-1][batch["attention_mask"].bool()].flatten(), output.logits[:, -1].flatten()])
 
 
 def guard(**kwargs):

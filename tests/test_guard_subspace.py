@@ -83,3 +83,24 @@ def test_difference_in_means_and_unit():
         unit(torch.zeros(3))
     with pytest.raises(ValueError, match="shape mismatch"):
         difference_in_means(torch.zeros(2), torch.zeros(3))
+
+
+def test_centered_subspace_keeps_the_mean_and_the_variance_an_offset_would_hide():
+    from rg_lightning.guard import centered_subspace
+
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.tensor([3.0, 1.0, 0.5, 0.01, 0.01, 0.01], dtype=torch.float64)
+    offset = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 50.0], dtype=torch.float64)  # a large common input
+    x = torch.randn(2000, 6, generator=generator, dtype=torch.float64) * scales + offset
+    gram, first = x.T @ x, x.sum(0)
+    assert top_subspace(gram, energy=0.99).shape[1] == 1  # the offset alone holds 99% of the energy
+    basis = centered_subspace(gram, first, len(x), energy=0.95)
+    assert basis.shape == (6, 3)  # the mean direction + the two directions holding 95% of the variance
+    torch.testing.assert_close(basis.T @ basis, torch.eye(3, dtype=torch.float64))
+    mean = first / len(x)
+    torch.testing.assert_close(basis[:, 0], mean / mean.norm())  # the mean comes first
+    inside = (basis.T @ torch.eye(6, dtype=torch.float64)[:, :2]).norm(dim=0)
+    assert (inside > 0.99).all()  # the high-variance axes are protected
+    assert torch.equal(basis, centered_subspace(gram.clone(), first.clone(), len(x), energy=0.95))
+    assert centered_subspace(gram, first, len(x), k=2).shape == (6, 2)
+    assert centered_subspace(gram, first, len(x), k=1).shape == (6, 1)

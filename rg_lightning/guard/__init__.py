@@ -24,7 +24,7 @@ from .projection import (
     project_out_left,
 )
 from .statistics import GramAccumulator, MeanAccumulator, capture_linear_inputs
-from .subspace import difference_in_means, orthonormalize, top_subspace, unit
+from .subspace import centered_subspace, difference_in_means, orthonormalize, top_subspace, unit
 
 __all__ = [
     "ConstraintSet",
@@ -49,5 +49,6 @@ __all__ = [
     "project_out_left",
     "projection_gap",
     "top_subspace",
+    "centered_subspace",
     "unit",
 ]

@@ -14,6 +14,8 @@ are generated once), turns its Grams into subspaces and frees them. One pass whe
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -21,7 +23,7 @@ from torch import nn
 from rg_lightning.chat import render_prompt, require_chat_template
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.statistics import GramAccumulator, MeanAccumulator, capture_linear_inputs
-from rg_lightning.guard.subspace import top_subspace
+from rg_lightning.guard.subspace import centered_subspace, top_subspace
 
 
 def _world() -> tuple[int, int]:
@@ -130,6 +132,51 @@ def _with_answers(model, tokenizer, batch: dict, answer_tokens: int) -> dict:
     return {"input_ids": output, "attention_mask": mask}
 
 
+def output_head_name(model: nn.Module, names: list[str]) -> str | None:
+    """The protected module that computes the logits (``lm_head``), if any of ``names`` is it."""
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    modules = dict(model.named_modules())
+    for name in names:
+        if modules[name] is head or getattr(modules[name], "base_layer", None) is head:
+            return name
+    return None
+
+
+@contextlib.contextmanager
+def _capture(model: nn.Module, names: list[str], grams: GramAccumulator, mask: torch.Tensor, head: str | None,
+             prompt_width: int):
+    """Capture every module's inputs at every unmasked position, except the logit head's: only where logits
+    are generated from (the last prompt position and the appended answer), the only positions whose logits
+    decide what the model says. The head's inputs at earlier prompt positions predict the prompt's own next
+    words, which nothing reads; protecting them only constrains the task (measured: see collect_basis)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(capture_linear_inputs(model, [n for n in names if n != head], grams, mask))
+        if head in names:
+            answer = mask.clone()
+            answer[:, : prompt_width - 1] = False
+            stack.enter_context(capture_linear_inputs(model, [head], grams, answer))
+        yield
+
+
+class _GramAndMean(GramAccumulator):
+    """Σ x xᵀ per module plus, in ``firsts``, Σ x (for :func:`centered_subspace`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.firsts = MeanAccumulator()
+
+    def update(self, name: str, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        super().update(name, x, mask)
+        self.firsts.update(name, x, mask)
+
+
+def _grams(centered: bool) -> GramAccumulator:
+    return _GramAndMean() if centered else GramAccumulator()
+
+
 @torch.no_grad()
 def collect_basis(
     model: nn.Module,
@@ -145,12 +192,18 @@ def collect_basis(
     metadata: dict | None = None,
     progress=None,
     max_statistics_gb: float | None = None,
+    centered: bool = False,
+    head_answer_only: bool = True,
 ) -> SafetyBasis:
     """Measure the aligned model once and return its SafetyBasis (identical on every rank).
 
     ``max_statistics_gb`` bounds the float64 Gram matrices held at once (``None``: all in one pass);
     ``progress(kind, n)`` is called after each batch with ``kind`` "harmful", "harmless" or "statistics"
-    (the extra passes).
+    (the extra passes). ``centered``: each subspace is the inputs' mean direction plus the top
+    eigenvectors of their covariance covering ``energy`` of the variance (:func:`centered_subspace`)
+    instead of the top eigenvectors of the uncentred second moment covering ``energy`` of it.
+    ``head_answer_only``: the logit head (``lm_head``) is protected on its inputs at the positions that
+    generate the answer only (last prompt position + answer tokens), not at every prompt position.
     """
     if max_statistics_gb is not None and not max_statistics_gb > 0:
         raise ValueError(f"max_statistics_gb must be positive or None, got {max_statistics_gb}.")
@@ -176,20 +229,32 @@ def collect_basis(
     means = {"harmful": MeanAccumulator(), "harmless": MeanAccumulator()}
     subspaces: dict[str, torch.Tensor] = {}
     token_ids: set[int] = set()
-    harmful_batches: list[tuple[dict, torch.Tensor]] = []
+    harmful_batches: list[tuple[dict, torch.Tensor, int]] = []
+    head = output_head_name(model, list(groups)) if head_answer_only else None
 
     def gram_pass(grams: GramAccumulator, names_in_pass: list[str]) -> None:
         """All-reduce one pass's Grams (zeros where this rank saw nothing) and keep only their subspaces."""
         for name in names_in_pass:
             grams.ensure(name, (widths[name], widths[name]), device)
+            if centered:
+                grams.firsts.ensure(name, (widths[name],), device)
         grams.all_reduce_()
+        if centered:
+            grams.firsts.all_reduce_()
         for name in names_in_pass:
-            basis = top_subspace(grams.state()[name], energy=energy, k=rank).float().cpu()
+            if centered:
+                basis = centered_subspace(grams.state()[name], grams.firsts.sums[name], grams.counts[name],
+                                          energy=energy, k=rank)
+            else:
+                basis = top_subspace(grams.state()[name], energy=energy, k=rank)
+            basis = basis.float().cpu()  # one tensor shared by the group (q/k/v read the same input)
             subspaces.update({member: basis for member in groups[name]})
         grams.sums.clear()
+        if centered:
+            grams.firsts.sums.clear()
 
     try:
-        first = GramAccumulator()
+        first = _grams(centered)
         for kind, texts in (("harmful", harmful_texts), ("harmless", harmless_texts)):
             shard = texts[process::processes]
             for batch in _batches(tokenizer, shard, batch_size, device):
@@ -199,7 +264,7 @@ def collect_basis(
                 mask = batch["attention_mask"].bool()
                 positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
                 capture_names = passes[0] if kind == "harmful" and passes else []
-                with capture_linear_inputs(model, capture_names, first, mask):
+                with _capture(model, capture_names, first, mask, head, prompt_width):
                     output = model(**batch, position_ids=positions, output_hidden_states=True)
                 hidden = output.hidden_states[:-1]  # inputs of every decoder block
                 for layer, states in enumerate(hidden):
@@ -209,7 +274,7 @@ def collect_basis(
                 if kind == "harmful":
                     token_ids.update(batch["input_ids"][mask].tolist())
                     if len(passes) > 1:
-                        harmful_batches.append((batch, positions))
+                        harmful_batches.append((batch, positions, prompt_width))
                 if progress is not None:
                     progress(kind, batch["input_ids"].shape[0])
         for accumulator in means.values():
@@ -219,10 +284,10 @@ def collect_basis(
         if passes:
             gram_pass(first, passes[0])
         for names_in_pass in passes[1:]:
-            grams = GramAccumulator()
-            for batch, positions in harmful_batches:
+            grams = _grams(centered)
+            for batch, positions, prompt_width in harmful_batches:
                 mask = batch["attention_mask"].bool()
-                with capture_linear_inputs(model, names_in_pass, grams, mask):
+                with _capture(model, names_in_pass, grams, mask, head, prompt_width):
                     model(**batch, position_ids=positions)
                 if progress is not None:
                     progress("statistics", batch["input_ids"].shape[0])
@@ -240,7 +305,7 @@ def collect_basis(
 
     meta = dict(metadata or {})
     meta.update({"n_harmful": len(harmful), "n_harmless": len(harmless), "post_instruction_tokens": n_positions,
-                 "energy": energy, "rank": rank, "answer_tokens": answer_tokens, "modules": names,
+                 "energy": energy, "rank": rank, "centered": centered, "head_answer_only": head is not None, "answer_tokens": answer_tokens, "modules": names,
                  "subspace_dims": {name: int(subspaces[name].shape[1]) for name in names},
                  "statistics_passes": len(passes),
                  "system_prompt": system_prompt})
