@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from rg_lightning.callbacks.refusal_directions import RefusalDirections
 from rg_lightning.chat import render_prompt
-from rg_lightning.contract import hf_model, tokenizer_of
+from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
 from rg_lightning.guard.geometry import cosine, fisher_ratio, kl_divergence, linear_cka, pca_2d, principal_angles
 from rg_lightning.guard.projection import interference
 from rg_lightning.guard.subspace import top_subspace
@@ -123,6 +123,9 @@ class DriftGeometry(L.Callback):
         return summary
 
     # -- hooks -------------------------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        check_unsharded(trainer, "DriftGeometry")
+
     def on_train_start(self, trainer, pl_module) -> None:
         if self.initial is None:  # resume restores the fit-start measurement instead
             self.initial = self.measure_states(trainer, pl_module)
@@ -161,11 +164,12 @@ class DriftGeometry(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.initial is not None:
-            self._write(trainer, self.measure_states(trainer, pl_module))
+            # trainer.log_dir broadcasts, so every rank asks for it; only rank zero writes.
+            directory = trainer.log_dir or trainer.default_root_dir
+            self._write(directory, self.measure_states(trainer, pl_module))
 
     @rank_zero_only
-    def _write(self, trainer, final: dict) -> None:
-        directory = trainer.log_dir or trainer.default_root_dir
+    def _write(self, directory: str, final: dict) -> None:
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "drift_summary.json")
         with open(path + ".tmp", "w") as handle:

@@ -34,3 +34,27 @@ def tokenizer_of(trainer, pl_module):
             "or use a datamodule with one."
         )
     return tokenizer
+
+
+_SHARDING_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+
+
+def check_unsharded(trainer, who: str) -> None:
+    """Refuse strategies that shard parameters over processes, before anything is measured or trained.
+
+    The guard needs whole weight rows on every rank (``W·U`` and its correction act row by row, the
+    interference metric reads whole gradients), and its measurement passes give ranks different numbers of
+    prompts, which a sharded forward (one all-gather per layer and batch) would turn into a hang. DDP and
+    single-device FSDP keep whole parameters; DeepSpeed wraps the optimizer so the post-step hook is not
+    guaranteed to run, so it is refused at any size.
+    """
+    strategy = type(trainer.strategy)
+    names = {cls.__name__ for cls in strategy.__mro__}
+    sharding = next((n for n in _SHARDING_STRATEGIES if n in names), None)
+    if sharding is None or (sharding != "DeepSpeedStrategy" and trainer.world_size <= 1):
+        return
+    raise ValueError(
+        f"{who} does not support {strategy.__name__} with {trainer.world_size} process(es): it needs whole "
+        "parameters on every rank. Use strategy='ddp' (with LoRA or 4-bit QLoRA to fit a large model on "
+        "each device) or strategy='fsdp' on a single device."
+    )

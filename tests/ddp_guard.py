@@ -1,0 +1,38 @@
+"""Helper of test_callbacks: a guarded fine-tune (all three callbacks) under CPU DDP; each rank saves what
+it ends with (weights, protected outputs before/after, drift history) to rank<N>.pt."""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from rg_lightning import CausalLMModule, InstructionDataModule
+from rg_lightning.callbacks import DriftGeometry, RefusalDirections, RepresentationProjection
+from test_callbacks import HARMFUL, HARMLESS, protected_forward
+
+if __name__ == "__main__":
+    model_dir, out, devices = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{"messages": [{"role": "user", "content": f"how do i bake a cake {w} ?"},
+                          {"role": "assistant", "content": f"sure here you go {w} ."}]}
+            for w in ("one", "two", "three", "four", "five", "six", "seven", "eight")]
+    data_file = out / "chat.jsonl"
+    if L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
+        data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    L.seed_everything(0)
+    module = CausalLMModule(model=model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    module.configure_model()
+    before = protected_forward(module)
+    refusal = RefusalDirections(harmful=HARMFUL, harmless=HARMLESS, energy=1.0, answer_tokens=0, batch_size=2)
+    drift = DriftGeometry(every_n_steps=2, harmful=HARMFUL, harmless=HARMLESS, n_probes=4, figures=False)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=4,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=out,
+                        callbacks=[refusal, RepresentationProjection(), drift])
+    trainer.fit(module, InstructionDataModule(train=str(data_file), batch_size=2))
+    torch.save({"before": before, "after": protected_forward(module),
+                "weights": {k: v.detach().clone() for k, v in module.model.state_dict().items()},
+                "drift": drift.history},
+               out / f"rank{trainer.global_rank}.pt")
