@@ -139,11 +139,11 @@ class SafetyEvaluation(L.Callback):
         metadata = self.suite.metadata(model, tokenizer)
         metadata.update({"step": trainer.global_step, "checkpoint": trainer.ckpt_path,
                          "excluded_basis_prompts": dict(self.excluded)})
-        self._write(trainer, metadata)
+        # trainer.log_dir broadcasts, so every rank asks for it; only rank zero writes.
+        self._write(self.output_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "evaluation"), metadata)
 
     @rank_zero_only
-    def _write(self, trainer: L.Trainer, metadata: dict) -> None:
-        directory = self.output_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "evaluation")
+    def _write(self, directory: str, metadata: dict) -> None:
         write_report(directory, self.rows, metadata, self.suite.responses)
         rank_zero_info(f"\nSafety and utility evaluation (report in {directory}):\n"
                        + markdown(self.rows, metadata).split("\n\n")[0] + "\n")

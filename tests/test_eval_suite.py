@@ -90,7 +90,8 @@ def test_two_processes_report_what_one_does(tmp_path):
         result = subprocess.run([sys.executable, str(HERE / "ddp_evaluation.py"), str(out), str(devices)],
                                 capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
-        reports[devices] = (_rows(out), (out / "responses" / "toy_harmful.jsonl").read_text())
+        report = out / "evaluation"
+        reports[devices] = (_rows(report), (report / "responses" / "toy_harmful.jsonl").read_text())
     (one, one_responses), (two, two_responses) = reports[1], reports[2]
     assert one.keys() == two.keys() and len(one) == 5
     for key in one:

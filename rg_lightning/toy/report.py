@@ -59,14 +59,13 @@ class AlignmentReport(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.after = self._measure(trainer, pl_module)
-        self._write(trainer)
+        self._write(trainer.log_dir or trainer.default_root_dir)  # log_dir broadcasts: asked on every rank
 
     @rank_zero_only
-    def _write(self, trainer) -> None:
+    def _write(self, directory: str) -> None:
         rows = [f"{'':18s} {'before':>8s} {'after':>8s}"]
         rows += [f"{name:18s} {self.before[name]:8.1%} {self.after[name]:8.1%}" for name in METRICS]
         print("\nMiniature world, held-out data (task: %s)\n%s\n" % (self.task, "\n".join(rows)))
-        directory = trainer.log_dir or trainer.default_root_dir
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "alignment_report.json")
         with open(path + ".tmp", "w") as handle:
