@@ -16,8 +16,9 @@ Leak policy (measured: leaving any of these free lost all refusals in the miniat
 norm weights and other 1-D parameters are restored (frozen); embedding rows of every token seen in the
 protected prompts are restored; a tied lm_head is projected first and its protected rows restored after;
 biases of protected linears are restored. Frozen and bitsandbytes-quantized weights are skipped.
-Under FSDP the weights are sharded by rows; the right projection acts row by row, so each shard can be
-projected locally with the same ``U``.
+Strategies that shard parameters over processes (FSDP or model parallelism on several devices, DeepSpeed)
+are refused in ``setup``: the correction needs whole weight rows, and FSDP's flat shards cut rows apart
+(``contract.check_unsharded``). DDP and single-device FSDP keep whole parameters on every rank.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from rg_lightning.callbacks.refusal_directions import find_refusal_directions
-from rg_lightning.contract import hf_model
+from rg_lightning.contract import check_unsharded, hf_model
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.projection import ConstraintSet, build_constraints
 
@@ -101,6 +102,9 @@ class RepresentationProjection(L.Callback):
             basis.check_compatible(model, str(getattr(model.config, "_name_or_path", "")))
             return basis
         return find_refusal_directions(trainer).ensure_basis(trainer, pl_module)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_unsharded(trainer, "RepresentationProjection")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         basis, model = self._basis(trainer, pl_module), hf_model(pl_module)

@@ -20,7 +20,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
-from rg_lightning.contract import hf_model, tokenizer_of
+from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.collect import collect_basis
 from rg_lightning.guard.selection import KL_THRESHOLD, refusal_filter, refusal_scores, select_direction
@@ -63,6 +63,14 @@ class RefusalDirections(L.Callback):
             (last prompt position and answer tokens) rather than at every prompt position: the logits at
             earlier positions predict the prompt's own next words, which nothing reads, and protecting them
             cost task learning (miniature world: see experiments/results).
+        ridge: 0 (default): the directions below the ``energy`` cutoff are left free. Positive: they are kept
+            as a damped tail of each subspace, pulled back at every step with weight ``p / (p + ridge)`` where
+            ``p`` is the direction's share of the module's input energy (``guard.subspace.soft_subspace``).
+            The hard cutoff leaves ~1% of each module's input energy free; on Gemma-2 the small output changes
+            it allows compound over the layers and flip the first answer token. Miniature worlds, 3 seeds:
+            energy 0.98 + ridge 0.03 kept 99-100% of held-out harmful requests refused on all four worlds
+            (energy 0.99, ridge 0: 74.5-100%), 0% harmless refused, task >= 97% of plain fine-tuning's
+            (experiments/results/*_energy0.98_head-answer_ridge0.03.md). Costs more anchor memory (tail columns).
     """
 
     def __init__(
@@ -87,7 +95,10 @@ class RefusalDirections(L.Callback):
         max_statistics_gb: float | None = 4.0,
         centered: bool = False,
         head_answer_only: bool = True,
+        ridge: float = 0.0,
     ) -> None:
+        if not ridge >= 0 or (ridge and centered):
+            raise ValueError(f"ridge must be >= 0 (and 0 with centered=True), got {ridge}")
         if n_prompts < 2:
             raise ValueError(f"n_prompts must be at least 2, got {n_prompts}")
         if rank is None and (energy is None or not 0.0 < energy <= 1.0):
@@ -113,7 +124,7 @@ class RefusalDirections(L.Callback):
         self.filter_prompts, self.select_direction, self.n_val = filter_prompts, select_direction, n_val
         self.val_harmful, self.val_harmless, self.kl_threshold = val_harmful, val_harmless, kl_threshold
         self.max_statistics_gb = max_statistics_gb
-        self.centered, self.head_answer_only = centered, head_answer_only
+        self.centered, self.head_answer_only, self.ridge = centered, head_answer_only, ridge
         self.basis: SafetyBasis | None = None
 
     def ensure_basis(self, trainer: L.Trainer, pl_module: L.LightningModule) -> SafetyBasis:
@@ -159,7 +170,7 @@ class RefusalDirections(L.Callback):
                 model, tokenizer, harmful, harmless, energy=None if self.rank else self.energy, rank=self.rank,
                 answer_tokens=self.answer_tokens, batch_size=self.batch_size, system_prompt=self.system_prompt,
                 progress=progress, max_statistics_gb=self.max_statistics_gb, centered=self.centered,
-                head_answer_only=self.head_answer_only,
+                head_answer_only=self.head_answer_only, ridge=self.ridge,
                 metadata={"model_id": model_id, "chat_template_hash": fingerprint([tokenizer.chat_template or ""]),
                           "harmful_hash": fingerprint(harmful), "harmless_hash": fingerprint(harmless),
                           "harmful_source": str(self.harmful)[:200], "harmless_source": str(self.harmless)[:200],
@@ -234,6 +245,9 @@ class RefusalDirections(L.Callback):
             return None if hashes is None else set(hashes)
         return set(prompt_hashes(load_prompts(self.harmful, self.n_prompts, self.seed)
                                  + load_prompts(self.harmless, self.n_prompts, self.seed)))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_unsharded(trainer, "RefusalDirections")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ensure_basis(trainer, pl_module)

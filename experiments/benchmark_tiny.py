@@ -36,15 +36,17 @@ from rg_lightning.toy.data import ToyTaskDataModule
 from rg_lightning.toy.report import METRICS, AlignmentReport
 
 ARMS = ("plain", "guarded", "directions")
-DEFAULT_ENERGY = 0.99  # experiments/tiny.yaml; other energies get their own result files
+DEFAULT_ENERGY = 0.98  # experiments/tiny.yaml (RefusalDirections energy)
 DEFAULT_N_PROMPTS = 128  # experiments/tiny.yaml (RefusalDirections n_prompts); likewise
 DEFAULT_CENTERED = False  # experiments/tiny.yaml (RefusalDirections centered); likewise
+DEFAULT_RIDGE = 0.03  # experiments/tiny.yaml (RefusalDirections ridge)
+DEFAULT_ANSWER_TOKENS = 0  # experiments/tiny.yaml (RefusalDirections answer_tokens); likewise
 
 
 def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, variant: str, seed: int, steps: int,
             lr: float, energy: float, answer_tokens: int, project_gradients: bool = True,
             n_prompts: int = DEFAULT_N_PROMPTS, rank: int | None = None, centered: bool = DEFAULT_CENTERED,
-            head_answer_only: bool = True) -> dict:
+            head_answer_only: bool = True, ridge: float = DEFAULT_RIDGE) -> dict:
     L.seed_everything(seed)
     report = AlignmentReport(task=task, variant=variant)
     callbacks = [report]
@@ -53,7 +55,7 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
         callbacks += [RefusalDirections(harmful=prefix + "harmful", harmless=prefix + "harmless", energy=energy,
                                         rank=rank, n_prompts=n_prompts, centered=centered,
                                         head_answer_only=head_answer_only, answer_tokens=answer_tokens, batch_size=32,
-                                        seed=seed),
+                                        seed=seed, ridge=ridge),
                       RepresentationProjection(mode="subspace" if arm == "guarded" else "directions",
                                                project_gradients=project_gradients)]
     module = CausalLMModule(model=model_dir, dtype="float32", optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
@@ -125,7 +127,9 @@ def main() -> None:
     parser.add_argument("--head-positions", default="answer", choices=("answer", "all"),
                         help="positions where the logit head is protected: where answers are generated "
                              "(RefusalDirections head_answer_only, the default) or every prompt position (before)")
-    parser.add_argument("--answer-tokens", type=int, default=0, help="RefusalDirections answer_tokens")
+    parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
+                        help="RefusalDirections ridge: damped tail below the energy cutoff (0: hard cutoff)")
+    parser.add_argument("--answer-tokens", type=int, default=DEFAULT_ANSWER_TOKENS, help="RefusalDirections answer_tokens")
     parser.add_argument("--post-step-only", action="store_true",
                         help="RepresentationProjection project_gradients=False (the constraint only after each step)")
     parser.add_argument("--out", default="experiments/results")
@@ -138,15 +142,19 @@ def main() -> None:
         for arm in args.arms:
             runs.append(run_arm(arm, model_dir, args.task, args.harmful_fraction, args.variant, seed, args.steps, args.lr,
                                 args.energy, args.answer_tokens, not args.post_step_only, args.n_prompts, args.rank, args.centered,
-                                args.head_positions == "answer"))
+                                args.head_positions == "answer", args.ridge))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
     name = f"tiny_{world}_{args.task}" + (f"_attack{args.harmful_fraction:g}" if args.harmful_fraction else "")
-    name += (f"_energy{args.energy:g}" if args.energy != DEFAULT_ENERGY and args.rank is None else "")
+    # energy and ridge are always in the name (results of earlier defaults keep their meaning); the rest only
+    # when they differ from experiments/tiny.yaml.
+    name += (f"_energy{args.energy:g}" if args.rank is None else "")
     name += (f"_rank{args.rank}" if args.rank is not None else "")
     name += "_head-answer" if args.head_positions == "answer" else ""  # files without it: every position
     name += (("_centered" if args.centered else "_uncentered") if args.centered != DEFAULT_CENTERED else "")
+    name += (f"_ridge{args.ridge:g}" if args.ridge else "")  # files without it: hard cutoff
+    name += (f"_answer{args.answer_tokens}" if args.answer_tokens != DEFAULT_ANSWER_TOKENS else "")
     name += (f"_prompts{args.n_prompts}" if args.n_prompts != DEFAULT_N_PROMPTS else "") + ("_poststep" if args.post_step_only else "")
     command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -154,7 +162,7 @@ def main() -> None:
     markdown = (f"### {name}\n\n{table(runs, args.arms)}\n\n"
                 f"Command: `{command.strip()}`; seeds {args.seeds}; {args.steps} steps, AdamW lr {args.lr}, batch 32; "
                 f"guard: " + (f"rank {args.rank}" if args.rank is not None else f"energy {args.energy}")
-                + (" (centered)" if args.centered else "") + f", logit head protected at {args.head_positions} positions"
+                + (" (centered)" if args.centered else "") + (f", ridge {args.ridge:g}" if args.ridge else "") + f", logit head protected at {args.head_positions} positions"
                 + f", {args.n_prompts} prompts, answer tokens {args.answer_tokens}, gradients "
                 f"{'not ' if args.post_step_only else ''}projected before each step; "
                 f"held-out data, greedy generation. Machine: {machine}. Total wall time "

@@ -48,6 +48,26 @@ def test_bounded_memory_gives_the_same_basis_in_more_passes(tiny_models):
         collect_basis(model, tokenizer, HARMFUL, HARMLESS, max_statistics_gb=0)
 
 
+def test_ridge_adds_a_damped_tail_to_every_subspace(tiny_models):
+    """ridge > 0: each subspace is the ridge-0 one plus orthogonal tail columns of norm < 1, usable as a basis."""
+    from rg_lightning.guard import build_constraints
+
+    model, tokenizer = _load(tiny_models["llama"])
+    kwargs = dict(energy=0.9, answer_tokens=0, batch_size=3)
+    hard = collect_basis(model, tokenizer, HARMFUL, HARMLESS, **kwargs)
+    soft = collect_basis(model, tokenizer, HARMFUL, HARMLESS, ridge=0.01, **kwargs)
+    assert soft.metadata["ridge"] == 0.01 and hard.metadata["ridge"] == 0.0
+    for name, basis in soft.subspaces.items():
+        k = hard.subspaces[name].shape[1]
+        torch.testing.assert_close(basis[:, :k], hard.subspaces[name], rtol=1e-4, atol=1e-5, msg=name)
+        norms = basis.square().sum(0)
+        assert basis.shape[1] >= k and (norms[k:] < 1).all() and (norms[k:] >= 1e-3 * 0.99).all()
+    assert any(b.shape[1] > hard.subspaces[n].shape[1] for n, b in soft.subspaces.items())
+    build_constraints(model, soft.subspaces)  # accepted as weighted bases
+    with pytest.raises(ValueError, match="ridge"):
+        collect_basis(model, tokenizer, HARMFUL, HARMLESS, ridge=0.01, centered=True)
+
+
 def _worker(rank, world_size, store, model_dir, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:

@@ -304,3 +304,36 @@ def test_project_grads_removes_exactly_the_constrained_parts():
     assert grads["1.weight"].grad.abs().max() == 0 and grads["1.bias"].grad.abs().max() == 0  # norm: frozen
     with pytest.raises(ValueError, match="strength"):
         cs.project_grads_(2.0)
+
+
+def test_weighted_basis_damps_the_drift_per_direction_by_its_weight():
+    """A soft_subspace basis: unit columns are held exactly, a column of weight c loses c of its drift per
+    step (post-step) and of its gradient (before the step), and free directions are untouched."""
+    from rg_lightning.guard import soft_subspace
+
+    torch.manual_seed(0)
+    d = 8
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    gram = q @ torch.diag(torch.tensor([10.0, 5.0, 0.5, 0.2, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)) @ q.T
+    basis = soft_subspace(gram, energy=0.9, ridge=0.02).float()  # 2 hard columns + 2 damped
+    c = basis.square().sum(0)
+    assert basis.shape == (d, 4) and torch.allclose(c[:2], torch.ones(2)) and (c[2:] < 1).all()
+    lin = nn.Linear(d, 3)
+    con = LinearConstraint("lin", lin, basis)
+    u = q.float()  # unit eigenvectors: columns 0..3 protected (2 hard, 2 soft), 4.. free
+    w0 = lin.weight.detach().clone()
+    delta = torch.randn(3, d)
+    with torch.no_grad():
+        lin.weight.add_(delta)
+    con.apply_()
+    drift = (lin.weight.detach() - w0) @ u
+    expected = (delta @ u) * torch.cat([1 - c, torch.ones(d - 4)])
+    assert torch.allclose(drift, expected, atol=1e-5)
+    assert (drift[:, :2]).abs().max() < 1e-5  # hard directions exact
+    lin.weight.grad = g = torch.randn(3, d)
+    g0 = g.clone()
+    con.project_grad_()
+    assert torch.allclose(lin.weight.grad @ u, (g0 @ u) * torch.cat([1 - c, torch.ones(d - 4)]), atol=1e-5)
+    assert "+2 damped" in con.describe()
+    with pytest.raises(ValueError, match="not orthonormal"):
+        LinearConstraint("lin", lin, basis * 1.5)

@@ -104,3 +104,27 @@ def test_centered_subspace_keeps_the_mean_and_the_variance_an_offset_would_hide(
     assert torch.equal(basis, centered_subspace(gram.clone(), first.clone(), len(x), energy=0.95))
     assert centered_subspace(gram, first, len(x), k=2).shape == (6, 2)
     assert centered_subspace(gram, first, len(x), k=1).shape == (6, 1)
+
+
+def test_soft_subspace_is_the_hard_one_plus_a_ridge_weighted_tail():
+    from rg_lightning.guard import basis_weights, soft_subspace
+
+    values = [50.0, 30.0, 15.0, 4.0, 0.9, 0.1, 0.0]
+    gram, q = _rotated_diag(values, seed=3)
+    hard = top_subspace(gram, energy=0.95)
+    assert torch.equal(soft_subspace(gram, energy=0.95), hard)  # ridge 0: unchanged
+    ridge = 0.01
+    soft = soft_subspace(gram, energy=0.95, ridge=ridge, min_weight=1e-3)
+    assert torch.equal(soft[:, : hard.shape[1]], hard)  # the hard part first, as before
+    share = torch.tensor(values, dtype=torch.float64) / sum(values)
+    expected = torch.cat([torch.ones(hard.shape[1], dtype=torch.float64),
+                          (share / (share + ridge))[hard.shape[1]:]])
+    expected = expected[expected >= 1e-3]  # the zero-energy direction is dropped
+    torch.testing.assert_close(basis_weights(soft), expected)
+    gram_of_columns = soft.T @ soft
+    torch.testing.assert_close(gram_of_columns, torch.diag(torch.diagonal(gram_of_columns)))  # orthogonal
+    # span: the tail columns are the next eigenvectors
+    unit_tail = soft[:, hard.shape[1]:] / soft[:, hard.shape[1]:].norm(dim=0)
+    torch.testing.assert_close((unit_tail @ unit_tail.T), q[:, hard.shape[1]:6] @ q[:, hard.shape[1]:6].T)
+    with pytest.raises(ValueError, match="ridge"):
+        soft_subspace(gram, ridge=-1.0)

@@ -24,7 +24,15 @@ from .projection import (
     project_out_left,
 )
 from .statistics import GramAccumulator, MeanAccumulator, capture_linear_inputs
-from .subspace import centered_subspace, difference_in_means, orthonormalize, top_subspace, unit
+from .subspace import (
+    basis_weights,
+    centered_subspace,
+    difference_in_means,
+    orthonormalize,
+    soft_subspace,
+    top_subspace,
+    unit,
+)
 
 __all__ = [
     "ConstraintSet",
@@ -49,6 +57,8 @@ __all__ = [
     "project_out_left",
     "projection_gap",
     "top_subspace",
+    "soft_subspace",
+    "basis_weights",
     "centered_subspace",
     "unit",
 ]

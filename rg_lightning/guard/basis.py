@@ -25,7 +25,7 @@ from rg_lightning.atomic import atomic_directory
 class SafetyBasis:
     harmful_means: Tensor  # [layers, positions, hidden] float64, residual stream at each block's input
     harmless_means: Tensor  # same shape
-    subspaces: dict[str, Tensor]  # module name -> [in_features, k] orthonormal, float32
+    subspaces: dict[str, Tensor]  # module name -> [in_features, k] orthonormal (or weighted: soft_subspace), float32
     protected_token_ids: Tensor  # 1-D int64
     metadata: dict = field(default_factory=dict)
 

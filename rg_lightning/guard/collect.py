@@ -23,7 +23,7 @@ from torch import nn
 from rg_lightning.chat import render_prompt, require_chat_template
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.statistics import GramAccumulator, MeanAccumulator, capture_linear_inputs
-from rg_lightning.guard.subspace import centered_subspace, top_subspace
+from rg_lightning.guard.subspace import centered_subspace, soft_subspace
 
 
 def _world() -> tuple[int, int]:
@@ -194,6 +194,7 @@ def collect_basis(
     max_statistics_gb: float | None = None,
     centered: bool = False,
     head_answer_only: bool = True,
+    ridge: float = 0.0,
 ) -> SafetyBasis:
     """Measure the aligned model once and return its SafetyBasis (identical on every rank).
 
@@ -204,9 +205,14 @@ def collect_basis(
     instead of the top eigenvectors of the uncentred second moment covering ``energy`` of it.
     ``head_answer_only``: the logit head (``lm_head``) is protected on its inputs at the positions that
     generate the answer only (last prompt position + answer tokens), not at every prompt position.
+    ``ridge`` > 0: each subspace also carries a damped tail (:func:`soft_subspace`): the directions below the
+    energy cutoff, weighted ``p / (p + ridge)`` by their share ``p`` of the module's input energy, so the
+    constraint pulls them back in proportion instead of leaving them free (not with ``centered``).
     """
     if max_statistics_gb is not None and not max_statistics_gb > 0:
         raise ValueError(f"max_statistics_gb must be positive or None, got {max_statistics_gb}.")
+    if not ridge >= 0 or (ridge and centered):
+        raise ValueError(f"ridge must be >= 0 (and 0 with centered=True), got {ridge}")
     if len(harmful) < 2 or len(harmless) < 2:
         raise ValueError(f"Need at least 2 harmful and 2 harmless prompts, got {len(harmful)} and {len(harmless)}.")
     if set(harmful) == set(harmless):
@@ -246,7 +252,7 @@ def collect_basis(
                 basis = centered_subspace(grams.state()[name], grams.firsts.sums[name], grams.counts[name],
                                           energy=energy, k=rank)
             else:
-                basis = top_subspace(grams.state()[name], energy=energy, k=rank)
+                basis = soft_subspace(grams.state()[name], energy=energy, k=rank, ridge=ridge)
             basis = basis.float().cpu()  # one tensor shared by the group (q/k/v read the same input)
             subspaces.update({member: basis for member in groups[name]})
         grams.sums.clear()
@@ -305,7 +311,7 @@ def collect_basis(
 
     meta = dict(metadata or {})
     meta.update({"n_harmful": len(harmful), "n_harmless": len(harmless), "post_instruction_tokens": n_positions,
-                 "energy": energy, "rank": rank, "centered": centered, "head_answer_only": head is not None, "answer_tokens": answer_tokens, "modules": names,
+                 "energy": energy, "rank": rank, "centered": centered, "ridge": ridge, "head_answer_only": head is not None, "answer_tokens": answer_tokens, "modules": names,
                  "subspace_dims": {name: int(subspaces[name].shape[1]) for name in names},
                  "statistics_passes": len(passes),
                  "system_prompt": system_prompt})

@@ -8,6 +8,12 @@ never drifts (it is measured against the fixed anchor), and it costs out×k extr
 Composed over all modules — linears, embedding rows of the protected tokens, norm weights — the whole
 forward pass on protected prompts is unchanged, while everything orthogonal to U keeps learning.
 
+A *weighted* basis (``subspace.soft_subspace``: orthogonal columns of norm ``sqrt(c_i)`` ≤ 1) makes the same
+update a per-direction damping: the drift ``(W − W0)·u_i`` loses the share ``c_i`` at every step (``c_i = 1``:
+held exactly). It is the proximal step of an activation-space penalty ``Σ_i c_i/(1−c_i)·‖(W − W0) u_i‖²``
+and lets the directions below an energy cutoff be pulled back in proportion to their energy rather than
+left free; the unit columns keep the exact guarantee.
+
 ``project_grads_`` removes the same parts from the *gradients* before the step. Exactness does not need
 it (the post-step restore gives that), but the optimizer does: AdamW divides every coordinate by its own
 running scale, so the gradient's part inside span(U) — large whenever the task's inputs resemble the
@@ -105,9 +111,19 @@ def _checked_basis(name: str, basis: Tensor, dim: int, what: str, device) -> Ten
     b = basis.detach().double()
     if not torch.isfinite(b).all():
         raise ValueError(f"{name}: basis contains NaN or Inf")
-    if _max_abs(b.T @ b - torch.eye(b.shape[1], dtype=b.dtype, device=b.device)) > 1e-4:
-        raise ValueError(f"{name}: basis columns are not orthonormal; use orthonormalize() or top_subspace()")
+    gram = b.T @ b
+    norms = torch.diagonal(gram)
+    if (_max_abs(gram - torch.diag(norms)) > 1e-4 or _max_abs(norms.clamp_max(1.0) - norms) > 1e-4
+            or bool((norms <= 0).any())):
+        raise ValueError(f"{name}: basis columns are not orthonormal (or orthogonal with norms in (0, 1], a "
+                         "weighted basis); use orthonormalize(), top_subspace() or soft_subspace()")
     return basis.detach().to(device=device, dtype=torch.float32)
+
+
+def _unit_columns(basis: Tensor) -> Tensor:
+    """The columns of unit norm (weight 1) of a possibly weighted basis: the basis itself when all are."""
+    unit = basis.square().sum(0) > 1 - 1e-4
+    return basis if bool(unit.all()) else basis[:, unit]
 
 
 class LinearConstraint(_Constraint):
@@ -135,9 +151,19 @@ class LinearConstraint(_Constraint):
         bias = getattr(module, "bias", None) if keep_bias else None
         self.bias = bias.detach().clone() if isinstance(bias, Tensor) and bias.requires_grad else None
 
+    @property
+    def _exact(self) -> Tensor:
+        """The unit columns of the basis (all of them unless it is weighted, see ``soft_subspace``)."""
+        cached = getattr(self, "_exact_cache", None)
+        if cached is None or cached[0] is not self.basis:
+            self._exact_cache = cached = (self.basis, _unit_columns(self.basis))
+        return cached[1]
+
     def describe(self) -> str:
         kept = ", bias kept" if self.bias is not None else ""
-        return f"k={self.basis.shape[1]} of {self.basis.shape[0]}{kept}"
+        soft = self.basis.shape[1] - self._exact.shape[1]
+        damped = f" (+{soft} damped)" if soft else ""
+        return f"k={self._exact.shape[1]}{damped} of {self.basis.shape[0]}{kept}"
 
     def _product(self, w32: Tensor) -> Tensor:
         return w32 @ self.basis if self.side == "right" else self.basis.T @ w32
@@ -174,12 +200,15 @@ class LinearConstraint(_Constraint):
             # Twice ("twice is enough" re-orthogonalisation): one float32 pass leaves a rounding residue
             # of ~1e-7·|G| inside span(U), and AdamW would normalise that noise up to full-size steps
             # wherever the true free gradient is ~0. The second pass cuts it to ~1e-14·|G|.
-            for _ in range(2 if strength == 1.0 else 1):
-                inside = g32 @ self.basis if self.side == "right" else self.basis.T @ g32
+            # A weighted basis (soft_subspace) damps its tail columns by c_i < 1 once; only its unit columns
+            # get the second, clean-up pass (a second pass would damp the tail by 1 - (1 - c_i)^2).
+            passes = [self.basis] + ([self._exact] if strength == 1.0 and self._exact.shape[1] else [])
+            for basis in passes:
+                inside = g32 @ basis if self.side == "right" else basis.T @ g32
                 if self.side == "right":
-                    g32.addmm_(inside, self.basis.T, alpha=-strength)
+                    g32.addmm_(inside, basis.T, alpha=-strength)
                 else:
-                    g32.addmm_(self.basis, inside, alpha=-strength)
+                    g32.addmm_(basis, inside, alpha=-strength)
             if g32 is not g:
                 g.copy_(g32)
         if self.bias is not None and self.module.bias.grad is not None:

@@ -45,6 +45,42 @@ def top_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = None
     return _fix_signs(vectors[:, :k])
 
 
+def soft_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = None, ridge: float = 0.0,
+                  min_weight: float = 1e-3) -> Tensor:
+    """Weighted basis ``[d, r]``: the hard subspace of :func:`top_subspace` plus a damped tail.
+
+    Columns are orthogonal eigenvectors of ``gram`` scaled by ``sqrt(c_i)``: ``c_i = 1`` for the top
+    directions that ``energy``/``k`` selects, and ``c_i = p_i / (p_i + ridge)`` beyond them, where ``p_i`` is
+    the direction's share of the trace (tail columns with ``c_i < min_weight`` are dropped). Used as the
+    basis ``U`` of :class:`~rg_lightning.guard.projection.LinearConstraint`, ``W ← W − (W U − W0 U) Uᵀ``
+    removes the drift along direction ``i`` with weight ``c_i`` at every step, so directions below the
+    energy cutoff are no longer left entirely free: each is pulled back in proportion to the energy the
+    protected inputs have there (a ridge-regularised projection ``G (G + ridge·tr G · I)⁻¹`` on the tail).
+    ``ridge = 0`` returns :func:`top_subspace` itself (orthonormal columns).
+    """
+    if ridge < 0 or not 0.0 < min_weight < 1.0:
+        raise ValueError(f"ridge must be >= 0 and min_weight in (0, 1), got {ridge} and {min_weight}")
+    hard = top_subspace(gram, energy=energy, k=k)
+    if ridge == 0:
+        return hard
+    g = gram.detach().double()
+    values, vectors = torch.linalg.eigh((g + g.T) / 2)
+    values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
+    share = values / values.sum()
+    weights = share / (share + ridge)
+    n = hard.shape[1]
+    weights[:n] = 1.0
+    keep = torch.ones_like(weights, dtype=torch.bool)
+    keep[n:] = weights[n:] >= min_weight
+    tail = _fix_signs(vectors[:, n:][:, keep[n:]]) * weights[n:][keep[n:]].sqrt()
+    return torch.cat([hard, tail], dim=1)
+
+
+def basis_weights(basis: Tensor) -> Tensor:
+    """The weights ``c_i`` of a (possibly weighted) basis from :func:`soft_subspace`: its squared column norms."""
+    return basis.double().square().sum(0)
+
+
 def centered_subspace(gram: Tensor, first: Tensor, count: int, energy: float | None = 0.99,
                       k: int | None = None) -> Tensor:
     """The mean direction plus the top eigenvectors of the covariance around it, ``[d, r]``, orthonormal.

@@ -1,0 +1,24 @@
+"""Strategies that shard parameters over processes are refused up front with an error that names the fix."""
+
+from types import SimpleNamespace
+
+import pytest
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+from rg_lightning.callbacks import DriftGeometry, RefusalDirections, RepresentationProjection
+
+CALLBACKS = [lambda: RefusalDirections(harmful=["a b", "c d"], harmless=["e f", "g h"]),
+             RepresentationProjection, DriftGeometry]
+
+
+@pytest.mark.parametrize("make", CALLBACKS, ids=["RefusalDirections", "RepresentationProjection", "DriftGeometry"])
+def test_fsdp_over_two_processes_is_refused_naming_ddp(make):
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), world_size=2)
+    with pytest.raises(ValueError, match=r"FSDPStrategy with 2 process.*strategy='ddp'"):
+        make().setup(trainer, None, "fit")
+
+
+@pytest.mark.parametrize("make", CALLBACKS, ids=["RefusalDirections", "RepresentationProjection", "DriftGeometry"])
+@pytest.mark.parametrize("strategy, world_size", [(FSDPStrategy, 1), (DDPStrategy, 2)])
+def test_whole_parameter_strategies_pass(make, strategy, world_size):
+    make().setup(SimpleNamespace(strategy=strategy(), world_size=world_size), None, "fit")
