@@ -17,13 +17,8 @@ def _fix_signs(basis: Tensor) -> Tensor:
     return basis * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
-def top_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = None) -> Tensor:
-    """Top eigenvectors ``[d, r]`` of a second-moment matrix.
-
-    With ``k`` exactly ``k`` vectors; otherwise the smallest ``r`` whose eigenvalues cover ``energy``
-    of the trace (a relative slack of 1e-12 absorbs rounding, so ``energy=1.0`` gives the numerical
-    rank). Inputs whose energy lies in the span are then mapped identically by any constrained update.
-    """
+def _spectrum(gram: Tensor, energy: float | None, k: int | None) -> tuple[Tensor, Tensor, int]:
+    """Eigenvalues (descending, ≥ 0), eigenvectors and the number ``k`` of top ones that ``energy``/``k`` keeps."""
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"gram must be a square matrix, got shape {tuple(gram.shape)}")
     if not torch.isfinite(gram).all():
@@ -42,6 +37,17 @@ def top_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = None
     if k is None:
         cumulative = values.cumsum(0) / total
         k = int((cumulative < energy * (1 - 1e-12)).sum().item()) + 1
+    return values, vectors, k
+
+
+def top_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = None) -> Tensor:
+    """Top eigenvectors ``[d, r]`` of a second-moment matrix.
+
+    With ``k`` exactly ``k`` vectors; otherwise the smallest ``r`` whose eigenvalues cover ``energy``
+    of the trace (a relative slack of 1e-12 absorbs rounding, so ``energy=1.0`` gives the numerical
+    rank). Inputs whose energy lies in the span are then mapped identically by any constrained update.
+    """
+    _, vectors, k = _spectrum(gram, energy, k)
     return _fix_signs(vectors[:, :k])
 
 
@@ -60,19 +66,14 @@ def soft_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = Non
     """
     if ridge < 0 or not 0.0 < min_weight < 1.0:
         raise ValueError(f"ridge must be >= 0 and min_weight in (0, 1), got {ridge} and {min_weight}")
-    hard = top_subspace(gram, energy=energy, k=k)
+    values, vectors, n = _spectrum(gram, energy, k)
+    hard = _fix_signs(vectors[:, :n])
     if ridge == 0:
         return hard
-    g = gram.detach().double()
-    values, vectors = torch.linalg.eigh((g + g.T) / 2)
-    values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
-    share = values / values.sum()
+    share = values[n:] / values.sum()
     weights = share / (share + ridge)
-    n = hard.shape[1]
-    weights[:n] = 1.0
-    keep = torch.ones_like(weights, dtype=torch.bool)
-    keep[n:] = weights[n:] >= min_weight
-    tail = _fix_signs(vectors[:, n:][:, keep[n:]]) * weights[n:][keep[n:]].sqrt()
+    keep = weights >= min_weight
+    tail = _fix_signs(vectors[:, n:][:, keep]) * weights[keep].sqrt()
     return torch.cat([hard, tail], dim=1)
 
 
