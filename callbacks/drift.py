@@ -23,6 +23,7 @@ from rg_lightning.chat import render_prompt
 from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
 from rg_lightning.guard.geometry import cosine, fisher_ratio, kl_divergence, linear_cka, pca_2d, principal_angles
 from rg_lightning.guard.projection import interference
+from rg_lightning.guard.shards import whole
 from rg_lightning.guard.subspace import top_subspace
 from rg_lightning.prompts import load_prompts
 from rg_lightning.refusal_score import refusal_score, refusal_token_ids
@@ -128,7 +129,8 @@ class DriftGeometry(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.initial is None:  # resume restores the fit-start measurement instead
-            self.initial = self.measure_states(trainer, pl_module)
+            # Rank zero's measurement for everyone: sharded forwards may round differently per rank.
+            self.initial = trainer.strategy.broadcast(self.measure_states(trainer, pl_module), src=0)
             self.history.append({"step": trainer.global_step, **self.metrics(self.initial)})
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -146,8 +148,9 @@ class DriftGeometry(L.Callback):
             for weight in weights:
                 if weight.grad is None:
                     continue
-                energy = float(weight.grad.float().pow(2).sum())
-                inside += interference(weight.grad, basis.to(weight.grad.device)) * energy
+                grad = whole(weight.grad)  # row-sharded (FSDP2): gathered, on every rank alike
+                energy = float(grad.float().pow(2).sum())
+                inside += interference(grad, basis.to(grad.device)) * energy
                 total += energy
         self._interference = inside / total if total else 0.0
 
@@ -158,6 +161,7 @@ class DriftGeometry(L.Callback):
         record = {"step": step, **self.metrics(self.measure_states(trainer, pl_module))}
         if self._interference is not None:
             record["interference"] = self._interference
+        record = trainer.strategy.broadcast(record, src=0)  # the same numbers on every rank, logged and kept
         self.history.append(record)
         logged = {k: v for k, v in record.items() if k != "step" and ("_layer" not in k or k.startswith("cos_"))}
         pl_module.log_dict({f"drift/{k}": float(v) for k, v in logged.items()}, on_step=True, on_epoch=False)

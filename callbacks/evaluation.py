@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from rg_lightning.contract import hf_model, tokenizer_of
+from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
 from rg_lightning.evaluation.report import markdown, write_report
 from rg_lightning.evaluation.suite import EvaluationSuite
 from rg_lightning.prompts import prompt_hashes
@@ -88,6 +88,7 @@ class SafetyEvaluation(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Load every prompt set now, so a bad benchmark name or file fails before any training."""
+        check_unsharded(trainer, "SafetyEvaluation", row_shards=False)
         if stage in ("test", "validate") and "full" not in self._loaded:
             self._loaded["full"] = self._without_basis_prompts(trainer, *self.suite.load())
         if stage == "fit" and self.fit_suite is not None and "fit" not in self._loaded:

@@ -16,9 +16,10 @@ Leak policy (measured: leaving any of these free lost all refusals in the miniat
 norm weights and other 1-D parameters are restored (frozen); embedding rows of every token seen in the
 protected prompts are restored; a tied lm_head is projected first and its protected rows restored after;
 biases of protected linears are restored. Frozen and bitsandbytes-quantized weights are skipped.
-Strategies that shard parameters over processes (FSDP or model parallelism on several devices, DeepSpeed)
-are refused in ``setup``: the correction needs whole weight rows, and FSDP's flat shards cut rows apart
-(``contract.check_unsharded``). DDP and single-device FSDP keep whole parameters on every rank.
+Sharding: the right-side correction acts row by row, so under FSDP2 (rows sharded as DTensors) each rank
+corrects the rows it holds with the same ``U`` and the matching anchor rows (``guard.shards``). FSDP1 over
+several processes (flat shards that cut rows apart) and DeepSpeed are refused in ``setup``
+(``contract.check_unsharded``).
 """
 
 from __future__ import annotations

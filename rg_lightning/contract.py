@@ -36,25 +36,24 @@ def tokenizer_of(trainer, pl_module):
     return tokenizer
 
 
-_SHARDING_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+def check_unsharded(trainer, who: str, *, row_shards: bool = True) -> None:
+    """Refuse strategies whose parameter sharding the callback cannot follow, before anything runs.
 
-
-def check_unsharded(trainer, who: str) -> None:
-    """Refuse strategies that shard parameters over processes, before anything is measured or trained.
-
-    The guard needs whole weight rows on every rank (``W·U`` and its correction act row by row, the
-    interference metric reads whole gradients), and its measurement passes give ranks different numbers of
-    prompts, which a sharded forward (one all-gather per layer and batch) would turn into a hang. DDP and
-    single-device FSDP keep whole parameters; DeepSpeed wraps the optimizer so the post-step hook is not
-    guaranteed to run, so it is refused at any size.
+    The guard acts on whole weight rows. FSDP2 (``ModelParallelStrategy`` with ``fully_shard``) keeps whole
+    rows on each rank, sharded along dim 0, and the guard follows it (``guard.shards``); ``row_shards=False``
+    refuses it too (the evaluation suite splits prompts over ranks, which sharded forwards cannot). Lightning's
+    ``FSDPStrategy`` (FSDP1) flattens parameters into shards that cut rows apart, and only the root module's
+    forward gathers them; DeepSpeed wraps the optimizer so the post-step hook is not guaranteed to run.
     """
     strategy = type(trainer.strategy)
     names = {cls.__name__ for cls in strategy.__mro__}
-    sharding = next((n for n in _SHARDING_STRATEGIES if n in names), None)
-    if sharding is None or (sharding != "DeepSpeedStrategy" and trainer.world_size <= 1):
-        return
-    raise ValueError(
-        f"{who} does not support {strategy.__name__} with {trainer.world_size} process(es): it needs whole "
-        "parameters on every rank. Use strategy='ddp' (with LoRA or 4-bit QLoRA to fit a large model on "
-        "each device) or strategy='fsdp' on a single device."
-    )
+    several = trainer.world_size > 1
+    if "DeepSpeedStrategy" in names or ("FSDPStrategy" in names and several) or (
+            "ModelParallelStrategy" in names and several and not row_shards):
+        fix = "strategy='ddp' (with LoRA or 4-bit QLoRA to fit a large model on each device)"
+        if row_shards:
+            fix += ", ModelParallelStrategy with FSDP2's fully_shard"
+        raise ValueError(
+            f"{who} does not support {strategy.__name__} with {trainer.world_size} process(es): it needs whole "
+            f"weight rows on every rank. Use {fix}, or a single device."
+        )

@@ -1,5 +1,6 @@
-"""Helper of test_callbacks: a guarded fine-tune (all three callbacks) under CPU DDP; each rank saves what
-it ends with (weights, protected outputs before/after, drift history) to rank<N>.pt."""
+"""Helper of test_callbacks: a guarded fine-tune (all three callbacks) under CPU DDP, or FSDP2 (``fsdp2``:
+ModelParallelStrategy, every decoder layer and the model ``fully_shard``-ed over 2 processes); each rank saves
+what it ends with (whole weights, protected outputs before/after, drift history) to rank<N>.pt."""
 
 import json
 import sys
@@ -10,10 +11,28 @@ import torch
 
 from rg_lightning import CausalLMModule, InstructionDataModule
 from rg_lightning.callbacks import DriftGeometry, RefusalDirections, RepresentationProjection
+from rg_lightning.guard.shards import whole
 from test_callbacks import HARMFUL, HARMLESS, protected_forward
+
+
+class RowSharded(CausalLMModule):
+    """The user's side of FSDP2: shard each decoder layer, then the rest, over the data-parallel mesh."""
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.device_mesh is not None and not getattr(self, "_sharded", False):
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+            self._sharded = True
+
 
 if __name__ == "__main__":
     model_dir, out, devices = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    sharded = len(sys.argv) > 4 and sys.argv[4] == "fsdp2"
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"messages": [{"role": "user", "content": f"how do i bake a cake {w} ?"},
                           {"role": "assistant", "content": f"sure here you go {w} ."}]}
@@ -22,17 +41,21 @@ if __name__ == "__main__":
     if L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
         data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     L.seed_everything(0)
-    module = CausalLMModule(model=model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    module = (RowSharded if sharded else CausalLMModule)(model=model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     module.configure_model()
     before = protected_forward(module)
     refusal = RefusalDirections(harmful=HARMFUL, harmless=HARMLESS, energy=1.0, answer_tokens=0, batch_size=2)
     drift = DriftGeometry(every_n_steps=2, harmful=HARMFUL, harmless=HARMLESS, n_probes=4, figures=False)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=4,
+    if sharded:
+        strategy = L.pytorch.strategies.ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    else:
+        strategy = "ddp" if devices > 1 else "auto"
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=4,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=out,
                         callbacks=[refusal, RepresentationProjection(), drift])
     trainer.fit(module, InstructionDataModule(train=str(data_file), batch_size=2))
     torch.save({"before": before, "after": protected_forward(module),
-                "weights": {k: v.detach().clone() for k, v in module.model.state_dict().items()},
+                "weights": {k: whole(v.detach()).clone() for k, v in module.model.state_dict().items()},
                 "drift": drift.history},
                out / f"rank{trainer.global_rank}.pt")

@@ -299,20 +299,26 @@ def test_bad_selection_arguments_are_refused_early():
         RefusalDirections(harmful=HARMFUL, harmless=HARMLESS, n_prompts=5)._validation_prompts()
 
 
-def test_ddp_guarded_fine_tune_keeps_ranks_identical_and_protection_exact(tmp_path, tiny_models):
-    """Two DDP processes run all three callbacks: every rank ends with bit-identical weights and drift
-    history, the protected outputs did not move, and the weights did (the task still learns)."""
-    out = tmp_path / "ddp_guard"
-    result = subprocess.run([sys.executable, str(HERE / "ddp_guard.py"), tiny_models["llama"], str(out), "2"],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
-    for key, weight in ranks[0]["weights"].items():
-        assert torch.equal(weight, ranks[1]["weights"][key]), f"ranks disagree on {key}"
-    assert len(ranks[0]["drift"]) >= 3 and ranks[0]["drift"] == ranks[1]["drift"]
-    for rank in ranks:
-        torch.testing.assert_close(rank["after"], rank["before"], atol=2e-5, rtol=0)
+def test_ddp_and_fsdp2_guarded_fine_tunes_agree_and_keep_protection_exact(tmp_path, tiny_models):
+    """All three callbacks over two processes, under DDP and under FSDP2 (rows of every weight sharded):
+    every rank ends with the same weights and drift history, the protected outputs did not move, the
+    weights did (the task still learns), and sharding changes nothing but rounding."""
+    runs = {}
+    for strategy in ("ddp", "fsdp2"):
+        out = tmp_path / strategy
+        result = subprocess.run([sys.executable, str(HERE / "ddp_guard.py"), tiny_models["llama"], str(out), "2",
+                                 strategy], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        ranks = [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+        for key, weight in ranks[0]["weights"].items():
+            assert torch.equal(weight, ranks[1]["weights"][key]), f"{strategy}: ranks disagree on {key}"
+        assert len(ranks[0]["drift"]) >= 3 and ranks[0]["drift"] == ranks[1]["drift"], strategy
+        for rank in ranks:
+            torch.testing.assert_close(rank["after"], rank["before"], atol=2e-5, rtol=0)
+        runs[strategy] = ranks[0]
     initial = CausalLMModule(model=tiny_models["llama"])
     initial.configure_model()
-    moved = [k for k, w in initial.model.state_dict().items() if not torch.equal(w, ranks[0]["weights"][k])]
+    moved = [k for k, w in initial.model.state_dict().items() if not torch.equal(w, runs["ddp"]["weights"][k])]
     assert len(moved) > 10, moved
+    for key, weight in runs["ddp"]["weights"].items():
+        torch.testing.assert_close(runs["fsdp2"]["weights"][key], weight, atol=1e-5, rtol=0, msg=key)

@@ -22,14 +22,9 @@ from torch import nn
 
 from rg_lightning.chat import render_prompt, require_chat_template
 from rg_lightning.guard.basis import SafetyBasis
+from rg_lightning.guard.shards import prompt_world
 from rg_lightning.guard.statistics import GramAccumulator, MeanAccumulator, capture_linear_inputs
 from rg_lightning.guard.subspace import centered_subspace, soft_subspace
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def post_instruction_length(tokenizer, system_prompt: str | None = None) -> int:
@@ -221,7 +216,7 @@ def collect_basis(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    process, processes = _world()
+    process, processes = prompt_world(model)
     n_positions = post_instruction_length(tokenizer, system_prompt)
     names = protected_modules(model)
     render = lambda prompts: [render_prompt(tokenizer, p, system_prompt=system_prompt) for p in prompts]  # noqa
@@ -244,9 +239,10 @@ def collect_basis(
             grams.ensure(name, (widths[name], widths[name]), device)
             if centered:
                 grams.firsts.ensure(name, (widths[name],), device)
-        grams.all_reduce_()
-        if centered:
-            grams.firsts.all_reduce_()
+        if processes > 1:
+            grams.all_reduce_()
+            if centered:
+                grams.firsts.all_reduce_()
         for name in names_in_pass:
             if centered:
                 basis = centered_subspace(grams.state()[name], grams.firsts.sums[name], grams.counts[name],
@@ -286,7 +282,8 @@ def collect_basis(
         for accumulator in means.values():
             for key in [(layer, p) for layer in range(n_layers) for p in range(n_positions)]:
                 accumulator.ensure(key, (hidden_size,), device)
-            accumulator.all_reduce_()
+            if processes > 1:
+                accumulator.all_reduce_()
         if passes:
             gram_pass(first, passes[0])
         for names_in_pass in passes[1:]:

@@ -31,6 +31,7 @@ import re
 import torch
 from torch import Tensor, nn
 
+from .shards import local_rows, whole
 from .statistics import _unknown_names_error
 
 _PEFT_WRAPPERS = re.compile(
@@ -147,9 +148,9 @@ class LinearConstraint(_Constraint):
         w = self.param
         dim, what = (w.shape[1], "input features") if side == "right" else (w.shape[0], "output features")
         self.basis = _checked_basis(name, basis, dim, what, w.device)
-        self.anchor = self._product(w.detach().float())
+        self.anchor = self._product(whole(w.detach()).float())
         bias = getattr(module, "bias", None) if keep_bias else None
-        self.bias = bias.detach().clone() if isinstance(bias, Tensor) and bias.requires_grad else None
+        self.bias = whole(bias.detach()).clone() if isinstance(bias, Tensor) and bias.requires_grad else None
 
     @property
     def _exact(self) -> Tensor:
@@ -170,32 +171,42 @@ class LinearConstraint(_Constraint):
 
     def anchor_error(self) -> float:
         """Largest |W·U − A0| entry: 0 when the protected response is exactly the initial one."""
-        err = self._product(self.param.detach().float())
+        err = self._product(whole(self.param.detach()).float())
         if self.anchor is not None:
             err -= self.anchor
         return _max_abs(err)
 
     @torch.no_grad()
     def apply_(self, strength: float = 1.0) -> None:
-        w = self.param
-        w32 = w.float()  # the parameter itself when it is float32: updated in place, no copy of W
-        err = self._product(w32)
-        if self.anchor is not None:
-            err -= self.anchor
-        if self.side == "right":
+        if self.side == "right":  # row by row: a rank holding some rows of W corrects just those
+            w, start = local_rows(self.param.data)
+            w32 = w.float()  # the parameter itself when it is float32: updated in place, no copy of W
+            err = w32 @ self.basis
+            if self.anchor is not None:
+                err -= self.anchor[start:start + w.shape[0]]
             w32.addmm_(err, self.basis.T, alpha=-strength)
-        else:
-            w32.addmm_(self.basis, err, alpha=-strength)
+        else:  # Uᵀ·W mixes rows: work on the whole matrix, keep this rank's rows
+            w, start = local_rows(self.param.data)
+            full32 = whole(self.param.data).float()
+            err = self.basis.T @ full32
+            if self.anchor is not None:
+                err -= self.anchor
+            w32 = full32.addmm(self.basis, err, alpha=-strength)[start:start + w.shape[0]]
         if w32 is not w:
             w.copy_(w32)
         if self.bias is not None:
-            self.module.bias.lerp_(self.bias, strength)
+            bias, start = local_rows(self.module.bias.data)
+            bias.lerp_(self.bias[start:start + bias.shape[0]], strength)
 
     @torch.no_grad()
     def project_grad_(self, strength: float = 1.0) -> None:
         """Remove the gradient's part that the constraint would undo (``G U Uᵀ``, resp. ``U Uᵀ G``)."""
-        g = self.param.grad
-        if g is not None:
+        grad = self.param.grad
+        if grad is not None:
+            g, start = local_rows(grad)
+            rows = None
+            if self.side == "left" and g is not grad:  # Uᵀ·G mixes rows: project the whole gradient
+                rows, g = slice(start, start + g.shape[0]), whole(grad)
             g32 = g.float()
             # Twice ("twice is enough" re-orthogonalisation): one float32 pass leaves a rounding residue
             # of ~1e-7·|G| inside span(U), and AdamW would normalise that noise up to full-size steps
@@ -209,10 +220,12 @@ class LinearConstraint(_Constraint):
                     g32.addmm_(inside, basis.T, alpha=-strength)
                 else:
                     g32.addmm_(basis, inside, alpha=-strength)
-            if g32 is not g:
+            if rows is not None:
+                local_rows(grad)[0].copy_(g32[rows])
+            elif g32 is not g:
                 g.copy_(g32)
         if self.bias is not None and self.module.bias.grad is not None:
-            self.module.bias.grad.mul_(1.0 - strength)
+            local_rows(self.module.bias.grad)[0].mul_(1.0 - strength)
 
 
 class LoraConstraint(LinearConstraint):
@@ -249,21 +262,27 @@ class RowFreeze(_Constraint):
                 f"{name}: protected token ids must be in [0, {w.shape[0]}), got {int(ids[0])}..{int(ids[-1])}"
             )
         self.ids = ids
-        self.rows = w.detach()[ids].clone()
+        self.rows = whole(w.detach())[ids].clone()
 
     def describe(self) -> str:
         return f"{self.ids.numel()} rows"
 
+    def _held(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """This rank's rows of ``t``, the protected ids among them (local indices) and their positions in ``ids``."""
+        local, start = local_rows(t)
+        mine = (self.ids >= start) & (self.ids < start + local.shape[0])
+        return local, self.ids[mine] - start, mine
+
     @torch.no_grad()
     def apply_(self, strength: float = 1.0) -> None:
-        w = self.param
-        w.index_copy_(0, self.ids, torch.lerp(w[self.ids], self.rows, strength))
+        w, ids, mine = self._held(self.param.data)
+        w.index_copy_(0, ids, torch.lerp(w[ids], self.rows[mine], strength))
 
     @torch.no_grad()
     def project_grad_(self, strength: float = 1.0) -> None:
-        g = self.param.grad
-        if g is not None:
-            g.index_copy_(0, self.ids, g[self.ids] * (1.0 - strength))
+        if self.param.grad is not None:
+            g, ids, _ = self._held(self.param.grad)
+            g.index_copy_(0, ids, g[ids] * (1.0 - strength))
 
 
 class ParamFreeze(_Constraint):
@@ -274,19 +293,20 @@ class ParamFreeze(_Constraint):
 
     def __init__(self, name: str, module: nn.Module, attr: str):
         super().__init__(name, module, attr)
-        self.value = self.param.detach().clone()
+        self.value = whole(self.param.detach()).clone()
 
     def describe(self) -> str:
         return f"{self.value.numel()} values"
 
     @torch.no_grad()
     def apply_(self, strength: float = 1.0) -> None:
-        self.param.lerp_(self.value, strength)
+        local, start = local_rows(self.param.data)
+        local.lerp_(self.value[start:start + local.shape[0]], strength)
 
     @torch.no_grad()
     def project_grad_(self, strength: float = 1.0) -> None:
         if self.param.grad is not None:
-            self.param.grad.mul_(1.0 - strength)
+            local_rows(self.param.grad)[0].mul_(1.0 - strength)
 
 
 class ConstraintSet:

@@ -24,16 +24,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rg_lightning.chat import render_prompt
+from rg_lightning.guard.shards import prompt_world
 from rg_lightning.refusal_score import refusal_score, refusal_token_ids
 
 MAX_LAYER_FRACTION = 0.8
 KL_THRESHOLD = 0.1
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 # -- hooks ---------------------------------------------------------------------------------------------------
@@ -164,7 +159,7 @@ def refusal_scores(model: nn.Module, tokenizer, prompts: list[str], *, batch_siz
     """
     ids = refusal_ids or refusal_token_ids(tokenizer)
     encoded = encode_prompts(tokenizer, prompts, system_prompt)
-    rank, world = _world()
+    rank, world = prompt_world(model)
     mine = torch.arange(rank, len(prompts), world)
     with _evaluating(model):
         shard = [refusal_score(_last_logits(model, encoded, rows), ids).cpu() for rows in mine.split(batch_size)]
@@ -186,7 +181,7 @@ def _candidate_means(model, encoded: dict[str, Tensor], n_candidates: int, batch
     Rows of the (candidate, prompt) grid are sharded over processes; per-candidate sums are all-reduced.
     """
     n_prompts = encoded["input_ids"].shape[0]
-    rank, world = _world()
+    rank, world = prompt_world(model)
     device = next(model.parameters()).device
     sums = torch.zeros(n_candidates, dtype=torch.float64, device=device)
     for rows in torch.arange(rank, n_candidates * n_prompts, world).split(batch_size):
