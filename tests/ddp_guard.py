@@ -44,7 +44,10 @@ if __name__ == "__main__":
     module = (RowSharded if sharded else CausalLMModule)(model=model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     module.configure_model()
     before = protected_forward(module)
-    refusal = RefusalDirections(harmful=HARMFUL, harmless=HARMLESS, energy=1.0, answer_tokens=0, batch_size=2)
+    refusal = RefusalDirections(harmful=HARMFUL, harmless=HARMLESS, energy=1.0, answer_tokens=2, batch_size=2,
+                                filter_prompts=True, select_direction=True, n_val=3,
+                                val_harmful=[p.replace("bomb", "weapon") for p in HARMFUL],
+                                val_harmless=[p.replace("cake", "pie") for p in HARMLESS])
     drift = DriftGeometry(every_n_steps=2, harmful=HARMFUL, harmless=HARMLESS, n_probes=4, figures=False)
     if sharded:
         strategy = L.pytorch.strategies.ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
