@@ -89,16 +89,20 @@ def test_strength_zero_and_directions_mode_do_not_protect(tmp_path, tiny_models,
         assert (protected_forward(module) - before).abs().max() > 1e-3
 
 
-def test_gradient_accumulation_and_clipping_keep_protection(tmp_path, tiny_models, chat_file):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_gradient_accumulation_clipping_and_amp_keep_protection(tmp_path, tiny_models, chat_file, precision):
     reference = CausalLMModule(model=tiny_models["llama"])
     reference.configure_model()
     before = protected_forward(reference)
     L.seed_everything(0)
     module = CausalLMModule(model=tiny_models["llama"], optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
-              accumulate_grad_batches=2, gradient_clip_val=0.5, callbacks=[guard(), RepresentationProjection()],
+              accumulate_grad_batches=2, gradient_clip_val=0.5, precision=precision,
+              callbacks=[guard(), RepresentationProjection()],
               default_root_dir=tmp_path).fit(module, InstructionDataModule(train=chat_file, batch_size=4))
     torch.testing.assert_close(protected_forward(module), before, atol=2e-5, rtol=0)
+    assert not torch.equal(module.model.model.layers[0].mlp.up_proj.weight,
+                           reference.model.model.layers[0].mlp.up_proj.weight)  # it trained
 
 
 def test_crash_then_resume_restores_every_callback(tmp_path, tiny_models, chat_file, monkeypatch):
