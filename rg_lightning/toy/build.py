@@ -1,21 +1,24 @@
 """Build the shipped aligned model: ``python -m rg_lightning.toy build [--out DIR] [--seed 0] [--steps N]
-[--variant default|alt] [--arch llama|gemma2]``.
+[--variant default|alt] [--arch llama|gemma2|qwen3]``.
 
 A plain PyTorch supervised fine-tuning loop (loss on assistant tokens only, AdamW, deterministic) trains a
 small model from scratch on :meth:`ToyWorld.alignment_examples`, then measures held-out refusal rates and
 saves a Hugging Face directory atomically.
 
-Architectures (:data:`ARCHITECTURES`), both 4 layers, hidden 128, intermediate 256, 4 attention heads of
+Architectures (:data:`ARCHITECTURES`), all 4 layers, hidden 128, intermediate 256, 4 attention heads of
 width 32, 2 key/value heads, float32 weights:
 
 * ``llama`` (the shipped model): SiLU-gated MLP, untied input embeddings and LM head (~2.7 MB).
 * ``gemma2``: the Gemma-2 block (GELU-tanh gated MLP, four RMSNorms per block with ``1 + weight``
   scaling, embeddings scaled by sqrt(hidden), attention and final-logit soft-capping, alternating
   sliding-window / full attention) with the LM head **tied** to the embeddings, as in real Gemma-2 (~1.6 MB).
+* ``qwen3``: the Qwen3 block (RMSNorm on every query and key head, SiLU-gated MLP) with the LM head tied to
+  the embeddings, as in the small Qwen3 releases.
 
 Why not Qwen2: transformers 5.x lists "qwen2" among the model types whose hub tokenizer class it distrusts,
 so ``AutoTokenizer.from_pretrained`` on a directory with a qwen2 ``config.json`` forces the byte-level BPE
-``Qwen2Tokenizer`` and silently breaks a word-level tokenizer. Llama directories load the saved tokenizer.
+``Qwen2Tokenizer`` and silently breaks a word-level tokenizer. Llama, Gemma-2 and Qwen3 directories load the
+saved tokenizer.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen3Config
 
 from rg_lightning.atomic import atomic_directory
 from rg_lightning.chat import IGNORE_INDEX, encode_conversation
@@ -41,7 +44,7 @@ ALIGNED_MODEL_DIR = Path(__file__).resolve().parent / "aligned"
 DEFAULT_STEPS = 200
 # Alignment steps per architecture when none are given. Gemma-2 (tied, soft-capped) trains slower: at 200
 # steps its aligned model still refused 15.6% of held-out harmless requests; at 400, 0.0% (harmful 100%).
-ARCH_STEPS = {"llama": DEFAULT_STEPS, "gemma2": 2 * DEFAULT_STEPS}
+ARCH_STEPS = {"llama": DEFAULT_STEPS, "gemma2": 2 * DEFAULT_STEPS, "qwen3": 2 * DEFAULT_STEPS}  # qwen3: tied too
 # Tied input/output embeddings (Gemma-2) need every word of the vocabulary to be a training target now and
 # then: alignment data never contains the downstream tasks' words, and in a tied model the softmax pushes all
 # of their (shared) embedding rows toward one "never predict" vector, so as *inputs* they became nearly
@@ -53,7 +56,7 @@ ARCH_STEPS = {"llama": DEFAULT_STEPS, "gemma2": 2 * DEFAULT_STEPS}
 # as before.
 VOCABULARY_SHARE = 0.1
 VOCABULARY_WORDS = (3, 8)
-TIED_ARCHITECTURES = ("gemma2",)  # the families built with vocabulary copy examples
+TIED_ARCHITECTURES = ("gemma2", "qwen3")  # the families built with vocabulary copy examples
 BUILD_VERSION = 2  # recorded in world.json; 2: vocabulary copy examples for tied architectures
 BATCH_SIZE = 32
 LEARNING_RATE = 2e-3
@@ -65,6 +68,7 @@ THREADS = 2
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, untied",
     "gemma2": "Gemma2ForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, tied",
+    "qwen3": "Qwen3ForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, QK-norm, tied",
 }
 
 
@@ -85,6 +89,8 @@ def model_config(tokenizer, arch: str = "llama"):
         # 150 steps) learnt the benign task's format but not its words (0% exact match, window 16 or 128).
         return Gemma2Config(tie_word_embeddings=True, query_pre_attn_scalar=32, sliding_window=MAX_LENGTH * 2,
                             layer_types=["sliding_attention", "full_attention"] * 2, **common)
+    if arch == "qwen3":
+        return Qwen3Config(tie_word_embeddings=True, **common)
     raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
 
 
