@@ -35,6 +35,7 @@ from rg_lightning.callbacks.refusal_directions import find_refusal_directions
 from rg_lightning.contract import check_unsharded, hf_model
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.projection import ConstraintSet, build_constraints
+from rg_lightning.guard.shards import reshard
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -114,6 +115,7 @@ class RepresentationProjection(L.Callback):
         else:
             inputs, outputs = direction_bases(model, basis)
         ids = basis.protected_token_ids if self.protect_embeddings else None
+        reshard(model)  # FSDP2: constraints must see (and LoRA's first projection write) the real shards
         self.constraints = build_constraints(model, inputs, output_bases=outputs, protected_token_ids=ids,
                                              strength=self.strength, freeze_norms=self.freeze_norms)
         if self._restored_state is not None:  # resume: the anchors of the aligned model, not of the drifted one

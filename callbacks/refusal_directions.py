@@ -24,6 +24,7 @@ from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.collect import collect_basis
 from rg_lightning.guard.selection import KL_THRESHOLD, refusal_filter, refusal_scores, select_direction
+from rg_lightning.guard.shards import prompt_world
 from rg_lightning.prompts import DEFAULT_HARMFUL, DEFAULT_HARMLESS, fingerprint, load_prompts, prompt_hashes
 
 
@@ -163,7 +164,7 @@ class RefusalDirections(L.Callback):
             if kind == "statistics" and bar.n >= bar.total:  # a further memory-bounded pass begins
                 bar.total += len(harmful)
                 bar.set_description("RefusalDirections (more statistics passes)")
-            bar.update(n * trainer.world_size)
+            bar.update(n * prompt_world(model)[1])  # every rank measures its share (all of them under FSDP2)
 
         try:
             basis = collect_basis(

@@ -48,11 +48,15 @@ def check_unsharded(trainer, who: str, *, row_shards: bool = True) -> None:
     strategy = type(trainer.strategy)
     names = {cls.__name__ for cls in strategy.__mro__}
     several = trainer.world_size > 1
+    tensor_parallel = getattr(trainer.strategy, "_tensor_parallel_size", 1)
+    if tensor_parallel == "auto":  # Lightning's default: tensor parallel over the processes of a node
+        tensor_parallel = trainer.world_size
     if "DeepSpeedStrategy" in names or ("FSDPStrategy" in names and several) or (
-            "ModelParallelStrategy" in names and several and not row_shards):
+            "ModelParallelStrategy" in names and several and (not row_shards or tensor_parallel > 1)):
         fix = "strategy='ddp' (with LoRA or 4-bit QLoRA to fit a large model on each device)"
         if row_shards:
-            fix += ", ModelParallelStrategy with FSDP2's fully_shard"
+            fix += (", ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with FSDP2's "
+                    "fully_shard (tensor parallelism splits weights by columns too)")
         raise ValueError(
             f"{who} does not support {strategy.__name__} with {trainer.world_size} process(es): it needs whole "
             f"weight rows on every rank. Use {fix}, or a single device."

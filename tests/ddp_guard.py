@@ -1,5 +1,6 @@
 """Helper of test_callbacks: a guarded fine-tune (all three callbacks) under CPU DDP, or FSDP2 (``fsdp2``:
-ModelParallelStrategy, every decoder layer and the model ``fully_shard``-ed over 2 processes); each rank saves
+ModelParallelStrategy, every decoder layer and the model ``fully_shard``-ed over 2 processes; ``fsdp2-root``:
+only the model); each rank saves
 what it ends with (whole weights, protected outputs before/after, drift history) to rank<N>.pt."""
 
 import json
@@ -16,7 +17,10 @@ from test_callbacks import HARMFUL, HARMLESS, protected_forward
 
 
 class RowSharded(CausalLMModule):
-    """The user's side of FSDP2: shard each decoder layer, then the rest, over the data-parallel mesh."""
+    """The user's side of FSDP2: shard each decoder layer, then the rest (or only the whole model, whose
+    parameters then stay gathered between a forward and the next backward), over the data-parallel mesh."""
+
+    per_layer = True
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -24,15 +28,17 @@ class RowSharded(CausalLMModule):
             from torch.distributed.fsdp import fully_shard
 
             mesh = self.device_mesh["data_parallel"]
-            for layer in self.model.model.layers:
-                fully_shard(layer, mesh=mesh)
+            if self.per_layer:
+                for layer in self.model.model.layers:
+                    fully_shard(layer, mesh=mesh)
             fully_shard(self.model, mesh=mesh)
             self._sharded = True
 
 
 if __name__ == "__main__":
     model_dir, out, devices = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-    sharded = len(sys.argv) > 4 and sys.argv[4] == "fsdp2"
+    sharded = len(sys.argv) > 4 and sys.argv[4].startswith("fsdp2")
+    RowSharded.per_layer = not sys.argv[-1].endswith("-root")
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"messages": [{"role": "user", "content": f"how do i bake a cake {w} ?"},
                           {"role": "assistant", "content": f"sure here you go {w} ."}]}

@@ -304,11 +304,12 @@ def test_bad_selection_arguments_are_refused_early():
 
 
 def test_ddp_and_fsdp2_guarded_fine_tunes_agree_and_keep_protection_exact(tmp_path, tiny_models):
-    """All three callbacks over two processes, under DDP and under FSDP2 (rows of every weight sharded):
+    """All three callbacks over two processes, under DDP and under FSDP2 (rows of every weight sharded, per
+    layer or only at the root):
     every rank ends with the same weights and drift history, the protected outputs did not move, the
     weights did (the task still learns), and sharding changes nothing but rounding."""
     runs = {}
-    for strategy in ("ddp", "fsdp2"):
+    for strategy in ("ddp", "fsdp2", "fsdp2-root"):
         out = tmp_path / strategy
         result = subprocess.run([sys.executable, str(HERE / "ddp_guard.py"), tiny_models["llama"], str(out), "2",
                                  strategy], capture_output=True, text=True, timeout=600)
@@ -325,4 +326,5 @@ def test_ddp_and_fsdp2_guarded_fine_tunes_agree_and_keep_protection_exact(tmp_pa
     moved = [k for k, w in initial.model.state_dict().items() if not torch.equal(w, runs["ddp"]["weights"][k])]
     assert len(moved) > 10, moved
     for key, weight in runs["ddp"]["weights"].items():
-        torch.testing.assert_close(runs["fsdp2"]["weights"][key], weight, atol=1e-5, rtol=0, msg=key)
+        for sharded in ("fsdp2", "fsdp2-root"):
+            torch.testing.assert_close(runs[sharded]["weights"][key], weight, atol=1e-5, rtol=0, msg=f"{sharded} {key}")

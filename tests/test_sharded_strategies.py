@@ -20,13 +20,22 @@ def test_fsdp_over_two_processes_is_refused_naming_ddp(make):
 
 
 @pytest.mark.parametrize("make", CALLBACKS, ids=["RefusalDirections", "RepresentationProjection", "DriftGeometry"])
-@pytest.mark.parametrize("strategy, world_size", [(FSDPStrategy, 1), (DDPStrategy, 2), (ModelParallelStrategy, 2)])
-def test_whole_parameter_strategies_pass(make, strategy, world_size):
+@pytest.mark.parametrize("strategy, world_size", [
+    (FSDPStrategy, 1), (DDPStrategy, 2),
+    (lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), 2)])
+def test_whole_row_strategies_pass(make, strategy, world_size):
     make().setup(SimpleNamespace(strategy=strategy(), world_size=world_size), None, "fit")
+
+
+@pytest.mark.parametrize("make", CALLBACKS, ids=["RefusalDirections", "RepresentationProjection", "DriftGeometry"])
+def test_tensor_parallelism_is_refused(make):
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        make().setup(SimpleNamespace(strategy=ModelParallelStrategy(), world_size=2), None, "fit")
 
 
 def test_evaluation_refuses_row_sharding_over_processes():
     evaluation = SafetyEvaluation(benchmarks=["toy:harmful"], tasks=[])
     with pytest.raises(ValueError, match=r"ModelParallelStrategy with 2 process.*strategy='ddp'"):
-        evaluation.setup(SimpleNamespace(strategy=ModelParallelStrategy(), world_size=2), None, "test")
+        evaluation.setup(SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                                         world_size=2), None, "test")
     evaluation.setup(SimpleNamespace(strategy=DDPStrategy(), world_size=2, callbacks=[]), None, "fit")

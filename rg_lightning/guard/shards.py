@@ -50,13 +50,29 @@ def local_rows(t: Tensor) -> tuple[Tensor, int]:
     return local, start
 
 
+def _fsdp_modules(model) -> list:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(model) -> None:
+    """Put every FSDP2 module's parameters back into their shards. A root module stays gathered after a
+    forward without backward, and anything written into the gathered copy would be lost at the next reshard."""
+    for module in _fsdp_modules(model):
+        module.reshard()
+
+
 def prompt_world(model) -> tuple[int, int]:
-    """``(rank, world)`` to split measurement prompts over. With sharded parameters every forward is a
-    collective (each layer gathers its weights), so all ranks must run the same batches: then every rank
-    runs every prompt, gets the same result, and nothing is reduced: ``(0, 1)``."""
+    """``(rank, world)`` to split measurement prompts over. With FSDP2 modules every forward is a collective
+    (each module gathers its weights), so all ranks must run the same batches: then every rank runs every
+    prompt, gets the same result, and nothing is reduced: ``(0, 1)``. (Decided by the modules, not by the
+    parameters: a root module's parameters stay plain tensors between a forward and the next backward.)"""
     import torch.distributed as dist
 
-    if any(is_sharded(p) for p in model.parameters()):
+    if _fsdp_modules(model) or any(is_sharded(p) for p in model.parameters()):
         return 0, 1
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
