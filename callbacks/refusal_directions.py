@@ -160,11 +160,13 @@ class RefusalDirections(L.Callback):
         bar = tqdm(total=total, desc="RefusalDirections", disable=not trainer.is_global_zero or
                    not trainer.progress_bar_callback, leave=False)
 
+        measuring_ranks = prompt_world(model)[1]  # every rank measures its share (all prompts under FSDP2)
+
         def progress(kind: str, n: int) -> None:
             if kind == "statistics" and bar.n >= bar.total:  # a further memory-bounded pass begins
                 bar.total += len(harmful)
                 bar.set_description("RefusalDirections (more statistics passes)")
-            bar.update(n * prompt_world(model)[1])  # every rank measures its share (all of them under FSDP2)
+            bar.update(n * measuring_ranks)
 
         try:
             basis = collect_basis(

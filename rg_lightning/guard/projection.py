@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .shards import local_rows, whole
 from .statistics import _unknown_names_error
+from .subspace import basis_weights
 
 _PEFT_WRAPPERS = re.compile(
     r"^base_model\.model\.|\.base_layer\b|\.original_module\b|\.modules_to_save\.[^.]+"
@@ -123,7 +124,7 @@ def _checked_basis(name: str, basis: Tensor, dim: int, what: str, device) -> Ten
 
 def _unit_columns(basis: Tensor) -> Tensor:
     """The columns of unit norm (weight 1) of a possibly weighted basis: the basis itself when all are."""
-    unit = basis.square().sum(0) > 1 - 1e-4
+    unit = basis_weights(basis) > 1 - 1e-4
     return basis if bool(unit.all()) else basis[:, unit]
 
 
