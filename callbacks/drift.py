@@ -6,12 +6,14 @@ initial refusal direction, the harmful-vs-harmless gap along the initial directi
 principal angles between the initial and current harmful-activation subspaces, linear CKA, the mean
 refusal score on harmful probes and the KL of harmless next-token distributions against the initial
 model. It also measures interference: the share of the task gradient's energy inside the protected
-subspaces, before any projection. Works with or without RepresentationProjection.
+subspaces, right after backward (before any projection, whatever the callbacks' order). Works with or
+without RepresentationProjection.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import lightning as L
@@ -22,8 +24,8 @@ from rg_lightning.callbacks.refusal_directions import RefusalDirections
 from rg_lightning.chat import render_prompt
 from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
 from rg_lightning.guard.geometry import cosine, fisher_ratio, kl_divergence, linear_cka, pca_2d, principal_angles
-from rg_lightning.guard.projection import interference
-from rg_lightning.guard.shards import whole
+from rg_lightning.guard.projection import subspace_energy
+from rg_lightning.guard.shards import is_sharded, local_rows, uses_fsdp2
 from rg_lightning.guard.subspace import top_subspace
 from rg_lightning.prompts import load_prompts
 from rg_lightning.refusal_score import refusal_score, refusal_token_ids
@@ -133,26 +135,34 @@ class DriftGeometry(L.Callback):
             self.initial = trainer.strategy.broadcast(self.measure_states(trainer, pl_module), src=0)
             self.history.append({"step": trainer.global_step, **self.metrics(self.initial)})
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        """Interference: energy of the raw (unscaled, unclipped, unprojected) gradient inside the subspaces."""
+    def on_after_backward(self, trainer, pl_module) -> None:
+        """Interference: energy of the raw (unclipped, unprojected) gradient inside the subspaces.
+
+        Measured right after backward, not in ``on_before_optimizer_step``: there RepresentationProjection,
+        when listed first, would already have projected the gradient (its part inside the subspaces ~0).
+        With gradient accumulation the last micro-batch before the step sees the accumulated gradient and
+        its value is the one kept; AMP's loss scale cancels in the ratio."""
         if (trainer.global_step + 1) % self.every_n_steps:
             return
         refusal = next((c for c in trainer.callbacks if isinstance(c, RefusalDirections)), None)
         if refusal is None or refusal.basis is None:
             return
         model = hf_model(pl_module)
-        inside = total = 0.0
+        energy = torch.zeros(2, dtype=torch.float64, device=pl_module.device)  # [inside, total], whole gradients
+        sharded = torch.zeros_like(energy)  # the same from this rank's rows of row-sharded (FSDP2) gradients
         for name, basis in refusal.basis.subspaces.items():
             module = model.get_submodule(name)
             weights = [a.weight for a in module.lora_A.values()] if hasattr(module, "lora_A") else [module.weight]
             for weight in weights:
-                if weight.grad is None:
-                    continue
-                grad = whole(weight.grad)  # row-sharded (FSDP2): gathered, on every rank alike
-                energy = float(grad.float().pow(2).sum())
-                inside += interference(grad, basis.to(grad.device)) * energy
-                total += energy
-        self._interference = inside / total if total else 0.0
+                if weight.grad is not None:
+                    rows, _ = local_rows(weight.grad)  # never gathered: a large lm_head would cost GBs per rank
+                    part = subspace_energy(rows, basis.to(rows.device)).to(energy.device)
+                    (sharded if is_sharded(weight.grad) else energy).add_(part)
+        if uses_fsdp2(model):  # decided by the model, so every rank calls the reduce
+            energy += trainer.strategy.reduce(sharded, reduce_op="sum")
+        inside, total = energy.tolist()
+        if math.isfinite(inside) and math.isfinite(total):  # an fp16 overflow step (skipped by the scaler) is not
+            self._interference = inside / total if total else 0.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -69,9 +69,9 @@ class RefusalDirections(L.Callback):
             ``p`` is the direction's share of the module's input energy (``guard.subspace.soft_subspace``).
             The hard cutoff leaves ~1% of each module's input energy free; on Gemma-2 the small output changes
             it allows compound over the layers and flip the first answer token. Miniature worlds, 3 seeds:
-            energy 0.98 + ridge 0.03 kept 99-100% of held-out harmful requests refused on all four worlds
-            (energy 0.99, ridge 0: 74.5-100%), 0% harmless refused, task >= 97% of plain fine-tuning's
-            (experiments/results/*_energy0.98_head-answer_ridge0.03.md). Costs more anchor memory (tail columns).
+            energy 0.9 + ridge 0.03 (experiments/tiny.yaml) kept 98-100% of held-out harmful requests refused
+            on all eight worlds (energy 0.99, ridge 0: 74.5-100% on four), 0% harmless refused
+            (README, Results). Costs more anchor memory (tail columns).
     """
 
     def __init__(

@@ -36,7 +36,7 @@ from rg_lightning.toy.data import ToyTaskDataModule
 from rg_lightning.toy.report import METRICS, AlignmentReport
 
 ARMS = ("plain", "guarded", "directions")
-DEFAULT_ENERGY = 0.98  # experiments/tiny.yaml (RefusalDirections energy)
+DEFAULT_ENERGY = 0.9  # experiments/tiny.yaml (RefusalDirections energy)
 DEFAULT_N_PROMPTS = 128  # experiments/tiny.yaml (RefusalDirections n_prompts); likewise
 DEFAULT_CENTERED = False  # experiments/tiny.yaml (RefusalDirections centered); likewise
 DEFAULT_RIDGE = 0.03  # experiments/tiny.yaml (RefusalDirections ridge)

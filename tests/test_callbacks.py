@@ -328,3 +328,10 @@ def test_ddp_and_fsdp2_guarded_fine_tunes_agree_and_keep_protection_exact(tmp_pa
     for key, weight in runs["ddp"]["weights"].items():
         for sharded in ("fsdp2", "fsdp2-root"):
             torch.testing.assert_close(runs[sharded]["weights"][key], weight, atol=1e-5, rtol=0, msg=f"{sharded} {key}")
+    # Interference is measured before the projection (listed first) removes that part of the gradient, and
+    # from each rank's rows of the sharded gradients, sum-reduced, it equals DDP's whole-gradient value.
+    plain = [r["interference"] for r in runs["ddp"]["drift"] if "interference" in r]
+    assert len(plain) >= 2 and min(plain) > 1e-3, plain
+    for sharded in ("fsdp2", "fsdp2-root"):
+        mine = [r["interference"] for r in runs[sharded]["drift"] if "interference" in r]
+        assert mine == pytest.approx(plain, rel=1e-4), sharded

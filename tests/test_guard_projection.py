@@ -14,6 +14,7 @@ from rg_lightning.guard import (
     project_out,
     project_out_left,
 )
+from rg_lightning.guard.projection import subspace_energy
 
 
 @pytest.fixture(autouse=True)
@@ -242,6 +243,10 @@ def test_projection_primitives_and_interference():
     g = torch.randn(5, 16)
     expected = float((g @ basis).square().sum() / g.square().sum())
     assert interference(g, basis) == pytest.approx(expected, rel=1e-5)
+    # Row blocks (a rank's shard of a row-sharded gradient) add up to the whole: a sum-reduce completes them.
+    parts = subspace_energy(g[:2], basis) + subspace_energy(g[2:], basis)
+    torch.testing.assert_close(parts, subspace_energy(g, basis))
+    assert float(parts[0] / parts[1]) == pytest.approx(expected, rel=1e-5)
 
 
 def _gradients_inside_span(project_grads: bool, steps: int = 20):

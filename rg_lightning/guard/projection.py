@@ -55,14 +55,18 @@ def project_out_left(matrix: Tensor, basis: Tensor) -> Tensor:
     return matrix - basis @ (basis.T @ matrix)
 
 
+def subspace_energy(grad: Tensor, basis: Tensor) -> Tensor:
+    """``[‖G U‖², ‖G‖²]`` in float64: a gradient's squared Frobenius norm inside the protected subspace, and in
+    all. Both are sums over rows, so a rank holding some rows of ``G`` adds its part and a sum-reduce completes it."""
+    g = grad.detach().double()
+    inside = (g @ basis.detach().to(g.device, torch.float64)).square().sum()
+    return torch.stack([inside, g.square().sum()])
+
+
 def interference(grad: Tensor, basis: Tensor) -> float:
     """Share ``‖G U‖² / ‖G‖²`` of a gradient's squared Frobenius norm inside the protected subspace."""
-    g = grad.detach().double()
-    total = g.square().sum()
-    if total == 0:
-        return 0.0
-    inside = (g @ basis.detach().to(g.device, torch.float64)).square().sum()
-    return float(inside / total)
+    inside, total = subspace_energy(grad, basis)
+    return float(inside / total) if total > 0 else 0.0
 
 
 def _max_abs(t: Tensor) -> float:

@@ -65,6 +65,11 @@ def reshard(model) -> None:
         module.reshard()
 
 
+def uses_fsdp2(model) -> bool:
+    """Whether ``model`` holds FSDP2 modules or row-sharded parameters (the same answer on every rank)."""
+    return bool(_fsdp_modules(model)) or any(is_sharded(p) for p in model.parameters())
+
+
 def prompt_world(model) -> tuple[int, int]:
     """``(rank, world)`` to split measurement prompts over. With FSDP2 modules every forward is a collective
     (each module gathers its weights), so all ranks must run the same batches: then every rank runs every
@@ -72,7 +77,7 @@ def prompt_world(model) -> tuple[int, int]:
     parameters: a root module's parameters stay plain tensors between a forward and the next backward.)"""
     import torch.distributed as dist
 
-    if _fsdp_modules(model) or any(is_sharded(p) for p in model.parameters()):
+    if uses_fsdp2(model):
         return 0, 1
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

@@ -1,5 +1,5 @@
 """``python -m rg_lightning.toy build [--out DIR] [--seed 0] [--steps N] [--variant default|alt]
-[--arch llama|gemma2|qwen3]`` trains and saves
+[--arch llama|gemma2|qwen3|phi3]`` trains and saves
 the aligned model; ``python -m rg_lightning.toy collapse [--model DIR] [--task benign] [--lr 1e-3] [--steps 150]
 [--harmful-fraction 0]`` measures what plain fine-tuning does to its refusals."""
 
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--steps", type=int, default=None)
     build.add_argument("--variant", default="default", choices=("default", "alt"))
-    build.add_argument("--arch", default="llama", choices=("llama", "gemma2", "qwen3"),
+    build.add_argument("--arch", default="llama", choices=("llama", "gemma2", "qwen3", "phi3"),
                        help="architecture family (the shipped model is llama)")
     collapse = commands.add_parser("collapse", help="plain fine-tuning of the aligned model on a downstream task")
     collapse.add_argument("--model", default=None, help="model directory (default: the shipped aligned model)")

@@ -1,5 +1,5 @@
 """Build the shipped aligned model: ``python -m rg_lightning.toy build [--out DIR] [--seed 0] [--steps N]
-[--variant default|alt] [--arch llama|gemma2|qwen3]``.
+[--variant default|alt] [--arch llama|gemma2|qwen3|phi3]``.
 
 A plain PyTorch supervised fine-tuning loop (loss on assistant tokens only, AdamW, deterministic) trains a
 small model from scratch on :meth:`ToyWorld.alignment_examples`, then measures held-out refusal rates and
@@ -14,6 +14,8 @@ width 32, 2 key/value heads, float32 weights:
   sliding-window / full attention) with the LM head **tied** to the embeddings, as in real Gemma-2 (~1.6 MB).
 * ``qwen3``: the Qwen3 block (RMSNorm on every query and key head, SiLU-gated MLP) with the LM head tied to
   the embeddings, as in the small Qwen3 releases.
+* ``phi3``: the Phi-3 block (one fused ``qkv_proj`` and one fused ``gate_up_proj`` per layer, SiLU-gated MLP),
+  untied embeddings and LM head, as in Phi-3-mini.
 
 Why not Qwen2: transformers 5.x lists "qwen2" among the model types whose hub tokenizer class it distrusts,
 so ``AutoTokenizer.from_pretrained`` on a directory with a qwen2 ``config.json`` forces the byte-level BPE
@@ -32,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Phi3Config, Qwen3Config
 
 from rg_lightning.atomic import atomic_directory
 from rg_lightning.chat import IGNORE_INDEX, encode_conversation
@@ -44,7 +46,8 @@ ALIGNED_MODEL_DIR = Path(__file__).resolve().parent / "aligned"
 DEFAULT_STEPS = 200
 # Alignment steps per architecture when none are given. Gemma-2 (tied, soft-capped) trains slower: at 200
 # steps its aligned model still refused 15.6% of held-out harmless requests; at 400, 0.0% (harmful 100%).
-ARCH_STEPS = {"llama": DEFAULT_STEPS, "gemma2": 2 * DEFAULT_STEPS, "qwen3": 2 * DEFAULT_STEPS}  # qwen3: tied too
+ARCH_STEPS = {"llama": DEFAULT_STEPS, "gemma2": 2 * DEFAULT_STEPS, "qwen3": 2 * DEFAULT_STEPS,  # qwen3: tied too
+              "phi3": DEFAULT_STEPS}
 # Tied input/output embeddings (Gemma-2) need every word of the vocabulary to be a training target now and
 # then: alignment data never contains the downstream tasks' words, and in a tied model the softmax pushes all
 # of their (shared) embedding rows toward one "never predict" vector, so as *inputs* they became nearly
@@ -69,6 +72,7 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, untied",
     "gemma2": "Gemma2ForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, tied",
     "qwen3": "Qwen3ForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, QK-norm, tied",
+    "phi3": "Phi3ForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, fused qkv/gate_up, untied",
 }
 
 
@@ -91,6 +95,9 @@ def model_config(tokenizer, arch: str = "llama"):
                             layer_types=["sliding_attention", "full_attention"] * 2, **common)
     if arch == "qwen3":
         return Qwen3Config(tie_word_embeddings=True, **common)
+    if arch == "phi3":  # head_dim is hidden / heads (32) in Phi-3; no dropout, full rotary, as in the release
+        common.pop("head_dim")
+        return Phi3Config(tie_word_embeddings=False, original_max_position_embeddings=MAX_LENGTH * 2, **common)
     raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
 
 
