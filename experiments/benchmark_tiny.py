@@ -40,6 +40,7 @@ DEFAULT_ENERGY = 0.9  # experiments/tiny.yaml (RefusalDirections energy)
 DEFAULT_N_PROMPTS = 128  # experiments/tiny.yaml (RefusalDirections n_prompts); likewise
 DEFAULT_CENTERED = False  # experiments/tiny.yaml (RefusalDirections centered); likewise
 DEFAULT_RIDGE = 0.03  # experiments/tiny.yaml (RefusalDirections ridge)
+WORLD_THREADS = 1  # every non-shipped world in experiments/results was built with one thread (see toy.build.THREADS)
 DEFAULT_ANSWER_TOKENS = 0  # experiments/tiny.yaml (RefusalDirections answer_tokens); likewise
 
 
@@ -79,12 +80,13 @@ def world_model(variant: str, arch: str, cache: str) -> str:
     record = os.path.join(directory, "world.json")
     if os.path.isfile(record):
         built = json.load(open(record))
-        if ((built.get("variant"), built.get("arch", "llama"), built.get("steps")) == (variant, arch, ARCH_STEPS[arch])
+        if ((built.get("variant"), built.get("arch", "llama"), built.get("steps"), built.get("threads"))
+                == (variant, arch, ARCH_STEPS[arch], WORLD_THREADS)
                 and bool(built.get("vocabulary_examples")) == (arch in TIED_ARCHITECTURES)):
             return directory
     from rg_lightning.toy.build import build
 
-    build(directory, variant=variant, arch=arch)
+    build(directory, variant=variant, arch=arch, threads=WORLD_THREADS)
     return directory
 
 

@@ -73,7 +73,25 @@ def test_build_command_is_deterministic_and_loadable(tmp_path):
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "a" / "world.json").read_text())["steps"] == 3
+    record = json.loads((tmp_path / "a" / "world.json").read_text())
+    assert record["steps"] == 3 and record["threads"] == 2
+
+
+def test_a_build_uses_exactly_its_thread_count_whatever_the_callers():
+    """The weights depend on the thread count, so a caller running one thread must not shrink a build's."""
+    from rg_lightning.toy.build import deterministic
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with deterministic(2):
+            assert torch.get_num_threads() == 2 and torch.are_deterministic_algorithms_enabled()
+        assert torch.get_num_threads() == 1
+        with pytest.raises(ValueError, match="threads"):
+            with deterministic(0):
+                pass
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "qwen3", "phi3"])

@@ -1,11 +1,13 @@
 """``python -m rg_lightning.toy build [--out DIR] [--seed 0] [--steps N] [--variant default|alt]
-[--arch llama|gemma2|qwen3|phi3]`` trains and saves
+[--arch llama|gemma2|qwen3|phi3] [--threads 2]`` trains and saves
 the aligned model; ``python -m rg_lightning.toy collapse [--model DIR] [--task benign] [--lr 1e-3] [--steps 150]
 [--harmful-fraction 0]`` measures what plain fine-tuning does to its refusals."""
 
 from __future__ import annotations
 
 import argparse
+
+from rg_lightning.toy.build import THREADS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,6 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     build.add_argument("--variant", default="default", choices=("default", "alt"))
     build.add_argument("--arch", default="llama", choices=("llama", "gemma2", "qwen3", "phi3"),
                        help="architecture family (the shipped model is llama)")
+    build.add_argument("--threads", type=int, default=THREADS,
+                       help="CPU threads, set exactly: the weights depend on it (the shipped model: 2)")
     collapse = commands.add_parser("collapse", help="plain fine-tuning of the aligned model on a downstream task")
     collapse.add_argument("--model", default=None, help="model directory (default: the shipped aligned model)")
     collapse.add_argument("--variant", default=None, choices=("default", "alt"),
@@ -34,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         from rg_lightning.toy.build import build as run_build
 
         run_build(args.out, seed=args.seed, steps=args.steps, variant=args.variant,
-                  arch=args.arch)
+                  arch=args.arch, threads=args.threads)
         return
 
     import json
