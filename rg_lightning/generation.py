@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from rg_lightning.chat import render_prompt
+from rg_lightning.guard.shards import reshard, uses_fsdp2
 
 
 @torch.no_grad()
@@ -14,8 +16,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
 
     Left padding puts every prompt's last token at the same edge, which greedy decoding needs. The
     tokenizer's padding side and the model's train/eval mode are restored afterwards. ``progress`` is an
-    optional tqdm-like bar, advanced per batch and closed at the end.
+    optional tqdm-like bar, advanced per batch and closed at the end. Under FSDP2 every forward is a
+    collective, so every process must call this with as many batches, and decoding runs until every process
+    is done (``synced_gpus``); the weights are put back into their shards afterwards.
     """
+    sharded = uses_fsdp2(model)
+    synced = sharded and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     was_training, side = model.training, tokenizer.padding_side
     device = next(model.parameters()).device
     model.eval()
@@ -25,7 +31,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
         for start in range(0, len(prompts), batch_size):
             texts = [render_prompt(tokenizer, p, system_prompt=system_prompt) for p in prompts[start:start + batch_size]]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
             if progress is not None:
@@ -35,4 +41,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
             progress.close()
         tokenizer.padding_side = side
         model.train(was_training)
+        if sharded:
+            reshard(model)
     return [answer.strip() for answer in answers]

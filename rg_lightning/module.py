@@ -14,7 +14,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from rg_lightning.atomic import atomic_directory
 from rg_lightning.chat import IGNORE_INDEX
+from rg_lightning.fsdp2 import check_data_parallel_mesh, shard_model
 from rg_lightning.generation import generate
+from rg_lightning.guard.shards import uses_fsdp2
 
 Quantization = Literal["nf4", "fp4", "int8"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -51,8 +53,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 class CausalLMModule(L.LightningModule):
     """Fine-tunes a Hugging Face causal LM on assistant tokens.
 
-    The HF model is built in ``configure_model`` (so strategies can shard it) and is reachable as
-    ``self.model``; the tokenizer as ``self.tokenizer``. These two attributes are the contract the
+    The HF model is built in ``configure_model`` (so strategies can shard it; under ``ModelParallelStrategy``
+    it shards itself with FSDP2, see ``rg_lightning.fsdp2``) and is reachable as ``self.model``; the tokenizer
+    as ``self.tokenizer``. These two attributes are the contract the
     RefusalGuard callbacks rely on.
 
     Args:
@@ -132,9 +135,20 @@ class CausalLMModule(L.LightningModule):
 
     # -- model ---------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Load the HF model once (idempotent: Lightning may call this more than once)."""
-        if self.model is not None:
-            return
+        """Load the HF model once (idempotent: Lightning may call this more than once). Under
+        ``ModelParallelStrategy`` (a device mesh is set) it is sharded with FSDP2 (``rg_lightning.fsdp2``)."""
+        mesh = self.device_mesh
+        if mesh is not None:
+            check_data_parallel_mesh(mesh, quantized=self.quantization is not None)
+        if self.model is None:
+            self.model = self._build_model()
+        if mesh is not None and not uses_fsdp2(self.model):  # also when built before the strategy set the mesh
+            layers = shard_model(self.model, mesh["data_parallel"])
+            rank_zero_info(f"CausalLMModule: FSDP2 over {mesh['data_parallel'].size()} processes, "
+                           f"{layers} decoder layers sharded separately")
+
+    def _build_model(self):
+        """The Hugging Face model (PEFT-wrapped with LoRA), loaded from ``model``."""
         from transformers import AutoModelForCausalLM
 
         kwargs = {"trust_remote_code": self.trust_remote_code}
@@ -172,7 +186,7 @@ class CausalLMModule(L.LightningModule):
             if self.gradient_checkpointing:
                 model.enable_input_require_grads()
             model = get_peft_model(model, config)
-        self.model = model
+        return model
 
     def _bitsandbytes_config(self):
         from transformers import BitsAndBytesConfig
@@ -243,8 +257,9 @@ class CausalLMModule(L.LightningModule):
 
     # -- checkpoints and export ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """With LoRA, keep only the trainable (adapter) weights: the base is reloaded from `model`."""
-        if self.lora_r:
+        """With LoRA, keep only the trainable (adapter) weights: the base is reloaded from `model`. Not under
+        FSDP2, whose distributed checkpoint loads every key it saved (each process writes its own shards)."""
+        if self.lora_r and not uses_fsdp2(self._require_model()):
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
@@ -255,6 +270,14 @@ class CausalLMModule(L.LightningModule):
     def export(self, directory: str, merged: bool = True) -> str:
         """Write a Hugging Face directory (model + tokenizer) atomically; LoRA merged or as an adapter."""
         model = self._require_model()
+        if uses_fsdp2(model):  # gather the whole weights (a collective: every rank), write them from rank zero
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self._trainer is not None and not self.trainer.is_global_zero:
+                return directory
+            model = self._build_model()
+            model.load_state_dict(state)
         if self._trainer is not None and not self.trainer.is_global_zero:
             return directory
         if self.lora_r and merged and self.quantization:

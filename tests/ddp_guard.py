@@ -1,7 +1,7 @@
 """Helper of test_callbacks: a guarded fine-tune (all three callbacks) under CPU DDP, or FSDP2 (``fsdp2``:
-ModelParallelStrategy, every decoder layer and the model ``fully_shard``-ed over 2 processes; ``fsdp2-root``:
-only the model); each rank saves
-what it ends with (whole weights, protected outputs before/after, drift history) to rank<N>.pt."""
+ModelParallelStrategy: CausalLMModule shards every decoder layer and the model over 2 processes; ``fsdp2-root``:
+only the model); each rank saves what it ends with (whole weights, protected outputs before/after, drift
+history, greedy answers) to rank<N>.pt, and rank 0 exports the fine-tuned model to ``export/``."""
 
 import json
 import sys
@@ -12,33 +12,26 @@ import torch
 
 from rg_lightning import CausalLMModule, InstructionDataModule
 from rg_lightning.callbacks import DriftGeometry, RefusalDirections, RepresentationProjection
-from rg_lightning.guard.shards import whole
+from rg_lightning.guard.shards import uses_fsdp2, whole
 from test_callbacks import HARMFUL, HARMLESS, protected_forward
 
 
-class RowSharded(CausalLMModule):
-    """The user's side of FSDP2: shard each decoder layer, then the rest (or only the whole model, whose
-    parameters then stay gathered between a forward and the next backward), over the data-parallel mesh."""
-
-    per_layer = True
+class RootSharded(CausalLMModule):
+    """FSDP2 on the whole model only (no per-layer units): its parameters then stay gathered between a
+    forward and the next backward. (``CausalLMModule`` itself shards every decoder layer, then the model.)"""
 
     def configure_model(self) -> None:
-        super().configure_model()
-        if self.device_mesh is not None and not getattr(self, "_sharded", False):
-            from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard
 
-            mesh = self.device_mesh["data_parallel"]
-            if self.per_layer:
-                for layer in self.model.model.layers:
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)
-            self._sharded = True
+        if self.model is None:
+            self.model = self._build_model()
+        if self.device_mesh is not None and not uses_fsdp2(self.model):
+            fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
 
 
 if __name__ == "__main__":
     model_dir, out, devices = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     sharded = len(sys.argv) > 4 and sys.argv[4].startswith("fsdp2")
-    RowSharded.per_layer = not sys.argv[-1].endswith("-root")
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"messages": [{"role": "user", "content": f"how do i bake a cake {w} ?"},
                           {"role": "assistant", "content": f"sure here you go {w} ."}]}
@@ -47,7 +40,8 @@ if __name__ == "__main__":
     if L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
         data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     L.seed_everything(0)
-    module = (RowSharded if sharded else CausalLMModule)(model=model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    kind = RootSharded if sys.argv[-1].endswith("-root") else CausalLMModule
+    module = kind(model=model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), export_dir=str(out / "export"))
     module.configure_model()
     before = protected_forward(module)
     refusal = RefusalDirections(harmful=HARMFUL, harmless=HARMLESS, energy=1.0, answer_tokens=2, batch_size=2,
@@ -66,5 +60,6 @@ if __name__ == "__main__":
     trainer.fit(module, InstructionDataModule(train=str(data_file), batch_size=2))
     torch.save({"before": before, "after": protected_forward(module),
                 "weights": {k: whole(v.detach()).clone() for k, v in module.model.state_dict().items()},
-                "drift": drift.history},
+                "drift": drift.history, "answers": module.generate(HARMFUL[:2], max_new_tokens=4),
+                "sharded": uses_fsdp2(module.model)},
                out / f"rank{trainer.global_rank}.pt")

@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from transformers import AutoModelForCausalLM
 
 from conftest import make_tokenizer
 from rg_lightning import CausalLMModule, InstructionDataModule
@@ -304,10 +305,11 @@ def test_bad_selection_arguments_are_refused_early():
 
 
 def test_ddp_and_fsdp2_guarded_fine_tunes_agree_and_keep_protection_exact(tmp_path, tiny_models):
-    """All three callbacks over two processes, under DDP and under FSDP2 (rows of every weight sharded, per
-    layer or only at the root):
-    every rank ends with the same weights and drift history, the protected outputs did not move, the
-    weights did (the task still learns), and sharding changes nothing but rounding."""
+    """All three callbacks over two processes, under DDP and under FSDP2 (CausalLMModule sharding every
+    decoder layer under ModelParallelStrategy, or a module sharding only the root):
+    every rank ends with the same weights, drift history and answers, the protected outputs did not move,
+    the weights did (the task still learns), the export holds the whole weights, and sharding changes
+    nothing but rounding."""
     runs = {}
     for strategy in ("ddp", "fsdp2", "fsdp2-root"):
         out = tmp_path / strategy
@@ -320,6 +322,12 @@ def test_ddp_and_fsdp2_guarded_fine_tunes_agree_and_keep_protection_exact(tmp_pa
         assert len(ranks[0]["drift"]) >= 3 and ranks[0]["drift"] == ranks[1]["drift"], strategy
         for rank in ranks:
             torch.testing.assert_close(rank["after"], rank["before"], atol=2e-5, rtol=0)
+        assert ranks[0]["answers"] == ranks[1]["answers"] and ranks[0]["sharded"] == (strategy != "ddp"), strategy
+        # CausalLMModule's export at fit end: the whole fine-tuned weights, gathered from the shards under FSDP2.
+        exported = AutoModelForCausalLM.from_pretrained(out / "export").state_dict()
+        assert set(exported) == set(ranks[0]["weights"]), strategy
+        for key, weight in ranks[0]["weights"].items():
+            assert torch.equal(exported[key], weight), f"{strategy}: export differs on {key}"
         runs[strategy] = ranks[0]
     initial = CausalLMModule(model=tiny_models["llama"])
     initial.configure_model()

@@ -1,13 +1,19 @@
 """Sharding the callbacks cannot follow is refused up front, with an error that names the fix; FSDP2's row
 sharding (ModelParallelStrategy) is followed by the guard (tested end to end in test_callbacks)."""
 
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
 from rg_lightning.callbacks import DriftGeometry, RefusalDirections, RepresentationProjection, SafetyEvaluation
 
+HERE = Path(__file__).resolve().parent
 CALLBACKS = [lambda: RefusalDirections(harmful=["a b", "c d"], harmless=["e f", "g h"]),
              RepresentationProjection, DriftGeometry]
 
@@ -39,3 +45,63 @@ def test_evaluation_refuses_row_sharding_over_processes():
         evaluation.setup(SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                                          world_size=2), None, "test")
     evaluation.setup(SimpleNamespace(strategy=DDPStrategy(), world_size=2, callbacks=[]), None, "fit")
+
+
+def test_lora_under_fsdp2_resumes_like_ddp_and_exports(tmp_path, tiny_models):
+    """CausalLMModule shards itself under ModelParallelStrategy (LoRA, 2 processes, the three callbacks): a fit
+    checkpointed at step 2 and resumed to 4 restores the basis (never recomputes it), every rank agrees, it
+    ends where the same crash-and-resume under DDP ends, and the merged export is written from the shards."""
+    runs = {}
+    for strategy in ("ddp", "fsdp2"):
+        out = tmp_path / strategy
+        result = subprocess.run([sys.executable, str(HERE / "fsdp2_module.py"), tiny_models["llama"], str(out), strategy],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        ranks = [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+        assert [(r["sharded"], r["step"]) for r in ranks] == [(strategy == "fsdp2", 4)] * 2
+        for key, weight in ranks[0]["weights"].items():
+            assert torch.equal(weight, ranks[1]["weights"][key]), f"{strategy}: ranks disagree on {key}"
+        assert ranks[0]["drift"] == ranks[1]["drift"] and [r["step"] for r in ranks[0]["drift"]] == [0, 1, 2, 3, 4]
+        for name, basis in ranks[0]["first"].items():  # measured on the aligned model at the first fit's start
+            assert torch.equal(ranks[0]["subspaces"][name], basis), f"{strategy}: basis recomputed on resume: {name}"
+        assert not (out / "export" / "adapter_config.json").exists(), strategy  # merged into the base
+        runs[strategy] = AutoModelForCausalLM.from_pretrained(out / "export").state_dict()
+    # Compared merged (W + scale B A): where the subspace spans a layer's whole input, A is ~1e-17 and AdamW
+    # turns B's ~1e-17 gradients into full steps, which differ between strategies but change nothing.
+    base = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).state_dict()
+    assert any(not torch.equal(base[k], w) for k, w in runs["ddp"].items())  # the adapters learnt something
+    for key, weight in runs["ddp"].items():
+        torch.testing.assert_close(runs["fsdp2"][key], weight, atol=1e-5, rtol=0, msg=key)
+
+
+class _Mesh:
+    """Just enough of a DeviceMesh: named dimensions and their sizes."""
+
+    def __init__(self, **sizes):
+        self.mesh_dim_names, self.sizes = tuple(sizes), sizes
+
+    def __getitem__(self, name):
+        return SimpleNamespace(size=lambda: self.sizes[name])
+
+
+def test_module_sharding_refuses_tensor_parallelism_and_quantized_weights():
+    from rg_lightning.fsdp2 import check_data_parallel_mesh
+
+    check_data_parallel_mesh(_Mesh(data_parallel=2, tensor_parallel=1), quantized=False)
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        check_data_parallel_mesh(_Mesh(data_parallel=1, tensor_parallel=2), quantized=False)
+    with pytest.raises(ValueError, match="strategy='ddp' for QLoRA"):
+        check_data_parallel_mesh(_Mesh(data_parallel=2, tensor_parallel=1), quantized=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("lora", [0, 2])
+def test_decoder_layers_are_the_fsdp2_units(tiny_models, family, lora):
+    from rg_lightning import CausalLMModule
+    from rg_lightning.fsdp2 import decoder_layers
+
+    module = CausalLMModule(model=tiny_models[family], lora_r=lora)
+    module.configure_model()
+    layers = decoder_layers(module.model)
+    config = module.model.config
+    assert len(layers) == config.num_hidden_layers and all(type(m).__name__.endswith("DecoderLayer") for m in layers)
