@@ -155,6 +155,28 @@ def test_peft_lora_keeps_protected_states_with_base_model_names():
             torch.testing.assert_close(c.param, project_out(c.param, c.basis).detach(), atol=1e-6, rtol=0)
 
 
+def test_lora_factor_is_exactly_zero_where_the_subspace_spans_every_input():
+    """A·U = 0 for a U spanning the whole input means A = 0: held exactly, so B gets no rounding-noise
+    gradient for AdamW to blow up into full-size steps (B only decays with the weight decay)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny("qwen2"), LoraConfig(r=4, target_modules=LINEARS, init_lora_weights=False))
+    rotation = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
+    full = {f"model.layers.0.self_attn.{n}": rotation for n in ("q_proj", "k_proj", "v_proj")}  # every input
+    cs = build_constraints(model, full, protected_token_ids=PROTECTED.flatten())
+    lora = [c for c in cs.constraints if c.kind == "lora.right"]
+    assert len(lora) == 3 and all(torch.count_nonzero(c.param) == 0 for c in lora)
+    b_before = {n: p.detach().clone() for n, p in model.named_parameters()
+                if "lora_B" in n and any(f"{m}.lora_B" in n for m in full)}
+    assert len(b_before) == 3
+    train(model, cs)
+    assert all(torch.count_nonzero(c.param) == 0 for c in lora)
+    decay = (1 - 1e-2 * 0.1) ** 6  # train(): AdamW lr 1e-2, weight_decay 0.1, 6 steps; no gradient step at all
+    for name, p in model.named_parameters():
+        if name in b_before:
+            torch.testing.assert_close(p.detach(), b_before[name] * decay, atol=1e-7, rtol=1e-6, msg=name)
+
+
 def test_lora_with_strength_zero_changes_nothing():
     from peft import LoraConfig, get_peft_model
 

@@ -251,6 +251,28 @@ class LoraConstraint(LinearConstraint):
         self.anchor = None
         self.apply_(strength)
 
+    @property
+    def _spans_everything(self) -> bool:
+        """Unit columns spanning the whole space: ``A·U = 0`` (resp. ``Uᵀ·B = 0``) then means the matrix is 0."""
+        return self._exact.shape[1] == self.basis.shape[0]
+
+    @torch.no_grad()
+    def apply_(self, strength: float = 1.0) -> None:
+        # Exactly zero rather than projected: the projection leaves a ~1e-17 residue, which makes the other
+        # factor's gradient pure rounding noise that AdamW scales up to full-size steps.
+        if strength == 1.0 and self._spans_everything:
+            local_rows(self.param.data)[0].zero_()
+        else:
+            super().apply_(strength)
+
+    @torch.no_grad()
+    def project_grad_(self, strength: float = 1.0) -> None:
+        if strength == 1.0 and self._spans_everything:
+            if self.param.grad is not None:
+                local_rows(self.param.grad)[0].zero_()
+        else:
+            super().project_grad_(strength)
+
 
 class RowFreeze(_Constraint):
     """Restore the embedding rows of protected token ids (the only rows protected prompts read)."""
