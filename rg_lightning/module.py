@@ -270,16 +270,16 @@ class CausalLMModule(L.LightningModule):
     def export(self, directory: str, merged: bool = True) -> str:
         """Write a Hugging Face directory (model + tokenizer) atomically; LoRA merged or as an adapter."""
         model = self._require_model()
+        state = None
         if uses_fsdp2(model):  # gather the whole weights (a collective: every rank), write them from rank zero
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if self._trainer is not None and not self.trainer.is_global_zero:
-                return directory
-            model = self._build_model()
-            model.load_state_dict(state)
         if self._trainer is not None and not self.trainer.is_global_zero:
             return directory
+        if state is not None:
+            model = self._build_model()
+            model.load_state_dict(state)
         if self.lora_r and merged and self.quantization:
             rank_zero_info("Quantized base: exporting the LoRA adapter only (merging into 4/8-bit weights is lossy).")
             merged = False

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from rg_lightning.toy.build import THREADS
+from rg_lightning.toy.build import ARCHITECTURES, THREADS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--steps", type=int, default=None)
     build.add_argument("--variant", default="default", choices=("default", "alt"))
-    build.add_argument("--arch", default="llama", choices=("llama", "gemma2", "qwen3", "phi3"),
+    build.add_argument("--arch", default="llama", choices=tuple(ARCHITECTURES),
                        help="architecture family (the shipped model is llama)")
     build.add_argument("--threads", type=int, default=THREADS,
                        help="CPU threads, set exactly: the weights depend on it (the shipped model: 2)")
