@@ -88,7 +88,7 @@ class SafetyEvaluation(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Load every prompt set now, so a bad benchmark name or file fails before any training."""
-        check_unsharded(trainer, "SafetyEvaluation", row_shards=False)
+        check_unsharded(trainer, "SafetyEvaluation")
         if stage in ("test", "validate") and "full" not in self._loaded:
             self._loaded["full"] = self._without_basis_prompts(trainer, *self.suite.load())
         if stage == "fit" and self.fit_suite is not None and "fit" not in self._loaded:

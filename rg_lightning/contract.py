@@ -36,12 +36,11 @@ def tokenizer_of(trainer, pl_module):
     return tokenizer
 
 
-def check_unsharded(trainer, who: str, *, row_shards: bool = True) -> None:
+def check_unsharded(trainer, who: str) -> None:
     """Refuse strategies whose parameter sharding the callback cannot follow, before anything runs.
 
     The guard acts on whole weight rows. FSDP2 (``ModelParallelStrategy`` with ``fully_shard``) keeps whole
-    rows on each rank, sharded along dim 0, and the guard follows it (``guard.shards``); ``row_shards=False``
-    refuses it too (the evaluation suite splits prompts over ranks, which sharded forwards cannot). Lightning's
+    rows on each rank, sharded along dim 0, and the guard follows it (``guard.shards``). Lightning's
     ``FSDPStrategy`` (FSDP1) flattens parameters into shards that cut rows apart, and only the root module's
     forward gathers them; DeepSpeed wraps the optimizer so the post-step hook is not guaranteed to run.
     """
@@ -52,11 +51,10 @@ def check_unsharded(trainer, who: str, *, row_shards: bool = True) -> None:
     if tensor_parallel == "auto":  # Lightning's default: tensor parallel over the processes of a node
         tensor_parallel = trainer.world_size
     if "DeepSpeedStrategy" in names or ("FSDPStrategy" in names and several) or (
-            "ModelParallelStrategy" in names and several and (not row_shards or tensor_parallel > 1)):
-        fix = "strategy='ddp' (with LoRA or 4-bit QLoRA to fit a large model on each device)"
-        if row_shards:
-            fix += (", ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with FSDP2's "
-                    "fully_shard (tensor parallelism splits weights by columns too)")
+            "ModelParallelStrategy" in names and several and tensor_parallel > 1):
+        fix = ("strategy='ddp' (with LoRA or 4-bit QLoRA to fit a large model on each device), "
+               "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with FSDP2's "
+               "fully_shard (tensor parallelism splits weights by columns too)")
         raise ValueError(
             f"{who} does not support {strategy.__name__} with {trainer.world_size} process(es): it needs whole "
             f"weight rows on every rank. Use {fix}, or a single device."

@@ -82,17 +82,19 @@ def test_lightning_test_shows_what_plain_fine_tuning_did_to_refusal(tmp_path, mo
     assert len(responses) == 40 and json.loads(responses[0])["response"]
 
 
-def test_two_processes_report_what_one_does(tmp_path):
-    """ASR, over-refusal and task metrics over 2 DDP processes (uneven shards) equal 1 process exactly."""
+@pytest.mark.parametrize("mode", ["2", "fsdp2"])
+def test_two_processes_report_what_one_does(tmp_path, mode):
+    """ASR, over-refusal and task metrics over 2 DDP processes (uneven shards), or 2 FSDP2 processes (every
+    process runs every prompt), equal 1 process exactly."""
     reports = {}
-    for devices in (1, 2):
-        out = tmp_path / f"ddp{devices}"
-        result = subprocess.run([sys.executable, str(HERE / "ddp_evaluation.py"), str(out), str(devices)],
+    for devices in ("1", mode):
+        out = tmp_path / f"run{devices}"
+        result = subprocess.run([sys.executable, str(HERE / "ddp_evaluation.py"), str(out), devices],
                                 capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
         report = out / "evaluation"
         reports[devices] = (_rows(report), (report / "responses" / "toy_harmful.jsonl").read_text())
-    (one, one_responses), (two, two_responses) = reports[1], reports[2]
+    (one, one_responses), (two, two_responses) = reports["1"], reports[mode]
     assert one.keys() == two.keys() and len(one) == 5
     for key in one:
         assert one[key]["value"] == two[key]["value"], key

@@ -39,12 +39,12 @@ def test_tensor_parallelism_is_refused(make):
         make().setup(SimpleNamespace(strategy=ModelParallelStrategy(), world_size=2), None, "fit")
 
 
-def test_evaluation_refuses_row_sharding_over_processes():
+def test_evaluation_follows_fsdp2_but_refuses_tensor_parallelism():
     evaluation = SafetyEvaluation(benchmarks=["toy:harmful"], tasks=[])
-    with pytest.raises(ValueError, match=r"ModelParallelStrategy with 2 process.*strategy='ddp'"):
-        evaluation.setup(SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-                                         world_size=2), None, "test")
-    evaluation.setup(SimpleNamespace(strategy=DDPStrategy(), world_size=2, callbacks=[]), None, "fit")
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        evaluation.setup(SimpleNamespace(strategy=ModelParallelStrategy(), world_size=2), None, "test")
+    for strategy in (DDPStrategy(), ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)):
+        evaluation.setup(SimpleNamespace(strategy=strategy, world_size=2, callbacks=[]), None, "fit")
 
 
 def test_lora_under_fsdp2_resumes_like_ddp_and_exports(tmp_path, tiny_models):

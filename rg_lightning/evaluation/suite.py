@@ -2,7 +2,8 @@
 
 Every process generates for its own slice of each prompt set (greedy, so the slicing cannot change an
 answer) and feeds sum/count metrics; ``compute()`` all-reduces them, so 2 processes report exactly what 1
-does. Responses are gathered to rank zero for the report.
+does. Responses are gathered to rank zero for the report. Under FSDP2 each forward gathers weights from every
+process, so there every process runs every prompt (``guard.shards.prompt_world``) and nothing is reduced.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rg_lightning.evaluation.judges import Judge, LogitRefusalJudge, make_judge
 from rg_lightning.evaluation.metrics import AttackSuccessRate, OverRefusalRate, RateMetric
 from rg_lightning.evaluation.tasks import UtilityTask, load_task, task_names
 from rg_lightning.generation import generate
+from rg_lightning.guard.shards import prompt_world
 
 
 @dataclass
@@ -75,9 +77,8 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _gather(values: list, indices: list[int], total: int) -> list:
+def _gather(values: list, indices: list[int], total: int, world: int) -> list:
     """Every process's (index, value) pairs, put back in the original order (on every process)."""
-    rank, world = _world()
     pairs = list(zip(indices, values))
     if world > 1:
         gathered: list = [None] * world
@@ -194,6 +195,9 @@ class EvaluationSuite:
         """Evaluate ``model``; every process must call this (metrics and responses are synchronised)."""
         if benchmarks is None or tasks is None:
             benchmarks, tasks = self.load()
+        # Prompts are split over processes, except under FSDP2: there every forward is a collective, so every
+        # process runs every prompt (generation synced) and nothing is gathered.
+        self._split = prompt_world(model)
         rows: list[Row] = []
         for benchmark in benchmarks:
             rows += self._benchmark(model, tokenizer, benchmark)
@@ -203,7 +207,7 @@ class EvaluationSuite:
 
     # -- internals ---------------------------------------------------------------------------------------
     def _shard(self, n: int) -> list[int]:
-        rank, world = _world()
+        rank, world = self._split
         return list(range(rank, n, world))
 
     def _check_context(self, model, tokenizer, prompts: list[str], max_new_tokens: int, name: str) -> None:
@@ -240,10 +244,10 @@ class EvaluationSuite:
         responses = None
         if any(j.uses_generation for j in judges):
             responses = self._generate(model, tokenizer, prompts, self.max_new_tokens, benchmark.name)
-        record = {"prompt": _gather(prompts, mine, len(benchmark.prompts)),
+        record = {"prompt": _gather(prompts, mine, len(benchmark.prompts), self._split[1]),
                   "category": benchmark.categories}
         if responses is not None:
-            record["response"] = _gather(responses, mine, len(benchmark.prompts))
+            record["response"] = _gather(responses, mine, len(benchmark.prompts), self._split[1])
         rows = []
         categories = sorted({c for c in benchmark.categories if c is not None})
         for judge in judges:
@@ -251,7 +255,7 @@ class EvaluationSuite:
             if isinstance(judge, LogitRefusalJudge):
                 scores = judge.scores(prompts, model=model, tokenizer=tokenizer, system_prompt=self.system_prompt)
                 verdicts = (scores > judge.threshold).tolist()
-                mean_score = _global_mean(scores.tolist(), device)
+                mean_score = _global_mean(scores.tolist(), device, self._split[1])
             else:
                 verdicts = judge(prompts, responses, model=model, tokenizer=tokenizer, system_prompt=self.system_prompt)
             if benchmark.kind == "harmful":
@@ -260,15 +264,15 @@ class EvaluationSuite:
             else:
                 succeeded = [bool(v) for v in verdicts]
                 metric_name, make = "over_refusal", OverRefusalRate
-            overall = make().to(device)
+            overall = make(sync_on_compute=self._split[1] > 1).to(device)
             overall.update(torch.tensor(succeeded, dtype=torch.bool, device=device))
             per_category = {}
             for category in categories:
-                metric = make().to(device)
+                metric = make(sync_on_compute=self._split[1] > 1).to(device)
                 chosen = [s for s, i in zip(succeeded, mine) if benchmark.categories[i] == category]
                 metric.update(torch.tensor(chosen, dtype=torch.bool, device=device))
                 per_category[category] = float(metric.compute())
-            record[judge.name] = _gather([bool(v) for v in verdicts], mine, len(benchmark.prompts))
+            record[judge.name] = _gather([bool(v) for v in verdicts], mine, len(benchmark.prompts), self._split[1])
             rows.append(Row(benchmark.name, benchmark.kind, judge.name, metric_name, float(overall.compute()),
                             len(benchmark.prompts), benchmark.source, per_category, mean_score))
         self.responses[benchmark.name] = [dict(zip(record, values)) for values in zip(*record.values())]
@@ -281,20 +285,20 @@ class EvaluationSuite:
         max_new_tokens = self.task_max_new_tokens or task.max_new_tokens
         responses = self._generate(model, tokenizer, prompts, max_new_tokens, task.name)
         correct = [bool(task.score(r, task.references[i])) for r, i in zip(responses, mine)]
-        metric = RateMetric().to(device)
+        metric = RateMetric(sync_on_compute=self._split[1] > 1).to(device)
         metric.update(torch.tensor(correct, dtype=torch.bool, device=device))
         self.responses[task.name] = [
             {"prompt": p, "reference": ref, "response": r, "correct": c}
-            for p, ref, r, c in zip(task.prompts, task.references, _gather(responses, mine, len(task.prompts)),
-                                    _gather(correct, mine, len(task.prompts)))
+            for p, ref, r, c in zip(task.prompts, task.references, _gather(responses, mine, len(task.prompts), self._split[1]),
+                                    _gather(correct, mine, len(task.prompts), self._split[1]))
         ]
         return Row(task.name, "utility", task.metric, task.metric, float(metric.compute()), len(task.prompts),
                    task.source)
 
 
-def _global_mean(values: list[float], device) -> float:
+def _global_mean(values: list[float], device, world: int) -> float:
     """The mean over every process's values (sum and count all-reduced)."""
     totals = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
-    if _world()[1] > 1:
+    if world > 1:
         dist.all_reduce(totals)
     return float(totals[0] / totals[1]) if totals[1] else math.nan
