@@ -36,6 +36,7 @@ from rg_lightning.toy.data import ToyTaskDataModule
 from rg_lightning.toy.report import METRICS, AlignmentReport
 
 ARMS = ("plain", "guarded", "directions")
+DEFAULT_STEPS, DEFAULT_LR = 150, 1e-3  # experiments/tiny.yaml (max_steps, AdamW lr)
 DEFAULT_ENERGY = 0.9  # experiments/tiny.yaml (RefusalDirections energy)
 DEFAULT_N_PROMPTS = 128  # experiments/tiny.yaml (RefusalDirections n_prompts); likewise
 DEFAULT_CENTERED = False  # experiments/tiny.yaml (RefusalDirections centered); likewise
@@ -118,8 +119,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=["plain", "guarded"], choices=ARMS)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--energy", type=float, default=DEFAULT_ENERGY, help="RefusalDirections energy")
     parser.add_argument("--n-prompts", type=int, default=DEFAULT_N_PROMPTS,
                         help="RefusalDirections n_prompts (harmful and harmless prompts measured for the basis)")
@@ -157,6 +158,7 @@ def main() -> None:
     name += (("_centered" if args.centered else "_uncentered") if args.centered != DEFAULT_CENTERED else "")
     name += (f"_ridge{args.ridge:g}" if args.ridge else "")  # files without it: hard cutoff
     name += (f"_answer{args.answer_tokens}" if args.answer_tokens != DEFAULT_ANSWER_TOKENS else "")
+    name += (f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "") + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else "")
     name += (f"_prompts{args.n_prompts}" if args.n_prompts != DEFAULT_N_PROMPTS else "") + ("_poststep" if args.post_step_only else "")
     command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
