@@ -30,6 +30,8 @@ import torch
 
 from rg_lightning import CausalLMModule
 from rg_lightning.callbacks import RefusalDirections, RepresentationProjection
+from rg_lightning.contract import tokenizer_of
+from rg_lightning.guard.projection import RowFreeze
 from rg_lightning.toy import ALIGNED_MODEL_DIR
 from rg_lightning.toy.build import ARCH_STEPS, ARCHITECTURES, TIED_ARCHITECTURES
 from rg_lightning.toy.data import ToyTaskDataModule
@@ -45,10 +47,66 @@ WORLD_THREADS = 1  # every non-shipped world in experiments/results was built wi
 DEFAULT_ANSWER_TOKENS = 0  # experiments/tiny.yaml (RefusalDirections answer_tokens); likewise
 
 
+LEAVE_OUT = ("rows", "chat-rows", "template-rows", "mlp", "attention", "lm-head", "norms")
+
+
+class LeavingOut(RepresentationProjection):
+    """The guard without some of its constraints: a screen of where the guard's task cost sits.
+
+    ``rows``: every embedding-row freeze; ``chat-rows`` / ``template-rows``: only the rows of the chat template's
+    tokens / of the world's request-template words that are not harm words; ``mlp``, ``attention``: those
+    linears' constraints; ``lm-head``: the logit head's; ``norms``: the norm weights' (every 1-D freeze).
+    """
+
+    def __init__(self, groups: list[str], variant: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        unknown = set(groups) - set(LEAVE_OUT)
+        if unknown:
+            raise ValueError(f"unknown groups {sorted(unknown)}; choose from {LEAVE_OUT}")
+        self.groups, self.variant = set(groups), variant
+
+    def _free_tokens(self, tokenizer) -> set[int]:
+        from rg_lightning.chat import render_prompt
+        from rg_lightning.toy.world import ToyWorld
+
+        free = set()
+        if "chat-rows" in self.groups:
+            text = tokenizer(render_prompt(tokenizer, "x"), add_special_tokens=False)["input_ids"]
+            free |= set(text) - set(tokenizer("x", add_special_tokens=False)["input_ids"])
+        if "template-rows" in self.groups:
+            world = ToyWorld(self.variant)
+            harm = {w for d in world.harmful for part in (d.verbs, d.modifiers, d.nouns, (d.article,))
+                    for phrase in part for w in phrase.split()}
+            words = {w for t in world.templates for w in t.replace("{task}", "").split()} - harm
+            free |= set(tokenizer.convert_tokens_to_ids(sorted(words)))
+        return free
+
+    def _left_out(self, constraint) -> bool:
+        name, kind = constraint.name, constraint.kind
+        return ((kind == "rows" and "rows" in self.groups) or (kind == "param" and "norms" in self.groups)
+                or (kind.startswith("linear") and (("mlp" in self.groups and ".mlp." in name)
+                                                   or ("attention" in self.groups and ".self_attn." in name)
+                                                   or ("lm-head" in self.groups and name.endswith("lm_head")))))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        free = self._free_tokens(tokenizer_of(trainer, pl_module))
+        kept = []
+        for constraint in self.constraints.constraints:
+            if isinstance(constraint, RowFreeze) and free:
+                held = torch.tensor([t not in free for t in constraint.ids.tolist()], dtype=torch.bool)
+                constraint = RowFreeze(constraint.name, constraint.module, constraint.ids[held])
+            if not self._left_out(constraint):
+                kept.append(constraint)
+        print(f"left out {sorted(self.groups)}: {len(self.constraints.constraints) - len(kept)} of "
+              f"{len(self.constraints.constraints)} constraints" + (f", {len(free)} token rows freed" if free else ""))
+        self.constraints.constraints = kept
+
+
 def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, variant: str, seed: int, steps: int,
             lr: float, energy: float, answer_tokens: int, project_gradients: bool = True,
             n_prompts: int = DEFAULT_N_PROMPTS, rank: int | None = None, centered: bool = DEFAULT_CENTERED,
-            head_answer_only: bool = True, ridge: float = DEFAULT_RIDGE) -> dict:
+            head_answer_only: bool = True, ridge: float = DEFAULT_RIDGE, leave_out: list[str] = ()) -> dict:
     L.seed_everything(seed)
     report = AlignmentReport(task=task, variant=variant)
     callbacks = [report]
@@ -58,8 +116,8 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
                                         rank=rank, n_prompts=n_prompts, centered=centered,
                                         head_answer_only=head_answer_only, answer_tokens=answer_tokens, batch_size=32,
                                         seed=seed, ridge=ridge),
-                      RepresentationProjection(mode="subspace" if arm == "guarded" else "directions",
-                                               project_gradients=project_gradients)]
+                      LeavingOut(list(leave_out), variant, mode="subspace" if arm == "guarded" else "directions",
+                                 project_gradients=project_gradients)]
     module = CausalLMModule(model=model_dir, dtype="float32", optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
     data = ToyTaskDataModule(task=task, harmful_fraction=harmful_fraction, variant=variant, n_train=steps * 32,
                              seed=seed)
@@ -133,6 +191,8 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                         help="RefusalDirections ridge: damped tail below the energy cutoff (0: hard cutoff)")
     parser.add_argument("--answer-tokens", type=int, default=DEFAULT_ANSWER_TOKENS, help="RefusalDirections answer_tokens")
+    parser.add_argument("--leave-out", nargs="+", default=[], choices=LEAVE_OUT,
+                        help="screen: run the guard without these constraint groups (see LeavingOut)")
     parser.add_argument("--post-step-only", action="store_true",
                         help="RepresentationProjection project_gradients=False (the constraint only after each step)")
     parser.add_argument("--out", default="experiments/results")
@@ -145,7 +205,7 @@ def main() -> None:
         for arm in args.arms:
             runs.append(run_arm(arm, model_dir, args.task, args.harmful_fraction, args.variant, seed, args.steps, args.lr,
                                 args.energy, args.answer_tokens, not args.post_step_only, args.n_prompts, args.rank, args.centered,
-                                args.head_positions == "answer", args.ridge))
+                                args.head_positions == "answer", args.ridge, args.leave_out))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
@@ -158,6 +218,7 @@ def main() -> None:
     name += (("_centered" if args.centered else "_uncentered") if args.centered != DEFAULT_CENTERED else "")
     name += (f"_ridge{args.ridge:g}" if args.ridge else "")  # files without it: hard cutoff
     name += (f"_answer{args.answer_tokens}" if args.answer_tokens != DEFAULT_ANSWER_TOKENS else "")
+    name += "".join(f"_no-{group}" for group in args.leave_out)
     name += (f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "") + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else "")
     name += (f"_prompts{args.n_prompts}" if args.n_prompts != DEFAULT_N_PROMPTS else "") + ("_poststep" if args.post_step_only else "")
     command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])
@@ -167,7 +228,7 @@ def main() -> None:
                 f"Command: `{command.strip()}`; seeds {args.seeds}; {args.steps} steps, AdamW lr {args.lr}, batch 32; "
                 f"guard: " + (f"rank {args.rank}" if args.rank is not None else f"energy {args.energy}")
                 + (" (centered)" if args.centered else "") + (f", ridge {args.ridge:g}" if args.ridge else "") + f", logit head protected at {args.head_positions} positions"
-                + f", {args.n_prompts} prompts, answer tokens {args.answer_tokens}, gradients "
+                + (f", without {', '.join(args.leave_out)}" if args.leave_out else "") + f", {args.n_prompts} prompts, answer tokens {args.answer_tokens}, gradients "
                 f"{'not ' if args.post_step_only else ''}projected before each step; "
                 f"held-out data, greedy generation. Machine: {machine}. Total wall time "
                 f"{time.perf_counter() - start:.0f} s.\n")

@@ -1,0 +1,48 @@
+"""The miniature benchmark's `--leave-out` screen drops exactly the constraint groups it names."""
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from transformers import AutoTokenizer
+
+from rg_lightning.toy import ALIGNED_MODEL_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_tiny", ROOT / "experiments" / "benchmark_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark_tiny"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_freed_rows_are_the_chat_tokens_and_the_harmless_template_words(bench):
+    tokenizer = AutoTokenizer.from_pretrained(ALIGNED_MODEL_DIR)
+    words = lambda ids: set(tokenizer.convert_ids_to_tokens(sorted(ids)))  # noqa: E731
+    assert words(bench.LeavingOut(["chat-rows"], "default")._free_tokens(tokenizer)) == {
+        "<|user|>", "<|end|>", "<|assistant|>"}
+    template = words(bench.LeavingOut(["template-rows"], "default")._free_tokens(tokenizer))
+    assert {"how", "do", "i", "tell", "me", "?"} <= template
+    assert not template & {"make", "build", "bomb", "a", "some", "<|user|>"}  # harm words and chat tokens stay held
+    assert bench.LeavingOut(["mlp"], "default")._free_tokens(tokenizer) == set()
+
+
+def test_groups_select_their_constraints_only(bench):
+    def constraint(kind, name):
+        return SimpleNamespace(kind=kind, name=name)
+
+    every = [constraint("linear.right", "model.layers.0.mlp.up_proj"),
+             constraint("linear.right", "model.layers.0.self_attn.q_proj"), constraint("linear.right", "lm_head"),
+             constraint("param", "model.norm.weight"), constraint("rows", "model.embed_tokens")]
+    for group, dropped in (("mlp", 0), ("attention", 1), ("lm-head", 2), ("norms", 3), ("rows", 4)):
+        screen = bench.LeavingOut([group], "default")
+        assert [c.name for c in every if screen._left_out(c)] == [every[dropped].name], group
+    assert not any(bench.LeavingOut(["chat-rows"], "default")._left_out(c) for c in every)
+    with pytest.raises(ValueError, match="unknown groups"):
+        bench.LeavingOut(["embeddings"], "default")
