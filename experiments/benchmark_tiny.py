@@ -4,6 +4,7 @@
     python experiments/benchmark_tiny.py --task sentiment --harmful-fraction 0.1
     python experiments/benchmark_tiny.py --variant alt         # a world the guard was never tuned on
     python experiments/benchmark_tiny.py --variant alt --arch gemma2   # ... and another architecture family
+    python experiments/benchmark_tiny.py --arch qwen3 --arms guarded --leave-out rows   # where the task cost sits
 
 Every arm runs the recipe of experiments/tiny.yaml (AdamW lr 1e-3, batch 32, 150 steps) and measures
 held-out harmful refusal, held-out harmless refusal and the task metric by greedy generation. Writes
