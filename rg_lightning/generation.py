@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from rg_lightning.chat import render_prompt
-from rg_lightning.guard.shards import reshard, uses_fsdp2
+from rg_lightning.guard.shards import process_world, reshard, uses_fsdp2
 
 
 @torch.no_grad()
@@ -21,7 +20,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
     is done (``synced_gpus``); the weights are put back into their shards afterwards.
     """
     sharded = uses_fsdp2(model)
-    synced = sharded and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    synced = sharded and process_world()[1] > 1
     was_training, side = model.training, tokenizer.padding_side
     device = next(model.parameters()).device
     model.eval()

@@ -21,7 +21,7 @@ from rg_lightning.evaluation.judges import Judge, LogitRefusalJudge, make_judge
 from rg_lightning.evaluation.metrics import AttackSuccessRate, OverRefusalRate, RateMetric
 from rg_lightning.evaluation.tasks import UtilityTask, load_task, task_names
 from rg_lightning.generation import generate
-from rg_lightning.guard.shards import prompt_world
+from rg_lightning.guard.shards import process_world, prompt_world
 
 
 @dataclass
@@ -69,25 +69,6 @@ def _judge(item) -> Judge:
             raise ValueError(f"A judge mapping needs `name` (e.g. llama_guard_3), got {item}.")
         return make_judge(options.pop("name"), **options)
     return make_judge(item)
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(values: list, indices: list[int], total: int, world: int) -> list:
-    """Every process's (index, value) pairs, put back in the original order (on every process)."""
-    pairs = list(zip(indices, values))
-    if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, pairs)
-        pairs = [pair for part in gathered for pair in part]
-    ordered: list = [None] * total
-    for index, value in pairs:
-        ordered[index] = value
-    return ordered
 
 
 class EvaluationSuite:
@@ -188,7 +169,7 @@ class EvaluationSuite:
             "judges": [judge.name for judge in self.judges],
             "limit": self.limit,
             "seed": self.seed,
-            "processes": _world()[1],
+            "processes": process_world()[1],
         }
 
     def run(self, model, tokenizer, benchmarks=None, tasks=None) -> list[Row]:
@@ -210,6 +191,29 @@ class EvaluationSuite:
         rank, world = self._split
         return list(range(rank, n, world))
 
+    def _gather(self, values: list, indices: list[int], total: int) -> list:
+        """Every process's (index, value) pairs, put back in the original order (on every process)."""
+        pairs = list(zip(indices, values))
+        if self._split[1] > 1:
+            gathered: list = [None] * self._split[1]
+            dist.all_gather_object(gathered, pairs)
+            pairs = [pair for part in gathered for pair in part]
+        ordered: list = [None] * total
+        for index, value in pairs:
+            ordered[index] = value
+        return ordered
+
+    def _metric(self, kind, device):
+        """A rate metric that all-reduces on ``compute()`` only where prompts are split over processes."""
+        return kind(sync_on_compute=self._split[1] > 1).to(device)
+
+    def _global_mean(self, values: list[float], device) -> float:
+        """The mean over every process's values (sum and count all-reduced where prompts are split)."""
+        totals = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
+        if self._split[1] > 1:
+            dist.all_reduce(totals)
+        return float(totals[0] / totals[1]) if totals[1] else math.nan
+
     def _check_context(self, model, tokenizer, prompts: list[str], max_new_tokens: int, name: str) -> None:
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if not limit or not prompts:
@@ -228,7 +232,7 @@ class EvaluationSuite:
                         system_prompt=self.system_prompt, progress=self._bar(name, len(prompts)))
 
     def _bar(self, name: str, total: int):
-        if not self.progress or _world()[0] != 0:
+        if not self.progress or process_world()[0] != 0:
             return None
         from tqdm.auto import tqdm
 
@@ -244,10 +248,10 @@ class EvaluationSuite:
         responses = None
         if any(j.uses_generation for j in judges):
             responses = self._generate(model, tokenizer, prompts, self.max_new_tokens, benchmark.name)
-        record = {"prompt": _gather(prompts, mine, len(benchmark.prompts), self._split[1]),
+        record = {"prompt": self._gather(prompts, mine, len(benchmark.prompts)),
                   "category": benchmark.categories}
         if responses is not None:
-            record["response"] = _gather(responses, mine, len(benchmark.prompts), self._split[1])
+            record["response"] = self._gather(responses, mine, len(benchmark.prompts))
         rows = []
         categories = sorted({c for c in benchmark.categories if c is not None})
         for judge in judges:
@@ -255,7 +259,7 @@ class EvaluationSuite:
             if isinstance(judge, LogitRefusalJudge):
                 scores = judge.scores(prompts, model=model, tokenizer=tokenizer, system_prompt=self.system_prompt)
                 verdicts = (scores > judge.threshold).tolist()
-                mean_score = _global_mean(scores.tolist(), device, self._split[1])
+                mean_score = self._global_mean(scores.tolist(), device)
             else:
                 verdicts = judge(prompts, responses, model=model, tokenizer=tokenizer, system_prompt=self.system_prompt)
             if benchmark.kind == "harmful":
@@ -264,15 +268,15 @@ class EvaluationSuite:
             else:
                 succeeded = [bool(v) for v in verdicts]
                 metric_name, make = "over_refusal", OverRefusalRate
-            overall = make(sync_on_compute=self._split[1] > 1).to(device)
+            overall = self._metric(make, device)
             overall.update(torch.tensor(succeeded, dtype=torch.bool, device=device))
             per_category = {}
             for category in categories:
-                metric = make(sync_on_compute=self._split[1] > 1).to(device)
+                metric = self._metric(make, device)
                 chosen = [s for s, i in zip(succeeded, mine) if benchmark.categories[i] == category]
                 metric.update(torch.tensor(chosen, dtype=torch.bool, device=device))
                 per_category[category] = float(metric.compute())
-            record[judge.name] = _gather([bool(v) for v in verdicts], mine, len(benchmark.prompts), self._split[1])
+            record[judge.name] = self._gather([bool(v) for v in verdicts], mine, len(benchmark.prompts))
             rows.append(Row(benchmark.name, benchmark.kind, judge.name, metric_name, float(overall.compute()),
                             len(benchmark.prompts), benchmark.source, per_category, mean_score))
         self.responses[benchmark.name] = [dict(zip(record, values)) for values in zip(*record.values())]
@@ -285,20 +289,12 @@ class EvaluationSuite:
         max_new_tokens = self.task_max_new_tokens or task.max_new_tokens
         responses = self._generate(model, tokenizer, prompts, max_new_tokens, task.name)
         correct = [bool(task.score(r, task.references[i])) for r, i in zip(responses, mine)]
-        metric = RateMetric(sync_on_compute=self._split[1] > 1).to(device)
+        metric = self._metric(RateMetric, device)
         metric.update(torch.tensor(correct, dtype=torch.bool, device=device))
         self.responses[task.name] = [
             {"prompt": p, "reference": ref, "response": r, "correct": c}
-            for p, ref, r, c in zip(task.prompts, task.references, _gather(responses, mine, len(task.prompts), self._split[1]),
-                                    _gather(correct, mine, len(task.prompts), self._split[1]))
+            for p, ref, r, c in zip(task.prompts, task.references, self._gather(responses, mine, len(task.prompts)),
+                                    self._gather(correct, mine, len(task.prompts)))
         ]
         return Row(task.name, "utility", task.metric, task.metric, float(metric.compute()), len(task.prompts),
                    task.source)
-
-
-def _global_mean(values: list[float], device, world: int) -> float:
-    """The mean over every process's values (sum and count all-reduced)."""
-    totals = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(totals)
-    return float(totals[0] / totals[1]) if totals[1] else math.nan

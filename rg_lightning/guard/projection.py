@@ -183,15 +183,14 @@ class LinearConstraint(_Constraint):
 
     @torch.no_grad()
     def apply_(self, strength: float = 1.0) -> None:
+        w, start = local_rows(self.param.data)
         if self.side == "right":  # row by row: a rank holding some rows of W corrects just those
-            w, start = local_rows(self.param.data)
             w32 = w.float()  # the parameter itself when it is float32: updated in place, no copy of W
             err = w32 @ self.basis
             if self.anchor is not None:
                 err -= self.anchor[start:start + w.shape[0]]
             w32.addmm_(err, self.basis.T, alpha=-strength)
         else:  # Uᵀ·W mixes rows: work on the whole matrix, keep this rank's rows
-            w, start = local_rows(self.param.data)
             full32 = whole(self.param.data).float()
             err = self.basis.T @ full32
             if self.anchor is not None:

@@ -75,10 +75,13 @@ def prompt_world(model) -> tuple[int, int]:
     (each module gathers its weights), so all ranks must run the same batches: then every rank runs every
     prompt, gets the same result, and nothing is reduced: ``(0, 1)``. (Decided by the modules, not by the
     parameters: a root module's parameters stay plain tensors between a forward and the next backward.)"""
+    return (0, 1) if uses_fsdp2(model) else process_world()
+
+
+def process_world() -> tuple[int, int]:
+    """``(rank, world size)`` of torch.distributed, ``(0, 1)`` when it is not initialised."""
     import torch.distributed as dist
 
-    if uses_fsdp2(model):
-        return 0, 1
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
