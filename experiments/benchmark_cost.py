@@ -3,9 +3,13 @@
     python experiments/benchmark_cost.py                          # CPU, tiny Llama / Qwen2 / Gemma-2
     python experiments/benchmark_cost.py --device cuda --size 1.5b   # GPU, a ~1.5B Qwen2 architecture
 
-Models are built from their transformers config with random weights (speed does not depend on them).
+Models are built from their transformers config with random weights (speed depends on them only through
+the subspace sizes: near-isotropic random activations need far more dimensions for the same energy than a
+trained model's; ``--rank`` fixes them). The guarded arm does what ``RepresentationProjection`` does every
+step: gradients projected before the optimizer step, weights restored after it.
 Ratios come from one process, arms interleaved step by step, so machine noise hits both alike.
-Reports the median ratio and its spread (min-max over repeats) as Markdown on stdout and as JSON.
+Reports the median ratio and its spread (min-max over repeats) as Markdown on stdout and as JSON, and the
+basis pass's throughput with and without its eigendecompositions (a fixed cost, whatever the prompt count).
 """
 
 from __future__ import annotations
@@ -71,7 +75,30 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(family: str, size: str, device: str, lora: bool, steps: int, batch: int, length: int) -> dict:
+class timed_eigh:
+    """Within the block, ``torch.linalg.eigh`` adds its wall time to ``.seconds`` (device synchronised)."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.seconds, self._eigh = device, 0.0, torch.linalg.eigh
+
+    def _timed(self, *args, **kwargs):
+        sync(self.device)
+        start = time.perf_counter()
+        result = self._eigh(*args, **kwargs)
+        sync(self.device)
+        self.seconds += time.perf_counter() - start
+        return result
+
+    def __enter__(self) -> "timed_eigh":
+        torch.linalg.eigh = self._timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.linalg.eigh = self._eigh
+
+
+def measure(family: str, size: str, device: str, lora: bool, steps: int, batch: int, length: int,
+            energy: float | None, rank: int | None) -> dict:
     model = build_model(family, size, device, lora)
     tokenizer = word_tokenizer(SIZES[size]["vocab_size"])
     harmful, harmless = prompts(64, 24, 1, SIZES[size]["vocab_size"]), prompts(64, 24, 2, SIZES[size]["vocab_size"])
@@ -94,9 +121,13 @@ def measure(family: str, size: str, device: str, lora: bool, steps: int, batch: 
 
     plain_forward()  # warm-up: the first pass pays for allocations and kernel selection
     forward_seconds = plain_forward()
+    # warm-up: the first pass pays one-off imports and kernel set-up (a second on the CPU, whatever the size)
+    collect_basis(model, tokenizer, harmful[:2], harmless[:2], energy=energy, rank=rank, answer_tokens=0)
     sync(device)
     start = time.perf_counter()
-    basis = collect_basis(model, tokenizer, harmful, harmless, energy=0.99, answer_tokens=0, batch_size=16)
+    with timed_eigh(device) as decomposition:
+        basis = collect_basis(model, tokenizer, harmful, harmless, energy=energy, rank=rank, answer_tokens=0,
+                              batch_size=16)
     sync(device)
     basis_seconds = time.perf_counter() - start
 
@@ -110,6 +141,8 @@ def measure(family: str, size: str, device: str, lora: bool, steps: int, batch: 
             start = time.perf_counter()
             loss = model(input_ids=data, labels=data).loss
             loss.backward()
+            if arm == "guarded":
+                constraints.project_grads_()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if arm == "guarded":
@@ -125,6 +158,8 @@ def measure(family: str, size: str, device: str, lora: bool, steps: int, batch: 
         "plain_step_ms": 1000 * statistics.median(times["plain"]),
         "extra_memory_share": constraints.extra_memory_bytes() / weights,
         "basis_throughput_share": forward_seconds / basis_seconds,
+        "basis_throughput_share_without_decomposition": forward_seconds / (basis_seconds - decomposition.seconds),
+        "decomposition_seconds": decomposition.seconds,
         "protected_modules": len(protected_modules(model)),
         "subspace_dims": sorted({int(b.shape[1]) for b in basis.subspaces.values()}),
     }
@@ -138,19 +173,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--energy", type=float, default=0.99, help="energy cutoff (the library default)")
+    parser.add_argument("--rank", type=int, default=None, help="fixed subspace dimension instead of --energy")
     parser.add_argument("--out", default="experiments/results/cost.json")
     args = parser.parse_args()
-    rows = [measure(f, args.size, args.device, lora, args.steps, args.batch, args.length)
+    energy = None if args.rank else args.energy
+    rows = [measure(f, args.size, args.device, lora, args.steps, args.batch, args.length, energy, args.rank)
             for f in args.families for lora in (False, True)]
     machine = (torch.cuda.get_device_name() if args.device == "cuda" else
                f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
-    print(f"Machine: {machine}; torch {torch.__version__}; {args.steps} timed steps, batch {args.batch} x {args.length}")
+    subspaces = f"rank {args.rank}" if args.rank else f"energy {args.energy}"
+    print(f"Machine: {machine}; torch {torch.__version__}; {args.steps} timed steps, batch {args.batch} x {args.length}; "
+          f"{subspaces}")
     print("| family | mode | step time guarded/plain (median, min-max) | plain step ms | extra memory / weights "
-          "| basis pass / plain forward throughput |\n|---|---|---|---|---|---|")
+          "| basis pass / plain forward throughput (without eigendecompositions) | eigendecompositions s "
+          "| subspace dims |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
+        dims = r["subspace_dims"]
         print(f"| {r['family']} ({r['size']}) | {r['mode']} | {r['step_ratio_median']:.3f} ({r['step_ratio_min']:.3f}-"
               f"{r['step_ratio_max']:.3f}) | {r['plain_step_ms']:.1f} | {r['extra_memory_share']:.2%} | "
-              f"{r['basis_throughput_share']:.2f} |")
+              f"{r['basis_throughput_share']:.2f} ({r['basis_throughput_share_without_decomposition']:.2f}) | "
+              f"{r['decomposition_seconds']:.2f} | {dims[0]}-{dims[-1]} |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump({"args": vars(args), "machine": machine, "rows": rows}, handle, indent=2)

@@ -126,6 +126,16 @@ def _checked_basis(name: str, basis: Tensor, dim: int, what: str, device) -> Ten
     return basis.detach().to(device=device, dtype=torch.float32)
 
 
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """Half-precision tensors are corrected in their own dtype (tensor cores), everything else in float32."""
+    return t.dtype if t.dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def _in_compute_dtype(t: Tensor) -> Tensor:
+    """``t`` itself when it is already in its compute dtype (corrected in place), else a float32 copy."""
+    return t if t.dtype == _compute_dtype(t) else t.float()
+
+
 def _unit_columns(basis: Tensor) -> Tensor:
     """The columns of unit norm (weight 1) of a possibly weighted basis: the basis itself when all are."""
     unit = basis_weights(basis) > 1 - 1e-4
@@ -137,7 +147,10 @@ class LinearConstraint(_Constraint):
     initial value; the bias is restored (policy: a bias shifts every output, protected ones included).
 
     For an ``nn.Embedding`` weight (num×dim) side='right' protects what it writes into the residual.
-    Computed in float32 and cast back, so bf16 weights hold the anchor up to bf16 rounding.
+    float16/bfloat16 weights (``precision: bf16-true``) are corrected with products in their own dtype and
+    the error against the float32 anchor taken in float32: they hold the anchor up to their own rounding,
+    and the correction runs on tensor cores instead of as float32 products on a float32 copy of ``W``.
+    Other weights are corrected in float32.
     """
 
     _state = ("basis", "anchor", "bias")
@@ -153,7 +166,7 @@ class LinearConstraint(_Constraint):
         w = self.param
         dim, what = (w.shape[1], "input features") if side == "right" else (w.shape[0], "output features")
         self.basis = _checked_basis(name, basis, dim, what, w.device)
-        self.anchor = self._product(whole(w.detach()).float())
+        self.anchor = self._product(whole(w.detach()))
         bias = getattr(module, "bias", None) if keep_bias else None
         self.bias = whole(bias.detach()).clone() if isinstance(bias, Tensor) and bias.requires_grad else None
 
@@ -171,12 +184,14 @@ class LinearConstraint(_Constraint):
         damped = f" (+{soft} damped)" if soft else ""
         return f"k={self._exact.shape[1]}{damped} of {self.basis.shape[0]}{kept}"
 
-    def _product(self, w32: Tensor) -> Tensor:
-        return w32 @ self.basis if self.side == "right" else self.basis.T @ w32
+    def _product(self, w: Tensor) -> Tensor:
+        """``W·U`` (resp. ``Uᵀ·W``) in float32, from products in ``W``'s compute dtype."""
+        wc, basis = _in_compute_dtype(w), self.basis.to(_compute_dtype(w))
+        return (wc @ basis if self.side == "right" else basis.T @ wc).float()
 
     def anchor_error(self) -> float:
         """Largest |W·U − A0| entry: 0 when the protected response is exactly the initial one."""
-        err = self._product(whole(self.param.detach()).float())
+        err = self._product(whole(self.param.detach()))
         if self.anchor is not None:
             err -= self.anchor
         return _max_abs(err)
@@ -184,20 +199,21 @@ class LinearConstraint(_Constraint):
     @torch.no_grad()
     def apply_(self, strength: float = 1.0) -> None:
         w, start = local_rows(self.param.data)
+        basis = self.basis.to(_compute_dtype(w))
         if self.side == "right":  # row by row: a rank holding some rows of W corrects just those
-            w32 = w.float()  # the parameter itself when it is float32: updated in place, no copy of W
-            err = w32 @ self.basis
+            wc = _in_compute_dtype(w)  # the parameter itself unless it needs a float32 copy
+            err = (wc @ basis).float()
             if self.anchor is not None:
                 err -= self.anchor[start:start + w.shape[0]]
-            w32.addmm_(err, self.basis.T, alpha=-strength)
+            wc.addmm_(err.to(wc.dtype), basis.T, alpha=-strength)
         else:  # Uᵀ·W mixes rows: work on the whole matrix, keep this rank's rows
-            full32 = whole(self.param.data).float()
-            err = self.basis.T @ full32
+            full = _in_compute_dtype(whole(self.param.data))
+            err = (basis.T @ full).float()
             if self.anchor is not None:
                 err -= self.anchor
-            w32 = full32.addmm(self.basis, err, alpha=-strength)[start:start + w.shape[0]]
-        if w32 is not w:
-            w.copy_(w32)
+            wc = full.addmm(basis, err.to(full.dtype), alpha=-strength)[start:start + w.shape[0]]
+        if wc is not w:
+            w.copy_(wc)
         if self.bias is not None:
             bias, start = local_rows(self.module.bias.data)
             bias.lerp_(self.bias[start:start + bias.shape[0]], strength)
@@ -211,23 +227,24 @@ class LinearConstraint(_Constraint):
             rows = None
             if self.side == "left" and g is not grad:  # Uᵀ·G mixes rows: project the whole gradient
                 rows, g = slice(start, start + g.shape[0]), whole(grad)
-            g32 = g.float()
+            gc = _in_compute_dtype(g)
             # Twice ("twice is enough" re-orthogonalisation): one float32 pass leaves a rounding residue
             # of ~1e-7·|G| inside span(U), and AdamW would normalise that noise up to full-size steps
             # wherever the true free gradient is ~0. The second pass cuts it to ~1e-14·|G|.
             # A weighted basis (soft_subspace) damps its tail columns by c_i < 1 once; only its unit columns
             # get the second, clean-up pass (a second pass would damp the tail by 1 - (1 - c_i)^2).
-            passes = [self.basis] + ([self._exact] if strength == 1.0 and self._exact.shape[1] else [])
-            for basis in passes:
-                inside = g32 @ basis if self.side == "right" else basis.T @ g32
+            # A half-precision gradient gets one pass: storing it rounds it to ~4e-3·|G| anyway.
+            clean_up = strength == 1.0 and self._exact.shape[1] and gc.dtype == torch.float32
+            for basis in [self.basis] + ([self._exact] if clean_up else []):
+                basis = basis.to(gc.dtype)
                 if self.side == "right":
-                    g32.addmm_(inside, basis.T, alpha=-strength)
+                    gc.addmm_(gc @ basis, basis.T, alpha=-strength)
                 else:
-                    g32.addmm_(basis, inside, alpha=-strength)
+                    gc.addmm_(basis, basis.T @ gc, alpha=-strength)
             if rows is not None:
-                local_rows(grad)[0].copy_(g32[rows])
-            elif g32 is not g:
-                g.copy_(g32)
+                local_rows(grad)[0].copy_(gc[rows])
+            elif gc is not g:
+                g.copy_(gc)
         if self.bias is not None and self.module.bias.grad is not None:
             local_rows(self.module.bias.grad)[0].mul_(1.0 - strength)
 
