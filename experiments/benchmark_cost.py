@@ -58,16 +58,18 @@ def prompts(n: int, length: int, offset: int, vocab: int) -> list[str]:
     return [" ".join(f"w{i - 5}" for i in row.tolist()) for row in ids]
 
 
-def build_model(family: str, size: str, device: str, lora: bool):
+def build_model(family: str, size: str, device: str):
     config_class, extra = FAMILIES[family]
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_config(config_class(**SIZES[size], **extra), dtype=dtype).to(device)
-    if lora:
-        from peft import LoraConfig, get_peft_model
+    with torch.device(device):  # initialised where it runs: a 1.5B model is slow to initialise on the CPU
+        return AutoModelForCausalLM.from_config(config_class(**SIZES[size], **extra), dtype=dtype)
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    return model
+
+def with_lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
 
 
 def sync(device: str) -> None:
@@ -97,11 +99,16 @@ class timed_eigh:
         torch.linalg.eigh = self._eigh
 
 
-def measure(family: str, size: str, device: str, lora: bool, steps: int, batch: int, length: int,
-            energy: float | None, rank: int | None) -> dict:
-    model = build_model(family, size, device, lora)
-    tokenizer = word_tokenizer(SIZES[size]["vocab_size"])
-    harmful, harmless = prompts(64, 24, 1, SIZES[size]["vocab_size"]), prompts(64, 24, 2, SIZES[size]["vocab_size"])
+def measure(family: str, size: str, device: str, steps: int, batch: int, length: int,
+            energy: float | None, rank: int | None) -> list[dict]:
+    """One basis pass (timed against a plain forward), then full fine-tuning and LoRA on the same model."""
+    vocab = SIZES[size]["vocab_size"]
+    tokenizer = word_tokenizer(vocab)
+    harmful, harmless = prompts(64, 24, 1, vocab), prompts(64, 24, 2, vocab)
+    # warm-up on a throwaway tiny model: the first basis pass pays one-off imports and kernel set-up
+    collect_basis(build_model(family, "tiny", device), word_tokenizer(SIZES["tiny"]["vocab_size"]), harmful[:2],
+                  harmless[:2], energy=energy, rank=rank, answer_tokens=0)
+    model = build_model(family, size, device)
     # basis pass vs plain forward over the same prompts (no answer generation, same batch size)
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in harmful + harmless]
@@ -121,8 +128,6 @@ def measure(family: str, size: str, device: str, lora: bool, steps: int, batch: 
 
     plain_forward()  # warm-up: the first pass pays for allocations and kernel selection
     forward_seconds = plain_forward()
-    # warm-up: the first pass pays one-off imports and kernel set-up (a second on the CPU, whatever the size)
-    collect_basis(model, tokenizer, harmful[:2], harmless[:2], energy=energy, rank=rank, answer_tokens=0)
     sync(device)
     start = time.perf_counter()
     with timed_eigh(device) as decomposition:
@@ -130,39 +135,46 @@ def measure(family: str, size: str, device: str, lora: bool, steps: int, batch: 
                               batch_size=16)
     sync(device)
     basis_seconds = time.perf_counter() - start
-
-    constraints = build_constraints(model, basis.subspaces, protected_token_ids=basis.protected_token_ids)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    data = torch.randint(5, SIZES[size]["vocab_size"], (batch, length), device=device)
-    times = {"plain": [], "guarded": []}
-    for step in range(steps + 2):
-        for arm in ("plain", "guarded") if step % 2 else ("guarded", "plain"):
-            sync(device)
-            start = time.perf_counter()
-            loss = model(input_ids=data, labels=data).loss
-            loss.backward()
-            if arm == "guarded":
-                constraints.project_grads_()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if arm == "guarded":
-                constraints.apply_()
-            sync(device)
-            if step >= 2:  # warm-up steps are not timed
-                times[arm].append(time.perf_counter() - start)
-    ratios = [g / p for g, p in zip(times["guarded"], times["plain"])]
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {
-        "family": family, "size": size, "mode": "lora" if lora else "full", "device": device,
-        "step_ratio_median": statistics.median(ratios), "step_ratio_min": min(ratios), "step_ratio_max": max(ratios),
-        "plain_step_ms": 1000 * statistics.median(times["plain"]),
-        "extra_memory_share": constraints.extra_memory_bytes() / weights,
-        "basis_throughput_share": forward_seconds / basis_seconds,
-        "basis_throughput_share_without_decomposition": forward_seconds / (basis_seconds - decomposition.seconds),
-        "decomposition_seconds": decomposition.seconds,
-        "protected_modules": len(protected_modules(model)),
-        "subspace_dims": sorted({int(b.shape[1]) for b in basis.subspaces.values()}),
-    }
+    protected = len(protected_modules(model))
+    rows = []
+    for mode in ("full", "lora"):
+        if mode == "lora":
+            model = with_lora(model)
+        constraints = build_constraints(model, basis.subspaces, protected_token_ids=basis.protected_token_ids)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        data = torch.randint(5, vocab, (batch, length), device=device)
+        times = {"plain": [], "guarded": []}
+        for step in range(steps + 2):
+            for arm in ("plain", "guarded") if step % 2 else ("guarded", "plain"):
+                sync(device)
+                start = time.perf_counter()
+                loss = model(input_ids=data, labels=data).loss
+                loss.backward()
+                if arm == "guarded":
+                    constraints.project_grads_()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if arm == "guarded":
+                    constraints.apply_()
+                sync(device)
+                if step >= 2:  # warm-up steps are not timed
+                    times[arm].append(time.perf_counter() - start)
+        ratios = [g / p for g, p in zip(times["guarded"], times["plain"])]
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        rows.append({
+            "family": family, "size": size, "mode": mode, "device": device,
+            "step_ratio_median": statistics.median(ratios), "step_ratio_min": min(ratios),
+            "step_ratio_max": max(ratios), "plain_step_ms": 1000 * statistics.median(times["plain"]),
+            "extra_memory_share": constraints.extra_memory_bytes() / weights,
+            "basis_throughput_share": forward_seconds / basis_seconds,
+            "basis_throughput_share_without_decomposition": forward_seconds / (basis_seconds - decomposition.seconds),
+            "decomposition_seconds": decomposition.seconds,
+            "protected_modules": protected,
+            "subspace_dims": sorted({int(b.shape[1]) for b in basis.subspaces.values()}),
+        })
+        print(f"{family} {mode}: step ratio {rows[-1]['step_ratio_median']:.3f}", flush=True)
+        del constraints, optimizer
+    return rows
 
 
 def main() -> None:
@@ -178,8 +190,8 @@ def main() -> None:
     parser.add_argument("--out", default="experiments/results/cost.json")
     args = parser.parse_args()
     energy = None if args.rank else args.energy
-    rows = [measure(f, args.size, args.device, lora, args.steps, args.batch, args.length, energy, args.rank)
-            for f in args.families for lora in (False, True)]
+    rows = [row for f in args.families
+            for row in measure(f, args.size, args.device, args.steps, args.batch, args.length, energy, args.rank)]
     machine = (torch.cuda.get_device_name() if args.device == "cuda" else
                f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     subspaces = f"rank {args.rank}" if args.rank else f"energy {args.energy}"
@@ -196,7 +208,8 @@ def main() -> None:
               f"{r['decomposition_seconds']:.2f} | {dims[0]}-{dims[-1]} |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as handle:
-        json.dump({"args": vars(args), "machine": machine, "rows": rows}, handle, indent=2)
+        json.dump({"args": {k: v for k, v in vars(args).items() if k != "out"}, "machine": machine,
+                   "torch": torch.__version__, "rows": rows}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,10 @@ def test_guard_on_gpu(tmp_path, tiny_models, strategy, precision):
     module.configure_model()
     before = protected_logits(module.model.cuda(), module.tokenizer)
     module = Tiny(tiny_models["llama"])
-    refusal = RefusalDirections(harmful=HARMFUL, harmless=HARMLESS, energy=1.0, answer_tokens=0)
+    # head_answer_only=False: the logit head is protected at every prompt position, so every logit compared
+    # below must hold (by default it is protected only where answers are generated)
+    refusal = RefusalDirections(harmful=HARMFUL, harmless=HARMLESS, energy=1.0, answer_tokens=0,
+                                head_answer_only=False)
     trainer = L.Trainer(accelerator="gpu", devices=1, strategy=strategy, precision=precision, max_steps=4,
                         logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
                         callbacks=[refusal, RepresentationProjection()])
