@@ -75,6 +75,11 @@ class RepresentationProjection(L.Callback):
         protect_embeddings: Restore the embedding rows of tokens that occur in the protected prompts.
         project_gradients: Also remove the constrained parts from the gradients before each optimizer
             step, so the optimizer's statistics only see what the constraint lets through.
+        tail_reference_lr: Only for a basis with a damped tail (``RefusalDirections(ridge > 0)``): the
+            learning rate at which the tail is pulled back as built. At every step the pull-back rate is
+            scaled by the parameter group's current learning rate over this one, so the drift the tail
+            allows does not grow with the learning rate (or shrink with a decaying schedule). ``None``:
+            the same pull-back share at every step, whatever the learning rate.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class RepresentationProjection(L.Callback):
         freeze_norms: bool = True,
         protect_embeddings: bool = True,
         project_gradients: bool = True,
+        tail_reference_lr: float | None = None,
     ) -> None:
         if mode not in ("subspace", "directions"):
             raise ValueError(f"mode must be 'subspace' or 'directions', got {mode!r}")
@@ -92,8 +98,11 @@ class RepresentationProjection(L.Callback):
             raise ValueError(f"strength must be in [0, 1] (1 exact, 0 off), got {strength}")
         self.mode, self.strength, self.basis_path = mode, strength, basis
         self.freeze_norms, self.protect_embeddings = freeze_norms, protect_embeddings
-        self.project_gradients = project_gradients
+        if tail_reference_lr is not None and not tail_reference_lr > 0:
+            raise ValueError(f"tail_reference_lr must be > 0 (or None), got {tail_reference_lr}")
+        self.project_gradients, self.tail_reference_lr = project_gradients, tail_reference_lr
         self.constraints: ConstraintSet | None = None
+        self._groups: dict[int, dict] = {}
         self._restored_state: dict | None = None
         self._hooks: list = []
 
@@ -129,11 +138,22 @@ class RepresentationProjection(L.Callback):
             f"constraints, {len(self.constraints.skipped)} skipped, extra memory "
             f"{self.constraints.extra_memory_bytes() / max(weights, 1):.2%} of the weights"
         )
+        self._groups = {id(p): group for optimizer in trainer.optimizers for group in optimizer.param_groups
+                        for p in group["params"]}
         for optimizer in trainer.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.constraints.apply_()))
 
+    def _tail_scale(self, param) -> float:
+        """Current learning rate of the parameter's group over ``tail_reference_lr`` (1 if it has none)."""
+        group = self._groups.get(id(param))
+        return 1.0 if group is None else float(group["lr"]) / self.tail_reference_lr
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.project_gradients and self.constraints is not None:
+        if self.constraints is None:
+            return
+        if self.tail_reference_lr is not None:  # before the gradients and the step-post hook use the tails
+            self.constraints.scale_tails(self._tail_scale)
+        if self.project_gradients:
             self.constraints.project_grads_()
 
     def _remove_hooks(self) -> None:

@@ -183,6 +183,8 @@ def test_bad_arguments_are_refused_early():
         RepresentationProjection(mode="gradient")
     with pytest.raises(ValueError, match="strength"):
         RepresentationProjection(strength=2.0)
+    with pytest.raises(ValueError, match="tail_reference_lr"):
+        RepresentationProjection(tail_reference_lr=0.0)
 
 
 @pytest.mark.parametrize(
@@ -343,3 +345,23 @@ def test_ddp_and_fsdp2_guarded_fine_tunes_agree_and_keep_protection_exact(tmp_pa
     for sharded in ("fsdp2", "fsdp2-root"):
         mine = [r["interference"] for r in runs[sharded]["drift"] if "interference" in r]
         assert mine == pytest.approx(plain, rel=1e-4), sharded
+
+
+def test_tail_reference_lr_scales_the_damped_tail_by_the_learning_rate(tmp_path, tiny_models, chat_file):
+    """At the reference learning rate the fit is exactly the unscaled one; at half of it (lr 1e-2 against a
+    reference of 5e-3) every damped tail is pulled back at twice the rate, and the fit differs."""
+    from rg_lightning.guard.projection import LinearConstraint
+    from rg_lightning.guard.subspace import tail_gain
+
+    weights, projections = {}, {}
+    for reference in (None, 1e-2, 5e-3):
+        projections[reference] = RepresentationProjection(tail_reference_lr=reference)
+        module, _ = run_fit(tmp_path / str(reference), tiny_models["llama"], chat_file,
+                            [guard(energy=0.9, ridge=0.03), projections[reference]])
+        weights[reference] = torch.cat([p.detach().flatten() for p in module.model.parameters()])
+    assert torch.equal(weights[None], weights[1e-2])
+    assert not torch.allclose(weights[None], weights[5e-3], atol=1e-6)
+    tails = [c for c in projections[5e-3].constraints.constraints if isinstance(c, LinearConstraint) and c.has_tail]
+    assert tails
+    for c in tails:
+        torch.testing.assert_close(c._tail_gain, tail_gain(c._of_basis()[0], 2.0))

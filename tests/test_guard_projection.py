@@ -353,3 +353,39 @@ def test_weighted_basis_damps_the_drift_per_direction_by_its_weight():
     assert "+2 damped" in con.describe()
     with pytest.raises(ValueError, match="not orthonormal"):
         LinearConstraint("lin", lin, basis * 1.5)
+
+
+def test_tail_scaled_with_the_learning_rate_leaves_the_same_drift_whatever_the_rate():
+    """A steady push along a damped direction settles where the pull-back balances it. With a fixed share
+    per step that drift doubles when the learning rate doubles; with the rate scaled by lr / reference lr
+    (``ConstraintSet.scale_tails``) it stays put, while exact directions stay exact either way."""
+    from rg_lightning.guard import soft_subspace
+
+    torch.manual_seed(0)
+    d = 8
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    gram = q @ torch.diag(torch.tensor([10.0, 5.0, 0.5, 0.2, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)) @ q.T
+    basis = soft_subspace(gram, energy=0.9, ridge=0.05).float()  # 2 exact columns, 2 damped
+    push = torch.randn(3, d)
+
+    def settled_drift(lr, scaled):
+        lin = nn.Linear(d, 3, bias=False)
+        w0 = lin.weight.detach().clone()
+        cs = build_constraints(lin, {"": basis})
+        if scaled:
+            cs.scale_tails(lambda param: lr / 1e-2)
+        for _ in range(400):
+            with torch.no_grad():
+                lin.weight.add_(push, alpha=lr)  # what a steady optimizer step does
+            cs.apply_()
+        return (lin.weight.detach() - w0) @ q.float()
+
+    for scaled in (False, True):
+        low, high = settled_drift(1e-2, scaled), settled_drift(2e-2, scaled)
+        assert low[:, :2].abs().max() < 1e-5 and high[:, :2].abs().max() < 1e-5  # exact directions
+        ratio = high[:, 2:4].norm() / low[:, 2:4].norm()
+        if scaled:
+            assert abs(ratio - 1) < 1e-3, ratio
+        else:
+            assert abs(ratio - 2) < 1e-3, ratio
+        torch.testing.assert_close(high[:, 4:] / low[:, 4:], torch.full_like(low[:, 4:], 2.0), rtol=1e-3, atol=0)

@@ -128,3 +128,25 @@ def test_soft_subspace_is_the_hard_one_plus_a_ridge_weighted_tail():
     torch.testing.assert_close((unit_tail @ unit_tail.T), q[:, hard.shape[1]:6] @ q[:, hard.shape[1]:6].T)
     with pytest.raises(ValueError, match="ridge"):
         soft_subspace(gram, ridge=-1.0)
+
+
+def test_tail_gain_gives_the_shares_of_a_ridge_divided_by_the_scale():
+    """Scaling a damped tail's rate by s is the basis built with ridge / s; unit columns never change."""
+    from rg_lightning.guard import basis_weights, soft_subspace
+    from rg_lightning.guard.subspace import tail_gain
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 12, dtype=torch.float64) * torch.linspace(3.0, 0.2, 12, dtype=torch.float64)
+    gram = x.T @ x
+    ridge = 0.02
+    weights = basis_weights(soft_subspace(gram, energy=0.8, ridge=ridge, min_weight=1e-9)).clamp_max(1.0)
+    for scale in (0.5, 2.0, 3.0):
+        expected = basis_weights(soft_subspace(gram, energy=0.8, ridge=ridge / scale, min_weight=1e-9))
+        torch.testing.assert_close(weights * tail_gain(weights, scale), expected.clamp_max(1.0), rtol=1e-10, atol=1e-12)
+    unit = weights > 1 - 1e-4
+    assert unit.sum() >= 1 and (~unit).sum() >= 3
+    assert torch.equal(tail_gain(weights, 1.0), torch.ones_like(weights))
+    assert torch.equal(tail_gain(weights, 0.0)[unit], torch.ones(int(unit.sum()), dtype=weights.dtype))
+    assert (tail_gain(weights, 0.0)[~unit] == 0).all()
+    with pytest.raises(ValueError, match="scale"):
+        tail_gain(weights, -1.0)

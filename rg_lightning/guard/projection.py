@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .shards import local_rows, whole
 from .statistics import _unknown_names_error
-from .subspace import basis_weights
+from .subspace import UNIT_WEIGHT, basis_weights, tail_gain
 
 _PEFT_WRAPPERS = re.compile(
     r"^base_model\.model\.|\.base_layer\b|\.original_module\b|\.modules_to_save\.[^.]+"
@@ -138,7 +138,7 @@ def _in_compute_dtype(t: Tensor) -> Tensor:
 
 def _unit_columns(basis: Tensor) -> Tensor:
     """The columns of unit norm (weight 1) of a possibly weighted basis: the basis itself when all are."""
-    unit = basis_weights(basis) > 1 - 1e-4
+    unit = basis_weights(basis) > UNIT_WEIGHT
     return basis if bool(unit.all()) else basis[:, unit]
 
 
@@ -163,6 +163,7 @@ class LinearConstraint(_Constraint):
             raise ValueError(f"{name}: side must be 'right' or 'left', got {side!r}")
         self.side = side
         self.kind = f"linear.{side}"
+        self._tail_gain: Tensor | None = None  # see scale_tail
         w = self.param
         dim, what = (w.shape[1], "input features") if side == "right" else (w.shape[0], "output features")
         self.basis = _checked_basis(name, basis, dim, what, w.device)
@@ -170,13 +171,32 @@ class LinearConstraint(_Constraint):
         bias = getattr(module, "bias", None) if keep_bias else None
         self.bias = whole(bias.detach()).clone() if isinstance(bias, Tensor) and bias.requires_grad else None
 
+    def _of_basis(self) -> tuple[Tensor, Tensor]:
+        """The basis's column weights ``c_i`` and its unit columns, cached while the basis is the same tensor."""
+        cached = getattr(self, "_basis_cache", None)
+        if cached is None or cached[0] is not self.basis:
+            weights = basis_weights(self.basis).clamp_max(1.0).float()
+            self._basis_cache = cached = (self.basis, weights, _unit_columns(self.basis))
+        return cached[1], cached[2]
+
     @property
     def _exact(self) -> Tensor:
         """The unit columns of the basis (all of them unless it is weighted, see ``soft_subspace``)."""
-        cached = getattr(self, "_exact_cache", None)
-        if cached is None or cached[0] is not self.basis:
-            self._exact_cache = cached = (self.basis, _unit_columns(self.basis))
-        return cached[1]
+        return self._of_basis()[1]
+
+    @property
+    def has_tail(self) -> bool:
+        return self._exact.shape[1] < self.basis.shape[1]
+
+    def scale_tail(self, scale: float) -> None:
+        """Pull the damped tail back at ``scale`` times the rate the basis was built with (1: as built)."""
+        self._tail_gain = None if scale == 1.0 or not self.has_tail else tail_gain(self._of_basis()[0], scale)
+
+    def _damped(self, err: Tensor, columns_last: bool = True) -> Tensor:
+        """``err`` (one entry per basis column, along its last or first dim) times the tail gain, if any."""
+        if self._tail_gain is None:
+            return err
+        return err.mul_((self._tail_gain if columns_last else self._tail_gain[:, None]).to(err.dtype))
 
     def describe(self) -> str:
         kept = ", bias kept" if self.bias is not None else ""
@@ -205,13 +225,14 @@ class LinearConstraint(_Constraint):
             err = (wc @ basis).float()
             if self.anchor is not None:
                 err -= self.anchor[start:start + w.shape[0]]
-            wc.addmm_(err.to(wc.dtype), basis.T, alpha=-strength)
+            wc.addmm_(self._damped(err).to(wc.dtype), basis.T, alpha=-strength)
         else:  # Uᵀ·W mixes rows: work on the whole matrix, keep this rank's rows
             full = _in_compute_dtype(whole(self.param.data))
             err = (basis.T @ full).float()
             if self.anchor is not None:
                 err -= self.anchor
-            wc = full.addmm(basis, err.to(full.dtype), alpha=-strength)[start:start + w.shape[0]]
+            wc = full.addmm(basis, self._damped(err, columns_last=False).to(full.dtype),
+                            alpha=-strength)[start:start + w.shape[0]]
         if wc is not w:
             w.copy_(wc)
         if self.bias is not None:
@@ -235,12 +256,15 @@ class LinearConstraint(_Constraint):
             # get the second, clean-up pass (a second pass would damp the tail by 1 - (1 - c_i)^2).
             # A half-precision gradient gets one pass: storing it rounds it to ~4e-3·|G| anyway.
             clean_up = strength == 1.0 and self._exact.shape[1] and gc.dtype == torch.float32
-            for basis in [self.basis] + ([self._exact] if clean_up else []):
+            for i, basis in enumerate([self.basis] + ([self._exact] if clean_up else [])):
                 basis = basis.to(gc.dtype)
                 if self.side == "right":
-                    gc.addmm_(gc @ basis, basis.T, alpha=-strength)
+                    inside = gc @ basis
+                    gc.addmm_(self._damped(inside) if i == 0 else inside, basis.T, alpha=-strength)
                 else:
-                    gc.addmm_(basis, basis.T @ gc, alpha=-strength)
+                    inside = basis.T @ gc
+                    gc.addmm_(basis, self._damped(inside, columns_last=False) if i == 0 else inside,
+                              alpha=-strength)
             if rows is not None:
                 local_rows(grad)[0].copy_(gc[rows])
             elif gc is not g:
@@ -383,6 +407,13 @@ class ConstraintSet:
             raise ValueError(f"strength must be in [0, 1], got {s}")
         for c in self.constraints:
             c.project_grad_(s)
+
+    def scale_tails(self, scale_of) -> None:
+        """Give every damped tail the pull-back rate ``scale_of(parameter)`` times the one it was built with
+        (see :func:`~rg_lightning.guard.subspace.tail_gain`); constraints without a tail are untouched."""
+        for c in self.constraints:
+            if isinstance(c, LinearConstraint) and c.has_tail:
+                c.scale_tail(scale_of(c.param))
 
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
         return {c.key: c.state_dict() for c in self.constraints}

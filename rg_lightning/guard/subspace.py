@@ -77,6 +77,24 @@ def soft_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = Non
     return torch.cat([hard, tail], dim=1)
 
 
+UNIT_WEIGHT = 1 - 1e-4  # columns of a weighted basis above this weight are held exactly
+
+
+def tail_gain(weights: Tensor, scale: float) -> Tensor:
+    """Per-column factor that turns a weighted basis's pull-back shares ``c_i`` into those of ``scale`` times
+    the rate: ``c_i' = s c_i / (1 + (s − 1) c_i)`` (the share with ``ridge / s``), returned as ``c_i' / c_i``.
+
+    Unit columns (``c_i = 1``) keep factor 1 for every ``s``; ``s = 1`` changes nothing; ``s = 0`` (a zero
+    learning rate) pulls nothing back. With ``s`` = lr / reference lr, a steady push of ``lr·g`` per step
+    along a tail direction settles at ``d = lr·g·(1 − c_i')/c_i' = lr_ref·g·(1 − c_i)/c_i``: the drift the tail
+    allows is the same whatever the learning rate (a fixed share ``c_i`` lets it grow ∝ lr).
+    """
+    if not scale >= 0:
+        raise ValueError(f"scale must be >= 0, got {scale}")
+    unit = weights > UNIT_WEIGHT
+    return torch.where(unit, 1.0, scale / (1.0 + (scale - 1.0) * weights.masked_fill(unit, 0.0)))
+
+
 def basis_weights(basis: Tensor) -> Tensor:
     """The weights ``c_i`` of a (possibly weighted) basis from :func:`soft_subspace`: its squared column norms."""
     return basis.double().square().sum(0)
