@@ -52,7 +52,7 @@ def _one_bitsandbytes_cpu_path(monkeypatch):
 
 def tiny_config(family: str, vocab_size: int):
     """A few-kilobyte config of a real architecture family."""
-    from transformers import Gemma2Config, LlamaConfig, Qwen2Config
+    from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig, Olmo2Config, Qwen2Config
 
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -63,6 +63,11 @@ def tiny_config(family: str, vocab_size: int):
         return Qwen2Config(**common, tie_word_embeddings=True)
     if family == "gemma2":
         return Gemma2Config(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=16)
+    if family == "gemma3":  # QK-norm and Gemma's four norms per block, tied
+        return Gemma3TextConfig(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=16,
+                                layer_types=["sliding_attention", "full_attention"])
+    if family == "olmo2":  # linears read the raw residual; norms after each sublayer and on q/k projections
+        return Olmo2Config(**common, tie_word_embeddings=False)
     raise ValueError(family)
 
 

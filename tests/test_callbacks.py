@@ -81,6 +81,23 @@ def test_protection_holds_with_answers_tied_embeddings_and_gemma_norms(tmp_path,
         torch.testing.assert_close(protected_forward(module), before, atol=5e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["gemma3", "olmo2"])
+def test_protection_holds_on_qk_norm_and_post_sublayer_norm_blocks(tmp_path, tiny_models, chat_file, family):
+    """Gemma-3 (QK-norm, tied) and OLMo-2 (linears read the raw residual, norms after each sublayer)."""
+    from conftest import save_tiny_model
+
+    model_dir = str(save_tiny_model(tmp_path / "model", family))
+    kwargs = {"tokenizer": tiny_models["llama"]}
+    reference = CausalLMModule(model=model_dir, **kwargs)
+    reference.configure_model()
+    before = protected_forward(reference)
+    module, _ = run_fit(tmp_path / "fit", model_dir, chat_file, [guard(answer_tokens=3), RepresentationProjection()],
+                        **kwargs)
+    torch.testing.assert_close(protected_forward(module), before, atol=5e-5, rtol=0)
+    unprotected = protected_forward(module, ["what is one plus two ?"])
+    assert not torch.allclose(unprotected, protected_forward(reference, ["what is one plus two ?"]), atol=1e-3)
+
+
 def test_strength_zero_and_directions_mode_do_not_protect(tmp_path, tiny_models, chat_file):
     reference = CausalLMModule(model=tiny_models["llama"])
     reference.configure_model()

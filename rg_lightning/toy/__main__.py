@@ -1,5 +1,5 @@
 """``python -m rg_lightning.toy build [--out DIR] [--seed 0] [--steps N] [--variant default|alt]
-[--arch llama|gemma2|qwen3|phi3] [--threads 2]`` trains and saves
+[--arch llama|gemma2|qwen3|phi3|gemma3|olmo2] [--threads 2]`` trains and saves
 the aligned model; ``python -m rg_lightning.toy collapse [--model DIR] [--task benign] [--lr 1e-3] [--steps 150]
 [--harmful-fraction 0]`` measures what plain fine-tuning does to its refusals."""
 

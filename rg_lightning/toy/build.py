@@ -1,5 +1,5 @@
 """Build the shipped aligned model: ``python -m rg_lightning.toy build [--out DIR] [--seed 0] [--steps N]
-[--variant default|alt] [--arch llama|gemma2|qwen3|phi3]``.
+[--variant default|alt] [--arch llama|gemma2|qwen3|phi3|gemma3|olmo2]``.
 
 A plain PyTorch supervised fine-tuning loop (loss on assistant tokens only, AdamW, deterministic) trains a
 small model from scratch on :meth:`ToyWorld.alignment_examples`, then measures held-out refusal rates and
@@ -16,6 +16,12 @@ width 32, 2 key/value heads, float32 weights:
   the embeddings, as in the small Qwen3 releases.
 * ``phi3``: the Phi-3 block (one fused ``qkv_proj`` and one fused ``gate_up_proj`` per layer, SiLU-gated MLP),
   untied embeddings and LM head, as in Phi-3-mini.
+* ``gemma3``: the Gemma-3 text block (Gemma's four ``1 + weight`` RMSNorms per block plus RMSNorm on every
+  query and key head instead of soft-capping, GELU-tanh gated MLP, three sliding-window layers per full one)
+  with the LM head tied to the embeddings, as in Gemma-3.
+* ``olmo2``: the OLMo-2 block (no norm before attention or MLP: the linears read the raw residual stream;
+  RMSNorm on each sublayer's output before it is added, and on the whole query and key projections),
+  untied, as in OLMo-2.
 
 Why not Qwen2: transformers 5.x lists "qwen2" among the model types whose hub tokenizer class it distrusts,
 so ``AutoTokenizer.from_pretrained`` on a directory with a qwen2 ``config.json`` forces the byte-level BPE
@@ -34,7 +40,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Phi3Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, Olmo2Config, Phi3Config,
+                          Qwen3Config)
 
 from rg_lightning.atomic import atomic_directory
 from rg_lightning.chat import IGNORE_INDEX, encode_conversation
@@ -47,7 +54,7 @@ DEFAULT_STEPS = 200
 # Alignment steps per architecture when none are given. Gemma-2 (tied, soft-capped) trains slower: at 200
 # steps its aligned model still refused 15.6% of held-out harmless requests; at 400, 0.0% (harmful 100%).
 ARCH_STEPS = {"llama": DEFAULT_STEPS, "gemma2": 2 * DEFAULT_STEPS, "qwen3": 2 * DEFAULT_STEPS,  # qwen3: tied too
-              "phi3": DEFAULT_STEPS}
+              "phi3": DEFAULT_STEPS, "gemma3": 2 * DEFAULT_STEPS, "olmo2": DEFAULT_STEPS}  # gemma3: tied too
 # Tied input/output embeddings (Gemma-2) need every word of the vocabulary to be a training target now and
 # then: alignment data never contains the downstream tasks' words, and in a tied model the softmax pushes all
 # of their (shared) embedding rows toward one "never predict" vector, so as *inputs* they became nearly
@@ -59,7 +66,7 @@ ARCH_STEPS = {"llama": DEFAULT_STEPS, "gemma2": 2 * DEFAULT_STEPS, "qwen3": 2 * 
 # as before.
 VOCABULARY_SHARE = 0.1
 VOCABULARY_WORDS = (3, 8)
-TIED_ARCHITECTURES = ("gemma2", "qwen3")  # the families built with vocabulary copy examples
+TIED_ARCHITECTURES = ("gemma2", "qwen3", "gemma3")  # the families built with vocabulary copy examples
 BUILD_VERSION = 2  # recorded in world.json; 2: vocabulary copy examples for tied architectures
 BATCH_SIZE = 32
 LEARNING_RATE = 2e-3
@@ -76,6 +83,9 @@ ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, tied",
     "qwen3": "Qwen3ForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, QK-norm, tied",
     "phi3": "Phi3ForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, fused qkv/gate_up, untied",
+    "gemma3": "Gemma3ForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, QK-norm, tied",
+    "olmo2": "Olmo2ForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, post-sublayer norms, "
+             "untied",
 }
 
 
@@ -101,6 +111,12 @@ def model_config(tokenizer, arch: str = "llama"):
     if arch == "phi3":  # head_dim is hidden / heads (32) in Phi-3; no dropout, full rotary, as in the release
         common.pop("head_dim")
         return Phi3Config(tie_word_embeddings=False, original_max_position_embeddings=MAX_LENGTH * 2, **common)
+    if arch == "gemma3":  # the release's 5 local : 1 global, scaled to 4 layers; windows exceed every sequence
+        return Gemma3TextConfig(tie_word_embeddings=True, query_pre_attn_scalar=32, sliding_window=MAX_LENGTH * 2,
+                                layer_types=["sliding_attention"] * 3 + ["full_attention"], **common)
+    if arch == "olmo2":
+        common.pop("head_dim")  # hidden / heads (32), as in the release
+        return Olmo2Config(tie_word_embeddings=False, **common)
     raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
 
 
