@@ -25,6 +25,7 @@ several processes (flat shards that cut rows apart) and DeepSpeed are refused in
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Literal
 
 import lightning as L
@@ -34,8 +35,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from rg_lightning.callbacks.refusal_directions import find_refusal_directions
 from rg_lightning.contract import check_unsharded, hf_model
 from rg_lightning.guard.basis import SafetyBasis
-from rg_lightning.guard.projection import ConstraintSet, build_constraints
-from rg_lightning.guard.shards import reshard
+from rg_lightning.guard.projection import ConstraintSet, batch_token_mask, build_constraints, hold_absent_rows_
+from rg_lightning.guard.shards import process_world, reshard
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -63,6 +64,19 @@ def direction_bases(model, basis: SafetyBasis) -> tuple[dict, dict]:
     return readers, writers
 
 
+def _input_ids(batch) -> torch.Tensor:
+    """The token ids of a training batch: the batch itself when it is a tensor, else its ``input_ids``."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping) and "input_ids" in batch:
+        return batch["input_ids"]
+    raise TypeError(
+        "RepresentationProjection(hold_absent_rows=True) needs the token ids of every training batch: make "
+        "the batch a tensor of ids or a mapping with 'input_ids' (as Hugging Face collators do), or set "
+        f"hold_absent_rows=False (got a batch of type {type(batch).__name__})"
+    )
+
+
 class RepresentationProjection(L.Callback):
     """Keeps the representations that mediate refusal fixed during fine-tuning.
 
@@ -80,6 +94,11 @@ class RepresentationProjection(L.Callback):
             scaled by the parameter group's current learning rate over this one, so the drift the tail
             allows does not grow with the learning rate (or shrink with a decaying schedule). ``None``:
             the same pull-back share at every step, whatever the learning rate.
+        hold_absent_rows: Each optimizer step moves only the input-embedding rows of tokens that occur in
+            its batch (the others' gradients are zeroed; under DDP, in any rank's batch). With a tied head the
+            output softmax sends a gradient to every row, which AdamW turns into a full-size step, so words
+            the task never uses drift in meaning and the held refusal boundary can then catch harmless
+            requests. Needs each batch to be a tensor of token ids or a mapping with ``input_ids``.
     """
 
     def __init__(
@@ -91,6 +110,7 @@ class RepresentationProjection(L.Callback):
         protect_embeddings: bool = True,
         project_gradients: bool = True,
         tail_reference_lr: float | None = None,
+        hold_absent_rows: bool = False,
     ) -> None:
         if mode not in ("subspace", "directions"):
             raise ValueError(f"mode must be 'subspace' or 'directions', got {mode!r}")
@@ -101,8 +121,11 @@ class RepresentationProjection(L.Callback):
         if tail_reference_lr is not None and not tail_reference_lr > 0:
             raise ValueError(f"tail_reference_lr must be > 0 (or None), got {tail_reference_lr}")
         self.project_gradients, self.tail_reference_lr = project_gradients, tail_reference_lr
+        self.hold_absent_rows = hold_absent_rows
         self.constraints: ConstraintSet | None = None
         self._groups: dict[int, dict] = {}
+        self._embedding: torch.nn.Parameter | None = None  # held rows: the trainable input embedding
+        self._present: torch.Tensor | None = None  # tokens of the batches since the last optimizer step
         self._restored_state: dict | None = None
         self._hooks: list = []
 
@@ -140,6 +163,9 @@ class RepresentationProjection(L.Callback):
         )
         self._groups = {id(p): group for optimizer in trainer.optimizers for group in optimizer.param_groups
                         for p in group["params"]}
+        embedding = model.get_input_embeddings().weight if self.hold_absent_rows else None
+        self._embedding = embedding if embedding is not None and embedding.requires_grad else None
+        self._present = None
         for optimizer in trainer.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.constraints.apply_()))
 
@@ -148,9 +174,19 @@ class RepresentationProjection(L.Callback):
         group = self._groups.get(id(param))
         return 1.0 if group is None else float(group["lr"]) / self.tail_reference_lr
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._embedding is not None:
+            self._present = batch_token_mask(_input_ids(batch), self._embedding.shape[0], self._present)
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.constraints is None:
             return
+        if self._embedding is not None and self._present is not None:
+            present = self._present.to(self._embedding.device, torch.int32)
+            if process_world()[1] > 1:  # every rank holds the same rows: the DDP-averaged gradient is the same
+                torch.distributed.all_reduce(present, op=torch.distributed.ReduceOp.MAX)
+            hold_absent_rows_(self._embedding, present.bool())
+            self._present = None
         if self.tail_reference_lr is not None:  # before the gradients and the step-post hook use the tails
             self.constraints.scale_tails(self._tail_scale)
         if self.project_gradients:

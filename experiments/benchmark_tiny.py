@@ -45,6 +45,7 @@ DEFAULT_N_PROMPTS = 128  # experiments/tiny.yaml (RefusalDirections n_prompts); 
 DEFAULT_CENTERED = False  # experiments/tiny.yaml (RefusalDirections centered); likewise
 DEFAULT_RIDGE = 0.03  # experiments/tiny.yaml (RefusalDirections ridge)
 DEFAULT_TAIL_REFERENCE_LR = 1e-3  # experiments/tiny.yaml (RepresentationProjection tail_reference_lr)
+DEFAULT_HOLD_ABSENT_ROWS = True  # experiments/tiny.yaml (RepresentationProjection hold_absent_rows)
 WORLD_THREADS = 1  # every non-shipped world in experiments/results was built with one thread (see toy.build.THREADS)
 DEFAULT_ANSWER_TOKENS = 0  # experiments/tiny.yaml (RefusalDirections answer_tokens); likewise
 
@@ -109,7 +110,8 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
             lr: float, energy: float, answer_tokens: int, project_gradients: bool = True,
             n_prompts: int = DEFAULT_N_PROMPTS, rank: int | None = None, centered: bool = DEFAULT_CENTERED,
             head_answer_only: bool = True, ridge: float = DEFAULT_RIDGE, leave_out: list[str] = (),
-            tail_reference_lr: float | None = DEFAULT_TAIL_REFERENCE_LR) -> dict:
+            tail_reference_lr: float | None = DEFAULT_TAIL_REFERENCE_LR,
+            hold_absent_rows: bool = DEFAULT_HOLD_ABSENT_ROWS) -> dict:
     L.seed_everything(seed)
     report = AlignmentReport(task=task, variant=variant)
     callbacks = [report]
@@ -120,7 +122,8 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
                                         head_answer_only=head_answer_only, answer_tokens=answer_tokens, batch_size=32,
                                         seed=seed, ridge=ridge),
                       LeavingOut(list(leave_out), variant, mode="subspace" if arm == "guarded" else "directions",
-                                 project_gradients=project_gradients, tail_reference_lr=tail_reference_lr)]
+                                 project_gradients=project_gradients, tail_reference_lr=tail_reference_lr,
+                                 hold_absent_rows=hold_absent_rows)]
     module = CausalLMModule(model=model_dir, dtype="float32", optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
     data = ToyTaskDataModule(task=task, harmful_fraction=harmful_fraction, variant=variant, n_train=steps * 32,
                              seed=seed)
@@ -196,6 +199,10 @@ def main() -> None:
     parser.add_argument("--tail-reference-lr", type=float, default=DEFAULT_TAIL_REFERENCE_LR,
                         help="RepresentationProjection tail_reference_lr: the damped tail's pull-back scales with "
                              "lr / this (0: the same share at every step, whatever the learning rate)")
+    parser.add_argument("--hold-absent-rows", type=lambda v: v.lower() in ("1", "true", "yes"),
+                        default=DEFAULT_HOLD_ABSENT_ROWS,
+                        help="RepresentationProjection hold_absent_rows (true/false): a step moves only the "
+                             "embedding rows of its batch's tokens")
     parser.add_argument("--answer-tokens", type=int, default=DEFAULT_ANSWER_TOKENS, help="RefusalDirections answer_tokens")
     parser.add_argument("--leave-out", nargs="+", default=[], choices=LEAVE_OUT,
                         help="screen: run the guard without these constraint groups (see LeavingOut)")
@@ -212,7 +219,7 @@ def main() -> None:
             runs.append(run_arm(arm, model_dir, args.task, args.harmful_fraction, args.variant, seed, args.steps, args.lr,
                                 args.energy, args.answer_tokens, not args.post_step_only, args.n_prompts, args.rank, args.centered,
                                 args.head_positions == "answer", args.ridge, args.leave_out,
-                                args.tail_reference_lr or None))
+                                args.tail_reference_lr or None, args.hold_absent_rows))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
@@ -230,6 +237,7 @@ def main() -> None:
     if args.ridge and args.tail_reference_lr != DEFAULT_TAIL_REFERENCE_LR:  # only a damped tail is scaled
         name += f"_tailref{args.tail_reference_lr:g}" if args.tail_reference_lr else "_fixed-tail"
     name += (f"_prompts{args.n_prompts}" if args.n_prompts != DEFAULT_N_PROMPTS else "") + ("_poststep" if args.post_step_only else "")
+    name += "_batch-rows" if args.hold_absent_rows else ""  # files without it: every row moved (the earlier default)
     command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                f"1-min load average {load_start:.1f} at start / {os.getloadavg()[0]:.1f} at end")
@@ -239,7 +247,8 @@ def main() -> None:
                 + (" (centered)" if args.centered else "") + (f", ridge {args.ridge:g}" if args.ridge else "")
                 + ((f", tail pull-back scaled by lr / {args.tail_reference_lr:g}" if args.tail_reference_lr
                     else ", tail pull-back fixed per step") if args.ridge else "") + f", logit head protected at {args.head_positions} positions"
-                + (f", without {', '.join(args.leave_out)}" if args.leave_out else "") + f", {args.n_prompts} prompts, answer tokens {args.answer_tokens}, gradients "
+                + (f", without {', '.join(args.leave_out)}" if args.leave_out else "")
+                + (", embedding rows of tokens absent from the batch held" if args.hold_absent_rows else "") + f", {args.n_prompts} prompts, answer tokens {args.answer_tokens}, gradients "
                 f"{'not ' if args.post_step_only else ''}projected before each step; "
                 f"held-out data, greedy generation. Machine: {machine}. Total wall time "
                 f"{time.perf_counter() - start:.0f} s.\n")

@@ -56,7 +56,7 @@ if __name__ == "__main__":
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=4,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=out,
-                        callbacks=[refusal, RepresentationProjection(), drift])
+                        callbacks=[refusal, RepresentationProjection(hold_absent_rows=True), drift])
     trainer.fit(module, InstructionDataModule(train=str(data_file), batch_size=2))
     torch.save({"before": before, "after": protected_forward(module),
                 "weights": {k: whole(v.detach()).clone() for k, v in module.model.state_dict().items()},

@@ -382,3 +382,34 @@ def test_tail_reference_lr_scales_the_damped_tail_by_the_learning_rate(tmp_path,
     assert tails
     for c in tails:
         torch.testing.assert_close(c._tail_gain, tail_gain(c._of_basis()[0], 2.0))
+
+
+def test_hold_absent_rows_keeps_unused_words_of_a_tied_model_in_place(tmp_path, tiny_models, chat_file):
+    """qwen2 here ties its head to the embeddings: the output softmax moves every row unless the rows of
+    tokens absent from the batch are held; with the option they change only by AdamW's weight decay."""
+    kwargs = {"tokenizer": tiny_models["llama"]}
+    reference = CausalLMModule(model=tiny_models["qwen2"], **kwargs)
+    reference.configure_model()
+    before = reference.model.get_input_embeddings().weight.detach().clone()
+    used = {t for line in Path(chat_file).read_text().splitlines()
+            for m in json.loads(line)["messages"] for t in reference.tokenizer(m["content"])["input_ids"]}
+    template = set(reference.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True,
+                                                           add_generation_prompt=True))
+    unused = [t for t in range(before.shape[0]) if t not in used | template and before[t].norm() > 0]
+    assert len(unused) > 5
+    change = {}
+    for hold in (False, True):
+        module, _ = run_fit(tmp_path / str(hold), tiny_models["qwen2"], chat_file,
+                            [guard(), RepresentationProjection(hold_absent_rows=hold)], **kwargs)
+        after = module.model.get_input_embeddings().weight.detach()
+        change[hold] = float(((after - before)[unused].norm(dim=1) / before[unused].norm(dim=1)).max())
+    assert change[False] > 0.01 and change[True] < 1e-3, change
+
+
+def test_hold_absent_rows_needs_the_token_ids_of_each_batch():
+    from rg_lightning.callbacks.projection import _input_ids
+
+    ids = torch.tensor([[1, 2]])
+    assert _input_ids(ids) is ids and _input_ids({"input_ids": ids, "labels": ids}) is ids
+    with pytest.raises(TypeError, match="hold_absent_rows=False"):
+        _input_ids([ids, ids])

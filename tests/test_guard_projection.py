@@ -389,3 +389,17 @@ def test_tail_scaled_with_the_learning_rate_leaves_the_same_drift_whatever_the_r
         else:
             assert abs(ratio - 2) < 1e-3, ratio
         torch.testing.assert_close(high[:, 4:] / low[:, 4:], torch.full_like(low[:, 4:], 2.0), rtol=1e-3, atol=0)
+
+
+def test_absent_rows_get_no_gradient_and_micro_batches_accumulate():
+    from rg_lightning.guard.projection import batch_token_mask, hold_absent_rows_
+
+    embedding = nn.Embedding(10, 4)
+    embedding.weight.grad = torch.ones(10, 4)
+    present = batch_token_mask(torch.tensor([[1, 2], [2, 5]]), 10)
+    present = batch_token_mask(torch.tensor([7]), 10, present)  # a second micro-batch of the same step
+    hold_absent_rows_(embedding.weight, present)
+    moved = embedding.weight.grad.abs().sum(1) > 0
+    assert moved.tolist() == [i in (1, 2, 5, 7) for i in range(10)]
+    with pytest.raises(ValueError, match="token ids"):
+        batch_token_mask(torch.tensor([10]), 10)

@@ -376,6 +376,31 @@ class ParamFreeze(_Constraint):
             local_rows(self.param.grad)[0].mul_(1.0 - strength)
 
 
+def batch_token_mask(input_ids: Tensor, vocab_size: int, mask: Tensor | None = None) -> Tensor:
+    """Boolean ``[vocab_size]`` mask of the token ids in ``input_ids``, OR-ed into ``mask`` when given
+    (micro-batches accumulated into one optimizer step)."""
+    ids = input_ids.detach().reshape(-1).long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got {int(ids.min())}..{int(ids.max())}")
+    if mask is None:
+        mask = torch.zeros(vocab_size, dtype=torch.bool, device=ids.device)
+    mask[ids.to(mask.device)] = True
+    return mask
+
+
+@torch.no_grad()
+def hold_absent_rows_(embedding: nn.Parameter, present: Tensor) -> None:
+    """Zero the gradient rows of the tokens not in ``present`` (a ``[vocab]`` bool mask), so the step moves
+    only the rows of tokens its batch contains. Why: with a tied head the output softmax sends a gradient to
+    every row, AdamW normalises it to a full-size step, and words the task never uses drift in meaning
+    (see the README's held-out Gemma-3 world). A rank holding some rows zeroes those."""
+    if embedding.grad is None:
+        return
+    grad, start = local_rows(embedding.grad)
+    absent = ~present[start:start + grad.shape[0]].to(grad.device)
+    grad[absent] = 0
+
+
 class ConstraintSet:
     """All constraints of a model, applied in a safe order: matrix constraints, then embedding rows
     (so a tied lm_head/embedding satisfies both), then whole-parameter freezes."""
