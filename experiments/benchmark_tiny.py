@@ -50,7 +50,8 @@ WORLD_THREADS = 1  # every non-shipped world in experiments/results was built wi
 DEFAULT_ANSWER_TOKENS = 0  # experiments/tiny.yaml (RefusalDirections answer_tokens); likewise
 
 
-LEAVE_OUT = ("rows", "chat-rows", "template-rows", "mlp", "attention", "lm-head", "norms")
+LEAVE_OUT = ("rows", "chat-rows", "template-rows", "mlp", "attention", "attention-qk", "attention-vo", "lm-head",
+             "norms")
 
 
 class LeavingOut(RepresentationProjection):
@@ -58,7 +59,9 @@ class LeavingOut(RepresentationProjection):
 
     ``rows``: every embedding-row freeze; ``chat-rows`` / ``template-rows``: only the rows of the chat template's
     tokens / of the world's request-template words that are not harm words; ``mlp``, ``attention``: those
-    linears' constraints; ``lm-head``: the logit head's; ``norms``: the norm weights' (every 1-D freeze).
+    linears' constraints; ``attention-qk`` / ``attention-vo``: only the query and key / value and output
+    projections' (where attends, what it moves; a fused ``qkv_proj`` is in neither); ``lm-head``: the logit
+    head's; ``norms``: the norm weights' (every 1-D freeze).
     """
 
     def __init__(self, groups: list[str], variant: str, **kwargs) -> None:
@@ -89,6 +92,8 @@ class LeavingOut(RepresentationProjection):
         return ((kind == "rows" and "rows" in self.groups) or (kind == "param" and "norms" in self.groups)
                 or (kind.startswith("linear") and (("mlp" in self.groups and ".mlp." in name)
                                                    or ("attention" in self.groups and ".self_attn." in name)
+                                                   or ("attention-qk" in self.groups and name.endswith(("q_proj", "k_proj")))
+                                                   or ("attention-vo" in self.groups and name.endswith(("v_proj", "o_proj")))
                                                    or ("lm-head" in self.groups and name.endswith("lm_head")))))
 
     def on_train_start(self, trainer, pl_module) -> None:

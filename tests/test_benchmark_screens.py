@@ -39,10 +39,12 @@ def test_groups_select_their_constraints_only(bench):
 
     every = [constraint("linear.right", "model.layers.0.mlp.up_proj"),
              constraint("linear.right", "model.layers.0.self_attn.q_proj"), constraint("linear.right", "lm_head"),
-             constraint("param", "model.norm.weight"), constraint("rows", "model.embed_tokens")]
-    for group, dropped in (("mlp", 0), ("attention", 1), ("lm-head", 2), ("norms", 3), ("rows", 4)):
+             constraint("param", "model.norm.weight"), constraint("rows", "model.embed_tokens"),
+             constraint("linear.right", "model.layers.0.self_attn.o_proj")]
+    for group, dropped in (("mlp", [0]), ("attention", [1, 5]), ("attention-qk", [1]), ("attention-vo", [5]),
+                           ("lm-head", [2]), ("norms", [3]), ("rows", [4])):
         screen = bench.LeavingOut([group], "default")
-        assert [c.name for c in every if screen._left_out(c)] == [every[dropped].name], group
+        assert [c.name for c in every if screen._left_out(c)] == [every[i].name for i in dropped], group
     assert not any(bench.LeavingOut(["chat-rows"], "default")._left_out(c) for c in every)
     with pytest.raises(ValueError, match="unknown groups"):
         bench.LeavingOut(["embeddings"], "default")
