@@ -4,7 +4,8 @@ Every ``every_n_steps`` optimizer steps it runs the model (no gradient) on fixed
 probe prompts and compares with the same probes at fit start: per-layer cosine between the current and
 initial refusal direction, the harmful-vs-harmless gap along the initial direction, Fisher separation,
 principal angles between the initial and current harmful-activation subspaces, linear CKA, the mean
-refusal score on harmful probes and the KL of harmless next-token distributions against the initial
+refusal score on harmful probes (and the share of them it would refuse, score > 0; a warning when that share
+falls by more than ``warn_refusal_drop``) and the KL of harmless next-token distributions against the initial
 model. It also measures interference: the share of the task gradient's energy inside the protected
 subspaces, right after backward (before any projection, whatever the callbacks' order). Works with or
 without RepresentationProjection.
@@ -18,7 +19,7 @@ import os
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from rg_lightning.callbacks.refusal_directions import RefusalDirections
 from rg_lightning.chat import render_prompt
@@ -40,14 +41,19 @@ class DriftGeometry(L.Callback):
         n_probes: Probe prompts per set.
         seed: Seed of the probe sampling (differs from RefusalDirections' so probes are other prompts).
         figures: Write PNG figures at fit end.
+        warn_refusal_drop: Warn (once) when the share of harmful probes the model would refuse (logit
+            refusal score > 0) falls more than this below its value at fit start; ``None``: never.
     """
 
     def __init__(self, every_n_steps: int = 25, harmful=None, harmless=None, n_probes: int = 32, seed: int = 7,
-                 figures: bool = True) -> None:
+                 figures: bool = True, warn_refusal_drop: float | None = 0.1) -> None:
         if every_n_steps < 1 or n_probes < 2:
             raise ValueError("every_n_steps must be >= 1 and n_probes >= 2")
+        if warn_refusal_drop is not None and not 0.0 <= warn_refusal_drop <= 1.0:
+            raise ValueError(f"warn_refusal_drop must be in [0, 1] (or None), got {warn_refusal_drop}")
         self.every_n_steps, self.harmful, self.harmless = every_n_steps, harmful, harmless
         self.n_probes, self.seed, self.figures = n_probes, seed, figures
+        self.warn_refusal_drop, self._warned = warn_refusal_drop, False
         self.initial: dict[str, torch.Tensor] | None = None
         self.history: list[dict] = []
         self._probes: dict | None = None
@@ -120,6 +126,7 @@ class DriftGeometry(L.Callback):
         summary = {f"{name}_layer{i}": value for name, values in per_layer.items() for i, value in enumerate(values)}
         summary.update({
             "refusal_score": float(scores.mean()),
+            "refused_share": float((scores > 0).double().mean()),
             "harmless_kl": kl_divergence(first["harmless_logits"], now["harmless_logits"]),
             "cos_min": min(per_layer["cos"]),
         })
@@ -173,8 +180,22 @@ class DriftGeometry(L.Callback):
             record["interference"] = self._interference
         record = trainer.strategy.broadcast(record, src=0)  # the same numbers on every rank, logged and kept
         self.history.append(record)
+        self._check_refusal(record)
         logged = {k: v for k, v in record.items() if k != "step" and ("_layer" not in k or k.startswith("cos_"))}
         pl_module.log_dict({f"drift/{k}": float(v) for k, v in logged.items()}, on_step=True, on_epoch=False)
+
+    def _check_refusal(self, record: dict) -> None:
+        start, now = self.history[0].get("refused_share"), record.get("refused_share")
+        if self.warn_refusal_drop is None or self._warned or start is None or now is None:
+            return
+        if now < start - self.warn_refusal_drop:
+            self._warned = True
+            rank_zero_warn(
+                f"DriftGeometry: at step {record['step']} the model would refuse {now:.0%} of the harmful probes "
+                f"(logit refusal score > 0), against {start:.0%} at fit start. With RepresentationProjection, "
+                "protect more (RefusalDirections energy or ridge), lower the learning rate or set "
+                "tail_reference_lr; without it, this is the drift the guard exists to stop."
+            )
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.initial is not None:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -156,7 +157,26 @@ def test_drift_geometry_alone_logs_and_writes_summary_and_figures(tmp_path, tiny
     assert [r["step"] for r in summary["history"]] == [0, 2, 4]
     assert summary["history"][0]["cos_layer0"] == pytest.approx(1.0)
     assert summary["final"]["cos_min"] < 1.0 and summary["final"]["harmless_kl"] > 0
+    assert all(0.0 <= r["refused_share"] <= 1.0 for r in summary["history"])
     assert (tmp_path / "drift_curves.png").stat().st_size > 0 and (tmp_path / "activations_pca.png").exists()
+
+
+def test_drift_geometry_warns_once_when_the_refused_share_falls():
+    drift = DriftGeometry(warn_refusal_drop=0.1)
+    drift.history = [{"step": 0, "refused_share": 1.0}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        drift._check_refusal({"step": 25, "refused_share": 0.95})  # within the allowed drop: silent
+    with pytest.warns(UserWarning, match="refuse 50% of the harmful probes.*against 100%"):
+        drift._check_refusal({"step": 50, "refused_share": 0.5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        drift._check_refusal({"step": 75, "refused_share": 0.0})  # once is enough
+        quiet = DriftGeometry(warn_refusal_drop=None)
+        quiet.history = [{"step": 0, "refused_share": 1.0}]
+        quiet._check_refusal({"step": 25, "refused_share": 0.0})
+    with pytest.raises(ValueError, match="warn_refusal_drop"):
+        DriftGeometry(warn_refusal_drop=2.0)
 
 
 def test_saved_basis_round_trip_and_projection_from_file(tmp_path, tiny_models, chat_file):
