@@ -226,8 +226,12 @@ class DriftGeometry(L.Callback):
             axes[0].plot(steps, [r[f"cos_layer{layer}"] for r in self.history], label=f"layer {layer}")
         axes[0].set(xlabel="step", ylabel="cos(r_t, r_0)", title="Refusal direction drift per layer")
         axes[0].legend(fontsize=7)
-        axes[1].plot(steps, [r["refusal_score"] for r in self.history])
+        axes[1].plot(steps, [r["refusal_score"] for r in self.history], color="tab:red")
         axes[1].set(xlabel="step", ylabel="mean refusal score", title="Harmful probes")
+        if all("refused_share" in r for r in self.history):  # histories resumed from older checkpoints lack it
+            share = axes[1].twinx()
+            share.plot(steps, [100 * r["refused_share"] for r in self.history], color="tab:gray", linestyle="--")
+            share.set(ylabel="refused (score > 0), % (dashed)", ylim=(-5, 105))
         fig.tight_layout()
         fig.savefig(os.path.join(directory, "drift_curves.png"), dpi=120)
         plt.close(fig)
