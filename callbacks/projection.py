@@ -36,7 +36,7 @@ from rg_lightning.callbacks.refusal_directions import find_refusal_directions
 from rg_lightning.contract import check_unsharded, hf_model
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.projection import ConstraintSet, batch_token_mask, build_constraints, hold_absent_rows_
-from rg_lightning.guard.shards import process_world, reshard
+from rg_lightning.guard.shards import reshard
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -182,10 +182,9 @@ class RepresentationProjection(L.Callback):
         if self.constraints is None:
             return
         if self._embedding is not None and self._present is not None:
-            present = self._present.to(self._embedding.device, torch.int32)
-            if process_world()[1] > 1:  # every rank holds the same rows: the DDP-averaged gradient is the same
-                torch.distributed.all_reduce(present, op=torch.distributed.ReduceOp.MAX)
-            hold_absent_rows_(self._embedding, present.bool())
+            # Every rank holds the rows of any rank's batch: the DDP-averaged gradient is the same everywhere.
+            present = trainer.strategy.reduce(self._present.to(self._embedding.device, torch.int32), reduce_op="sum")
+            hold_absent_rows_(self._embedding, present > 0)
             self._present = None
         if self.tail_reference_lr is not None:  # before the gradients and the step-post hook use the tails
             self.constraints.scale_tails(self._tail_scale)

@@ -70,8 +70,8 @@ class RefusalDirections(L.Callback):
             The hard cutoff leaves ~1% of each module's input energy free; on Gemma-2 the small output changes
             it allows compound over the layers and flip the first answer token. Miniature worlds, 3 seeds:
             energy 0.9 + ridge 0.03 (experiments/tiny.yaml) kept 98-100% of held-out harmful requests refused
-            on all eight worlds (energy 0.99, ridge 0: 74.5-100% on four), 0% harmless refused
-            (README, Results). Costs more anchor memory (tail columns).
+            on 11 of the 12 miniature worlds, 93.2% on the twelfth (energy 0.99, ridge 0: 74.5-100% on four
+            of them); README, Results. Costs more anchor memory (tail columns).
     """
 
     def __init__(

@@ -52,6 +52,13 @@ DEFAULT_ANSWER_TOKENS = 0  # experiments/tiny.yaml (RefusalDirections answer_tok
 
 LEAVE_OUT = ("rows", "chat-rows", "template-rows", "mlp", "attention", "attention-qk", "attention-vo", "lm-head",
              "norms")
+LINEAR_GROUPS = {  # leave-out group -> which linear constraints (by module name) it drops
+    "mlp": lambda name: ".mlp." in name,
+    "attention": lambda name: ".self_attn." in name,
+    "attention-qk": lambda name: name.endswith(("q_proj", "k_proj")),
+    "attention-vo": lambda name: name.endswith(("v_proj", "o_proj")),
+    "lm-head": lambda name: name.endswith("lm_head"),
+}
 
 
 class LeavingOut(RepresentationProjection):
@@ -89,12 +96,11 @@ class LeavingOut(RepresentationProjection):
 
     def _left_out(self, constraint) -> bool:
         name, kind = constraint.name, constraint.kind
-        return ((kind == "rows" and "rows" in self.groups) or (kind == "param" and "norms" in self.groups)
-                or (kind.startswith("linear") and (("mlp" in self.groups and ".mlp." in name)
-                                                   or ("attention" in self.groups and ".self_attn." in name)
-                                                   or ("attention-qk" in self.groups and name.endswith(("q_proj", "k_proj")))
-                                                   or ("attention-vo" in self.groups and name.endswith(("v_proj", "o_proj")))
-                                                   or ("lm-head" in self.groups and name.endswith("lm_head")))))
+        if kind == "rows":
+            return "rows" in self.groups
+        if kind == "param":
+            return "norms" in self.groups
+        return kind.startswith("linear") and any(LINEAR_GROUPS[g](name) for g in self.groups if g in LINEAR_GROUPS)
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)

@@ -136,12 +136,6 @@ def _in_compute_dtype(t: Tensor) -> Tensor:
     return t if t.dtype == _compute_dtype(t) else t.float()
 
 
-def _unit_columns(basis: Tensor) -> Tensor:
-    """The columns of unit norm (weight 1) of a possibly weighted basis: the basis itself when all are."""
-    unit = basis_weights(basis) > UNIT_WEIGHT
-    return basis if bool(unit.all()) else basis[:, unit]
-
-
 class LinearConstraint(_Constraint):
     """Keep ``W·U`` (side='right', U spans inputs) or ``Uᵀ·W`` (side='left', U spans outputs) at its
     initial value; the bias is restored (policy: a bias shifts every output, protected ones included).
@@ -164,6 +158,7 @@ class LinearConstraint(_Constraint):
         self.side = side
         self.kind = f"linear.{side}"
         self._tail_gain: Tensor | None = None  # see scale_tail
+        self._tail_scale = 1.0
         w = self.param
         dim, what = (w.shape[1], "input features") if side == "right" else (w.shape[0], "output features")
         self.basis = _checked_basis(name, basis, dim, what, w.device)
@@ -172,11 +167,14 @@ class LinearConstraint(_Constraint):
         self.bias = whole(bias.detach()).clone() if isinstance(bias, Tensor) and bias.requires_grad else None
 
     def _of_basis(self) -> tuple[Tensor, Tensor]:
-        """The basis's column weights ``c_i`` and its unit columns, cached while the basis is the same tensor."""
+        """The basis's column weights ``c_i`` and its unit columns (weight 1; the basis itself when all are),
+        cached while the basis is the same tensor."""
         cached = getattr(self, "_basis_cache", None)
         if cached is None or cached[0] is not self.basis:
             weights = basis_weights(self.basis).clamp_max(1.0).float()
-            self._basis_cache = cached = (self.basis, weights, _unit_columns(self.basis))
+            unit = weights > UNIT_WEIGHT
+            exact = self.basis if bool(unit.all()) else self.basis[:, unit]
+            self._basis_cache = cached = (self.basis, weights, exact)
         return cached[1], cached[2]
 
     @property
@@ -189,7 +187,11 @@ class LinearConstraint(_Constraint):
         return self._exact.shape[1] < self.basis.shape[1]
 
     def scale_tail(self, scale: float) -> None:
-        """Pull the damped tail back at ``scale`` times the rate the basis was built with (1: as built)."""
+        """Pull the damped tail back at ``scale`` times the rate the basis was built with (1: as built).
+        Called every step; the gain is recomputed only when the scale changes (a schedule moved the lr)."""
+        if scale == self._tail_scale:
+            return
+        self._tail_scale = scale
         self._tail_gain = None if scale == 1.0 or not self.has_tail else tail_gain(self._of_basis()[0], scale)
 
     def _damped(self, err: Tensor, columns_last: bool = True) -> Tensor:
@@ -380,8 +382,10 @@ def batch_token_mask(input_ids: Tensor, vocab_size: int, mask: Tensor | None = N
     """Boolean ``[vocab_size]`` mask of the token ids in ``input_ids``, OR-ed into ``mask`` when given
     (micro-batches accumulated into one optimizer step)."""
     ids = input_ids.detach().reshape(-1).long()
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"token ids must be in [0, {vocab_size}), got {int(ids.min())}..{int(ids.max())}")
+    if ids.numel():
+        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one device sync, not two
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"token ids must be in [0, {vocab_size}), got {low}..{high}")
     if mask is None:
         mask = torch.zeros(vocab_size, dtype=torch.bool, device=ids.device)
     mask[ids.to(mask.device)] = True
