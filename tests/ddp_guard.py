@@ -63,3 +63,5 @@ if __name__ == "__main__":
                 "drift": drift.history, "answers": module.generate(HARMFUL[:2], max_new_tokens=4),
                 "sharded": uses_fsdp2(module.model)},
                out / f"rank{trainer.global_rank}.pt")
+    if torch.distributed.is_initialized():  # a process group left to interpreter exit can abort the process
+        torch.distributed.destroy_process_group()
