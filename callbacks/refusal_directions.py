@@ -72,6 +72,11 @@ class RefusalDirections(L.Callback):
             energy 0.9 + ridge 0.03 (experiments/tiny.yaml) kept 98-100% of held-out harmful requests refused
             on 11 of the 12 miniature worlds, 93.2% on the twelfth (energy 0.99, ridge 0: 74.5-100% on four
             of them); README, Results. Costs more anchor memory (tail columns).
+        input_differences: Also hold exactly, in each module's subspace, the difference between its mean
+            input on harmful and on harmless prompts at every post-instruction position (at most one column
+            per position on top of the energy cutoff, ``guard.subspace.extend_basis``): the energy cutoff
+            ranks directions by how much of the inputs they carry, not by whether they tell harmful from
+            harmless, and leaves 10-80% of that difference in the tail on the miniature worlds.
     """
 
     def __init__(
@@ -97,6 +102,7 @@ class RefusalDirections(L.Callback):
         centered: bool = False,
         head_answer_only: bool = True,
         ridge: float = 0.0,
+        input_differences: bool = False,
     ) -> None:
         if not ridge >= 0 or (ridge and centered):
             raise ValueError(f"ridge must be >= 0 (and 0 with centered=True), got {ridge}")
@@ -126,6 +132,7 @@ class RefusalDirections(L.Callback):
         self.val_harmful, self.val_harmless, self.kl_threshold = val_harmful, val_harmless, kl_threshold
         self.max_statistics_gb = max_statistics_gb
         self.centered, self.head_answer_only, self.ridge = centered, head_answer_only, ridge
+        self.input_differences = input_differences
         self.basis: SafetyBasis | None = None
 
     def ensure_basis(self, trainer: L.Trainer, pl_module: L.LightningModule) -> SafetyBasis:
@@ -173,7 +180,7 @@ class RefusalDirections(L.Callback):
                 model, tokenizer, harmful, harmless, energy=None if self.rank else self.energy, rank=self.rank,
                 answer_tokens=self.answer_tokens, batch_size=self.batch_size, system_prompt=self.system_prompt,
                 progress=progress, max_statistics_gb=self.max_statistics_gb, centered=self.centered,
-                head_answer_only=self.head_answer_only, ridge=self.ridge,
+                head_answer_only=self.head_answer_only, ridge=self.ridge, input_differences=self.input_differences,
                 metadata={"model_id": model_id, "chat_template_hash": fingerprint([tokenizer.chat_template or ""]),
                           "harmful_hash": fingerprint(harmful), "harmless_hash": fingerprint(harmless),
                           "harmful_source": str(self.harmful)[:200], "harmless_source": str(self.harmless)[:200],

@@ -46,6 +46,7 @@ DEFAULT_CENTERED = False  # experiments/tiny.yaml (RefusalDirections centered); 
 DEFAULT_RIDGE = 0.03  # experiments/tiny.yaml (RefusalDirections ridge)
 DEFAULT_TAIL_REFERENCE_LR = 1e-3  # experiments/tiny.yaml (RepresentationProjection tail_reference_lr)
 DEFAULT_HOLD_ABSENT_ROWS = True  # experiments/tiny.yaml (RepresentationProjection hold_absent_rows)
+DEFAULT_INPUT_DIFFERENCES = False  # experiments/tiny.yaml (RefusalDirections input_differences)
 WORLD_THREADS = 1  # every non-shipped world in experiments/results was built with one thread (see toy.build.THREADS)
 DEFAULT_ANSWER_TOKENS = 0  # experiments/tiny.yaml (RefusalDirections answer_tokens); likewise
 
@@ -122,7 +123,8 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
             n_prompts: int = DEFAULT_N_PROMPTS, rank: int | None = None, centered: bool = DEFAULT_CENTERED,
             head_answer_only: bool = True, ridge: float = DEFAULT_RIDGE, leave_out: list[str] = (),
             tail_reference_lr: float | None = DEFAULT_TAIL_REFERENCE_LR,
-            hold_absent_rows: bool = DEFAULT_HOLD_ABSENT_ROWS) -> dict:
+            hold_absent_rows: bool = DEFAULT_HOLD_ABSENT_ROWS,
+            input_differences: bool = DEFAULT_INPUT_DIFFERENCES) -> dict:
     L.seed_everything(seed)
     report = AlignmentReport(task=task, variant=variant)
     callbacks = [report]
@@ -131,7 +133,7 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
         callbacks += [RefusalDirections(harmful=prefix + "harmful", harmless=prefix + "harmless", energy=energy,
                                         rank=rank, n_prompts=n_prompts, centered=centered,
                                         head_answer_only=head_answer_only, answer_tokens=answer_tokens, batch_size=32,
-                                        seed=seed, ridge=ridge),
+                                        seed=seed, ridge=ridge, input_differences=input_differences),
                       LeavingOut(list(leave_out), variant, mode="subspace" if arm == "guarded" else "directions",
                                  project_gradients=project_gradients, tail_reference_lr=tail_reference_lr,
                                  hold_absent_rows=hold_absent_rows)]
@@ -214,6 +216,10 @@ def main() -> None:
                         default=DEFAULT_HOLD_ABSENT_ROWS,
                         help="RepresentationProjection hold_absent_rows (true/false): a step moves only the "
                              "embedding rows of its batch's tokens")
+    parser.add_argument("--input-differences", type=lambda v: v.lower() in ("1", "true", "yes"),
+                        default=DEFAULT_INPUT_DIFFERENCES,
+                        help="RefusalDirections input_differences (true/false): each module also holds its "
+                             "harmful-minus-harmless mean input at the post-instruction positions")
     parser.add_argument("--answer-tokens", type=int, default=DEFAULT_ANSWER_TOKENS, help="RefusalDirections answer_tokens")
     parser.add_argument("--leave-out", nargs="+", default=[], choices=LEAVE_OUT,
                         help="screen: run the guard without these constraint groups (see LeavingOut)")
@@ -230,7 +236,7 @@ def main() -> None:
             runs.append(run_arm(arm, model_dir, args.task, args.harmful_fraction, args.variant, seed, args.steps, args.lr,
                                 args.energy, args.answer_tokens, not args.post_step_only, args.n_prompts, args.rank, args.centered,
                                 args.head_positions == "answer", args.ridge, args.leave_out,
-                                args.tail_reference_lr or None, args.hold_absent_rows))
+                                args.tail_reference_lr or None, args.hold_absent_rows, args.input_differences))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
@@ -249,6 +255,8 @@ def main() -> None:
         name += f"_tailref{args.tail_reference_lr:g}" if args.tail_reference_lr else "_fixed-tail"
     name += (f"_prompts{args.n_prompts}" if args.n_prompts != DEFAULT_N_PROMPTS else "") + ("_poststep" if args.post_step_only else "")
     name += "_batch-rows" if args.hold_absent_rows else ""  # files without it: every row moved (the earlier default)
+    name += (("_differences" if args.input_differences else "_no-differences")
+             if args.input_differences != DEFAULT_INPUT_DIFFERENCES else "")
     command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                f"1-min load average {load_start:.1f} at start / {os.getloadavg()[0]:.1f} at end")
@@ -259,7 +267,8 @@ def main() -> None:
                 + ((f", tail pull-back scaled by lr / {args.tail_reference_lr:g}" if args.tail_reference_lr
                     else ", tail pull-back fixed per step") if args.ridge else "") + f", logit head protected at {args.head_positions} positions"
                 + (f", without {', '.join(args.leave_out)}" if args.leave_out else "")
-                + (", embedding rows of tokens absent from the batch held" if args.hold_absent_rows else "") + f", {args.n_prompts} prompts, answer tokens {args.answer_tokens}, gradients "
+                + (", embedding rows of tokens absent from the batch held" if args.hold_absent_rows else "")
+                + (", harmful-minus-harmless input means held" if args.input_differences else "") + f", {args.n_prompts} prompts, answer tokens {args.answer_tokens}, gradients "
                 f"{'not ' if args.post_step_only else ''}projected before each step; "
                 f"held-out data, greedy generation. Machine: {machine}. Total wall time "
                 f"{time.perf_counter() - start:.0f} s.\n")

@@ -32,10 +32,11 @@ def test_passes_pack_modules_in_order_within_the_budget():
     assert statistics_passes({}, 10) == []
 
 
-def test_bounded_memory_gives_the_same_basis_in_more_passes(tiny_models):
+@pytest.mark.parametrize("input_differences", [False, True])
+def test_bounded_memory_gives_the_same_basis_in_more_passes(tiny_models, input_differences):
     model, tokenizer = _load(tiny_models["llama"])
     calls = []
-    kwargs = dict(energy=0.99, answer_tokens=3, batch_size=2)
+    kwargs = dict(energy=0.99, answer_tokens=3, batch_size=2, input_differences=input_differences)
     whole = collect_basis(model, tokenizer, HARMFUL, HARMLESS, **kwargs)
     bounded = collect_basis(model, tokenizer, HARMFUL, HARMLESS, max_statistics_gb=1e-9,
                             progress=lambda kind, n: calls.append((kind, n)), **kwargs)
@@ -68,13 +69,54 @@ def test_ridge_adds_a_damped_tail_to_every_subspace(tiny_models):
         collect_basis(model, tokenizer, HARMFUL, HARMLESS, ridge=0.01, centered=True)
 
 
+def test_input_differences_hold_each_modules_harmful_minus_harmless_mean_input(tiny_models):
+    """Every subspace's unit columns span the module's mean input difference at each post-instruction position,
+    measured here with hooks of the test's own; without the option they do not."""
+    from rg_lightning.chat import render_prompt
+    from rg_lightning.guard import basis_weights
+    from rg_lightning.guard.collect import post_instruction_length
+
+    model, tokenizer = _load(tiny_models["llama"])
+    kwargs = dict(energy=0.5, ridge=0.01, answer_tokens=0, batch_size=2)
+    held = collect_basis(model, tokenizer, HARMFUL, HARMLESS, input_differences=True, **kwargs)
+    plain = collect_basis(model, tokenizer, HARMFUL, HARMLESS, **kwargs)
+    assert held.metadata["input_differences"] and not plain.metadata["input_differences"]
+    n_positions = post_instruction_length(tokenizer)
+    modules = dict(model.named_modules())
+
+    def post_instruction_inputs(prompts):
+        seen = {}
+        hooks = [modules[name].register_forward_pre_hook(
+            lambda module, args, name=name: seen.__setitem__(name, args[0][:, -n_positions:].double()))
+            for name in held.subspaces]
+        tokenizer.padding_side = "left"
+        batch = tokenizer([render_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                          add_special_tokens=False)
+        with torch.no_grad():
+            model(**batch)
+        for hook in hooks:
+            hook.remove()
+        return seen
+
+    harmful, harmless = post_instruction_inputs(HARMFUL), post_instruction_inputs(HARMLESS)
+    missed = 0.0
+    for name, basis in held.subspaces.items():
+        difference = (harmful[name].mean(0) - harmless[name].mean(0)).T  # [d, positions]
+        unit = basis[:, basis_weights(basis) > 1 - 1e-4].double()
+        outside = difference - unit @ (unit.T @ difference)
+        assert (outside.norm(dim=0) <= 1e-2 * difference.norm(dim=0) + 1e-6).all(), name
+        before = plain.subspaces[name][:, basis_weights(plain.subspaces[name]) > 1 - 1e-4].double()
+        missed = max(missed, float((difference - before @ (before.T @ difference)).norm() / difference.norm()))
+    assert missed > 0.1  # the energy cutoff alone leaves part of the difference out
+
+
 def _worker(rank, world_size, store, model_dir, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
         model, tokenizer = _load(model_dir)
         basis = collect_basis(model, tokenizer, HARMFUL[:2], HARMLESS[:2], energy=0.99, answer_tokens=2,
-                              max_statistics_gb=1e-9)
+                              max_statistics_gb=1e-9, input_differences=True)
         out[rank] = {key: value.tolist() for key, value in basis.tensors().items()}
     finally:
         dist.destroy_process_group()
@@ -86,7 +128,8 @@ def test_a_process_without_prompts_adds_nothing(tmp_path, tiny_models):
     mp.start_processes(_worker, args=(3, str(tmp_path / "store"), tiny_models["llama"], out), nprocs=3,
                        start_method="fork")
     model, tokenizer = _load(tiny_models["llama"])
-    single = collect_basis(model, tokenizer, HARMFUL[:2], HARMLESS[:2], energy=0.99, answer_tokens=2).tensors()
+    single = collect_basis(model, tokenizer, HARMFUL[:2], HARMLESS[:2], energy=0.99, answer_tokens=2,
+                           input_differences=True).tensors()
     for rank in range(3):
         assert out[rank].keys() == single.keys()
         for key, value in single.items():

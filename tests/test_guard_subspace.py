@@ -150,3 +150,55 @@ def test_tail_gain_gives_the_shares_of_a_ridge_divided_by_the_scale():
     assert (tail_gain(weights, 0.0)[~unit] == 0).all()
     with pytest.raises(ValueError, match="scale"):
         tail_gain(weights, -1.0)
+
+
+def test_extend_basis_adds_the_unit_residual_of_each_new_direction_in_order():
+    from rg_lightning.guard.subspace import extend_basis
+
+    basis = torch.eye(5, dtype=torch.float64)[:, :2]
+    directions = torch.tensor([[1.0, 2.0, 0.0, 0.0, 0.0],  # inside the span: adds nothing
+                               [1.0, 1.0, 0.0, 3.0, 0.0],  # residual along axis 3
+                               [0.0, 0.0, 0.0, 1.0, 1e-4],  # a sliver outside the span so far: rounding, skipped
+                               [0.0] * 5,  # zero: skipped
+                               [0.0, 0.0, 0.0, 1.0, 1.0]]).T.double()  # residual along axis 4
+    extended = extend_basis(basis, directions)
+    assert extended.shape == (5, 4)
+    assert torch.equal(extended[:, :2], basis)  # the given columns first, untouched
+    torch.testing.assert_close(extended.T @ extended, torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(extended[:, 2:].abs(), torch.eye(5, dtype=torch.float64)[:, 3:])
+    inside = extended @ (extended.T @ directions)
+    torch.testing.assert_close(inside[:, [0, 1, 4]], directions[:, [0, 1, 4]])  # every kept direction is spanned
+    assert torch.equal(extend_basis(basis, directions), extended)  # deterministic
+    with pytest.raises(ValueError, match="min_residual"):
+        extend_basis(basis, directions, min_residual=0.0)
+
+
+def test_soft_subspace_holds_given_directions_exactly_and_damps_the_rest_of_the_tail():
+    from rg_lightning.guard import basis_weights, soft_subspace
+
+    values = [50.0, 30.0, 15.0, 4.0, 0.9, 0.1]
+    gram, q = _rotated_diag(values, seed=4)
+    ridge = 0.01
+    plain = soft_subspace(gram, energy=0.8, ridge=ridge)
+    n = 2  # 50 + 30 of 100.0 covers 0.8
+    # a direction already inside the hard span changes nothing
+    assert torch.equal(soft_subspace(gram, energy=0.8, ridge=ridge, held=q[:, :1] + q[:, 1:2]), plain)
+    held = (q[:, 3] + q[:, 4])[:, None]  # mixes two tail eigenvectors
+    soft = soft_subspace(gram, energy=0.8, ridge=ridge, held=held)
+    weights = basis_weights(soft)
+    assert torch.equal(soft[:, :n], plain[:, :n])
+    torch.testing.assert_close(weights[: n + 1], torch.ones(n + 1, dtype=torch.float64))  # hard + held
+    torch.testing.assert_close(soft[:, n], (held / held.norm())[:, 0])  # orthogonal to the hard span already
+    gram_of_columns = soft.T @ soft
+    torch.testing.assert_close(gram_of_columns, torch.diag(torch.diagonal(gram_of_columns)))  # orthogonal
+    # the tail is the Gram restricted to the complement of the enlarged hard span; shares of the whole trace
+    hard = soft[:, : n + 1]
+    rest = torch.eye(6, dtype=torch.float64) - hard @ hard.T
+    restricted = rest @ gram @ rest
+    tail = soft[:, n + 1:]
+    share = torch.linalg.eigvalsh(restricted).flip(0)[: tail.shape[1]] / sum(values)
+    torch.testing.assert_close(weights[n + 1:], share / (share + ridge))
+    torch.testing.assert_close(restricted @ (tail / tail.norm(dim=0)),
+                               (tail / tail.norm(dim=0)) * (share * sum(values)))  # eigenvectors of it
+    # ridge 0: the hard span plus the held direction
+    torch.testing.assert_close(soft_subspace(gram, energy=0.8, held=held), hard)

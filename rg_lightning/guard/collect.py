@@ -24,7 +24,7 @@ from rg_lightning.chat import render_prompt, require_chat_template
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.shards import prompt_world
 from rg_lightning.guard.statistics import GramAccumulator, MeanAccumulator, capture_linear_inputs
-from rg_lightning.guard.subspace import centered_subspace, soft_subspace
+from rg_lightning.guard.subspace import centered_subspace, extend_basis, soft_subspace
 
 
 def post_instruction_length(tokenizer, system_prompt: str | None = None) -> int:
@@ -156,6 +156,27 @@ def _capture(model: nn.Module, names: list[str], grams: GramAccumulator, mask: t
         yield
 
 
+@contextlib.contextmanager
+def _capture_post_instruction_means(model: nn.Module, names: list[str], means: MeanAccumulator, prompt_width: int,
+                                    n_positions: int):
+    """Add each named module's input at every post-instruction position to ``means[(name, position)]``."""
+    modules = dict(model.named_modules())
+
+    def hook_for(name: str):
+        def hook(module, args) -> None:
+            for position in range(n_positions):
+                means.update((name, position), args[0][:, prompt_width - n_positions + position])
+
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(hook_for(name)) for name in names]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class _GramAndMean(GramAccumulator):
     """Σ x xᵀ per module plus, in ``firsts``, Σ x (for :func:`centered_subspace`)."""
 
@@ -190,6 +211,7 @@ def collect_basis(
     centered: bool = False,
     head_answer_only: bool = True,
     ridge: float = 0.0,
+    input_differences: bool = False,
 ) -> SafetyBasis:
     """Measure the aligned model once and return its SafetyBasis (identical on every rank).
 
@@ -203,6 +225,10 @@ def collect_basis(
     ``ridge`` > 0: each subspace also carries a damped tail (:func:`soft_subspace`): the directions below the
     energy cutoff, weighted ``p / (p + ridge)`` by their share ``p`` of the module's input energy, so the
     constraint pulls them back in proportion instead of leaving them free (not with ``centered``).
+    ``input_differences``: each subspace also holds exactly, on top of the energy cutoff, the difference
+    between the module's mean input on harmful and on harmless prompts at every post-instruction position
+    (:func:`extend_basis`): the part of what the module reads that tells the two apart. The energy cutoff
+    alone leaves 10–80% of that difference in the tail (measured on the miniature worlds).
     """
     if max_statistics_gb is not None and not max_statistics_gb > 0:
         raise ValueError(f"max_statistics_gb must be positive or None, got {max_statistics_gb}.")
@@ -232,6 +258,7 @@ def collect_basis(
     token_ids: set[int] = set()
     harmful_batches: list[tuple[dict, torch.Tensor, int]] = []
     head = output_head_name(model, list(groups)) if head_answer_only else None
+    input_means = {"harmful": MeanAccumulator(), "harmless": MeanAccumulator()}
 
     def gram_pass(grams: GramAccumulator, names_in_pass: list[str]) -> None:
         """All-reduce one pass's Grams (zeros where this rank saw nothing) and keep only their subspaces."""
@@ -244,11 +271,16 @@ def collect_basis(
             if centered:
                 grams.firsts.all_reduce_()
         for name in names_in_pass:
+            held = None
+            if input_differences:
+                held = torch.stack([input_means["harmful"].mean((name, p)) - input_means["harmless"].mean((name, p))
+                                    for p in range(n_positions)], dim=1)
             if centered:
                 basis = centered_subspace(grams.state()[name], grams.firsts.sums[name], grams.counts[name],
                                           energy=energy, k=rank)
+                basis = basis if held is None else extend_basis(basis, held)
             else:
-                basis = soft_subspace(grams.state()[name], energy=energy, k=rank, ridge=ridge)
+                basis = soft_subspace(grams.state()[name], energy=energy, k=rank, ridge=ridge, held=held)
             basis = basis.float().cpu()  # one tensor shared by the group (q/k/v read the same input)
             subspaces.update({member: basis for member in groups[name]})
         grams.sums.clear()
@@ -266,7 +298,11 @@ def collect_basis(
                 mask = batch["attention_mask"].bool()
                 positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
                 capture_names = passes[0] if kind == "harmful" and passes else []
-                with _capture(model, capture_names, first, mask, head, prompt_width):
+                with contextlib.ExitStack() as stack:
+                    stack.enter_context(_capture(model, capture_names, first, mask, head, prompt_width))
+                    if input_differences:
+                        stack.enter_context(_capture_post_instruction_means(model, list(groups), input_means[kind],
+                                                                            prompt_width, n_positions))
                     output = model(**batch, position_ids=positions, output_hidden_states=True)
                 hidden = output.hidden_states[:-1]  # inputs of every decoder block
                 for layer, states in enumerate(hidden):
@@ -284,6 +320,13 @@ def collect_basis(
                 accumulator.ensure(key, (hidden_size,), device)
             if processes > 1:
                 accumulator.all_reduce_()
+        if input_differences:
+            for accumulator in input_means.values():
+                for name in groups:
+                    for p in range(n_positions):
+                        accumulator.ensure((name, p), (widths[name],), device)
+                if processes > 1:
+                    accumulator.all_reduce_()
         if passes:
             gram_pass(first, passes[0])
         for names_in_pass in passes[1:]:
@@ -308,7 +351,7 @@ def collect_basis(
 
     meta = dict(metadata or {})
     meta.update({"n_harmful": len(harmful), "n_harmless": len(harmless), "post_instruction_tokens": n_positions,
-                 "energy": energy, "rank": rank, "centered": centered, "ridge": ridge, "head_answer_only": head is not None, "answer_tokens": answer_tokens, "modules": names,
+                 "energy": energy, "rank": rank, "centered": centered, "ridge": ridge, "input_differences": input_differences, "head_answer_only": head is not None, "answer_tokens": answer_tokens, "modules": names,
                  "subspace_dims": {name: int(subspaces[name].shape[1]) for name in names},
                  "statistics_passes": len(passes),
                  "system_prompt": system_prompt})

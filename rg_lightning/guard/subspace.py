@@ -52,7 +52,7 @@ def top_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = None
 
 
 def soft_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = None, ridge: float = 0.0,
-                  min_weight: float = 1e-3) -> Tensor:
+                  min_weight: float = 1e-3, held: Tensor | None = None) -> Tensor:
     """Weighted basis ``[d, r]``: the hard subspace of :func:`top_subspace` plus a damped tail.
 
     Columns are orthogonal eigenvectors of ``gram`` scaled by ``sqrt(c_i)``: ``c_i = 1`` for the top
@@ -63,18 +63,58 @@ def soft_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = Non
     energy cutoff are no longer left entirely free: each is pulled back in proportion to the energy the
     protected inputs have there (a ridge-regularised projection ``G (G + ridge·tr G · I)⁻¹`` on the tail).
     ``ridge = 0`` returns :func:`top_subspace` itself (orthonormal columns).
+
+    ``held`` (``[d, m]``): directions held exactly on top of the energy cutoff (see :func:`extend_basis`);
+    the tail then comes from the Gram matrix restricted to the complement of the enlarged hard subspace,
+    with shares still taken of the whole trace.
     """
     if ridge < 0 or not 0.0 < min_weight < 1.0:
         raise ValueError(f"ridge must be >= 0 and min_weight in (0, 1), got {ridge} and {min_weight}")
     values, vectors, n = _spectrum(gram, energy, k)
     hard = _fix_signs(vectors[:, :n])
+    tail_values, tail_vectors = values[n:], vectors[:, n:]
+    if held is not None:
+        extended = extend_basis(hard, held)
+        if extended.shape[1] > n:
+            hard = extended
+            if ridge == 0:
+                return hard
+            complete, _ = torch.linalg.qr(hard, mode="complete")
+            rest = complete[:, hard.shape[1]:]
+            g = gram.detach().double()
+            tail_values, tail_vectors = torch.linalg.eigh(rest.T @ ((g + g.T) / 2) @ rest)
+            tail_values, tail_vectors = tail_values.flip(0).clamp_min(0.0), rest @ tail_vectors.flip(1)
     if ridge == 0:
         return hard
-    share = values[n:] / values.sum()
+    share = tail_values / values.sum()
     weights = share / (share + ridge)
     keep = weights >= min_weight
-    tail = _fix_signs(vectors[:, n:][:, keep]) * weights[keep].sqrt()
+    tail = _fix_signs(tail_vectors[:, keep]) * weights[keep].sqrt()
     return torch.cat([hard, tail], dim=1)
+
+
+def extend_basis(basis: Tensor, directions: Tensor, min_residual: float = 1e-2) -> Tensor:
+    """``basis[d, r]`` (orthonormal) plus the unit residual of each column of ``directions[d, m]``, in order.
+
+    A direction whose part outside the (growing) span is below ``min_residual`` of its norm adds nothing:
+    normalising such a sliver would hold a direction fixed by rounding, not by the inputs. Zero or
+    non-finite directions are skipped likewise. Float64, deterministic (identical inputs, identical basis).
+    """
+    if not 0.0 < min_residual < 1.0:
+        raise ValueError(f"min_residual must be in (0, 1), got {min_residual}")
+    columns = [basis.double()]
+    span = columns[0]
+    for v in directions.double().T:
+        norm = torch.linalg.vector_norm(v)
+        if not torch.isfinite(norm) or norm == 0:
+            continue
+        r = v - span @ (span.T @ v)
+        r = r - span @ (span.T @ r)  # twice: the residual of a nearly-spanned direction is mostly rounding
+        if torch.linalg.vector_norm(r) < min_residual * norm:
+            continue
+        columns.append(_fix_signs((r / torch.linalg.vector_norm(r))[:, None]))
+        span = torch.cat(columns, dim=1)
+    return span
 
 
 UNIT_WEIGHT = 1 - 1e-4  # columns of a weighted basis above this weight are held exactly
