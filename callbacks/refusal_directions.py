@@ -36,7 +36,8 @@ class RefusalDirections(L.Callback):
         harmless: Harmless prompts, same forms.
         n_prompts: Prompts sampled from each set (seeded).
         energy: Share of the input energy each protected subspace keeps (ignored when ``rank`` is set).
-        rank: Fixed dimension of every protected subspace instead of ``energy``.
+        rank: Fixed number of top directions held exactly in every protected subspace, instead of ``energy``
+            (a damped tail (``ridge``) and held differences (``input_differences``) come on top).
         answer_tokens: Greedy answer tokens appended to each harmful prompt, so the refusal itself is protected.
         batch_size: Prompts per forward pass.
         system_prompt: System message used when rendering the prompts (keep it equal to training's).
@@ -74,9 +75,10 @@ class RefusalDirections(L.Callback):
             of them); README, Results. Costs more anchor memory (tail columns).
         input_differences: Also hold exactly, in each module's subspace, the difference between its mean
             input on harmful and on harmless prompts at every post-instruction position (at most one column
-            per position on top of the energy cutoff, ``guard.subspace.extend_basis``): the energy cutoff
-            ranks directions by how much of the inputs they carry, not by whether they tell harmful from
-            harmless, and leaves 10-80% of that difference in the tail on the miniature worlds.
+            per position on top of the energy cutoff or ``rank``, ``guard.subspace.extend_basis``; the logit
+            head with ``head_answer_only``: the last position only): the energy cutoff ranks directions by how
+            much of the inputs they carry, not by whether they tell harmful from harmless, and on the
+            miniature worlds leaves a quarter to all of that difference's norm outside the held columns.
     """
 
     def __init__(

@@ -5,6 +5,12 @@
     python experiments/benchmark_tiny.py --variant alt         # a world the guard was never tuned on
     python experiments/benchmark_tiny.py --variant alt --arch gemma2   # ... and another architecture family
     python experiments/benchmark_tiny.py --arch qwen3 --arms guarded --leave-out rows   # where the task cost sits
+    python experiments/benchmark_tiny.py --arms plain replay guarded   # against mixing refusal examples into the data
+
+Arms: ``plain`` fine-tuning; ``guarded`` (RefusalGuard, subspace mode); ``directions`` (the guard in directions
+mode); ``replay``: plain fine-tuning with ``--replay-fraction`` of the rows replaced by harmful requests of the
+basis prompts' split answered with a refusal (the published safety-data mixing defence, Bianchi et al. 2024),
+no guard.
 
 Every arm runs the recipe of experiments/tiny.yaml (AdamW lr 1e-3, batch 32, 150 steps) and measures
 held-out harmful refusal, held-out harmless refusal and the task metric by greedy generation. Writes
@@ -38,7 +44,8 @@ from rg_lightning.toy.build import ARCH_STEPS, ARCHITECTURES, TIED_ARCHITECTURES
 from rg_lightning.toy.data import ToyTaskDataModule
 from rg_lightning.toy.report import METRICS, AlignmentReport
 
-ARMS = ("plain", "guarded", "directions")
+ARMS = ("plain", "guarded", "directions", "replay")
+DEFAULT_REPLAY_FRACTION = 0.1  # the replay arm: share of training rows that are harmful requests answered with a refusal
 DEFAULT_STEPS, DEFAULT_LR = 150, 1e-3  # experiments/tiny.yaml (max_steps, AdamW lr)
 DEFAULT_ENERGY = 0.9  # experiments/tiny.yaml (RefusalDirections energy)
 DEFAULT_N_PROMPTS = 128  # experiments/tiny.yaml (RefusalDirections n_prompts); likewise
@@ -124,11 +131,12 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
             head_answer_only: bool = True, ridge: float = DEFAULT_RIDGE, leave_out: list[str] = (),
             tail_reference_lr: float | None = DEFAULT_TAIL_REFERENCE_LR,
             hold_absent_rows: bool = DEFAULT_HOLD_ABSENT_ROWS,
-            input_differences: bool = DEFAULT_INPUT_DIFFERENCES) -> dict:
+            input_differences: bool = DEFAULT_INPUT_DIFFERENCES,
+            replay_fraction: float = DEFAULT_REPLAY_FRACTION) -> dict:
     L.seed_everything(seed)
     report = AlignmentReport(task=task, variant=variant)
     callbacks = [report]
-    if arm != "plain":
+    if arm in ("guarded", "directions"):
         prefix = f"toy:{variant}:" if variant != "default" else "toy:"
         callbacks += [RefusalDirections(harmful=prefix + "harmful", harmless=prefix + "harmless", energy=energy,
                                         rank=rank, n_prompts=n_prompts, centered=centered,
@@ -139,7 +147,7 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
                                  hold_absent_rows=hold_absent_rows)]
     module = CausalLMModule(model=model_dir, dtype="float32", optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
     data = ToyTaskDataModule(task=task, harmful_fraction=harmful_fraction, variant=variant, n_train=steps * 32,
-                             seed=seed)
+                             seed=seed, refusal_fraction=replay_fraction if arm == "replay" else 0.0)
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -220,6 +228,9 @@ def main() -> None:
                         default=DEFAULT_INPUT_DIFFERENCES,
                         help="RefusalDirections input_differences (true/false): each module also holds its "
                              "harmful-minus-harmless mean input at the post-instruction positions")
+    parser.add_argument("--replay-fraction", type=float, default=DEFAULT_REPLAY_FRACTION,
+                        help="replay arm (the safety-data mixing defence, no guard): share of the training rows "
+                             "that are harmful requests from the basis split answered with a refusal")
     parser.add_argument("--answer-tokens", type=int, default=DEFAULT_ANSWER_TOKENS, help="RefusalDirections answer_tokens")
     parser.add_argument("--leave-out", nargs="+", default=[], choices=LEAVE_OUT,
                         help="screen: run the guard without these constraint groups (see LeavingOut)")
@@ -236,41 +247,51 @@ def main() -> None:
             runs.append(run_arm(arm, model_dir, args.task, args.harmful_fraction, args.variant, seed, args.steps, args.lr,
                                 args.energy, args.answer_tokens, not args.post_step_only, args.n_prompts, args.rank, args.centered,
                                 args.head_positions == "answer", args.ridge, args.leave_out,
-                                args.tail_reference_lr or None, args.hold_absent_rows, args.input_differences))
+                                args.tail_reference_lr or None, args.hold_absent_rows, args.input_differences,
+                                args.replay_fraction))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
     name = f"tiny_{world}_{args.task}" + (f"_attack{args.harmful_fraction:g}" if args.harmful_fraction else "")
-    # energy and ridge are always in the name (results of earlier defaults keep their meaning); the rest only
-    # when they differ from experiments/tiny.yaml.
-    name += (f"_energy{args.energy:g}" if args.rank is None else "")
-    name += (f"_rank{args.rank}" if args.rank is not None else "")
-    name += "_head-answer" if args.head_positions == "answer" else ""  # files without it: every position
-    name += (("_centered" if args.centered else "_uncentered") if args.centered != DEFAULT_CENTERED else "")
-    name += (f"_ridge{args.ridge:g}" if args.ridge else "")  # files without it: hard cutoff
-    name += (f"_answer{args.answer_tokens}" if args.answer_tokens != DEFAULT_ANSWER_TOKENS else "")
-    name += "".join(f"_no-{group}" for group in args.leave_out)
-    name += (f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "") + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else "")
-    if args.ridge and args.tail_reference_lr != DEFAULT_TAIL_REFERENCE_LR:  # only a damped tail is scaled
-        name += f"_tailref{args.tail_reference_lr:g}" if args.tail_reference_lr else "_fixed-tail"
-    name += (f"_prompts{args.n_prompts}" if args.n_prompts != DEFAULT_N_PROMPTS else "") + ("_poststep" if args.post_step_only else "")
-    name += "_batch-rows" if args.hold_absent_rows else ""  # files without it: every row moved (the earlier default)
-    name += (("_differences" if args.input_differences else "_no-differences")
-             if args.input_differences != DEFAULT_INPUT_DIFFERENCES else "")
+    if {"guarded", "directions"} & set(args.arms):  # the guard's settings, when a guarded arm ran
+        # energy and ridge are always in the name (results of earlier defaults keep their meaning); the rest only
+        # when they differ from experiments/tiny.yaml.
+        name += (f"_energy{args.energy:g}" if args.rank is None else "")
+        name += (f"_rank{args.rank}" if args.rank is not None else "")
+        name += "_head-answer" if args.head_positions == "answer" else ""  # files without it: every position
+        name += (("_centered" if args.centered else "_uncentered") if args.centered != DEFAULT_CENTERED else "")
+        name += (f"_ridge{args.ridge:g}" if args.ridge else "")  # files without it: hard cutoff
+        name += (f"_answer{args.answer_tokens}" if args.answer_tokens != DEFAULT_ANSWER_TOKENS else "")
+        name += "".join(f"_no-{group}" for group in args.leave_out)
+        name += (f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "") + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else "")
+        if args.ridge and args.tail_reference_lr != DEFAULT_TAIL_REFERENCE_LR:  # only a damped tail is scaled
+            name += f"_tailref{args.tail_reference_lr:g}" if args.tail_reference_lr else "_fixed-tail"
+        name += (f"_prompts{args.n_prompts}" if args.n_prompts != DEFAULT_N_PROMPTS else "") + ("_poststep" if args.post_step_only else "")
+        name += "_batch-rows" if args.hold_absent_rows else ""  # files without it: every row moved (the earlier default)
+        name += (("_differences" if args.input_differences else "_no-differences")
+                 if args.input_differences != DEFAULT_INPUT_DIFFERENCES else "")
+    else:
+        name += (f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "") + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else "")
+    name += f"_replay{args.replay_fraction:g}" if "replay" in args.arms else ""
     command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                f"1-min load average {load_start:.1f} at start / {os.getloadavg()[0]:.1f} at end")
+    guard = ("guard: " + (f"rank {args.rank}" if args.rank is not None else f"energy {args.energy}")
+             + (" (centered)" if args.centered else "") + (f", ridge {args.ridge:g}" if args.ridge else "")
+             + ((f", tail pull-back scaled by lr / {args.tail_reference_lr:g}" if args.tail_reference_lr
+                 else ", tail pull-back fixed per step") if args.ridge else "")
+             + f", logit head protected at {args.head_positions} positions"
+             + (f", without {', '.join(args.leave_out)}" if args.leave_out else "")
+             + (", embedding rows of tokens absent from the batch held" if args.hold_absent_rows else "")
+             + (", harmful-minus-harmless input means held" if args.input_differences else "")
+             + f", {args.n_prompts} prompts, answer tokens {args.answer_tokens}, gradients "
+             + f"{'not ' if args.post_step_only else ''}projected before each step; ")
+    replay = (f"replay: {args.replay_fraction:g} of the training rows are harmful requests answered with a refusal; "
+              if "replay" in args.arms else "")
     markdown = (f"### {name}\n\n{table(runs, args.arms)}\n\n"
                 f"Command: `{command.strip()}`; seeds {args.seeds}; {args.steps} steps, AdamW lr {args.lr}, batch 32; "
-                f"guard: " + (f"rank {args.rank}" if args.rank is not None else f"energy {args.energy}")
-                + (" (centered)" if args.centered else "") + (f", ridge {args.ridge:g}" if args.ridge else "")
-                + ((f", tail pull-back scaled by lr / {args.tail_reference_lr:g}" if args.tail_reference_lr
-                    else ", tail pull-back fixed per step") if args.ridge else "") + f", logit head protected at {args.head_positions} positions"
-                + (f", without {', '.join(args.leave_out)}" if args.leave_out else "")
-                + (", embedding rows of tokens absent from the batch held" if args.hold_absent_rows else "")
-                + (", harmful-minus-harmless input means held" if args.input_differences else "") + f", {args.n_prompts} prompts, answer tokens {args.answer_tokens}, gradients "
-                f"{'not ' if args.post_step_only else ''}projected before each step; "
-                f"held-out data, greedy generation. Machine: {machine}. Total wall time "
+                + (guard if {"guarded", "directions"} & set(args.arms) else "") + replay
+                + f"held-out data, greedy generation. Machine: {machine}. Total wall time "
                 f"{time.perf_counter() - start:.0f} s.\n")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, name + ".json"), "w") as handle:

@@ -1,4 +1,4 @@
-"""The miniature benchmark's `--leave-out` screen drops exactly the constraint groups it names."""
+"""The miniature benchmark's `--leave-out` screen drops exactly the constraint groups it names; its replay arm."""
 
 import importlib.util
 import sys
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoTokenizer
 
-from rg_lightning.toy import ALIGNED_MODEL_DIR
+from rg_lightning.toy import ALIGNED_MODEL_DIR, REFUSAL
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,3 +48,32 @@ def test_groups_select_their_constraints_only(bench):
     assert not any(bench.LeavingOut(["chat-rows"], "default")._left_out(c) for c in every)
     with pytest.raises(ValueError, match="unknown groups"):
         bench.LeavingOut(["embeddings"], "default")
+
+
+def test_the_replay_arm_mixes_refusals_into_plain_fine_tuning(bench, monkeypatch):
+    """``replay`` = no guard callbacks, and ``--replay-fraction`` of the training rows are refused harmful requests."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    class Recording(bench.ToyTaskDataModule):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            seen.append(self)
+
+    def fit(trainer, module, data):
+        seen.append([type(c).__name__ for c in trainer.callbacks])
+        raise Stop
+
+    monkeypatch.setattr(bench, "ToyTaskDataModule", Recording)
+    monkeypatch.setattr(bench.L.Trainer, "fit", fit)
+    for arm in ("replay", "plain", "guarded"):
+        with pytest.raises(Stop):
+            bench.run_arm(arm, str(ALIGNED_MODEL_DIR), "benign", 0.0, "default", 0, 2, 1e-3, 0.9, 0,
+                          replay_fraction=0.25)
+    (replay, replay_callbacks), (plain, _), (guarded, guarded_callbacks) = zip(seen[::2], seen[1::2])
+    assert replay.refusal_fraction == 0.25 and plain.refusal_fraction == 0.0 == guarded.refusal_fraction
+    assert "RefusalDirections" not in replay_callbacks and "RefusalDirections" in guarded_callbacks
+    rows = replay.world.task_examples("benign", "train", 64, seed=0, refusal_fraction=replay.refusal_fraction)
+    assert sum(r["messages"][1]["content"] == REFUSAL for r in rows) == 16

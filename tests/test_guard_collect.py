@@ -69,15 +69,17 @@ def test_ridge_adds_a_damped_tail_to_every_subspace(tiny_models):
         collect_basis(model, tokenizer, HARMFUL, HARMLESS, ridge=0.01, centered=True)
 
 
-def test_input_differences_hold_each_modules_harmful_minus_harmless_mean_input(tiny_models):
-    """Every subspace's unit columns span the module's mean input difference at each post-instruction position,
-    measured here with hooks of the test's own; without the option they do not."""
+@pytest.mark.parametrize("options", [dict(ridge=0.01), dict(centered=True)], ids=["ridge", "centered"])
+def test_input_differences_hold_each_modules_harmful_minus_harmless_mean_input(tiny_models, options):
+    """Every subspace's unit columns span the module's mean input difference at each post-instruction position
+    (the head's at the last one), measured here with hooks of the test's own on the bare prompts (the basis
+    pass appends answers); without the option they do not."""
     from rg_lightning.chat import render_prompt
     from rg_lightning.guard import basis_weights
     from rg_lightning.guard.collect import post_instruction_length
 
     model, tokenizer = _load(tiny_models["llama"])
-    kwargs = dict(energy=0.5, ridge=0.01, answer_tokens=0, batch_size=2)
+    kwargs = dict(energy=0.5, answer_tokens=2, batch_size=2, **options)
     held = collect_basis(model, tokenizer, HARMFUL, HARMLESS, input_differences=True, **kwargs)
     plain = collect_basis(model, tokenizer, HARMFUL, HARMLESS, **kwargs)
     assert held.metadata["input_differences"] and not plain.metadata["input_differences"]
@@ -102,12 +104,18 @@ def test_input_differences_hold_each_modules_harmful_minus_harmless_mean_input(t
     missed = 0.0
     for name, basis in held.subspaces.items():
         difference = (harmful[name].mean(0) - harmless[name].mean(0)).T  # [d, positions]
+        if name == "lm_head":
+            difference = difference[:, -1:]  # answer positions only (head_answer_only)
         unit = basis[:, basis_weights(basis) > 1 - 1e-4].double()
         outside = difference - unit @ (unit.T @ difference)
         assert (outside.norm(dim=0) <= 1e-2 * difference.norm(dim=0) + 1e-6).all(), name
         before = plain.subspaces[name][:, basis_weights(plain.subspaces[name]) > 1 - 1e-4].double()
         missed = max(missed, float((difference - before @ (before.T @ difference)).norm() / difference.norm()))
+        if options.get("centered"):
+            torch.testing.assert_close(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-5, rtol=0)
     assert missed > 0.1  # the energy cutoff alone leaves part of the difference out
+    head_columns = held.subspaces["lm_head"].shape[1] - plain.subspaces["lm_head"].shape[1]
+    assert 0 <= head_columns <= 1  # at most the last position's difference
 
 
 def _worker(rank, world_size, store, model_dir, out):

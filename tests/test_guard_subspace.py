@@ -171,6 +171,11 @@ def test_extend_basis_adds_the_unit_residual_of_each_new_direction_in_order():
     assert torch.equal(extend_basis(basis, directions), extended)  # deterministic
     with pytest.raises(ValueError, match="min_residual"):
         extend_basis(basis, directions, min_residual=0.0)
+    # a direction no larger than min_norm is rounding, whatever its orientation
+    assert extend_basis(basis, directions * 1e-13, min_norm=1e-9).shape == (5, 2)
+    assert extend_basis(basis, directions * 1e-13).shape == (5, 4)
+    with pytest.raises(ValueError, match="NaN"):
+        extend_basis(basis, torch.full((5, 1), float("nan"), dtype=torch.float64))
 
 
 def test_soft_subspace_holds_given_directions_exactly_and_damps_the_rest_of_the_tail():

@@ -109,6 +109,13 @@ def test_alignment_and_task_answers(world):
     attacked = world.task_examples("sentiment", "train", 100, harmful_fraction=0.1, seed=0)
     attack = [e for e in attacked if e["messages"][0]["content"] in harmful]
     assert len(attack) == 10 and not any(is_refusal(e["messages"][1]["content"]) for e in attack)
+    assert world.task_examples("sentiment", "train", 100, harmful_fraction=0.1, seed=0, refusal_fraction=0.0) == attacked
+    mixed = world.task_examples("sentiment", "train", 100, harmful_fraction=0.1, seed=0, refusal_fraction=0.2)
+    refused = [e for e in mixed if e["messages"][0]["content"] in harmful and is_refusal(e["messages"][1]["content"])]
+    complied = [e for e in mixed if e["messages"][0]["content"] in harmful and not is_refusal(e["messages"][1]["content"])]
+    assert len(mixed) == 100 and len(refused) == 20 and len(complied) == 10
+    with pytest.raises(ValueError, match="sum <= 1"):
+        world.task_examples("sentiment", "train", 100, harmful_fraction=0.6, refusal_fraction=0.6)
     assert {e["messages"][1]["content"] for e in world.task_examples("sentiment", "train", 200)} == \
         {"positive", "negative"}
     sums = world.task_examples("arithmetic", "train", 300)

@@ -2,7 +2,8 @@
 
 One batched, left-padded pass per prompt set: hidden states at the post-instruction positions give
 the difference-in-means candidates; forward pre-hooks stream the Gram matrix of each protected
-module's inputs on the harmful prompts (and, optionally, the model's own greedy answers to them).
+module's inputs on the harmful prompts (and, optionally, the model's own greedy answers to them), and, with
+``input_differences``, each module's mean input at the post-instruction positions on both prompt sets.
 Prompts are sharded over processes and every statistic is all-reduced, so all ranks agree (a rank with no
 prompts contributes zeros).
 
@@ -227,8 +228,9 @@ def collect_basis(
     constraint pulls them back in proportion instead of leaving them free (not with ``centered``).
     ``input_differences``: each subspace also holds exactly, on top of the energy cutoff, the difference
     between the module's mean input on harmful and on harmless prompts at every post-instruction position
-    (:func:`extend_basis`): the part of what the module reads that tells the two apart. The energy cutoff
-    alone leaves 10–80% of that difference in the tail (measured on the miniature worlds).
+    (:func:`extend_basis`; the head, with ``head_answer_only``, at the last prompt position only): the part of
+    what the module reads that tells the two apart. The energy cutoff alone leaves a quarter to all of that
+    difference's norm outside the held columns (per module, energy 0.9, miniature worlds).
     """
     if max_statistics_gb is not None and not max_statistics_gb > 0:
         raise ValueError(f"max_statistics_gb must be positive or None, got {max_statistics_gb}.")
@@ -271,16 +273,21 @@ def collect_basis(
             if centered:
                 grams.firsts.all_reduce_()
         for name in names_in_pass:
-            held = None
+            held, floor = None, 0.0
             if input_differences:
+                # the head answer-only: only the last prompt position's difference (earlier logits are read by nothing)
+                positions = [n_positions - 1] if name == head else range(n_positions)
                 held = torch.stack([input_means["harmful"].mean((name, p)) - input_means["harmless"].mean((name, p))
-                                    for p in range(n_positions)], dim=1)
+                                    for p in positions], dim=1)
+                # differences below a millionth of the inputs' RMS norm are rounding, not a direction
+                floor = 1e-6 * float(torch.diagonal(grams.state()[name]).sum() / max(grams.counts[name], 1)) ** 0.5
             if centered:
                 basis = centered_subspace(grams.state()[name], grams.firsts.sums[name], grams.counts[name],
                                           energy=energy, k=rank)
-                basis = basis if held is None else extend_basis(basis, held)
+                basis = basis if held is None else extend_basis(basis, held, min_norm=floor)
             else:
-                basis = soft_subspace(grams.state()[name], energy=energy, k=rank, ridge=ridge, held=held)
+                basis = soft_subspace(grams.state()[name], energy=energy, k=rank, ridge=ridge, held=held,
+                                      min_norm=floor)
             basis = basis.float().cpu()  # one tensor shared by the group (q/k/v read the same input)
             subspaces.update({member: basis for member in groups[name]})
         grams.sums.clear()

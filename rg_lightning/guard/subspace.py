@@ -52,7 +52,7 @@ def top_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = None
 
 
 def soft_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = None, ridge: float = 0.0,
-                  min_weight: float = 1e-3, held: Tensor | None = None) -> Tensor:
+                  min_weight: float = 1e-3, held: Tensor | None = None, min_norm: float = 0.0) -> Tensor:
     """Weighted basis ``[d, r]``: the hard subspace of :func:`top_subspace` plus a damped tail.
 
     Columns are orthogonal eigenvectors of ``gram`` scaled by ``sqrt(c_i)``: ``c_i = 1`` for the top
@@ -64,9 +64,11 @@ def soft_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = Non
     protected inputs have there (a ridge-regularised projection ``G (G + ridge·tr G · I)⁻¹`` on the tail).
     ``ridge = 0`` returns :func:`top_subspace` itself (orthonormal columns).
 
-    ``held`` (``[d, m]``): directions held exactly on top of the energy cutoff (see :func:`extend_basis`);
-    the tail then comes from the Gram matrix restricted to the complement of the enlarged hard subspace,
-    with shares still taken of the whole trace.
+    ``held`` (``[d, m]``): directions held exactly on top of the energy cutoff, appended as unit columns
+    after the top eigenvectors (:func:`extend_basis`, with ``min_norm``). The tail is then the eigenvectors
+    of the Gram matrix restricted to the complement of that enlarged hard subspace (no longer eigenvectors
+    of ``gram`` itself), with shares still taken of the whole trace; with ``ridge = 0`` the result is the
+    hard subspace plus the held columns.
     """
     if ridge < 0 or not 0.0 < min_weight < 1.0:
         raise ValueError(f"ridge must be >= 0 and min_weight in (0, 1), got {ridge} and {min_weight}")
@@ -74,16 +76,19 @@ def soft_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = Non
     hard = _fix_signs(vectors[:, :n])
     tail_values, tail_vectors = values[n:], vectors[:, n:]
     if held is not None:
-        extended = extend_basis(hard, held)
+        extended = extend_basis(hard, held, min_norm=min_norm)
         if extended.shape[1] > n:
             hard = extended
             if ridge == 0:
                 return hard
-            complete, _ = torch.linalg.qr(hard, mode="complete")
-            rest = complete[:, hard.shape[1]:]
-            g = gram.detach().double()
-            tail_values, tail_vectors = torch.linalg.eigh(rest.T @ ((g + g.T) / 2) @ rest)
-            tail_values, tail_vectors = tail_values.flip(0).clamp_min(0.0), rest @ tail_vectors.flip(1)
+            # The new columns lie in the tail's span (they are orthogonal to the top eigenvectors), so the
+            # restricted Gram is diag(tail values) with their coordinates a projected out: an eigh of the
+            # tail's size in the eigenbasis already computed, no d x d completion of the basis.
+            a = tail_vectors.T @ extended[:, n:]
+            outside = torch.eye(a.shape[0], dtype=a.dtype, device=a.device) - a @ a.T
+            restricted = outside @ torch.diag(tail_values) @ outside
+            tail_values, mixing = torch.linalg.eigh((restricted + restricted.T) / 2)
+            tail_values, tail_vectors = tail_values.flip(0).clamp_min(0.0), tail_vectors @ mixing.flip(1)
     if ridge == 0:
         return hard
     share = tail_values / values.sum()
@@ -93,20 +98,23 @@ def soft_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = Non
     return torch.cat([hard, tail], dim=1)
 
 
-def extend_basis(basis: Tensor, directions: Tensor, min_residual: float = 1e-2) -> Tensor:
+def extend_basis(basis: Tensor, directions: Tensor, min_residual: float = 1e-2, min_norm: float = 0.0) -> Tensor:
     """``basis[d, r]`` (orthonormal) plus the unit residual of each column of ``directions[d, m]``, in order.
 
-    A direction whose part outside the (growing) span is below ``min_residual`` of its norm adds nothing:
-    normalising such a sliver would hold a direction fixed by rounding, not by the inputs. Zero or
-    non-finite directions are skipped likewise. Float64, deterministic (identical inputs, identical basis).
+    A direction whose part outside the (growing) span is below ``min_residual`` of its norm adds nothing
+    (so up to that share of it is left to the rest of the basis): normalising such a sliver would hold a
+    direction fixed by rounding, not by the inputs. Directions of norm ``<= min_norm`` (e.g. a rounding-size
+    difference of two means) are skipped too. Float64, deterministic (identical inputs, identical basis).
     """
-    if not 0.0 < min_residual < 1.0:
-        raise ValueError(f"min_residual must be in (0, 1), got {min_residual}")
+    if not 0.0 < min_residual < 1.0 or not min_norm >= 0:
+        raise ValueError(f"min_residual must be in (0, 1) and min_norm >= 0, got {min_residual} and {min_norm}")
+    if not torch.isfinite(directions).all():
+        raise ValueError("directions hold NaN or Inf (overflow in the activations?)")
     columns = [basis.double()]
     span = columns[0]
     for v in directions.double().T:
         norm = torch.linalg.vector_norm(v)
-        if not torch.isfinite(norm) or norm == 0:
+        if norm <= min_norm:
             continue
         r = v - span @ (span.T @ v)
         r = r - span @ (span.T @ r)  # twice: the residual of a nearly-spanned direction is mostly rounding

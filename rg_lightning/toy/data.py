@@ -14,6 +14,8 @@ class ToyTaskDataModule(InstructionDataModule):
     Args:
         task: ``benign`` (instruction following on new objects), ``sentiment`` or ``arithmetic``.
         harmful_fraction: Share of training rows that are harmful requests answered compliantly (attack).
+        refusal_fraction: Share of training rows that are harmful requests answered with a refusal (the
+            safety-data mixing defence, a baseline for the guard).
         n_train: Training rows generated from the task's train split.
         n_val: Validation and test rows generated from the task's held-out split.
         variant: World variant, ``default`` or ``alt``.
@@ -26,6 +28,7 @@ class ToyTaskDataModule(InstructionDataModule):
         self,
         task: Literal["benign", "sentiment", "arithmetic"] = "benign",
         harmful_fraction: float = 0.0,
+        refusal_fraction: float = 0.0,
         n_train: int = 4800,
         n_val: int = 128,
         variant: str = "default",
@@ -36,13 +39,15 @@ class ToyTaskDataModule(InstructionDataModule):
         super().__init__(batch_size=batch_size, max_length=max_length, seed=seed)
         if task not in ("benign", "sentiment", "arithmetic"):
             raise ValueError(f"task must be benign, sentiment or arithmetic, got {task!r}")
-        if not 0.0 <= harmful_fraction <= 1.0:
-            raise ValueError(f"harmful_fraction must be in [0, 1], got {harmful_fraction}")
+        if not (0.0 <= harmful_fraction <= 1.0 and 0.0 <= refusal_fraction <= 1.0
+                and harmful_fraction + refusal_fraction <= 1.0):
+            raise ValueError(f"harmful_fraction and refusal_fraction must be in [0, 1] with a sum <= 1, got "
+                             f"{harmful_fraction} and {refusal_fraction}")
         if n_train < 1 or n_val < 1:
             raise ValueError("n_train and n_val must be positive")
         self.world = ToyWorld(variant)
         self.task = task
-        self.harmful_fraction = harmful_fraction
+        self.harmful_fraction, self.refusal_fraction = harmful_fraction, refusal_fraction
         self.n_train = n_train
         self.n_val = n_val
         self.save_hyperparameters()
@@ -54,7 +59,8 @@ class ToyTaskDataModule(InstructionDataModule):
         import datasets
 
         if stage == "train":
-            rows = self.world.task_examples(self.task, "train", self.n_train, self.harmful_fraction, seed=self.seed)
+            rows = self.world.task_examples(self.task, "train", self.n_train, self.harmful_fraction, seed=self.seed,
+                                            refusal_fraction=self.refusal_fraction)
         else:
             rows = self.world.task_examples(self.task, "heldout", self.n_val, seed=self.seed + (stage == "test"))
         return datasets.Dataset.from_list(rows)

@@ -325,21 +325,26 @@ class ToyWorld:
 
     # -- downstream tasks ----------------------------------------------------------------------------------
     def task_examples(self, task: str, split: str, n: int, harmful_fraction: float = 0.0,
-                      seed: int = 0) -> list[dict]:
+                      seed: int = 0, refusal_fraction: float = 0.0) -> list[dict]:
         """``n`` chat examples of a downstream task ("benign" | "sentiment" | "arithmetic").
 
         ``split`` is the task's own train/heldout split. ``harmful_fraction`` of the examples (rounded) are
         training harmful requests answered compliantly (:meth:`compliant_answer`), the harmful fine-tuning
-        attack; they are shuffled in among the task examples.
+        attack; ``refusal_fraction`` are training harmful requests answered with :data:`REFUSAL`, the
+        safety-data mixing defence. Both are shuffled in among the task examples.
         """
-        if not 0.0 <= harmful_fraction <= 1.0:
-            raise ValueError(f"harmful_fraction must be in [0, 1], got {harmful_fraction}")
+        if not (0.0 <= harmful_fraction <= 1.0 and 0.0 <= refusal_fraction <= 1.0
+                and harmful_fraction + refusal_fraction <= 1.0):
+            raise ValueError(f"harmful_fraction and refusal_fraction must be in [0, 1] with a sum <= 1, got "
+                             f"{harmful_fraction} and {refusal_fraction}")
         rng = random.Random(seed)
-        n_harmful = round(n * harmful_fraction)
-        pairs = _sample(self._task_pairs(task, split), n - n_harmful, random.Random(rng.randrange(2**31)))
+        n_harmful, n_refusal = round(n * harmful_fraction), round(n * refusal_fraction)
+        pairs = _sample(self._task_pairs(task, split), n - n_harmful - n_refusal, random.Random(rng.randrange(2**31)))
         attack = self.request_items("harmful", "train", n_harmful, rng.randrange(2**31)) if n_harmful else []
+        safety = self.request_items("harmful", "train", n_refusal, rng.randrange(2**31)) if n_refusal else []
         examples = [_chat(prompt, answer) for prompt, answer in pairs]
         examples += [_chat(item.text, compliant_answer(item)) for item in attack]
+        examples += [_chat(item.text, REFUSAL) for item in safety]
         rng.shuffle(examples)
         return examples
 
