@@ -10,7 +10,7 @@
 Arms: ``plain`` fine-tuning; ``guarded`` (RefusalGuard, subspace mode); ``directions`` (the guard in directions
 mode); ``replay``: plain fine-tuning with ``--replay-fraction`` of the rows replaced by harmful requests of the
 basis prompts' split answered with a refusal (the published safety-data mixing defence, Bianchi et al. 2024),
-no guard.
+no guard; ``guarded-replay``: the guard on that data.
 
 Every arm runs the recipe of experiments/tiny.yaml (AdamW lr 1e-3, batch 32, 150 steps) and measures
 held-out harmful refusal, held-out harmless refusal and the task metric by greedy generation. Writes
@@ -44,7 +44,7 @@ from rg_lightning.toy.build import ARCH_STEPS, ARCHITECTURES, TIED_ARCHITECTURES
 from rg_lightning.toy.data import ToyTaskDataModule
 from rg_lightning.toy.report import METRICS, AlignmentReport
 
-ARMS = ("plain", "guarded", "directions", "replay")
+ARMS = ("plain", "guarded", "directions", "replay", "guarded-replay")
 DEFAULT_REPLAY_FRACTION = 0.1  # the replay arm: share of training rows that are harmful requests answered with a refusal
 DEFAULT_STEPS, DEFAULT_LR = 150, 1e-3  # experiments/tiny.yaml (max_steps, AdamW lr)
 DEFAULT_ENERGY = 0.9  # experiments/tiny.yaml (RefusalDirections energy)
@@ -136,18 +136,18 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
     L.seed_everything(seed)
     report = AlignmentReport(task=task, variant=variant)
     callbacks = [report]
-    if arm in ("guarded", "directions"):
+    if arm in ("guarded", "directions", "guarded-replay"):
         prefix = f"toy:{variant}:" if variant != "default" else "toy:"
         callbacks += [RefusalDirections(harmful=prefix + "harmful", harmless=prefix + "harmless", energy=energy,
                                         rank=rank, n_prompts=n_prompts, centered=centered,
                                         head_answer_only=head_answer_only, answer_tokens=answer_tokens, batch_size=32,
                                         seed=seed, ridge=ridge, input_differences=input_differences),
-                      LeavingOut(list(leave_out), variant, mode="subspace" if arm == "guarded" else "directions",
+                      LeavingOut(list(leave_out), variant, mode="directions" if arm == "directions" else "subspace",
                                  project_gradients=project_gradients, tail_reference_lr=tail_reference_lr,
                                  hold_absent_rows=hold_absent_rows)]
     module = CausalLMModule(model=model_dir, dtype="float32", optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
     data = ToyTaskDataModule(task=task, harmful_fraction=harmful_fraction, variant=variant, n_train=steps * 32,
-                             seed=seed, refusal_fraction=replay_fraction if arm == "replay" else 0.0)
+                             seed=seed, refusal_fraction=replay_fraction if arm.endswith("replay") else 0.0)
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -253,7 +253,7 @@ def main() -> None:
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
     name = f"tiny_{world}_{args.task}" + (f"_attack{args.harmful_fraction:g}" if args.harmful_fraction else "")
-    if {"guarded", "directions"} & set(args.arms):  # the guard's settings, when a guarded arm ran
+    if {"guarded", "directions", "guarded-replay"} & set(args.arms):  # the guard's settings, when a guarded arm ran
         # energy and ridge are always in the name (results of earlier defaults keep their meaning); the rest only
         # when they differ from experiments/tiny.yaml.
         name += (f"_energy{args.energy:g}" if args.rank is None else "")
@@ -272,7 +272,7 @@ def main() -> None:
                  if args.input_differences != DEFAULT_INPUT_DIFFERENCES else "")
     else:
         name += (f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "") + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else "")
-    name += f"_replay{args.replay_fraction:g}" if "replay" in args.arms else ""
+    name += f"_replay{args.replay_fraction:g}" if any(a.endswith("replay") for a in args.arms) else ""
     command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                f"1-min load average {load_start:.1f} at start / {os.getloadavg()[0]:.1f} at end")
@@ -287,10 +287,10 @@ def main() -> None:
              + f", {args.n_prompts} prompts, answer tokens {args.answer_tokens}, gradients "
              + f"{'not ' if args.post_step_only else ''}projected before each step; ")
     replay = (f"replay: {args.replay_fraction:g} of the training rows are harmful requests answered with a refusal; "
-              if "replay" in args.arms else "")
+              if any(a.endswith("replay") for a in args.arms) else "")
     markdown = (f"### {name}\n\n{table(runs, args.arms)}\n\n"
                 f"Command: `{command.strip()}`; seeds {args.seeds}; {args.steps} steps, AdamW lr {args.lr}, batch 32; "
-                + (guard if {"guarded", "directions"} & set(args.arms) else "") + replay
+                + (guard if {"guarded", "directions", "guarded-replay"} & set(args.arms) else "") + replay
                 + f"held-out data, greedy generation. Machine: {machine}. Total wall time "
                 f"{time.perf_counter() - start:.0f} s.\n")
     os.makedirs(args.out, exist_ok=True)

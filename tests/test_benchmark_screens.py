@@ -51,7 +51,8 @@ def test_groups_select_their_constraints_only(bench):
 
 
 def test_the_replay_arm_mixes_refusals_into_plain_fine_tuning(bench, monkeypatch):
-    """``replay`` = no guard callbacks, and ``--replay-fraction`` of the training rows are refused harmful requests."""
+    """``replay`` = no guard callbacks, and ``--replay-fraction`` of the training rows are refused harmful requests;
+    ``guarded-replay`` = the guard on that data."""
     seen = []
 
     class Stop(Exception):
@@ -68,12 +69,16 @@ def test_the_replay_arm_mixes_refusals_into_plain_fine_tuning(bench, monkeypatch
 
     monkeypatch.setattr(bench, "ToyTaskDataModule", Recording)
     monkeypatch.setattr(bench.L.Trainer, "fit", fit)
-    for arm in ("replay", "plain", "guarded"):
+    for arm in ("replay", "plain", "guarded", "guarded-replay"):
         with pytest.raises(Stop):
             bench.run_arm(arm, str(ALIGNED_MODEL_DIR), "benign", 0.0, "default", 0, 2, 1e-3, 0.9, 0,
                           replay_fraction=0.25)
-    (replay, replay_callbacks), (plain, _), (guarded, guarded_callbacks) = zip(seen[::2], seen[1::2])
-    assert replay.refusal_fraction == 0.25 and plain.refusal_fraction == 0.0 == guarded.refusal_fraction
-    assert "RefusalDirections" not in replay_callbacks and "RefusalDirections" in guarded_callbacks
+    (replay, replay_callbacks), (plain, _), (guarded, guarded_callbacks), (both, both_callbacks) = \
+        zip(seen[::2], seen[1::2])
+    assert replay.refusal_fraction == 0.25 == both.refusal_fraction
+    assert plain.refusal_fraction == 0.0 == guarded.refusal_fraction
+    assert "RefusalDirections" not in replay_callbacks
+    assert "RefusalDirections" in guarded_callbacks and "RefusalDirections" in both_callbacks
+    assert [c for c in both_callbacks if c == "LeavingOut"] == ["LeavingOut"]
     rows = replay.world.task_examples("benign", "train", 64, seed=0, refusal_fraction=replay.refusal_fraction)
     assert sum(r["messages"][1]["content"] == REFUSAL for r in rows) == 16
