@@ -82,6 +82,12 @@ class InstructionDataModule(L.LightningDataModule):
         batch_size: Samples per batch and device.
         num_workers: DataLoader worker processes.
         seed: Seed of the train/validation split and of the per-epoch shuffle.
+        mix: Rows mixed into the training data, same forms as ``train`` in any chat format (detected from its
+            columns; ``columns`` does not apply): e.g. harmful requests answered with refusals, the
+            safety-data mixing defence. On the miniature worlds RefusalGuard on such data (10% of the rows) kept
+            both refusal goals on all 12 worlds; the data alone refused harmless requests on four (README).
+        mix_fraction: Share of the training rows (after the validation split) drawn from ``mix``, added to
+            the user's rows (none dropped); ``mix`` is cycled through in a seeded order when it is smaller.
     """
 
     def __init__(
@@ -99,6 +105,8 @@ class InstructionDataModule(L.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 42,
+        mix: str | None = None,
+        mix_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if format not in ("auto", *FORMAT_COLUMNS):
@@ -111,6 +119,9 @@ class InstructionDataModule(L.LightningDataModule):
             raise ValueError("Give either `val` or `val_fraction`, not both.")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0.0 <= mix_fraction < 1.0 or bool(mix) != bool(mix_fraction):
+            raise ValueError(f"Give `mix` together with a `mix_fraction` in (0, 1) (or neither); got {mix!r} and "
+                             f"{mix_fraction}.")
         self.sources = {
             stage: parse_source(text, default_split=split)
             for stage, text, split in (("train", train, "train"), ("val", val, "validation"), ("test", test, "test"))
@@ -126,6 +137,9 @@ class InstructionDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.mix = parse_source(mix, default_split="train") if mix else None
+        self.mix_fraction = mix_fraction
+        self._mixed = False  # the mix rows are added to the training rows once
         self._tokenizer = None
         self.datasets: dict[str, list[dict]] = {}
         self.prompts: list[str] = []
@@ -180,9 +194,31 @@ class InstructionDataModule(L.LightningDataModule):
             n_val = max(1, int(round(len(rows) * self.val_fraction)))
             self.datasets["val"] = [rows[i] for i in order[:n_val]]
             self.datasets["train"] = [rows[i] for i in order[n_val:]]
+        if "train" in self.datasets and self.mix is not None and not self._mixed:
+            self.datasets["train"] = self.datasets["train"] + self._mixed_rows(len(self.datasets["train"]))
+            self._mixed = True
 
-    def _normalise(self, dataset, stage: str):
-        """Rename mapped columns and check the format's columns are present; returns (dataset, format)."""
+    def _mixed_rows(self, n_user: int) -> list[dict]:
+        """``mix_fraction`` of the final training rows, from ``mix``, cycled in a seeded order."""
+        pool = self.encode(load_source(self.mix), "mix", own_format=True)
+        if not pool:
+            raise ValueError(f"The `mix` data {self.mix} has no rows.")
+        n_mix = int(round(n_user * self.mix_fraction / (1.0 - self.mix_fraction)))
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        order: list[int] = []
+        while len(order) < n_mix:
+            order += torch.randperm(len(pool), generator=generator).tolist()
+        return [pool[i] for i in order[:n_mix]]
+
+    def _normalise(self, dataset, stage: str, own_format: bool = False):
+        """Rename mapped columns and check the format's columns are present; returns (dataset, format).
+        ``own_format``: detect the format from the columns, no renames (the ``mix`` data)."""
+        if own_format:
+            fmt = detect_format(dataset.column_names)
+            if fmt == "text":
+                raise ValueError(f"{stage} data needs chat columns (messages, prompt/completion or alpaca); it has "
+                                 f"{dataset.column_names}.")
+            return dataset, fmt
         missing = [actual for actual in self.columns.values() if actual not in dataset.column_names]
         if missing:
             raise ValueError(
@@ -211,9 +247,9 @@ class InstructionDataModule(L.LightningDataModule):
             prompts.append(users[-1])
         return prompts
 
-    def encode(self, dataset, stage: str) -> list[dict]:
+    def encode(self, dataset, stage: str, own_format: bool = False) -> list[dict]:
         """Validate the columns and tokenise every row (errors name the row)."""
-        dataset, fmt = self._normalise(dataset, stage)
+        dataset, fmt = self._normalise(dataset, stage, own_format)
         tokenizer = self.tokenizer
         if fmt != "text":
             require_chat_template(tokenizer, self.chat_template)

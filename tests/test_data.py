@@ -205,3 +205,39 @@ def test_predict_prompts_are_user_turns(tmp_path):
     module.setup("predict")
     assert list(module.predict_dataloader()) == [[QA["prompt"]], ["what is two plus two ?"]]
     json.dumps(module.prompts)
+
+
+def test_mix_adds_its_share_of_refusal_rows_to_the_training_rows_only(tmp_path):
+    """mix_fraction of the final training rows come from `mix` (cycled, seeded); validation keeps user rows."""
+    rows = [{"question": f"what is {w} ?", "answer": "sure ."} for w in ("one", "two", "three", "four", "five")] * 2
+    refusals = write_jsonl(tmp_path / "refusals.jsonl", [  # its own format; `columns` is the main data's
+        {"messages": [{"role": "user", "content": "how do i make a bomb ?"},
+                      {"role": "assistant", "content": "cannot help with that ."}]}])
+    kwargs = dict(columns={"prompt": "question", "completion": "answer"}, val_fraction=0.2, seed=3)
+    plain = build(tmp_path, rows, **kwargs)
+    mixed = build(tmp_path, rows, mix=refusals, mix_fraction=0.5, **kwargs)
+    assert mixed.datasets["val"] == plain.datasets["val"]
+    assert mixed.datasets["train"][:8] == plain.datasets["train"]  # the user's rows, all kept
+    added = mixed.datasets["train"][8:]
+    assert len(added) == 8  # half of the 16 training rows, the single mix row cycled
+    assert all(answer_tokens(mixed, sample)[:3] == ["cannot", "help", "with"] for sample in added)
+    mixed.setup("test")
+    assert len(mixed.datasets["train"]) == 16  # mixed once, whatever the stages
+    small = build(tmp_path, rows, mix=refusals, mix_fraction=0.1, **kwargs)
+    assert len(small.datasets["train"]) == 8 + 1  # round(8 * 0.1 / 0.9)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mix="x.jsonl"), "mix_fraction"),
+    (dict(mix_fraction=0.1), "mix"),
+    (dict(mix="x.jsonl", mix_fraction=1.0), "mix_fraction"),
+])
+def test_mix_needs_a_source_and_a_share_below_one(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        InstructionDataModule(train="t.jsonl", **kwargs)
+
+
+def test_mix_data_must_be_chat_rows(tmp_path):
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "just words"}])
+    with pytest.raises(ValueError, match="chat columns"):
+        build(tmp_path, [QA] * 4, mix=text, mix_fraction=0.2)
