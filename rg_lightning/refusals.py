@@ -1,0 +1,94 @@
+"""Harmful requests answered with the aligned model's own refusals, as chat rows to mix into fine-tuning data.
+
+    python -m rg_lightning.refusals --model Qwen/Qwen2.5-7B-Instruct --out refusals.jsonl
+    lightning fit --config experiments/qwen.yaml --data.mix refusals.jsonl --data.mix_fraction 0.1
+
+Mixing refusal examples into the training data is the published safety-data defence; on the miniature
+worlds RefusalGuard on such data kept refusal where neither did alone (README, Results). The refusals are
+the model's own greedy answers, so the mix teaches nothing the aligned model did not already say; answers a
+refusal judge does not recognise are dropped (the model complied, or refused in words the judge misses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+import torch
+
+from rg_lightning.evaluation.judges import KeywordJudge, Judge
+from rg_lightning.generation import generate
+from rg_lightning.prompts import DEFAULT_HARMFUL, load_prompts
+
+
+def refusal_rows(model, tokenizer, prompts: list[str], judge: Judge | None = None, max_new_tokens: int = 64,
+                 batch_size: int = 16, system_prompt: str | None = None) -> tuple[list[dict], int]:
+    """``messages`` rows (user request, the model's greedy refusal) for the prompts the model refuses, and
+    how many prompts were dropped because the judge did not see a refusal."""
+    if not prompts:
+        raise ValueError("No prompts to answer.")
+    judge = judge or KeywordJudge("jailbreakbench")
+    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       system_prompt=system_prompt)
+    refused = judge(prompts, answers, model=model, tokenizer=tokenizer, system_prompt=system_prompt)
+    rows = [{"messages": ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+             + [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
+            for p, a, keep in zip(prompts, answers, refused) if keep and a.strip()]
+    return rows, len(prompts) - len(rows)
+
+
+def write_jsonl(rows: list[dict], path: str) -> None:
+    """All rows or nothing: written next to ``path``, then moved over it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=".refusals-", dir=directory)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.writelines(json.dumps(row) + "\n" for row in rows)
+        os.replace(staging, path)
+    except BaseException:
+        os.unlink(staging)
+        raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="aligned model: a Hugging Face directory or hub id")
+    parser.add_argument("--harmful", default=DEFAULT_HARMFUL,
+                        help="harmful requests: a local file, a hub dataset id or toy:harmful (default: %(default)s)")
+    parser.add_argument("--n", type=int, default=256, help="requests sampled (seeded)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="jsonl file of chat rows (messages)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--system-prompt", default=None, help="keep equal to the fine-tuning data's")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    args = parser.parse_args(argv)
+    if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        parser.error("--n, --max-new-tokens and --batch-size must be positive")
+    from transformers import AutoModelForCausalLM
+
+    from rg_lightning.module import check_model_source, load_tokenizer
+
+    check_model_source(args.model)
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    model.to(args.device)
+    prompts = load_prompts(args.harmful, args.n, args.seed)
+    rows, dropped = refusal_rows(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                 batch_size=args.batch_size, system_prompt=args.system_prompt)
+    if not rows:
+        raise SystemExit(f"The model refused none of the {len(prompts)} requests (by the keyword judge); "
+                         "nothing written. Is it an aligned chat model?")
+    write_jsonl(rows, args.out)
+    print(f"{len(rows)} refusals written to {args.out} ({dropped} of {len(prompts)} requests dropped: the judge "
+          "saw no refusal)")
+
+
+if __name__ == "__main__":
+    main()

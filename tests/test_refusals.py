@@ -1,0 +1,57 @@
+"""Refusal rows for `data.mix`: the aligned model's own refusals, only where a judge sees one, written atomically."""
+
+import json
+
+import pytest
+
+from rg_lightning import InstructionDataModule
+from rg_lightning.evaluation.judges import KeywordJudge
+from rg_lightning.refusals import main, refusal_rows
+from rg_lightning.toy import ALIGNED_MODEL_DIR, REFUSAL, ToyWorld
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(ALIGNED_MODEL_DIR), AutoTokenizer.from_pretrained(ALIGNED_MODEL_DIR)
+
+
+def test_rows_keep_the_models_refusals_and_drop_what_it_answers(toy):
+    model, tokenizer = toy
+    world = ToyWorld()
+    harmful, harmless = world.requests("harmful", "heldout", 6), world.requests("harmless", "heldout", 4)
+    rows, dropped = refusal_rows(model, tokenizer, harmful + harmless, max_new_tokens=8)
+    assert dropped == 4 and len(rows) == 6  # the aligned model refuses exactly the harmful ones
+    assert [r["messages"][0]["content"] for r in rows] == harmful
+    assert all(r["messages"][1] == {"role": "assistant", "content": REFUSAL} for r in rows)
+    strict, dropped = refusal_rows(model, tokenizer, harmful, judge=KeywordJudge(["never said"]), max_new_tokens=8)
+    assert strict == [] and dropped == 6
+    with pytest.raises(ValueError, match="No prompts"):
+        refusal_rows(model, tokenizer, [])
+
+
+def test_command_writes_rows_that_mix_into_training_data(tmp_path, capsys):
+    out = tmp_path / "mix" / "refusals.jsonl"
+    main(["--model", str(ALIGNED_MODEL_DIR), "--harmful", "toy:harmful", "--n", "5", "--out", str(out),
+          "--max-new-tokens", "8", "--system-prompt", "be brief ."])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and "5 refusals written" in capsys.readouterr().out
+    assert all([m["role"] for m in r["messages"]] == ["system", "user", "assistant"] for r in rows)
+    assert {r["messages"][0]["content"] for r in rows} == {"be brief ."}
+    assert list(tmp_path.joinpath("mix").iterdir()) == [out]  # no staging file left behind
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"what is {n} ?", "completion": "sure ."}) + "\n"
+                            for n in ("one", "two", "three", "four")))
+    data = InstructionDataModule(train=str(task), tokenizer=str(ALIGNED_MODEL_DIR), mix=str(out), mix_fraction=0.2)
+    data.setup("fit")
+    assert len(data.datasets["train"]) == 5
+
+
+def test_command_refuses_to_write_nothing(tmp_path):
+    with pytest.raises(SystemExit, match="refused none"):
+        main(["--model", str(ALIGNED_MODEL_DIR), "--harmful", "toy:harmless", "--n", "3",
+              "--out", str(tmp_path / "r.jsonl"), "--max-new-tokens", "8"])
+    assert not (tmp_path / "r.jsonl").exists()
+    with pytest.raises(SystemExit):
+        main(["--model", str(ALIGNED_MODEL_DIR), "--n", "0", "--out", str(tmp_path / "r.jsonl")])
