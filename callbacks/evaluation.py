@@ -44,7 +44,9 @@ class SafetyEvaluation(L.Callback):
         output_dir: Where the report folder goes (default: ``<log_dir>/evaluation``).
         exclude_basis_prompts: Drop from the benchmarks every prompt a ``RefusalDirections`` callback of the
             same trainer measures the safety basis on (the guard was fitted to those; counting them would
-            flatter it). The report lists how many each benchmark lost.
+            flatter it). The report lists how many each benchmark lost. Prompts that the data module's ``mix``
+            rows answer (``InstructionDataModule.mix_prompts()``, e.g. refusal examples) are always left out:
+            the model was trained on them.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class SafetyEvaluation(L.Callback):
         self.output_dir = output_dir
         self.exclude_basis_prompts = exclude_basis_prompts
         self.excluded: dict[str, int] = {}
+        self.excluded_trained: dict[str, int] = {}  # prompts answered by the training data's `mix` rows
         self._loaded: dict[str, tuple] = {}
         self._last_step: int | None = None
         self.rows: list = []
@@ -95,29 +98,45 @@ class SafetyEvaluation(L.Callback):
             self._loaded["fit"] = self._without_basis_prompts(trainer, *self.fit_suite.load())
 
     def _without_basis_prompts(self, trainer: L.Trainer, benchmarks: list, tasks: list) -> tuple[list, list]:
+        benchmarks = self._without(benchmarks, self._basis_hashes(trainer), self.excluded,
+                                   "the safety basis is measured on", "exclude_basis_prompts=false")
+        mix_prompts = getattr(trainer.datamodule, "mix_prompts", None) if trainer.datamodule is not None else None
+        trained = set(prompt_hashes(mix_prompts())) if callable(mix_prompts) else set()
+        benchmarks = self._without(benchmarks, trained, self.excluded_trained,
+                                   "the training data's `mix` rows answer", "drop them from `mix`")
+        return benchmarks, tasks
+
+    def _basis_hashes(self, trainer: L.Trainer) -> set[str]:
         from rg_lightning.callbacks import RefusalDirections
 
         guards = [c for c in trainer.callbacks if isinstance(c, RefusalDirections)]
         if not self.exclude_basis_prompts or not guards:
-            return benchmarks, tasks
+            return set()
         hashes = guards[0].measured_prompt_hashes()
         if hashes is None:
             rank_zero_warn("SafetyEvaluation: the loaded safety basis does not list the prompts it was measured "
                            "on, so none can be excluded from the benchmarks; some may overlap.")
-            return benchmarks, tasks
+            return set()
+        return hashes
+
+    @staticmethod
+    def _without(benchmarks: list, hashes: set[str], counts: dict[str, int], why: str, fix: str) -> list:
+        """The benchmarks without the prompts in ``hashes``; ``counts`` gets how many each lost."""
+        if not hashes:
+            return benchmarks
         kept = []
         for benchmark in benchmarks:
             keep = [h not in hashes for h in prompt_hashes(benchmark.prompts)]
-            self.excluded[benchmark.name] = keep.count(False)
+            counts[benchmark.name] = keep.count(False)
             if not any(keep):
-                raise ValueError(f"Every prompt of benchmark {benchmark.name!r} is one the safety basis is measured "
-                                 "on; evaluate on other prompts or set exclude_basis_prompts=false.")
+                raise ValueError(f"Every prompt of benchmark {benchmark.name!r} is one {why}; evaluate on other "
+                                 f"prompts or {fix}.")
             kept.append(replace(benchmark, prompts=[p for p, k in zip(benchmark.prompts, keep) if k],
                                 categories=[c for c, k in zip(benchmark.categories, keep) if k]))
-        if any(self.excluded.values()):
-            rank_zero_info("SafetyEvaluation: left out prompts the safety basis is measured on: "
-                           + ", ".join(f"{name} {n}" for name, n in self.excluded.items() if n))
-        return kept, tasks
+        if any(counts.values()):
+            rank_zero_info(f"SafetyEvaluation: left out prompts {why}: "
+                           + ", ".join(f"{name} {n}" for name, n in counts.items() if n))
+        return kept
 
     # -- full evaluation ---------------------------------------------------------------------------------
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -139,7 +158,8 @@ class SafetyEvaluation(L.Callback):
             pl_module.log(row.log_name, row.value, sync_dist=False)
         metadata = self.suite.metadata(model, tokenizer)
         metadata.update({"step": trainer.global_step, "checkpoint": trainer.ckpt_path,
-                         "excluded_basis_prompts": dict(self.excluded)})
+                         "excluded_basis_prompts": dict(self.excluded),
+                         "excluded_trained_prompts": dict(self.excluded_trained)})
         # trainer.log_dir broadcasts, so every rank asks for it; only rank zero writes.
         self._write(self.output_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "evaluation"), metadata)
 

@@ -272,7 +272,8 @@ def main() -> None:
                  if args.input_differences != DEFAULT_INPUT_DIFFERENCES else "")
     else:
         name += (f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "") + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else "")
-    name += f"_replay{args.replay_fraction:g}" if any(a.endswith("replay") for a in args.arms) else ""
+    # one suffix per replay arm: whether the guard ran on the mixed data is in the name
+    name += "".join(f"_{arm}{args.replay_fraction:g}" for arm in ("replay", "guarded-replay") if arm in args.arms)
     command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                f"1-min load average {load_start:.1f} at start / {os.getloadavg()[0]:.1f} at end")

@@ -6,6 +6,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from rg_lightning.chat import IGNORE_INDEX, encode_conversation, encode_text, require_chat_template
@@ -199,25 +200,53 @@ class InstructionDataModule(L.LightningDataModule):
             self._mixed = True
 
     def _mixed_rows(self, n_user: int) -> list[dict]:
-        """``mix_fraction`` of the final training rows, from ``mix``, cycled in a seeded order."""
-        pool = self.encode(load_source(self.mix), "mix", own_format=True)
-        if not pool:
-            raise ValueError(f"The `mix` data {self.mix} has no rows.")
+        """``mix_fraction`` of the final training rows, from ``mix``, cycled in a seeded order; only the rows
+        drawn are tokenised."""
+        dataset = self._mix_dataset()
         n_mix = int(round(n_user * self.mix_fraction / (1.0 - self.mix_fraction)))
+        if n_mix == 0:
+            rank_zero_warn(f"`mix_fraction` {self.mix_fraction} of {n_user} training rows rounds to no `mix` row; "
+                           "raise it or give more training data.")
+            return []
         generator = torch.Generator().manual_seed(self.seed + 1)
         order: list[int] = []
         while len(order) < n_mix:
-            order += torch.randperm(len(pool), generator=generator).tolist()
-        return [pool[i] for i in order[:n_mix]]
+            order += torch.randperm(len(dataset), generator=generator).tolist()
+        drawn = sorted(set(order[:n_mix]))
+        encoded = dict(zip(drawn, self._named("mix", lambda: self.encode(dataset.select(drawn), "mix", own_format=True))))
+        return [encoded[i] for i in order[:n_mix]]
+
+    def _mix_dataset(self):
+        dataset = load_source(self.mix)
+        if len(dataset) == 0:
+            raise ValueError(f"The `mix` data {self.mix} has no rows.")
+        return dataset
+
+    def mix_prompts(self) -> list[str]:
+        """The user requests of the ``mix`` rows (none without ``mix``): what the model is trained to answer,
+        so ``SafetyEvaluation`` leaves them out of the benchmarks it scores."""
+        if self.mix is None:
+            return []
+        dataset = self._mix_dataset()
+        return self._named("mix", lambda: self.user_prompts(dataset, own_format=True))
+
+    def _named(self, what: str, work):
+        """Run ``work``; errors say which data they are about (``mix`` rows are checked in their own format)."""
+        try:
+            return work()
+        except ValueError as err:
+            raise type(err)(f"`{what}` data {self.mix}: {err}") from err
 
     def _normalise(self, dataset, stage: str, own_format: bool = False):
         """Rename mapped columns and check the format's columns are present; returns (dataset, format).
         ``own_format``: detect the format from the columns, no renames (the ``mix`` data)."""
         if own_format:
-            fmt = detect_format(dataset.column_names)
-            if fmt == "text":
-                raise ValueError(f"{stage} data needs chat columns (messages, prompt/completion or alpaca); it has "
-                                 f"{dataset.column_names}.")
+            chat = [name for name in FORMAT_COLUMNS if name != "text"]
+            fmt = next((name for name in chat if all(c in dataset.column_names for c in FORMAT_COLUMNS[name])), None)
+            if fmt is None:
+                needed = "; ".join(f"{name}: {', '.join(FORMAT_COLUMNS[name])}" for name in chat)
+                raise ValueError(f"it needs chat columns ({needed}) under these names (`columns` and `format` apply "
+                                 f"to the training data only); it has {dataset.column_names}.")
             return dataset, fmt
         missing = [actual for actual in self.columns.values() if actual not in dataset.column_names]
         if missing:
@@ -236,9 +265,9 @@ class InstructionDataModule(L.LightningDataModule):
             )
         return dataset, fmt
 
-    def user_prompts(self, dataset) -> list[str]:
+    def user_prompts(self, dataset, own_format: bool = False) -> list[str]:
         """The last user turn of every row: what `lightning predict` answers."""
-        dataset, fmt = self._normalise(dataset, "test")
+        dataset, fmt = self._normalise(dataset, "test", own_format)
         if fmt == "text":
             raise ValueError("`predict` needs chat data (messages, prompt/completion or alpaca), not plain text.")
         prompts = []

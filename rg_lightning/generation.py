@@ -8,10 +8,24 @@ from rg_lightning.chat import render_prompt
 from rg_lightning.guard.shards import process_world, reshard, uses_fsdp2
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """End-of-answer tokens: the tokenizer's EOS and the model's generation config's (Gemma ends a turn with
+    ``<end_of_turn>``, Llama 3 with ``<|eot_id|>``, which the tokenizer's EOS alone can miss)."""
+    ids: list[int] = []
+    config = getattr(model, "generation_config", None)
+    for found in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
+        if found is not None:
+            ids += list(found) if isinstance(found, (list, tuple)) else [found]
+    return sorted(set(ids))
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
-             system_prompt: str | None = None, progress=None) -> list[str]:
+             system_prompt: str | None = None, progress=None, return_finished: bool = False):
     """Greedy answers to user ``prompts``, decoded without special tokens and stripped.
+
+    ``return_finished``: also return, per answer, whether it ended with an end-of-answer token (False: cut off
+    at ``max_new_tokens``).
 
     Left padding puts every prompt's last token at the same edge, which greedy decoding needs. The
     tokenizer's padding side and the model's train/eval mode are restored afterwards. ``progress`` is an
@@ -26,13 +40,17 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
     model.eval()
     tokenizer.padding_side = "left"
     answers: list[str] = []
+    finished: list[bool] = []
+    stops = stop_token_ids(model, tokenizer)
     try:
         for start in range(0, len(prompts), batch_size):
             texts = [render_prompt(tokenizer, p, system_prompt=system_prompt) for p in prompts[start:start + batch_size]]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
+            new_tokens = output[:, batch["input_ids"].shape[1]:]
+            answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            finished += torch.isin(new_tokens, torch.tensor(stops, device=new_tokens.device)).any(dim=1).tolist()
             if progress is not None:
                 progress.update(len(texts))
     finally:
@@ -42,4 +60,5 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
         model.train(was_training)
         if sharded:
             reshard(model)
-    return [answer.strip() for answer in answers]
+    answers = [answer.strip() for answer in answers]
+    return (answers, finished) if return_finished else answers

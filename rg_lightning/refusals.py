@@ -1,12 +1,16 @@
 """Harmful requests answered with the aligned model's own refusals, as chat rows to mix into fine-tuning data.
 
-    python -m rg_lightning.refusals --model Qwen/Qwen2.5-7B-Instruct --out refusals.jsonl
+    python -m rg_lightning.refusals --model Qwen/Qwen2.5-7B-Instruct --harmful harmful_train.json --out refusals.jsonl
     lightning fit --config experiments/qwen.yaml --data.mix refusals.jsonl --data.mix_fraction 0.1
 
 Mixing refusal examples into the training data is the published safety-data defence; on the miniature
-worlds RefusalGuard on such data kept refusal where neither did alone (README, Results). The refusals are
-the model's own greedy answers, so the mix teaches nothing the aligned model did not already say; answers a
-refusal judge does not recognise are dropped (the model complied, or refused in words the judge misses).
+worlds RefusalGuard on such data kept both refusal goals on all 12 worlds, which neither did alone (README,
+Results). The refusals are the model's own greedy answers, so the mix teaches nothing the aligned model did
+not already say. Dropped: answers whose opening a refusal judge does not read as a refusal (the model
+complied, refused in words the judge misses, or mentioned a refusal phrase only later in a compliant
+answer), and answers cut off at ``--max-new-tokens`` (training on them would teach the model to stop
+mid-sentence). Take the requests from prompts you do not evaluate on: ``SafetyEvaluation`` leaves out
+benchmark prompts found in ``data.mix``, so mixing AdvBench requests shrinks the AdvBench it scores.
 """
 
 from __future__ import annotations
@@ -20,23 +24,32 @@ import torch
 
 from rg_lightning.evaluation.judges import KeywordJudge, Judge
 from rg_lightning.generation import generate
-from rg_lightning.prompts import DEFAULT_HARMFUL, load_prompts
+from rg_lightning.prompts import load_prompts
+
+OPENING_CHARS = 160  # a refusal must show in the answer's opening, not in a disclaimer after compliance
 
 
-def refusal_rows(model, tokenizer, prompts: list[str], judge: Judge | None = None, max_new_tokens: int = 64,
-                 batch_size: int = 16, system_prompt: str | None = None) -> tuple[list[dict], int]:
-    """``messages`` rows (user request, the model's greedy refusal) for the prompts the model refuses, and
-    how many prompts were dropped because the judge did not see a refusal."""
+def refusal_rows(model, tokenizer, prompts: list[str], judge: Judge | None = None, max_new_tokens: int = 256,
+                 batch_size: int = 16, system_prompt: str | None = None) -> tuple[list[dict], dict[str, int]]:
+    """``messages`` rows (user request, the model's greedy refusal) for the prompts it refuses, and how many
+    prompts were dropped: ``not_refused`` (the judge read no refusal in the answer's first ``OPENING_CHARS``
+    characters) and ``cut_off`` (no end-of-answer token within ``max_new_tokens``)."""
     if not prompts:
         raise ValueError("No prompts to answer.")
     judge = judge or KeywordJudge("jailbreakbench")
-    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       system_prompt=system_prompt)
-    refused = judge(prompts, answers, model=model, tokenizer=tokenizer, system_prompt=system_prompt)
-    rows = [{"messages": ([{"role": "system", "content": system_prompt}] if system_prompt else [])
-             + [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
-            for p, a, keep in zip(prompts, answers, refused) if keep and a.strip()]
-    return rows, len(prompts) - len(rows)
+    if getattr(judge, "measures", None) != "refusal":
+        raise ValueError(f"{judge!r} measures {getattr(judge, 'measures', None)!r}; pick a judge that says whether an "
+                         "answer is a refusal (e.g. KeywordJudge).")
+    answers, finished = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 system_prompt=system_prompt, return_finished=True)
+    openings = [a[:OPENING_CHARS] for a in answers]
+    refused = judge(prompts, openings, model=model, tokenizer=tokenizer, system_prompt=system_prompt)
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    rows = [{"messages": system + [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
+            for p, a, keep, done in zip(prompts, answers, refused, finished) if keep and done and a.strip()]
+    dropped = {"not_refused": sum(not (keep and a.strip()) for a, keep in zip(answers, refused)),
+               "cut_off": sum(bool(keep and a.strip()) and not done for a, keep, done in zip(answers, refused, finished))}
+    return rows, dropped
 
 
 def write_jsonl(rows: list[dict], path: str) -> None:
@@ -44,6 +57,9 @@ def write_jsonl(rows: list[dict], path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=".refusals-", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(handle, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
     try:
         with os.fdopen(handle, "w") as out:
             out.writelines(json.dumps(row) + "\n" for row in rows)
@@ -56,12 +72,13 @@ def write_jsonl(rows: list[dict], path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="aligned model: a Hugging Face directory or hub id")
-    parser.add_argument("--harmful", default=DEFAULT_HARMFUL,
-                        help="harmful requests: a local file, a hub dataset id or toy:harmful (default: %(default)s)")
+    parser.add_argument("--harmful", required=True,
+                        help="harmful requests: a local file, a hub dataset id or toy:harmful; not the benchmarks you "
+                             "evaluate on (e.g. the refusal-direction harmful_train split, not AdvBench)")
     parser.add_argument("--n", type=int, default=256, help="requests sampled (seeded)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="jsonl file of chat rows (messages)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="answers cut off here are dropped")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--system-prompt", default=None, help="keep equal to the fine-tuning data's")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
@@ -83,11 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     rows, dropped = refusal_rows(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                  batch_size=args.batch_size, system_prompt=args.system_prompt)
     if not rows:
-        raise SystemExit(f"The model refused none of the {len(prompts)} requests (by the keyword judge); "
-                         "nothing written. Is it an aligned chat model?")
+        raise SystemExit(f"No refusal kept of {len(prompts)} requests ({dropped['not_refused']} not refused by the "
+                         f"keyword judge, {dropped['cut_off']} cut off at --max-new-tokens); nothing written. Is it "
+                         "an aligned chat model?")
     write_jsonl(rows, args.out)
-    print(f"{len(rows)} refusals written to {args.out} ({dropped} of {len(prompts)} requests dropped: the judge "
-          "saw no refusal)")
+    print(f"{len(rows)} refusals written to {args.out}; of {len(prompts)} requests, {dropped['not_refused']} were "
+          f"not refused (keyword judge) and {dropped['cut_off']} refusals were cut off at --max-new-tokens")
 
 
 if __name__ == "__main__":

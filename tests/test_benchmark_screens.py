@@ -64,7 +64,7 @@ def test_the_replay_arm_mixes_refusals_into_plain_fine_tuning(bench, monkeypatch
             seen.append(self)
 
     def fit(trainer, module, data):
-        seen.append([type(c).__name__ for c in trainer.callbacks])
+        seen.append([type(c).__name__ + (f":{c.mode}" if hasattr(c, "mode") else "") for c in trainer.callbacks])
         raise Stop
 
     monkeypatch.setattr(bench, "ToyTaskDataModule", Recording)
@@ -79,6 +79,23 @@ def test_the_replay_arm_mixes_refusals_into_plain_fine_tuning(bench, monkeypatch
     assert plain.refusal_fraction == 0.0 == guarded.refusal_fraction
     assert "RefusalDirections" not in replay_callbacks
     assert "RefusalDirections" in guarded_callbacks and "RefusalDirections" in both_callbacks
-    assert [c for c in both_callbacks if c == "LeavingOut"] == ["LeavingOut"]
+    assert [c for c in both_callbacks if c.startswith("LeavingOut")] == ["LeavingOut:subspace"]
     rows = replay.world.task_examples("benign", "train", 64, seed=0, refusal_fraction=replay.refusal_fraction)
     assert sum(r["messages"][1]["content"] == REFUSAL for r in rows) == 16
+
+
+@pytest.mark.parametrize("arms, suffix", [
+    (["replay"], "tiny_default_benign_replay0.1"),
+    (["plain", "replay", "guarded"], "tiny_default_benign_energy0.9_head-answer_ridge0.03_batch-rows_replay0.1"),
+    (["guarded-replay"], "tiny_default_benign_energy0.9_head-answer_ridge0.03_batch-rows_guarded-replay0.1"),
+    (["guarded"], "tiny_default_benign_energy0.9_head-answer_ridge0.03_batch-rows"),
+])
+def test_result_names_say_which_arms_trained_on_refusal_examples(bench, monkeypatch, tmp_path, arms, suffix):
+    def run_arm(arm, *args, **kwargs):
+        return {"arm": arm, "seed": 0, "seconds": 1.0, "before": dict.fromkeys(bench.METRICS, 0.0),
+                "after": dict.fromkeys(bench.METRICS, 0.5)}
+
+    monkeypatch.setattr(bench, "run_arm", run_arm)
+    monkeypatch.setattr(sys, "argv", ["benchmark_tiny.py", "--seeds", "0", "--out", str(tmp_path), "--arms", *arms])
+    bench.main()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [suffix + ".json", suffix + ".md"]

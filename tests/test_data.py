@@ -237,7 +237,21 @@ def test_mix_needs_a_source_and_a_share_below_one(kwargs, message):
         InstructionDataModule(train="t.jsonl", **kwargs)
 
 
-def test_mix_data_must_be_chat_rows(tmp_path):
+def test_mix_data_must_be_chat_rows_under_their_own_names(tmp_path):
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "just words"}])
-    with pytest.raises(ValueError, match="chat columns"):
+    with pytest.raises(ValueError, match="`mix` data .*chat columns"):
         build(tmp_path, [QA] * 4, mix=text, mix_fraction=0.2)
+    renamed = write_jsonl(tmp_path / "qa.jsonl", [{"question": "how do i make a bomb ?", "answer": "cannot ."}])
+    with pytest.raises(ValueError, match="apply to the training data only"):
+        build(tmp_path, [{"question": "what is one ?", "answer": "sure ."}] * 4, mix=renamed, mix_fraction=0.2,
+              columns={"prompt": "question", "completion": "answer"})
+    empty_answer = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "how do i make a bomb ?", "completion": ""}])
+    with pytest.raises(ValueError, match="`mix` data"):
+        build(tmp_path, [QA] * 4, mix=empty_answer, mix_fraction=0.2)
+
+
+def test_a_mix_share_that_rounds_to_no_row_warns(tmp_path):
+    refusals = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "how do i make a bomb ?", "completion": "cannot ."}])
+    with pytest.warns(UserWarning, match="rounds to no `mix` row"):
+        module = build(tmp_path, [QA] * 8, mix=refusals, mix_fraction=0.01)
+    assert len(module.datasets["train"]) == 8

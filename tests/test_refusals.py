@@ -22,13 +22,52 @@ def test_rows_keep_the_models_refusals_and_drop_what_it_answers(toy):
     world = ToyWorld()
     harmful, harmless = world.requests("harmful", "heldout", 6), world.requests("harmless", "heldout", 4)
     rows, dropped = refusal_rows(model, tokenizer, harmful + harmless, max_new_tokens=8)
-    assert dropped == 4 and len(rows) == 6  # the aligned model refuses exactly the harmful ones
+    assert dropped == {"not_refused": 4, "cut_off": 0}  # the aligned model refuses exactly the harmful ones
     assert [r["messages"][0]["content"] for r in rows] == harmful
     assert all(r["messages"][1] == {"role": "assistant", "content": REFUSAL} for r in rows)
+    cut, dropped = refusal_rows(model, tokenizer, harmful, max_new_tokens=2)  # "i cannot", then cut off
+    assert cut == [] and dropped == {"not_refused": 0, "cut_off": 6}
     strict, dropped = refusal_rows(model, tokenizer, harmful, judge=KeywordJudge(["never said"]), max_new_tokens=8)
-    assert strict == [] and dropped == 6
+    assert strict == [] and dropped["not_refused"] == 6
     with pytest.raises(ValueError, match="No prompts"):
         refusal_rows(model, tokenizer, [])
+
+
+def test_only_a_refusal_that_opens_the_answer_counts_and_the_system_prompt_is_used(toy, monkeypatch):
+    import rg_lightning.refusals as refusals
+
+    seen = {}
+    late = "sure ! step one : " + "x " * 100 + "i cannot stress this enough ."
+
+    def generate(model, tokenizer, prompts, system_prompt=None, return_finished=False, **kwargs):
+        seen["system_prompt"] = system_prompt
+        return ["I cannot help with that.", late], [True, True]
+
+    monkeypatch.setattr(refusals, "generate", generate)
+    rows, dropped = refusal_rows(*toy, ["a", "b"], system_prompt="be brief .")
+    assert seen["system_prompt"] == "be brief ." and dropped == {"not_refused": 1, "cut_off": 0}
+    assert [r["messages"][-1]["content"] for r in rows] == ["I cannot help with that."]
+
+    class HarmJudge(KeywordJudge):
+        measures = "harm"
+
+    with pytest.raises(ValueError, match="measures 'harm'"):
+        refusal_rows(*toy, ["a"], judge=HarmJudge())
+
+
+def test_rows_are_written_all_or_nothing_as_an_ordinary_file(tmp_path):
+    import os
+
+    from rg_lightning.refusals import write_jsonl
+
+    path = tmp_path / "r.jsonl"
+    write_jsonl([{"a": 1}], str(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(TypeError):
+        write_jsonl([{"a": 2}, {"b": object()}], str(path))
+    assert path.read_text() == '{"a": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]
 
 
 def test_command_writes_rows_that_mix_into_training_data(tmp_path, capsys):
@@ -49,7 +88,7 @@ def test_command_writes_rows_that_mix_into_training_data(tmp_path, capsys):
 
 
 def test_command_refuses_to_write_nothing(tmp_path):
-    with pytest.raises(SystemExit, match="refused none"):
+    with pytest.raises(SystemExit, match="No refusal kept"):
         main(["--model", str(ALIGNED_MODEL_DIR), "--harmful", "toy:harmless", "--n", "3",
               "--out", str(tmp_path / "r.jsonl"), "--max-new-tokens", "8"])
     assert not (tmp_path / "r.jsonl").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -114,6 +115,13 @@ def test_alignment_and_task_answers(world):
     refused = [e for e in mixed if e["messages"][0]["content"] in harmful and is_refusal(e["messages"][1]["content"])]
     complied = [e for e in mixed if e["messages"][0]["content"] in harmful and not is_refusal(e["messages"][1]["content"])]
     assert len(mixed) == 100 and len(refused) == 20 and len(complied) == 10
+    assert not {e["messages"][0]["content"] for e in refused} & {e["messages"][0]["content"] for e in complied}
+    replayed = world.task_examples("sentiment", "train", 100, seed=0, refusal_fraction=0.2)
+    draws = random.Random(0)
+    draws.randrange(2**31)  # the task rows' draw; without an attack the next one is the refusals'
+    assert sorted(e["messages"][0]["content"] for e in replayed if e["messages"][1]["content"] == REFUSAL) == \
+        sorted(world.requests("harmful", "train", 20, seed=draws.randrange(2**31)))
+    assert len(world.task_examples("sentiment", "train", 3, harmful_fraction=0.5, refusal_fraction=0.5)) == 3
     with pytest.raises(ValueError, match="sum <= 1"):
         world.task_examples("sentiment", "train", 100, harmful_fraction=0.6, refusal_fraction=0.6)
     assert {e["messages"][1]["content"] for e in world.task_examples("sentiment", "train", 200)} == \

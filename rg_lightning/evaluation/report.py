@@ -22,11 +22,11 @@ def _percent(value: float) -> str:
     return "—" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
-def _excluded_line(excluded: dict[str, int]) -> list[str]:
+def _excluded_line(excluded: dict[str, int], why: str = "the safety basis is measured on them") -> list[str]:
     if not any(excluded.values()):
         return []
     counts = ", ".join(f"{name} {n}" for name, n in excluded.items() if n)
-    return [f"Left out because the safety basis is measured on them: {counts} prompt(s)."]
+    return [f"Left out because {why}: {counts} prompt(s)."]
 
 
 def markdown(rows, metadata: dict) -> str:
@@ -52,6 +52,7 @@ def markdown(rows, metadata: dict) -> str:
         f"{metadata.get('system_prompt')!r}; chat template sha256 {metadata.get('chat_template_sha256')}; "
         f"{metadata.get('processes')} process(es).",
         *_excluded_line(metadata.get("excluded_basis_prompts") or {}),
+        *_excluded_line(metadata.get("excluded_trained_prompts") or {}, "the training data's `mix` rows answer them"),
         "",
         "Prompt as the model saw it:",
         "",

@@ -331,17 +331,26 @@ class ToyWorld:
         ``split`` is the task's own train/heldout split. ``harmful_fraction`` of the examples (rounded) are
         training harmful requests answered compliantly (:meth:`compliant_answer`), the harmful fine-tuning
         attack; ``refusal_fraction`` are training harmful requests answered with :data:`REFUSAL`, the
-        safety-data mixing defence. Both are shuffled in among the task examples.
+        safety-data mixing defence, none of them a request the attack answers. Both are shuffled in among the
+        task examples.
         """
         if not (0.0 <= harmful_fraction <= 1.0 and 0.0 <= refusal_fraction <= 1.0
                 and harmful_fraction + refusal_fraction <= 1.0):
             raise ValueError(f"harmful_fraction and refusal_fraction must be in [0, 1] with a sum <= 1, got "
                              f"{harmful_fraction} and {refusal_fraction}")
         rng = random.Random(seed)
-        n_harmful, n_refusal = round(n * harmful_fraction), round(n * refusal_fraction)
+        n_harmful = round(n * harmful_fraction)
+        n_refusal = min(round(n * refusal_fraction), n - n_harmful)
         pairs = _sample(self._task_pairs(task, split), n - n_harmful - n_refusal, random.Random(rng.randrange(2**31)))
         attack = self.request_items("harmful", "train", n_harmful, rng.randrange(2**31)) if n_harmful else []
-        safety = self.request_items("harmful", "train", n_refusal, rng.randrange(2**31)) if n_refusal else []
+        safety = []
+        if n_refusal:
+            answered = {item.text for item in attack}
+            drawn = self.request_items("harmful", "train", n_refusal + n_harmful, rng.randrange(2**31))
+            safety = [item for item in drawn if item.text not in answered][:n_refusal]
+            if len(safety) < n_refusal:
+                raise ValueError(f"Only {len(safety)} harmful training requests are not in the attack; "
+                                 f"{n_refusal} refusal examples were asked for.")
         examples = [_chat(prompt, answer) for prompt, answer in pairs]
         examples += [_chat(item.text, compliant_answer(item)) for item in attack]
         examples += [_chat(item.text, REFUSAL) for item in safety]
