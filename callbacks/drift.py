@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from rg_lightning.atomic import atomic_file
 from rg_lightning.callbacks.refusal_directions import RefusalDirections
 from rg_lightning.chat import render_prompt
 from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
@@ -205,11 +206,8 @@ class DriftGeometry(L.Callback):
 
     @rank_zero_only
     def _write(self, directory: str, final: dict) -> None:
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "drift_summary.json")
-        with open(path + ".tmp", "w") as handle:
+        with atomic_file(os.path.join(directory, "drift_summary.json")) as handle:
             json.dump({"history": self.history, "final": self.metrics(final)}, handle, indent=2)
-        os.replace(path + ".tmp", path)
         if self.figures:
             self._figures(directory, final)
 

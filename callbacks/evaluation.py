@@ -100,7 +100,7 @@ class SafetyEvaluation(L.Callback):
     def _without_basis_prompts(self, trainer: L.Trainer, benchmarks: list, tasks: list) -> tuple[list, list]:
         benchmarks = self._without(benchmarks, self._basis_hashes(trainer), self.excluded,
                                    "the safety basis is measured on", "exclude_basis_prompts=false")
-        mix_prompts = getattr(trainer.datamodule, "mix_prompts", None) if trainer.datamodule is not None else None
+        mix_prompts = getattr(trainer.datamodule, "mix_prompts", None)  # InstructionDataModule's; None without one
         trained = set(prompt_hashes(mix_prompts())) if callable(mix_prompts) else set()
         benchmarks = self._without(benchmarks, trained, self.excluded_trained,
                                    "the training data's `mix` rows answer", "drop them from `mix`")

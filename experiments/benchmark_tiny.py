@@ -45,6 +45,8 @@ from rg_lightning.toy.data import ToyTaskDataModule
 from rg_lightning.toy.report import METRICS, AlignmentReport
 
 ARMS = ("plain", "guarded", "directions", "replay", "guarded-replay")
+GUARD_ARMS = {"guarded", "directions", "guarded-replay"}  # arms that run RefusalGuard
+REPLAY_ARMS = ("replay", "guarded-replay")  # arms trained on data with refusal examples mixed in
 DEFAULT_REPLAY_FRACTION = 0.1  # the replay arm: share of training rows that are harmful requests answered with a refusal
 DEFAULT_STEPS, DEFAULT_LR = 150, 1e-3  # experiments/tiny.yaml (max_steps, AdamW lr)
 DEFAULT_ENERGY = 0.9  # experiments/tiny.yaml (RefusalDirections energy)
@@ -136,7 +138,7 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
     L.seed_everything(seed)
     report = AlignmentReport(task=task, variant=variant)
     callbacks = [report]
-    if arm in ("guarded", "directions", "guarded-replay"):
+    if arm in GUARD_ARMS:
         prefix = f"toy:{variant}:" if variant != "default" else "toy:"
         callbacks += [RefusalDirections(harmful=prefix + "harmful", harmless=prefix + "harmless", energy=energy,
                                         rank=rank, n_prompts=n_prompts, centered=centered,
@@ -147,7 +149,7 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
                                  hold_absent_rows=hold_absent_rows)]
     module = CausalLMModule(model=model_dir, dtype="float32", optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
     data = ToyTaskDataModule(task=task, harmful_fraction=harmful_fraction, variant=variant, n_train=steps * 32,
-                             seed=seed, refusal_fraction=replay_fraction if arm.endswith("replay") else 0.0)
+                             seed=seed, refusal_fraction=replay_fraction if arm in REPLAY_ARMS else 0.0)
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -253,7 +255,7 @@ def main() -> None:
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
     name = f"tiny_{world}_{args.task}" + (f"_attack{args.harmful_fraction:g}" if args.harmful_fraction else "")
-    if {"guarded", "directions", "guarded-replay"} & set(args.arms):  # the guard's settings, when a guarded arm ran
+    if GUARD_ARMS & set(args.arms):  # the guard's settings, when a guarded arm ran
         # energy and ridge are always in the name (results of earlier defaults keep their meaning); the rest only
         # when they differ from experiments/tiny.yaml.
         name += (f"_energy{args.energy:g}" if args.rank is None else "")
@@ -273,7 +275,7 @@ def main() -> None:
     else:
         name += (f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "") + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else "")
     # one suffix per replay arm: whether the guard ran on the mixed data is in the name
-    name += "".join(f"_{arm}{args.replay_fraction:g}" for arm in ("replay", "guarded-replay") if arm in args.arms)
+    name += "".join(f"_{arm}{args.replay_fraction:g}" for arm in REPLAY_ARMS if arm in args.arms)
     command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                f"1-min load average {load_start:.1f} at start / {os.getloadavg()[0]:.1f} at end")
@@ -288,10 +290,10 @@ def main() -> None:
              + f", {args.n_prompts} prompts, answer tokens {args.answer_tokens}, gradients "
              + f"{'not ' if args.post_step_only else ''}projected before each step; ")
     replay = (f"replay: {args.replay_fraction:g} of the training rows are harmful requests answered with a refusal; "
-              if any(a.endswith("replay") for a in args.arms) else "")
+              if set(REPLAY_ARMS) & set(args.arms) else "")
     markdown = (f"### {name}\n\n{table(runs, args.arms)}\n\n"
                 f"Command: `{command.strip()}`; seeds {args.seeds}; {args.steps} steps, AdamW lr {args.lr}, batch 32; "
-                + (guard if {"guarded", "directions", "guarded-replay"} & set(args.arms) else "") + replay
+                + (guard if GUARD_ARMS & set(args.arms) else "") + replay
                 + f"held-out data, greedy generation. Machine: {machine}. Total wall time "
                 f"{time.perf_counter() - start:.0f} s.\n")
     os.makedirs(args.out, exist_ok=True)

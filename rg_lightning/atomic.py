@@ -1,4 +1,4 @@
-"""Write a directory all at once: stage it next to the target, then swap it in."""
+"""Write a directory or a file all at once: stage it next to the target, then swap it in."""
 
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ def atomic_directory(target: str):
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".staging-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary directory
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the result is an ordinary directory
     try:
         yield staging
         if os.path.exists(target):
@@ -28,4 +26,28 @@ def atomic_directory(target: str):
             os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+@contextlib.contextmanager
+def atomic_file(target: str):
+    """Yields a text handle to a staging file; on success it replaces ``target`` (an ordinary file, mode
+    0666 minus the umask), on failure it is removed and ``target`` is left as it was."""
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=".staging-", dir=parent)
+    os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes it private
+    try:
+        with os.fdopen(handle, "w") as out:
+            yield out
+        os.replace(staging, target)
+    except BaseException:
+        if os.path.exists(staging):
+            os.unlink(staging)
         raise

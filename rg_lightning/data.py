@@ -141,6 +141,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.mix = parse_source(mix, default_split="train") if mix else None
         self.mix_fraction = mix_fraction
         self._mixed = False  # the mix rows are added to the training rows once
+        self._mix_rows = None
         self._tokenizer = None
         self.datasets: dict[str, list[dict]] = {}
         self.prompts: list[str] = []
@@ -217,10 +218,12 @@ class InstructionDataModule(L.LightningDataModule):
         return [encoded[i] for i in order[:n_mix]]
 
     def _mix_dataset(self):
-        dataset = load_source(self.mix)
-        if len(dataset) == 0:
-            raise ValueError(f"The `mix` data {self.mix} has no rows.")
-        return dataset
+        """The ``mix`` rows, loaded once (training and ``SafetyEvaluation`` both read them)."""
+        if self._mix_rows is None:
+            self._mix_rows = load_source(self.mix)
+            if len(self._mix_rows) == 0:
+                raise ValueError(f"The `mix` data {self.mix} has no rows.")
+        return self._mix_rows
 
     def mix_prompts(self) -> list[str]:
         """The user requests of the ``mix`` rows (none without ``mix``): what the model is trained to answer,
@@ -241,10 +244,12 @@ class InstructionDataModule(L.LightningDataModule):
         """Rename mapped columns and check the format's columns are present; returns (dataset, format).
         ``own_format``: detect the format from the columns, no renames (the ``mix`` data)."""
         if own_format:
-            chat = [name for name in FORMAT_COLUMNS if name != "text"]
-            fmt = next((name for name in chat if all(c in dataset.column_names for c in FORMAT_COLUMNS[name])), None)
-            if fmt is None:
-                needed = "; ".join(f"{name}: {', '.join(FORMAT_COLUMNS[name])}" for name in chat)
+            try:
+                fmt = detect_format(dataset.column_names)
+            except ValueError:
+                fmt = None
+            if fmt in (None, "text"):
+                needed = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in FORMAT_COLUMNS.items() if name != "text")
                 raise ValueError(f"it needs chat columns ({needed}) under these names (`columns` and `format` apply "
                                  f"to the training data only); it has {dataset.column_names}.")
             return dataset, fmt

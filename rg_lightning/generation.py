@@ -42,6 +42,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
     answers: list[str] = []
     finished: list[bool] = []
     stops = stop_token_ids(model, tokenizer)
+    stop_ids = torch.tensor(stops, device=device)
     try:
         for start in range(0, len(prompts), batch_size):
             texts = [render_prompt(tokenizer, p, system_prompt=system_prompt) for p in prompts[start:start + batch_size]]
@@ -50,7 +51,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
             new_tokens = output[:, batch["input_ids"].shape[1]:]
             answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            finished += torch.isin(new_tokens, torch.tensor(stops, device=new_tokens.device)).any(dim=1).tolist()
+            finished += torch.isin(new_tokens, stop_ids).any(dim=1).tolist()
             if progress is not None:
                 progress.update(len(texts))
     finally:

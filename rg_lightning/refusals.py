@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 
 import torch
 
+from rg_lightning.atomic import atomic_file
 from rg_lightning.evaluation.judges import KeywordJudge, Judge
 from rg_lightning.generation import generate
 from rg_lightning.prompts import load_prompts
@@ -54,19 +53,8 @@ def refusal_rows(model, tokenizer, prompts: list[str], judge: Judge | None = Non
 
 def write_jsonl(rows: list[dict], path: str) -> None:
     """All rows or nothing: written next to ``path``, then moved over it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=".refusals-", dir=directory)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(handle, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.writelines(json.dumps(row) + "\n" for row in rows)
-        os.replace(staging, path)
-    except BaseException:
-        os.unlink(staging)
-        raise
+    with atomic_file(path) as out:
+        out.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def main(argv: list[str] | None = None) -> None:

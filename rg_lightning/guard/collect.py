@@ -157,25 +157,16 @@ def _capture(model: nn.Module, names: list[str], grams: GramAccumulator, mask: t
         yield
 
 
-@contextlib.contextmanager
-def _capture_post_instruction_means(model: nn.Module, names: list[str], means: MeanAccumulator, prompt_width: int,
-                                    n_positions: int):
-    """Add each named module's input at every post-instruction position to ``means[(name, position)]``."""
-    modules = dict(model.named_modules())
+class _PostInstructionMeans:
+    """For :func:`capture_linear_inputs`: each module's input at every post-instruction position goes into
+    ``means[(name, position)]`` (the columns just before ``prompt_width``; answers appended after it)."""
 
-    def hook_for(name: str):
-        def hook(module, args) -> None:
-            for position in range(n_positions):
-                means.update((name, position), args[0][:, prompt_width - n_positions + position])
+    def __init__(self, means: MeanAccumulator, prompt_width: int, n_positions: int) -> None:
+        self.means, self.prompt_width, self.n_positions = means, prompt_width, n_positions
 
-        return hook
-
-    handles = [modules[name].register_forward_pre_hook(hook_for(name)) for name in names]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    def update(self, name: str, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        for position in range(self.n_positions):
+            self.means.update((name, position), x[:, self.prompt_width - self.n_positions + position])
 
 
 class _GramAndMean(GramAccumulator):
@@ -308,8 +299,8 @@ def collect_basis(
                 with contextlib.ExitStack() as stack:
                     stack.enter_context(_capture(model, capture_names, first, mask, head, prompt_width))
                     if input_differences:
-                        stack.enter_context(_capture_post_instruction_means(model, list(groups), input_means[kind],
-                                                                            prompt_width, n_positions))
+                        stack.enter_context(capture_linear_inputs(
+                            model, list(groups), _PostInstructionMeans(input_means[kind], prompt_width, n_positions)))
                     output = model(**batch, position_ids=positions, output_hidden_states=True)
                 hidden = output.hidden_states[:-1]  # inputs of every decoder block
                 for layer, states in enumerate(hidden):
@@ -322,18 +313,19 @@ def collect_basis(
                         harmful_batches.append((batch, positions, prompt_width))
                 if progress is not None:
                     progress(kind, batch["input_ids"].shape[0])
-        for accumulator in means.values():
-            for key in [(layer, p) for layer in range(n_layers) for p in range(n_positions)]:
-                accumulator.ensure(key, (hidden_size,), device)
-            if processes > 1:
-                accumulator.all_reduce_()
-        if input_differences:
-            for accumulator in input_means.values():
-                for name in groups:
-                    for p in range(n_positions):
-                        accumulator.ensure((name, p), (widths[name],), device)
+        def reduce_means(accumulators, shapes: dict) -> None:
+            """Every key on every rank (zeros where a rank saw nothing), then summed over ranks."""
+            for accumulator in accumulators:
+                for key, shape in shapes.items():
+                    accumulator.ensure(key, shape, device)
                 if processes > 1:
                     accumulator.all_reduce_()
+
+        reduce_means(means.values(), {(layer, p): (hidden_size,) for layer in range(n_layers)
+                                      for p in range(n_positions)})
+        if input_differences:
+            reduce_means(input_means.values(), {(name, p): (widths[name],) for name in groups
+                                                for p in range(n_positions)})
         if passes:
             gram_pass(first, passes[0])
         for names_in_pass in passes[1:]:

@@ -8,6 +8,7 @@ import os
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from rg_lightning.atomic import atomic_file
 from rg_lightning.contract import hf_model, tokenizer_of
 from rg_lightning.toy.generation import generate, refusal_rate
 from rg_lightning.toy.world import ToyWorld, task_metric
@@ -66,11 +67,8 @@ class AlignmentReport(L.Callback):
         rows = [f"{'':18s} {'before':>8s} {'after':>8s}"]
         rows += [f"{name:18s} {self.before[name]:8.1%} {self.after[name]:8.1%}" for name in METRICS]
         print("\nMiniature world, held-out data (task: %s)\n%s\n" % (self.task, "\n".join(rows)))
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "alignment_report.json")
-        with open(path + ".tmp", "w") as handle:
+        with atomic_file(os.path.join(directory, "alignment_report.json")) as handle:
             json.dump({"task": self.task, "before": self.before, "after": self.after}, handle, indent=2)
-        os.replace(path + ".tmp", path)
 
     def state_dict(self) -> dict:
         return {"before": self.before}
