@@ -7,6 +7,9 @@ character spans onto tokens, so templates without ``{% generation %}`` markers w
 
 from __future__ import annotations
 
+import json
+import math
+
 IGNORE_INDEX = -100
 
 
@@ -25,34 +28,64 @@ def require_chat_template(tokenizer, chat_template: str | None = None) -> str:
     return template
 
 
-def render(tokenizer, messages: list[dict], *, generation_prompt: bool, chat_template: str | None = None) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt, chat_template=chat_template
-    )
+def template_variables(template: str) -> set[str]:
+    """Names a chat template reads from the caller (``messages``, ``add_generation_prompt``, ``enable_thinking``...)."""
+    from jinja2 import meta
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    environment = _compile_jinja_template(template).environment  # transformers' own (loop controls, generation tags)
+    return meta.find_undeclared_variables(environment.parse(template))
 
 
-def render_prompt(tokenizer, prompt: str, *, system_prompt: str | None = None, chat_template: str | None = None):
+def with_template_defaults(template: str, variables: dict) -> str:
+    """``template`` that sees ``variables`` unless a caller passes them, e.g. ``{"enable_thinking": False}`` for
+    Qwen3's empty reasoning block.
+
+    Installed as the tokenizer's template, the values reach every renderer — the training rows, the basis pass,
+    generation, judges, and whoever loads an exported model — instead of each call having to pass them.
+    Names the template never reads are refused (a misspelt ``enable_thinkng`` would otherwise change nothing).
+    """
+    if not variables:
+        return template
+    known = template_variables(template)
+    lines = []
+    for name, value in variables.items():
+        if not (isinstance(name, str) and name.isidentifier()):
+            raise ValueError(f"chat template variable names must be identifiers, got {name!r}")
+        if name not in known:
+            raise ValueError(f"The chat template does not read {name!r}; the variables it reads are {sorted(known)}.")
+        if not isinstance(value, (bool, int, float, str)) or isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"chat template variable {name!r}: give a bool, finite number or string, got {value!r}")
+        literal = json.dumps(value)  # true/false, numbers and double-quoted strings are Jinja literals too
+        lines.append(f"{{%- if {name} is not defined %}}{{%- set {name} = {literal} %}}{{%- endif %}}")
+    # The empty expression ends the prefix: trim_blocks would otherwise eat a newline the template opens with.
+    return "".join(lines) + '{{ "" }}' + template
+
+
+def render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def render_prompt(tokenizer, prompt: str, *, system_prompt: str | None = None):
     """The text a model sees before it answers ``prompt`` (for generation and refusal statistics)."""
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": prompt}
     ]
-    return render(tokenizer, messages, generation_prompt=True, chat_template=chat_template)
+    return render(tokenizer, messages, generation_prompt=True)
 
 
-def encode_conversation(
-    tokenizer, messages: list[dict], *, max_length: int, row: int, chat_template: str | None = None
-) -> dict[str, list[int]]:
+def encode_conversation(tokenizer, messages: list[dict], *, max_length: int, row: int) -> dict[str, list[int]]:
     """Token ids, attention mask and labels that are -100 everywhere except the assistant answers."""
-    template = require_chat_template(tokenizer, chat_template)
-    full = render(tokenizer, messages, generation_prompt=False, chat_template=template)
+    require_chat_template(tokenizer)
+    full = render(tokenizer, messages, generation_prompt=False)
     spans = []
     for turn, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
         if not str(message.get("content") or "").strip():
             raise ChatFormatError(f"Row {row}: assistant turn {turn} is empty; every answer needs text.")
-        before = render(tokenizer, messages[:turn], generation_prompt=True, chat_template=template)
-        through = render(tokenizer, messages[: turn + 1], generation_prompt=False, chat_template=template)
+        before = render(tokenizer, messages[:turn], generation_prompt=True)
+        through = render(tokenizer, messages[: turn + 1], generation_prompt=False)
         if not full.startswith(before) or not full.startswith(through) or len(through) <= len(before):
             raise ChatFormatError(
                 f"Row {row}: the chat template does not render turn {turn} as a prefix of the conversation, "

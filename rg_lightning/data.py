@@ -9,7 +9,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from rg_lightning.chat import IGNORE_INDEX, encode_conversation, encode_text, require_chat_template
+from rg_lightning.chat import (IGNORE_INDEX, encode_conversation, encode_text, require_chat_template,
+                               with_template_defaults)
 from rg_lightning.sources import load_source, parse_source
 
 Format = Literal["auto", "messages", "prompt_completion", "alpaca", "text"]
@@ -77,6 +78,10 @@ class InstructionDataModule(L.LightningDataModule):
         columns: Rename map from canonical names to your columns, e.g. ``{"prompt": "question"}``.
         tokenizer: Hub id or directory of the tokenizer; default: the tokenizer of the LightningModule.
         chat_template: Jinja template overriding the tokenizer's own.
+        chat_template_kwargs: Variables the chat template reads, e.g. ``{"enable_thinking": false}`` so Qwen3 answers
+            without a reasoning block. The template (with these as its defaults) is installed on the tokenizer, and
+            on the LightningModule's when that is another one, at ``setup``: the basis pass, generation, judges and
+            an exported model render prompts exactly as the training rows were.
         system_prompt: System message put before every conversation (it changes results: it is logged).
         max_length: Truncate every sample to this many tokens.
         val_fraction: Share of ``train`` held out for validation when ``val`` is not given.
@@ -100,6 +105,7 @@ class InstructionDataModule(L.LightningDataModule):
         columns: dict[str, str] | None = None,
         tokenizer: str | None = None,
         chat_template: str | None = None,
+        chat_template_kwargs: dict | None = None,
         system_prompt: str | None = None,
         max_length: int = 1024,
         val_fraction: float = 0.0,
@@ -132,6 +138,8 @@ class InstructionDataModule(L.LightningDataModule):
         self.columns = dict(columns or {})
         self.tokenizer_name = tokenizer
         self.chat_template = chat_template
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self._installed_template: str | None = None
         self.system_prompt = system_prompt
         self.max_length = max_length
         self.val_fraction = val_fraction
@@ -171,6 +179,22 @@ class InstructionDataModule(L.LightningDataModule):
     def tokenizer(self, value) -> None:
         self._tokenizer = value
 
+    def install_chat_template(self) -> None:
+        """Put ``chat_template`` (with ``chat_template_kwargs`` as defaults) on the tokenizer and on the
+        LightningModule's, so everything that renders a prompt renders it as the training rows were. Without
+        either argument the tokenizers are left as they are."""
+        if self.chat_template is None and not self.chat_template_kwargs:
+            return
+        tokenizers = [self.tokenizer]
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if getattr(module, "tokenizer", None) is not None and module.tokenizer is not self.tokenizer:
+            tokenizers.append(module.tokenizer)
+        if self._installed_template is None:
+            base = require_chat_template(self.tokenizer, self.chat_template)
+            self._installed_template = with_template_defaults(base, self.chat_template_kwargs)
+        for tokenizer in tokenizers:
+            tokenizer.chat_template = self._installed_template
+
     # -- data ------------------------------------------------------------------------------------------------
     def load_rows(self, stage: str):
         """The raw rows of one stage as a ``datasets.Dataset``; subclasses may generate them instead."""
@@ -180,6 +204,7 @@ class InstructionDataModule(L.LightningDataModule):
         return list(self.sources)
 
     def setup(self, stage: str | None = None) -> None:
+        self.install_chat_template()
         if stage == "predict":
             if "test" not in self.available_stages():
                 raise RuntimeError("`predict` answers the prompts of the test data: pass `test=` to the data module.")
@@ -286,7 +311,7 @@ class InstructionDataModule(L.LightningDataModule):
         dataset, fmt = self._normalise(dataset, stage, own_format)
         tokenizer = self.tokenizer
         if fmt != "text":
-            require_chat_template(tokenizer, self.chat_template)
+            require_chat_template(tokenizer)
         encoded = []
         for index, row in enumerate(dataset):
             messages = to_messages(row, fmt, self.system_prompt)
@@ -294,9 +319,7 @@ class InstructionDataModule(L.LightningDataModule):
                 encoded.append(encode_text(tokenizer, row["text"], max_length=self.max_length, row=index))
             else:
                 encoded.append(
-                    encode_conversation(
-                        tokenizer, messages, max_length=self.max_length, row=index, chat_template=self.chat_template
-                    )
+                    encode_conversation(tokenizer, messages, max_length=self.max_length, row=index)
                 )
         return encoded
 

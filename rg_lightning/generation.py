@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from rg_lightning.chat import render_prompt
@@ -62,4 +64,17 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
         if sharded:
             reshard(model)
     answers = [answer.strip() for answer in answers]
+    _warn_on_reasoning(answers)
     return (answers, finished) if return_finished else answers
+
+
+def _warn_on_reasoning(answers: list[str]) -> None:
+    """Reasoning models (Qwen3) write ``<think>…`` before answering; a judge or a task score would read it."""
+    reasoning = sum(answer.startswith("<think>") for answer in answers)
+    if reasoning:
+        warnings.warn(
+            f"{reasoning} of {len(answers)} answers open with a reasoning block (<think>), which judges and task "
+            "scores read as the answer. Turn reasoning off with the data module's chat_template_kwargs: "
+            "{enable_thinking: false} (`--chat-template-kwargs` for rg_lightning.refusals), or raise max_new_tokens.",
+            stacklevel=3,
+        )

@@ -21,6 +21,7 @@ import json
 import torch
 
 from rg_lightning.atomic import atomic_file
+from rg_lightning.chat import require_chat_template, with_template_defaults
 from rg_lightning.evaluation.judges import KeywordJudge, Judge
 from rg_lightning.generation import generate
 from rg_lightning.prompts import load_prompts
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answers cut off here are dropped")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--system-prompt", default=None, help="keep equal to the fine-tuning data's")
+    parser.add_argument("--chat-template-kwargs", type=json.loads, default=None, metavar="JSON",
+                        help="chat template variables, e.g. '{\"enable_thinking\": false}'; keep equal to the "
+                             "fine-tuning data's")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
@@ -81,6 +85,13 @@ def main(argv: list[str] | None = None) -> None:
 
     check_model_source(args.model)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    if args.chat_template_kwargs:
+        if not isinstance(args.chat_template_kwargs, dict):
+            parser.error("--chat-template-kwargs must be a JSON object")
+        try:
+            tokenizer.chat_template = with_template_defaults(require_chat_template(tokenizer), args.chat_template_kwargs)
+        except ValueError as err:
+            parser.error(f"--chat-template-kwargs: {err}")
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
     model.to(args.device)

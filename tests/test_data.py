@@ -173,6 +173,71 @@ def test_tokenizer_without_chat_template(tmp_path):
     assert module.datasets["train"]
 
 
+# Qwen3's shape: the trained answer carries an empty reasoning block, the generation prompt only when
+# `enable_thinking` is false (otherwise the model writes its reasoning first).
+THINKING_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|> <think> </think> {{ m['content'] }} <|end|> "
+    "{% else %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% if enable_thinking is defined and enable_thinking is false %}"
+    " <think> </think>{% endif %}{% endif %}"
+)
+
+
+def test_chat_template_kwargs_reach_every_renderer(tmp_path):
+    from types import SimpleNamespace
+
+    from rg_lightning.chat import render_prompt
+
+    path = write_jsonl(tmp_path / "d.jsonl", [QA] * 2)
+    module_tokenizer = make_tokenizer(THINKING_TEMPLATE)
+    data = InstructionDataModule(train=path, chat_template_kwargs={"enable_thinking": False})
+    data.tokenizer = make_tokenizer(THINKING_TEMPLATE)  # the data's own tokenizer, another object than the module's
+    data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=module_tokenizer))
+    data.setup("fit")
+    for tokenizer in (data.tokenizer, module_tokenizer):  # the callbacks render with the module's
+        assert render_prompt(tokenizer, "how ?").endswith("<|assistant|> <think> </think>")
+        # a caller that passes the variable still decides
+        assert tokenizer.apply_chat_template([{"role": "user", "content": "how ?"}], tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=True).endswith("<|assistant|>")
+    # labels: the answer after the empty block, as the model will be asked to continue
+    assert answer_tokens(data, data.datasets["train"][0]) == ["sure", "here", "you", "go", ".", "<|end|>"]
+    installed = module_tokenizer.chat_template
+    data.setup("validate")
+    assert module_tokenizer.chat_template == installed  # set up again: the defaults are not stacked
+
+    plain = InstructionDataModule(train=path)
+    plain.tokenizer = make_tokenizer(THINKING_TEMPLATE)
+    plain.setup("fit")
+    assert plain.tokenizer.chat_template == THINKING_TEMPLATE  # nothing asked, nothing installed
+    assert answer_tokens(plain, plain.datasets["train"][0])[:2] == ["<unk>", "<unk>"]  # the block is learned
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"enable_thinkng": False}, "does not read 'enable_thinkng'"),
+    ({"enable_thinking": None}, "give a bool, finite number or string"),
+    ({"enable_thinking": float("inf")}, "give a bool, finite number or string"),
+    ({"not a name": 1}, "must be identifiers"),
+])
+def test_bad_chat_template_kwargs_are_named(tmp_path, kwargs, message):
+    data = InstructionDataModule(train=write_jsonl(tmp_path / "d.jsonl", [QA]), chat_template_kwargs=kwargs)
+    data.tokenizer = make_tokenizer(THINKING_TEMPLATE)
+    with pytest.raises(ValueError, match=message):
+        data.setup("fit")
+    assert data.tokenizer.chat_template == THINKING_TEMPLATE
+
+
+def test_template_defaults_keep_the_template_output(tmp_path):
+    from rg_lightning.chat import with_template_defaults
+
+    template = "\n" + THINKING_TEMPLATE  # a leading newline survives the prefix (trim_blocks)
+    tokenizer = make_tokenizer(with_template_defaults(template, {"enable_thinking": True}))
+    messages = [{"role": "user", "content": "how ?"}]
+    expected = make_tokenizer(template).apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                             enable_thinking=True)
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
+    assert with_template_defaults(template, {}) == template
+
+
 def test_answerless_rows_name_the_row(tmp_path):
     with pytest.raises(ChatFormatError, match="Row 1: assistant turn 1 is empty"):
         build(tmp_path, [QA, {"prompt": "how", "completion": "  "}])

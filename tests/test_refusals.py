@@ -94,3 +94,44 @@ def test_command_refuses_to_write_nothing(tmp_path):
     assert not (tmp_path / "r.jsonl").exists()
     with pytest.raises(SystemExit):
         main(["--model", str(ALIGNED_MODEL_DIR), "--n", "0", "--out", str(tmp_path / "r.jsonl")])
+
+
+def test_reasoning_answers_warn_and_template_variables_reach_the_prompts(toy, tmp_path, monkeypatch, capsys):
+    from rg_lightning.generation import generate
+
+    model, tokenizer = toy
+    decode = tokenizer.batch_decode
+    monkeypatch.setattr(tokenizer, "batch_decode", lambda ids, **kw: ["<think> the user asks"] + decode(ids, **kw)[1:])
+    with pytest.warns(UserWarning, match="1 of 2 answers open with a reasoning block"):
+        generate(model, tokenizer, ["a", "b"], max_new_tokens=2)
+    monkeypatch.undo()
+
+    seen = {}
+
+    def record(model, tokenizer, prompts, **kwargs):
+        seen["prompt"] = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                                       add_generation_prompt=True)
+        return [], {"not_refused": len(prompts), "cut_off": 0}
+
+    import rg_lightning.module
+    import rg_lightning.refusals as refusals
+    from rg_lightning.toy.tokenizer import CHAT_TEMPLATE
+
+    thinking = CHAT_TEMPLATE.replace("<|assistant|>{% endif %}", "<|assistant|>{% if enable_thinking is defined and "
+                                     "enable_thinking is false %} <think> </think>{% endif %}{% endif %}")
+    load = rg_lightning.module.load_tokenizer
+
+    def load_thinking(name, trust_remote_code=False):
+        loaded = load(name, trust_remote_code)
+        loaded.chat_template = thinking
+        return loaded
+
+    monkeypatch.setattr(rg_lightning.module, "load_tokenizer", load_thinking)
+    monkeypatch.setattr(refusals, "refusal_rows", record)
+    command = ["--model", str(ALIGNED_MODEL_DIR), "--harmful", "toy:harmful", "--n", "2", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="No refusal kept"):
+        main(command + ["--chat-template-kwargs", '{"enable_thinking": false}'])
+    assert seen["prompt"].endswith("<|assistant|> <think> </think>")
+    with pytest.raises(SystemExit):
+        main(command + ["--chat-template-kwargs", '{"enable_thinkng": false}'])
+    assert "does not read 'enable_thinkng'" in capsys.readouterr().err
