@@ -39,6 +39,8 @@ class DriftGeometry(L.Callback):
         every_n_steps: Measurement cadence in optimizer steps.
         harmful: Harmful probe prompts (list, file, hub id, ``toy:harmful``); default: RefusalDirections' source.
         harmless: Harmless probe prompts, same forms.
+        system_prompt: System message of the probes; default: RefusalDirections' (the directions and subspaces
+            compared against were measured with it, so the probes must be rendered alike).
         n_probes: Probe prompts per set.
         seed: Seed of the probe sampling (differs from RefusalDirections' so probes are other prompts).
         figures: Write PNG figures at fit end.
@@ -46,13 +48,15 @@ class DriftGeometry(L.Callback):
             refusal score > 0) falls more than this below its value at fit start; ``None``: never.
     """
 
-    def __init__(self, every_n_steps: int = 25, harmful=None, harmless=None, n_probes: int = 32, seed: int = 7,
-                 figures: bool = True, warn_refusal_drop: float | None = 0.1) -> None:
+    def __init__(self, every_n_steps: int = 25, harmful=None, harmless=None, system_prompt: str | None = None,
+                 n_probes: int = 32, seed: int = 7, figures: bool = True,
+                 warn_refusal_drop: float | None = 0.1) -> None:
         if every_n_steps < 1 or n_probes < 2:
             raise ValueError("every_n_steps must be >= 1 and n_probes >= 2")
         if warn_refusal_drop is not None and not 0.0 <= warn_refusal_drop <= 1.0:
             raise ValueError(f"warn_refusal_drop must be in [0, 1] (or None), got {warn_refusal_drop}")
         self.every_n_steps, self.harmful, self.harmless = every_n_steps, harmful, harmless
+        self.system_prompt = system_prompt
         self.n_probes, self.seed, self.figures = n_probes, seed, figures
         self.warn_refusal_drop, self._warned = warn_refusal_drop, False
         self.initial: dict[str, torch.Tensor] | None = None
@@ -62,22 +66,25 @@ class DriftGeometry(L.Callback):
 
     # -- probes ------------------------------------------------------------------------------------------------
     def _sources(self, trainer):
+        """Harmful and harmless probe sources and the system prompt: given, else RefusalDirections'."""
         refusal = next((c for c in trainer.callbacks if isinstance(c, RefusalDirections)), None)
         harmful = self.harmful or (refusal.harmful if refusal else None)
         harmless = self.harmless or (refusal.harmless if refusal else None)
         if harmful is None or harmless is None:
             raise ValueError("DriftGeometry needs probe prompts: pass `harmful=` and `harmless=` "
                              "(or add a RefusalDirections callback, whose sources are then used).")
-        return harmful, harmless
+        system_prompt = self.system_prompt if self.system_prompt is not None else getattr(refusal, "system_prompt", None)
+        return harmful, harmless, system_prompt
 
     def _encode(self, trainer, pl_module):
         if self._probes is None:
             tokenizer = tokenizer_of(trainer, pl_module)
-            harmful, harmless = self._sources(trainer)
+            harmful, harmless, system_prompt = self._sources(trainer)
             side, tokenizer.padding_side = tokenizer.padding_side, "left"
             try:
                 self._probes = {
-                    kind: tokenizer([render_prompt(tokenizer, p) for p in load_prompts(src, self.n_probes, self.seed)],
+                    kind: tokenizer([render_prompt(tokenizer, p, system_prompt=system_prompt)
+                                     for p in load_prompts(src, self.n_probes, self.seed)],
                                     return_tensors="pt", padding=True, add_special_tokens=False)
                     for kind, src in (("harmful", harmful), ("harmless", harmless))
                 }

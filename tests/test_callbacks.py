@@ -161,6 +161,22 @@ def test_drift_geometry_alone_logs_and_writes_summary_and_figures(tmp_path, tiny
     assert (tmp_path / "drift_curves.png").stat().st_size > 0 and (tmp_path / "activations_pca.png").exists()
 
 
+def test_drift_probes_are_rendered_with_the_basis_system_prompt():
+    from types import SimpleNamespace
+
+    tokenizer = make_tokenizer()
+    module = SimpleNamespace(tokenizer=tokenizer)
+
+    def first_probe(drift, callbacks):
+        probes = drift._encode(SimpleNamespace(callbacks=callbacks + [drift]), module)
+        return tokenizer.decode(probes["harmful"]["input_ids"][0], skip_special_tokens=False)
+
+    refusal = RefusalDirections(harmful=HARMFUL, harmless=HARMLESS, system_prompt="write a poem .")
+    assert "<|system|> write a poem ." in first_probe(DriftGeometry(n_probes=2), [refusal])
+    assert "<|system|> tell me ." in first_probe(DriftGeometry(n_probes=2, system_prompt="tell me ."), [refusal])
+    assert "<|system|>" not in first_probe(DriftGeometry(n_probes=2, harmful=HARMFUL, harmless=HARMLESS), [])
+
+
 def test_drift_geometry_warns_once_when_the_refused_share_falls():
     drift = DriftGeometry(warn_refusal_drop=0.1)
     drift.history = [{"step": 0, "refused_share": 1.0}]
