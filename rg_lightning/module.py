@@ -186,7 +186,9 @@ class CausalLMModule(L.LightningModule):
             if self.gradient_checkpointing:
                 model.enable_input_require_grads()
             model = get_peft_model(model, config)
-        return model
+        # from_pretrained returns the model in eval mode and Lightning keeps each module's mode: left so, dropout
+        # (LoRA's included) and gradient checkpointing (transformers checkpoints only in training mode) stay off.
+        return model.train()
 
     def _bitsandbytes_config(self):
         from transformers import BitsAndBytesConfig

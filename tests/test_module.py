@@ -55,9 +55,34 @@ def test_qlora_4bit_trains_only_adapters(tmp_path, tiny_models, chat_file):
     assert any(p.abs().sum() > 0 for n, p in module.model.named_parameters() if "lora_B" in n)
 
 
-def test_gradient_checkpointing_trains(tmp_path, tiny_models, chat_file):
-    module = fit(tmp_path, tiny_models["llama"], chat_file, gradient_checkpointing=True)
-    assert module.model.is_gradient_checkpointing
+class _TrainingModes(L.Callback):
+    """Per training step: whether every module of the HF model is in training mode, and how often the first
+    decoder layer's attention runs (twice when gradient checkpointing recomputes the layer in backward)."""
+
+    def __init__(self):
+        self.all_training, self.layer_calls, self._calls = [], [], 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.all_training.append(all(m.training for m in pl_module.model.modules()))
+        self._calls = 0
+        if not hasattr(self, "_hook"):
+            layer = next(m for n, m in pl_module.model.named_modules() if n.endswith("layers.0.self_attn"))
+            self._hook = layer.register_forward_hook(lambda *_: setattr(self, "_calls", self._calls + 1))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.layer_calls.append(self._calls)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_runs_in_train_mode_and_checkpointing_recomputes(tmp_path, tiny_models, chat_file, checkpointing):
+    modes = _TrainingModes()
+    module = CausalLMModule(model=tiny_models["llama"], optimizer=adamw(), lora_r=4, lora_dropout=0.1,
+                            gradient_checkpointing=checkpointing)
+    data = InstructionDataModule(train=chat_file, val_fraction=0.25, batch_size=4)
+    trainer(tmp_path, 2, val_check_interval=1, limit_val_batches=1, callbacks=[modes]).fit(module, data)
+    assert modes.all_training == [True, True]  # LoRA dropout on, also after a validation pass
+    assert modes.layer_calls == [2 if checkpointing else 1] * 2
+    assert module.model.is_gradient_checkpointing == checkpointing
 
 
 @pytest.mark.parametrize("lora_r", [0, 4])
