@@ -39,8 +39,8 @@ class DriftGeometry(L.Callback):
         every_n_steps: Measurement cadence in optimizer steps.
         harmful: Harmful probe prompts (list, file, hub id, ``toy:harmful``); default: RefusalDirections' source.
         harmless: Harmless probe prompts, same forms.
-        system_prompt: System message of the probes; default: RefusalDirections' (the directions and subspaces
-            compared against were measured with it, so the probes must be rendered alike).
+        system_prompt: System message of the probes; ``None``: RefusalDirections' (the directions and subspaces
+            compared against were measured with it, so the probes must be rendered alike); ``""``: none.
         n_probes: Probe prompts per set.
         seed: Seed of the probe sampling (differs from RefusalDirections' so probes are other prompts).
         figures: Write PNG figures at fit end.

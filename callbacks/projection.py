@@ -33,10 +33,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from rg_lightning.callbacks.refusal_directions import find_refusal_directions
-from rg_lightning.contract import check_unsharded, hf_model
+from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.projection import ConstraintSet, batch_token_mask, build_constraints, hold_absent_rows_
 from rg_lightning.guard.shards import reshard
+from rg_lightning.prompts import fingerprint
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -134,6 +135,8 @@ class RepresentationProjection(L.Callback):
             basis = SafetyBasis.load(self.basis_path)
             model = hf_model(pl_module)
             basis.check_compatible(model, str(getattr(model.config, "_name_or_path", "")))
+            template = tokenizer_of(trainer, pl_module).chat_template or ""
+            basis.check_rendering(fingerprint([template]), check_system_prompt=False)  # the system prompt is not ours
             return basis
         return find_refusal_directions(trainer).ensure_basis(trainer, pl_module)
 

@@ -146,6 +146,7 @@ class RefusalDirections(L.Callback):
         if self.load:
             basis = SafetyBasis.load(self.load)
             basis.check_compatible(model, model_id)
+            basis.check_rendering(fingerprint([tokenizer_of(trainer, pl_module).chat_template or ""]), self.system_prompt)
             rank_zero_info(f"RefusalDirections: loaded the safety basis from {self.load}")
         else:
             basis = self._compute(trainer, pl_module, model, model_id)

@@ -28,38 +28,54 @@ def require_chat_template(tokenizer, chat_template: str | None = None) -> str:
     return template
 
 
-def template_variables(template: str) -> set[str]:
-    """Names a chat template reads from the caller (``messages``, ``add_generation_prompt``, ``enable_thinking``...)."""
-    from jinja2 import meta
+# Variables apply_chat_template passes on every call (besides the tokenizer's special tokens): a default for
+# one of them would never be used.
+_ALWAYS_PASSED = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
+
+
+def _parsed(template: str):
+    """The template's syntax tree, parsed by transformers' own environment (loop controls, generation tags)."""
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    environment = _compile_jinja_template(template).environment  # transformers' own (loop controls, generation tags)
-    return meta.find_undeclared_variables(environment.parse(template))
+    return _compile_jinja_template(template).environment.parse(template)
 
 
-def with_template_defaults(template: str, variables: dict) -> str:
+def with_template_defaults(template: str, variables: dict, passed=()) -> str:
     """``template`` that sees ``variables`` unless a caller passes them, e.g. ``{"enable_thinking": False}`` for
     Qwen3's empty reasoning block.
 
     Installed as the tokenizer's template, the values reach every renderer — the training rows, the basis pass,
     generation, judges, and whoever loads an exported model — instead of each call having to pass them.
-    Names the template never reads are refused (a misspelt ``enable_thinkng`` would otherwise change nothing).
+    Refused, because they would change nothing: names the template never reads (a misspelt
+    ``enable_thinkng``) or sets before reading, and names every call passes anyway (``messages``, ``tools``...,
+    and ``passed``: the tokenizer's special tokens, e.g. ``bos_token``).
     """
     if not variables:
         return template
-    known = template_variables(template)
+    if not isinstance(template, str):
+        raise ValueError("The tokenizer has several named chat templates; pass the one to use as `chat_template`.")
+    from jinja2 import meta, nodes
+
+    tree = _parsed(template)
+    known = meta.find_undeclared_variables(tree)
+    targets = [a.target for a in tree.find_all((nodes.Assign, nodes.AssignBlock))]
+    assigned = {n.name for t in targets for n in ([t] if isinstance(t, nodes.Name) else t.find_all(nodes.Name))}
     lines = []
     for name, value in variables.items():
         if not (isinstance(name, str) and name.isidentifier()):
             raise ValueError(f"chat template variable names must be identifiers, got {name!r}")
-        if name not in known:
-            raise ValueError(f"The chat template does not read {name!r}; the variables it reads are {sorted(known)}.")
+        if name in _ALWAYS_PASSED or name in passed:
+            raise ValueError(f"{name!r} is passed to the chat template on every call; a default would change nothing.")
+        if name not in known:  # (Llama 3.1's `date_string` is both: set only where the caller gave none)
+            raise ValueError(f"The chat template sets {name!r} itself; a default would change nothing." if name in
+                             assigned else f"The chat template does not read {name!r}; it reads {sorted(known)}.")
         if not isinstance(value, (bool, int, float, str)) or isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"chat template variable {name!r}: give a bool, finite number or string, got {value!r}")
         literal = json.dumps(value)  # true/false, numbers and double-quoted strings are Jinja literals too
         lines.append(f"{{%- if {name} is not defined %}}{{%- set {name} = {literal} %}}{{%- endif %}}")
-    # The empty expression ends the prefix: trim_blocks would otherwise eat a newline the template opens with.
-    return "".join(lines) + '{{ "" }}' + template
+    # The newline ends the prefix: trim_blocks eats it, so the template starts at a line start as before
+    # (lstrip_blocks, a newline it opens with).
+    return "".join(lines) + "\n" + template
 
 
 def render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:

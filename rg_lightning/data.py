@@ -77,7 +77,8 @@ class InstructionDataModule(L.LightningDataModule):
         format: ``auto`` (detect from columns), ``messages``, ``prompt_completion``, ``alpaca`` or ``text``.
         columns: Rename map from canonical names to your columns, e.g. ``{"prompt": "question"}``.
         tokenizer: Hub id or directory of the tokenizer; default: the tokenizer of the LightningModule.
-        chat_template: Jinja template overriding the tokenizer's own.
+        chat_template: Jinja template replacing the tokenizer's own, installed like ``chat_template_kwargs``: the
+            LightningModule's tokenizer gets it too, so generation, the basis pass and an export use it.
         chat_template_kwargs: Variables the chat template reads, e.g. ``{"enable_thinking": false}`` so Qwen3 answers
             without a reasoning block. The template (with these as its defaults) is installed on the tokenizer, and
             on the LightningModule's when that is another one, at ``setup``: the basis pass, generation, judges and
@@ -189,9 +190,10 @@ class InstructionDataModule(L.LightningDataModule):
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         if getattr(module, "tokenizer", None) is not None and module.tokenizer is not self.tokenizer:
             tokenizers.append(module.tokenizer)
-        if self._installed_template is None:
+        if self._installed_template is None or self.tokenizer.chat_template != self._installed_template:
             base = require_chat_template(self.tokenizer, self.chat_template)
-            self._installed_template = with_template_defaults(base, self.chat_template_kwargs)
+            self._installed_template = with_template_defaults(base, self.chat_template_kwargs,
+                                                              passed=set(self.tokenizer.special_tokens_map))
         for tokenizer in tokenizers:
             tokenizer.chat_template = self._installed_template
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from rg_lightning.chat import render_prompt
 from rg_lightning.guard.shards import process_world, reshard, uses_fsdp2
@@ -69,12 +68,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
 
 
 def _warn_on_reasoning(answers: list[str]) -> None:
-    """Reasoning models (Qwen3) write ``<think>…`` before answering; a judge or a task score would read it."""
-    reasoning = sum(answer.startswith("<think>") for answer in answers)
+    """Reasoning models (Qwen3, R1 distills) write ``<think>…</think>`` before answering (some templates open the
+    block in the prompt, so only its end shows); a judge or a task score would read the reasoning as the answer."""
+    reasoning = sum(answer.startswith("<think>") or "</think>" in answer for answer in answers)
     if reasoning:
-        warnings.warn(
-            f"{reasoning} of {len(answers)} answers open with a reasoning block (<think>), which judges and task "
-            "scores read as the answer. Turn reasoning off with the data module's chat_template_kwargs: "
-            "{enable_thinking: false} (`--chat-template-kwargs` for rg_lightning.refusals), or raise max_new_tokens.",
-            stacklevel=3,
+        rank_zero_warn(
+            f"{reasoning} of {len(answers)} answers hold a reasoning block (<think>…</think>), which judges and task "
+            "scores read as part of the answer. Turn reasoning off with the data module's chat_template_kwargs: "
+            "{enable_thinking: false} (`--chat-template-kwargs` for rg_lightning.refusals) where the template has it."
         )

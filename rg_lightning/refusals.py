@@ -85,11 +85,12 @@ def main(argv: list[str] | None = None) -> None:
 
     check_model_source(args.model)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    if args.chat_template_kwargs:
+    if args.chat_template_kwargs is not None:
         if not isinstance(args.chat_template_kwargs, dict):
             parser.error("--chat-template-kwargs must be a JSON object")
         try:
-            tokenizer.chat_template = with_template_defaults(require_chat_template(tokenizer), args.chat_template_kwargs)
+            tokenizer.chat_template = with_template_defaults(require_chat_template(tokenizer), args.chat_template_kwargs,
+                                                             passed=set(tokenizer.special_tokens_map))
         except ValueError as err:
             parser.error(f"--chat-template-kwargs: {err}")
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)

@@ -271,6 +271,18 @@ def test_basis_from_another_model_or_wrong_size_is_refused(tmp_path, tiny_models
     with pytest.raises(ValueError, match="hidden size 48"):
         run_fit(tmp_path / "c", tiny_models["llama"], chat_file, [RepresentationProjection(basis=str(tmp_path / "wide"))],
                 steps=1)
+    with pytest.raises(ValueError, match="system prompt"):  # measured without one: its positions are others
+        run_fit(tmp_path / "d", tiny_models["llama"], chat_file,
+                [RefusalDirections(load=str(tmp_path / "basis"), system_prompt="write a poem ."),
+                 RepresentationProjection()], steps=1)
+    from transformers import AutoTokenizer
+
+    retemplated = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    retemplated.chat_template = "<|system|> " + retemplated.chat_template  # a header before every conversation
+    retemplated.save_pretrained(tmp_path / "retemplated")
+    with pytest.raises(ValueError, match="another chat template"):
+        run_fit(tmp_path / "e", tiny_models["llama"], chat_file, [RepresentationProjection(basis=str(tmp_path / "basis"))],
+                steps=1, tokenizer=str(tmp_path / "retemplated"))
     renamed = SafetyBasis(basis.harmful_means, basis.harmless_means, {"model.layers.0.nonexistent": torch.eye(32)[:, :2]},
                           basis.protected_token_ids, dict(basis.metadata))
     renamed.save(str(tmp_path / "renamed"))

@@ -205,6 +205,18 @@ def test_chat_template_kwargs_reach_every_renderer(tmp_path):
     data.setup("validate")
     assert module_tokenizer.chat_template == installed  # set up again: the defaults are not stacked
 
+    other = make_tokenizer()  # the data module used with another model: its tokenizer gets the template too
+    data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=other))
+    data.setup("test")
+    assert other.chat_template == installed
+
+    replaced = InstructionDataModule(train=path, chat_template=THINKING_TEMPLATE)  # a template alone is installed too
+    replaced.tokenizer = make_tokenizer()
+    module_tokenizer = make_tokenizer()
+    replaced.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=module_tokenizer))
+    replaced.setup("fit")
+    assert replaced.tokenizer.chat_template == module_tokenizer.chat_template == THINKING_TEMPLATE
+
     plain = InstructionDataModule(train=path)
     plain.tokenizer = make_tokenizer(THINKING_TEMPLATE)
     plain.setup("fit")
@@ -217,6 +229,8 @@ def test_chat_template_kwargs_reach_every_renderer(tmp_path):
     ({"enable_thinking": None}, "give a bool, finite number or string"),
     ({"enable_thinking": float("inf")}, "give a bool, finite number or string"),
     ({"not a name": 1}, "must be identifiers"),
+    ({"tools": []}, "passed to the chat template on every call"),
+    ({"eos_token": "x"}, "passed to the chat template on every call"),  # a special token of the tokenizer
 ])
 def test_bad_chat_template_kwargs_are_named(tmp_path, kwargs, message):
     data = InstructionDataModule(train=write_jsonl(tmp_path / "d.jsonl", [QA]), chat_template_kwargs=kwargs)
@@ -229,13 +243,20 @@ def test_bad_chat_template_kwargs_are_named(tmp_path, kwargs, message):
 def test_template_defaults_keep_the_template_output(tmp_path):
     from rg_lightning.chat import with_template_defaults
 
-    template = "\n" + THINKING_TEMPLATE  # a leading newline survives the prefix (trim_blocks)
-    tokenizer = make_tokenizer(with_template_defaults(template, {"enable_thinking": True}))
     messages = [{"role": "user", "content": "how ?"}]
-    expected = make_tokenizer(template).apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                             enable_thinking=True)
-    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
-    assert with_template_defaults(template, {}) == template
+    # a leading newline (trim_blocks) and indentation before a block tag (lstrip_blocks) render as before
+    for template in ("\n" + THINKING_TEMPLATE, "  " + THINKING_TEMPLATE):
+        tokenizer = make_tokenizer(with_template_defaults(template, {"enable_thinking": True}))
+        expected = make_tokenizer(template).apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                                 enable_thinking=True)
+        assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
+        assert with_template_defaults(template, {}) == template
+    # Llama 3.1 sets `date_string` only where the caller gave none: a default is honoured; one it always sets is not
+    dated = '{% if not date_string is defined %}{% set date_string = "26 Jul 2024" %}{% endif %}{{ date_string }}'
+    assert make_tokenizer(with_template_defaults(dated, {"date_string": "1 Jan"})).apply_chat_template(
+        messages, tokenize=False) == "1 Jan"
+    with pytest.raises(ValueError, match="sets 'day' itself"):
+        with_template_defaults('{% set day = "monday" %}{{ day }}', {"day": "sunday"})
 
 
 def test_answerless_rows_name_the_row(tmp_path):

@@ -101,9 +101,10 @@ def test_reasoning_answers_warn_and_template_variables_reach_the_prompts(toy, tm
 
     model, tokenizer = toy
     decode = tokenizer.batch_decode
-    monkeypatch.setattr(tokenizer, "batch_decode", lambda ids, **kw: ["<think> the user asks"] + decode(ids, **kw)[1:])
-    with pytest.warns(UserWarning, match="1 of 2 answers open with a reasoning block"):
-        generate(model, tokenizer, ["a", "b"], max_new_tokens=2)
+    for reasoning in ("<think> the user asks", "the user asks </think> i cannot"):  # block opened in the prompt
+        monkeypatch.setattr(tokenizer, "batch_decode", lambda ids, r=reasoning, **kw: [r] + decode(ids, **kw)[1:])
+        with pytest.warns(UserWarning, match="1 of 2 answers hold a reasoning block"):
+            generate(model, tokenizer, ["a", "b"], max_new_tokens=2)
     monkeypatch.undo()
 
     seen = {}

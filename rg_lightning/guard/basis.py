@@ -95,6 +95,20 @@ class SafetyBasis:
                 f"Safety basis was computed on {saved_id!r}, not on {model_id!r}; recompute it or pass the right file."
             )
 
+    def check_rendering(self, chat_template_hash: str, system_prompt: str | None = None,
+                        check_system_prompt: bool = True) -> None:
+        """Refuse a basis measured on prompts rendered otherwise (another chat template, e.g. with reasoning
+        turned off, or another system prompt): its post-instruction positions and protected inputs are others."""
+        saved = self.metadata.get("chat_template_hash")
+        if saved and saved != chat_template_hash:
+            raise ValueError("Safety basis was measured with another chat template than the tokenizer's (changed "
+                             "`chat_template` / `chat_template_kwargs`?); recompute it (drop `load`) or restore the "
+                             "template it was measured with.")
+        if (check_system_prompt and "system_prompt" in self.metadata
+                and (self.metadata["system_prompt"] or None) != (system_prompt or None)):
+            raise ValueError(f"Safety basis was measured with system prompt {self.metadata['system_prompt']!r}, not "
+                             f"{system_prompt!r}; set RefusalDirections' `system_prompt` to it or recompute the basis.")
+
     # -- state -------------------------------------------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
         out = {"harmful_means": self.harmful_means, "harmless_means": self.harmless_means,
