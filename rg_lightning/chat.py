@@ -128,11 +128,13 @@ def encode_text(tokenizer, text: str, *, max_length: int, row: int) -> dict[str,
     return _truncate(ids, list(ids), max_length, row)
 
 
-def _truncate(ids: list[int], labels: list[int], max_length: int, row: int) -> dict[str, list[int]]:
+def _truncate(ids: list[int], labels: list[int], max_length: int, row: int) -> dict:
+    """The first ``max_length`` tokens; ``answer_cut``: answer tokens (an end-of-turn token among them) were lost."""
+    answer_cut = any(label != IGNORE_INDEX for label in labels[max_length:])
     ids, labels = ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
         raise ChatFormatError(
             f"Row {row}: no answer tokens are left within max_length={max_length}; raise `max_length` "
             "or shorten the prompt."
         )
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "answer_cut": answer_cut}

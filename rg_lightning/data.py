@@ -323,6 +323,11 @@ class InstructionDataModule(L.LightningDataModule):
                 encoded.append(
                     encode_conversation(tokenizer, messages, max_length=self.max_length, row=index)
                 )
+        cut = sum(sample.pop("answer_cut") for sample in encoded)
+        if cut:
+            rank_zero_warn(f"{stage} data: {cut} of {len(encoded)} rows end past max_length={self.max_length}, so "
+                           "their answers lose their last tokens and end-of-turn token, which teaches the model not "
+                           "to stop. Raise `max_length` or drop the longest rows.")
         return encoded
 
     # -- loaders ---------------------------------------------------------------------------------------------

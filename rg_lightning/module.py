@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from typing import Literal
@@ -71,9 +72,15 @@ class CausalLMModule(L.LightningModule):
         quantization: Load the base weights in 4-bit ``nf4``/``fp4`` or 8-bit ``int8`` (bitsandbytes); needs LoRA.
         trust_remote_code: Run model code shipped with the checkpoint. Off unless you trust the source.
         optimizer: Optimizer factory applied to the trainable parameters.
-        scheduler: Optional LR scheduler factory (stepped every optimizer step).
+        scheduler: Optional LR scheduler factory (stepped every optimizer step); or use ``lr_schedule``.
+        lr_schedule: ``linear`` or ``cosine`` decay to zero at the fit's last optimizer step (Lightning's
+            ``estimated_stepping_batches``: data size, batch, accumulation, epochs and devices), after
+            ``warmup_steps`` of linear warm-up; sized by the run itself, unlike a fixed ``total_iters``.
+        warmup_steps: Optimizer steps of linear warm-up from 0 for ``lr_schedule``.
         export_dir: Write a Hugging Face directory here at the end of ``fit``.
         export_merged: Export LoRA merged into the base weights (False: the adapter only).
+        predict_max_new_tokens: Greedy tokens per answer in ``lightning predict`` (rendered with the
+            datamodule's ``system_prompt``; ``rg_lightning.PredictionWriter`` writes the answers to a file).
     """
 
     def __init__(
@@ -91,8 +98,11 @@ class CausalLMModule(L.LightningModule):
         trust_remote_code: bool = False,
         optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=2e-5),
         scheduler: LRSchedulerCallable | None = None,
+        lr_schedule: Literal["linear", "cosine"] | None = None,
+        warmup_steps: int = 0,
         export_dir: str | None = None,
         export_merged: bool = True,
+        predict_max_new_tokens: int = 256,
     ) -> None:
         super().__init__()
         check_model_source(model)
@@ -104,6 +114,15 @@ class CausalLMModule(L.LightningModule):
             raise ValueError(f"lora_r must be >= 0 (0 = full fine-tuning), got {lora_r}")
         if quantization is not None and quantization not in ("nf4", "fp4", "int8"):
             raise ValueError(f"quantization must be nf4, fp4, int8 or null, got {quantization!r}")
+        if lr_schedule is not None and lr_schedule not in ("linear", "cosine"):
+            raise ValueError(f"lr_schedule must be linear, cosine or null, got {lr_schedule!r}")
+        if lr_schedule is not None and scheduler is not None:
+            raise ValueError("Give either `scheduler` or `lr_schedule`, not both.")
+        if warmup_steps < 0 or (warmup_steps and lr_schedule is None):
+            raise ValueError(f"warmup_steps must be >= 0 and needs an lr_schedule; got {warmup_steps} with "
+                             f"{lr_schedule!r}")
+        if predict_max_new_tokens < 1:
+            raise ValueError(f"predict_max_new_tokens must be positive, got {predict_max_new_tokens}")
         if quantization and lora_r == 0:
             raise ValueError("Quantized weights cannot be trained directly: set `lora_r` > 0 (QLoRA).")
         self.model_name = model
@@ -119,8 +138,10 @@ class CausalLMModule(L.LightningModule):
         self.trust_remote_code = trust_remote_code
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
         self.export_dir = export_dir
         self.export_merged = export_merged
+        self.predict_max_new_tokens = predict_max_new_tokens
         self.model = None
         self._tokenizer = None
         # Adapter-only checkpoints hold just the trainable weights; the base comes from `model` again.
@@ -236,18 +257,41 @@ class CausalLMModule(L.LightningModule):
         self._shared_step(batch, "test")
 
     def predict_step(self, batch: list[str], batch_idx: int) -> list[str]:
-        """Greedy answers to a batch of prompt strings (``InstructionDataModule.predict_dataloader``)."""
-        return self.generate(batch)
+        """Greedy answers to a batch of prompt strings (``InstructionDataModule.predict_dataloader``), with the
+        system prompt the data was trained with."""
+        system_prompt = getattr(self.trainer.datamodule, "system_prompt", None) if self._trainer is not None else None
+        return self.generate(batch, max_new_tokens=self.predict_max_new_tokens, system_prompt=system_prompt,
+                             batch_size=len(batch))
 
     def configure_optimizers(self):
         params = [p for p in self._require_model().parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("No trainable parameters: check `lora_target_modules` or the frozen layers.")
         optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
+        if self.lr_schedule is not None:
+            scheduler = self._sized_schedule(optimizer)
+        elif self.scheduler_factory is not None:
+            scheduler = self.scheduler_factory(optimizer)
+        else:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _sized_schedule(self, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """Warm-up, then ``lr_schedule`` down to zero at the fit's last optimizer step."""
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("`lr_schedule` needs a known length: set `trainer.max_steps` or `max_epochs`.")
+        total, warmup = int(total), self.warmup_steps
+        if warmup >= total:
+            raise ValueError(f"warmup_steps={warmup} leaves nothing of the fit's {total} optimizer steps.")
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / (total - warmup))
+            return 1.0 - progress if self.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     # -- generation ----------------------------------------------------------------------------------------
     def generate(
@@ -264,6 +308,20 @@ class CausalLMModule(L.LightningModule):
         if self.lora_r and not uses_fsdp2(self._require_model()):
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """An adapter-only checkpoint is loaded non-strictly (the base is not in it); so check here that it holds
+        exactly the trainable weights, else another `lora_target_modules` or rank would load silently."""
+        if self.lora_r and self.model is not None and not uses_fsdp2(self.model):
+            trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+            saved = set(checkpoint.get("state_dict", {}))
+            missing, unexpected = sorted(trainable - saved), sorted(saved - set(self.state_dict()))
+            if missing or unexpected:
+                raise ValueError(
+                    f"The checkpoint's adapter does not fit this model: {len(missing)} trainable weights missing "
+                    f"(e.g. {missing[:2]}), {len(unexpected)} unknown (e.g. {unexpected[:2]}). Use the "
+                    "`lora_r` / `lora_target_modules` it was trained with."
+                )
 
     def on_fit_end(self) -> None:
         if self.export_dir:
@@ -287,8 +345,16 @@ class CausalLMModule(L.LightningModule):
             merged = False
         if self.lora_r and merged:
             model = copy.deepcopy(model).merge_and_unload()
-        with atomic_directory(directory) as staging:
-            model.save_pretrained(staging, safe_serialization=True)
-            self.tokenizer.save_pretrained(staging)
+        config = getattr(model, "config", None)
+        training_cache = getattr(config, "use_cache", None)
+        if training_cache is False:  # off only for gradient checkpointing: users of the export want the cache
+            config.use_cache = True
+        try:
+            with atomic_directory(directory) as staging:
+                model.save_pretrained(staging, safe_serialization=True)
+                self.tokenizer.save_pretrained(staging)
+        finally:
+            if training_cache is False:
+                config.use_cache = False
         rank_zero_info(f"Exported {'merged model' if not self.lora_r or merged else 'LoRA adapter'} to {directory}")
         return directory

@@ -46,6 +46,33 @@ def test_every_subcommand_runs(tmp_path, tiny_models, chat_file, capsys):
     cli.main(["predict", "--config", config, "--trainer.limit_predict_batches", "1"])
 
 
+def test_predict_writes_every_answer_in_prompt_order(tmp_path, tiny_models, chat_file, monkeypatch):
+    import json
+
+    import rg_lightning.module
+    from rg_lightning import InstructionDataModule
+
+    seen = []
+    generate = rg_lightning.module.generate
+
+    def spy(model, tokenizer, prompts, **kwargs):
+        seen.append((kwargs["system_prompt"], kwargs["max_new_tokens"]))
+        return generate(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(rg_lightning.module, "generate", spy)
+    writer = {"class_path": "rg_lightning.PredictionWriter", "init_args": {"path": "answers/predictions.jsonl"}}
+    config = write_config(tmp_path, tiny_models["llama"], chat_file, **{
+        "trainer.callbacks": [writer], "model.init_args.predict_max_new_tokens": 3,
+        "data.init_args.system_prompt": "write a poem ."})
+    cli.main(["predict", "--config", config])
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "answers" / "predictions.jsonl").read_text().splitlines()]
+    data = InstructionDataModule(test=chat_file)
+    expected = data.user_prompts(data.load_rows("test"))
+    assert [r["index"] for r in rows] == list(range(len(expected))) and [r["prompt"] for r in rows] == expected
+    assert all(isinstance(r["answer"], str) for r in rows)
+    assert seen and set(seen) == {("write a poem .", 3)}  # the data's system prompt, the module's answer length
+
+
 def test_bad_yaml_key_names_the_key(tmp_path, tiny_models, chat_file, capsys):
     config = write_config(tmp_path, tiny_models["llama"], chat_file, **{"model.init_args.lora_rank": 4})
     with pytest.raises(SystemExit):

@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import lightning as L
 import pytest
@@ -266,6 +267,18 @@ def test_answerless_rows_name_the_row(tmp_path):
         build(tmp_path, [{"messages": [{"role": "user", "content": "how"}]}])
     with pytest.raises(ChatFormatError, match="max_length=4"):
         build(tmp_path, [QA], max_length=4)
+
+
+def test_rows_whose_answer_is_cut_warn_and_keep_their_start(tmp_path):
+    # "how do i bake a cake ?" renders to 10 prompt tokens; the answer and its end token follow
+    with pytest.warns(UserWarning, match="1 of 2 rows end past max_length=12"):
+        module = build(tmp_path, [QA, {"prompt": "how", "completion": "sure ."}], max_length=12)
+    cut = module.datasets["train"][0]
+    assert len(cut["input_ids"]) == 12 and answer_tokens(module, cut) == ["sure", "here"]
+    assert set(cut) == {"input_ids", "attention_mask", "labels"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(tmp_path, [QA], max_length=64)  # nothing cut, nothing said
 
 
 def test_bad_arguments(tmp_path):

@@ -1,8 +1,10 @@
+import math
+
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from rg_lightning import CausalLMModule, InstructionDataModule
 
@@ -106,12 +108,64 @@ def test_resume_from_mid_fit_checkpoint_matches_uninterrupted(tmp_path, tiny_mod
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
+def test_adapter_checkpoint_of_other_target_modules_is_refused(tmp_path, tiny_models, chat_file):
+    L.seed_everything(0)
+    module = CausalLMModule(model=tiny_models["llama"], optimizer=adamw(), lora_r=4, lora_target_modules=["q_proj"])
+    data = InstructionDataModule(train=chat_file, batch_size=8)
+    trainer(tmp_path, 1, enable_checkpointing=True,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)]).fit(module, data)
+    other = CausalLMModule(model=tiny_models["llama"], lora_r=4, lora_target_modules=["o_proj"])
+    with pytest.raises(ValueError, match="adapter does not fit"):
+        trainer(tmp_path, 1).test(other, InstructionDataModule(test=chat_file, batch_size=8),
+                                  ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    same = CausalLMModule(model=tiny_models["llama"], lora_r=4, lora_target_modules=["q_proj"])
+    trainer(tmp_path, 1).test(same, InstructionDataModule(test=chat_file, batch_size=8),
+                              ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    for (name, a), (_, b) in zip(module.model.named_parameters(), same.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_lr_schedule_reaches_zero_at_the_fits_last_step(tmp_path, tiny_models, chat_file, schedule):
+    seen = []
+
+    class Rates(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx % 2 == 0:  # the first micro-batch of each optimizer step
+                seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    module = CausalLMModule(model=tiny_models["llama"], optimizer=adamw(lr=0.1), lora_r=4, lr_schedule=schedule,
+                            warmup_steps=2)
+    data = InstructionDataModule(train=chat_file, batch_size=2)  # 16 rows: 8 micro-batches, 4 optimizer steps
+    run = L.Trainer(max_epochs=3, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+                    logger=False, enable_checkpointing=False, accumulate_grad_batches=2, default_root_dir=tmp_path,
+                    callbacks=[Rates()])
+    run.fit(module, data)
+    assert len(seen) == 12  # 3 epochs x 4 optimizer steps, sized without being told
+    torch.testing.assert_close(seen[:2], [0.05, 0.1])  # warm-up
+    torch.testing.assert_close(seen[7], 0.05)  # halfway through the 10 decay steps (both shapes)
+    torch.testing.assert_close(seen[-1], 0.01 if schedule == "linear" else 0.05 * (1 + math.cos(0.9 * math.pi)))
+    assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lr_schedule_arguments_are_checked():
+    with pytest.raises(ValueError, match="either `scheduler` or `lr_schedule`"):
+        CausalLMModule(model="Qwen/Qwen2.5-7B-Instruct", lr_schedule="linear",
+                       scheduler=lambda o: torch.optim.lr_scheduler.LinearLR(o))
+    with pytest.raises(ValueError, match="needs an lr_schedule"):
+        CausalLMModule(model="Qwen/Qwen2.5-7B-Instruct", warmup_steps=10)
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        CausalLMModule(model="Qwen/Qwen2.5-7B-Instruct", lr_schedule="step")
+
+
 @pytest.mark.parametrize("merged", [True, False])
 def test_export_writes_a_loadable_hf_directory(tmp_path, tiny_models, chat_file, merged):
-    module = fit(tmp_path, tiny_models["llama"], chat_file, lora_r=4,
+    module = fit(tmp_path, tiny_models["llama"], chat_file, lora_r=4, gradient_checkpointing=True,
                     export_dir=str(tmp_path / "export"), export_merged=merged)
     files = {p.name for p in (tmp_path / "export").iterdir()}
     assert "tokenizer.json" in files
+    if merged:  # the cache was off for checkpointing only: the export has it back, the trained model keeps it off
+        assert AutoConfig.from_pretrained(tmp_path / "export").use_cache and not module.model.config.use_cache
     if merged:
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
         expected = module.model.merge_and_unload()
