@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from rg_lightning.atomic import atomic_file
 from rg_lightning.callbacks.refusal_directions import RefusalDirections
 from rg_lightning.chat import render_prompt
-from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
+from rg_lightning.contract import check_unsharded, hf_model, system_prompt_of, tokenizer_of
 from rg_lightning.guard.geometry import cosine, fisher_ratio, kl_divergence, linear_cka, pca_2d, principal_angles
 from rg_lightning.guard.projection import subspace_energy
 from rg_lightning.guard.shards import is_sharded, local_rows, uses_fsdp2
@@ -40,7 +40,8 @@ class DriftGeometry(L.Callback):
         harmful: Harmful probe prompts (list, file, hub id, ``toy:harmful``); default: RefusalDirections' source.
         harmless: Harmless probe prompts, same forms.
         system_prompt: System message of the probes; ``None``: RefusalDirections' (the directions and subspaces
-            compared against were measured with it, so the probes must be rendered alike); ``""``: none.
+            compared against were measured with it, so the probes must be rendered alike), else the datamodule's;
+            ``""``: none.
         n_probes: Probe prompts per set.
         seed: Seed of the probe sampling (differs from RefusalDirections' so probes are other prompts).
         figures: Write PNG figures at fit end.
@@ -73,7 +74,8 @@ class DriftGeometry(L.Callback):
         if harmful is None or harmless is None:
             raise ValueError("DriftGeometry needs probe prompts: pass `harmful=` and `harmless=` "
                              "(or add a RefusalDirections callback, whose sources are then used).")
-        system_prompt = self.system_prompt if self.system_prompt is not None else getattr(refusal, "system_prompt", None)
+        given = self.system_prompt if self.system_prompt is not None or refusal is None else refusal.system_prompt
+        system_prompt = system_prompt_of(given, trainer)
         return harmful, harmless, system_prompt
 
     def _encode(self, trainer, pl_module):

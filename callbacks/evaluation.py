@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
+from rg_lightning.contract import check_unsharded, hf_model, system_prompt_of, tokenizer_of
 from rg_lightning.evaluation.report import markdown, write_report
 from rg_lightning.evaluation.suite import EvaluationSuite
 from rg_lightning.prompts import prompt_hashes
@@ -34,7 +34,8 @@ class SafetyEvaluation(L.Callback):
         max_new_tokens: Greedy tokens per safety answer.
         task_max_new_tokens: Greedy tokens per task answer (``None``: each task's default, e.g. 256 for GSM8K).
         batch_size: Prompts per generation batch.
-        system_prompt: System prompt of every request; keep it equal to the one used in training.
+        system_prompt: System prompt of every request; ``None``: the datamodule's ``system_prompt`` (the
+            training rows'), ``""``: none.
         seed: Seed of the ``limit`` samples.
         every_n_steps: During fit, run the fast subset every this many optimizer steps (``None`` = never).
         on_validation: During fit, run the fast subset at the end of each validation.
@@ -79,6 +80,7 @@ class SafetyEvaluation(L.Callback):
                                              fit_judges, limit=fit_limit, max_new_tokens=max_new_tokens,
                                              batch_size=batch_size, system_prompt=system_prompt, seed=seed,
                                              progress=False)
+        self.system_prompt = system_prompt
         self.every_n_steps = every_n_steps
         self.on_validation = on_validation
         self.output_dir = output_dir
@@ -92,6 +94,9 @@ class SafetyEvaluation(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Load every prompt set now, so a bad benchmark name or file fails before any training."""
         check_unsharded(trainer, "SafetyEvaluation")
+        for suite in (self.suite, self.fit_suite):
+            if suite is not None:
+                suite.system_prompt = system_prompt_of(self.system_prompt, trainer)
         if stage in ("test", "validate") and "full" not in self._loaded:
             self._loaded["full"] = self._without_basis_prompts(trainer, *self.suite.load())
         if stage == "fit" and self.fit_suite is not None and "fit" not in self._loaded:

@@ -20,7 +20,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
-from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
+from rg_lightning.contract import check_unsharded, hf_model, system_prompt_of, tokenizer_of
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.collect import collect_basis
 from rg_lightning.guard.selection import KL_THRESHOLD, refusal_filter, refusal_scores, select_direction
@@ -40,7 +40,8 @@ class RefusalDirections(L.Callback):
             (a damped tail (``ridge``) and held differences (``input_differences``) come on top).
         answer_tokens: Greedy answer tokens appended to each harmful prompt, so the refusal itself is protected.
         batch_size: Prompts per forward pass.
-        system_prompt: System message used when rendering the prompts (keep it equal to training's).
+        system_prompt: System message used when rendering the prompts; ``None``: the datamodule's
+            ``system_prompt`` (the training rows'), ``""``: none.
         load: Directory of a saved basis (``basis.safetensors`` + ``basis.json``) to use instead of computing.
         save: Directory where the computed basis is written (rank zero, atomically).
         seed: Seed of the prompt sampling.
@@ -130,6 +131,7 @@ class RefusalDirections(L.Callback):
         self.n_prompts, self.energy, self.rank = n_prompts, energy, rank
         self.answer_tokens, self.batch_size = answer_tokens, batch_size
         self.system_prompt, self.load, self.save, self.seed = system_prompt, load, save, seed
+        self.rendering_system_prompt = system_prompt or None  # resolved against the datamodule at setup
         self.filter_prompts, self.select_direction, self.n_val = filter_prompts, select_direction, n_val
         self.val_harmful, self.val_harmless, self.kl_threshold = val_harmful, val_harmless, kl_threshold
         self.max_statistics_gb = max_statistics_gb
@@ -146,7 +148,8 @@ class RefusalDirections(L.Callback):
         if self.load:
             basis = SafetyBasis.load(self.load)
             basis.check_compatible(model, model_id)
-            basis.check_rendering(fingerprint([tokenizer_of(trainer, pl_module).chat_template or ""]), self.system_prompt)
+            basis.check_rendering(fingerprint([tokenizer_of(trainer, pl_module).chat_template or ""]),
+                                  self.rendering_system_prompt)
             rank_zero_info(f"RefusalDirections: loaded the safety basis from {self.load}")
         else:
             basis = self._compute(trainer, pl_module, model, model_id)
@@ -181,7 +184,7 @@ class RefusalDirections(L.Callback):
         try:
             basis = collect_basis(
                 model, tokenizer, harmful, harmless, energy=None if self.rank else self.energy, rank=self.rank,
-                answer_tokens=self.answer_tokens, batch_size=self.batch_size, system_prompt=self.system_prompt,
+                answer_tokens=self.answer_tokens, batch_size=self.batch_size, system_prompt=self.rendering_system_prompt,
                 progress=progress, max_statistics_gb=self.max_statistics_gb, centered=self.centered,
                 head_answer_only=self.head_answer_only, ridge=self.ridge, input_differences=self.input_differences,
                 metadata={"model_id": model_id, "chat_template_hash": fingerprint([tokenizer.chat_template or ""]),
@@ -202,7 +205,7 @@ class RefusalDirections(L.Callback):
     def _filter(self, model, tokenizer, harmful: list[str], harmless: list[str], which: str):
         """Refusal-score filter of one harmful/harmless pair of prompt lists; returns them and the report."""
         scores = [refusal_scores(model, tokenizer, prompts, batch_size=self.batch_size,
-                                 system_prompt=self.system_prompt) for prompts in (harmful, harmless)]
+                                 system_prompt=self.rendering_system_prompt) for prompts in (harmful, harmless)]
         harmful, harmless, report = refusal_filter(harmful, harmless, *scores)
         rank_zero_info(f"RefusalDirections: the refusal-score filter kept {report['harmful']['kept']}/"
                        f"{report['harmful']['total']} harmful and {report['harmless']['kept']}/"
@@ -233,7 +236,7 @@ class RefusalDirections(L.Callback):
             harmful, harmless, filtering = self._filter(model, tokenizer, harmful, harmless, "validation")
         result = select_direction(model, tokenizer, basis.candidates, harmful, harmless,
                                   kl_threshold=self.kl_threshold, batch_size=self.batch_size,
-                                  system_prompt=self.system_prompt)
+                                  system_prompt=self.rendering_system_prompt)
         summary, chosen = result["selection"], result["selection"]["chosen"]
         summary["filtering"] = filtering
         rank_zero_info(
@@ -261,6 +264,7 @@ class RefusalDirections(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_unsharded(trainer, "RefusalDirections")
+        self.rendering_system_prompt = system_prompt_of(self.system_prompt, trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ensure_basis(trainer, pl_module)

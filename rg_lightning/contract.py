@@ -36,6 +36,14 @@ def tokenizer_of(trainer, pl_module):
     return tokenizer
 
 
+def system_prompt_of(given: str | None, trainer) -> str | None:
+    """``given``, or when it is ``None`` the datamodule's ``system_prompt`` (what the training rows were rendered
+    with); ``""`` means none. Callbacks that render prompts follow it, so they see what the model is trained on."""
+    if given is not None:
+        return given or None
+    return getattr(getattr(trainer, "datamodule", None), "system_prompt", None) if trainer is not None else None
+
+
 def check_unsharded(trainer, who: str) -> None:
     """Refuse strategies whose parameter sharding the callback cannot follow, before anything runs.
 

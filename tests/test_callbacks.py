@@ -177,6 +177,29 @@ def test_drift_probes_are_rendered_with_the_basis_system_prompt():
     assert "<|system|>" not in first_probe(DriftGeometry(n_probes=2, harmful=HARMFUL, harmless=HARMLESS), [])
 
 
+def test_callbacks_follow_the_data_modules_system_prompt(tmp_path, tiny_models, chat_file):
+    from types import SimpleNamespace
+
+    from rg_lightning.callbacks import SafetyEvaluation
+
+    L.seed_everything(0)
+    refusal, drift = guard(), DriftGeometry(every_n_steps=1, n_probes=2, figures=False)
+    module = CausalLMModule(model=tiny_models["llama"], optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    data = InstructionDataModule(train=chat_file, batch_size=8, system_prompt="write a poem .")
+    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, default_root_dir=tmp_path,
+              callbacks=[refusal, RepresentationProjection(), drift]).fit(module, data)
+    assert refusal.basis.metadata["system_prompt"] == "write a poem ."  # measured as the rows are rendered
+    assert "<|system|> write a poem ." in module.tokenizer.decode(drift._probes["harmful"]["input_ids"][0])
+    stub = SimpleNamespace(strategy=object(), world_size=1, callbacks=[], datamodule=data)
+    evaluation = SafetyEvaluation(benchmarks=["toy:harmful"], judges=["logit"], every_n_steps=1)
+    evaluation.setup(stub, module, "predict")
+    assert evaluation.suite.system_prompt == evaluation.fit_suite.system_prompt == "write a poem ."
+    silent = SafetyEvaluation(benchmarks=["toy:harmful"], judges=["logit"], system_prompt="")
+    silent.setup(stub, module, "predict")
+    assert silent.suite.system_prompt is None  # "" asks for none
+
+
 def test_drift_geometry_warns_once_when_the_refused_share_falls():
     drift = DriftGeometry(warn_refusal_drop=0.1)
     drift.history = [{"step": 0, "refused_share": 1.0}]
@@ -251,6 +274,20 @@ def test_bad_arguments_are_refused_early():
 def test_bad_prompt_sets(tmp_path, tiny_models, chat_file, refusal, message):
     with pytest.raises(ValueError, match=message):
         run_fit(tmp_path, tiny_models["llama"], chat_file, [refusal()], steps=1)
+
+
+def test_weights_unfrozen_after_fit_start_stop_the_run(tmp_path, tiny_models, chat_file):
+    class LateUnfreeze(L.Callback):  # progressive unfreezing: layer 1's MLP is frozen at fit start, trains from step 2
+        def on_fit_start(self, trainer, pl_module):
+            pl_module.model.model.layers[1].mlp.requires_grad_(False)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 1:
+                pl_module.model.model.layers[1].mlp.requires_grad_(True)
+
+    with pytest.raises(RuntimeError, match="3 parameters became trainable after fit start"):
+        run_fit(tmp_path, tiny_models["llama"], chat_file, [LateUnfreeze(), guard(), RepresentationProjection()],
+                steps=3)
 
 
 def test_projection_without_refusal_directions_names_the_fix(tmp_path, tiny_models, chat_file):

@@ -143,3 +143,36 @@ def test_a_process_without_prompts_adds_nothing(tmp_path, tiny_models):
         for key, value in single.items():
             torch.testing.assert_close(torch.tensor(out[rank][key], dtype=value.dtype), value, rtol=1e-5,
                                        atol=1e-6, msg=f"rank {rank} {key}")
+
+
+def test_answers_end_at_the_models_turn_end_not_only_the_tokenizers_eos():
+    """Gemma's tokenizer EOS is <eos> while a turn ends with <end_of_turn>: the protected answers stop at either."""
+    from rg_lightning.chat import render_prompt
+    from rg_lightning.guard.collect import _batches, _with_answers
+    from rg_lightning.toy import ALIGNED_MODEL_DIR, ToyWorld
+
+    model, tokenizer = _load(ALIGNED_MODEL_DIR)
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    model.generation_config.eos_token_id = end  # the turn's end ...
+    tokenizer.eos_token = "<|system|>"  # ... is not the tokenizer's EOS
+    world = ToyWorld()
+    requests = world.requests("harmful", "heldout", 2) + world.requests("harmless", "heldout", 2)  # answers differ
+    batch = next(_batches(tokenizer, [render_prompt(tokenizer, p) for p in requests], 4, "cpu"))
+    answered = _with_answers(model, tokenizer, batch, answer_tokens=24)
+    width = batch["input_ids"].shape[1]
+    new, mask = answered["input_ids"][:, width:].tolist(), answered["attention_mask"][:, width:].tolist()
+    stops = [tokens.index(end) for tokens in new]  # every answer ends at the turn's end within 24 tokens ...
+    assert max(stops) == len(new[0]) - 1 and min(stops) < max(stops)  # ... and generation stops there
+    for stop, kept in zip(stops, mask):
+        assert all(kept[:stop + 1]) and not any(kept[stop + 1:])  # the end token kept, nothing after it
+
+
+def test_a_head_kept_trainable_by_peft_is_still_the_answer_only_head(tiny_models):
+    from peft import LoraConfig, get_peft_model
+
+    from rg_lightning.guard.collect import output_head_name, protected_modules
+
+    model, _ = _load(tiny_models["llama"])
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert output_head_name(peft_model, protected_modules(peft_model)) == \
+        "base_model.model.lm_head.modules_to_save.default"

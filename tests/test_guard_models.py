@@ -155,6 +155,14 @@ def test_peft_lora_keeps_protected_states_with_base_model_names():
             torch.testing.assert_close(c.param, project_out(c.param, c.basis).detach(), atol=1e-6, rtol=0)
 
 
+def test_lora_inits_that_rewrite_the_base_weight_are_refused():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny("qwen2"), LoraConfig(r=4, target_modules=LINEARS, init_lora_weights="pissa"))
+    with pytest.raises(ValueError, match="init 'pissa' rewrites the base weight"):
+        build_constraints(model, capture_bases(tiny("qwen2"), PROTECTED))
+
+
 def test_lora_factor_is_exactly_zero_where_the_subspace_spans_every_input():
     """A·U = 0 for a U spanning the whole input means A = 0: held exactly, so B gets no rounding-noise
     gradient for AdamW to blow up into full-size steps (B only decays with the weight decay)."""

@@ -22,7 +22,9 @@ import torch.distributed as dist
 from torch import nn
 
 from rg_lightning.chat import render_prompt, require_chat_template
+from rg_lightning.generation import stop_token_ids
 from rg_lightning.guard.basis import SafetyBasis
+from rg_lightning.guard.projection import canonical_name
 from rg_lightning.guard.shards import prompt_world
 from rg_lightning.guard.statistics import GramAccumulator, MeanAccumulator, capture_linear_inputs
 from rg_lightning.guard.subspace import centered_subspace, extend_basis, soft_subspace
@@ -117,13 +119,15 @@ def _batches(tokenizer, texts: list[str], batch_size: int, device):
 
 
 def _with_answers(model, tokenizer, batch: dict, answer_tokens: int) -> dict:
-    """Append the model's greedy answer to each prompt; padding after the end-of-answer is masked."""
+    """Append the model's greedy answer to each prompt; padding after the end-of-answer is masked. The answer
+    ends at any end-of-answer token (Gemma ends a turn with ``<end_of_turn>``, not its tokenizer's EOS)."""
+    stops = stop_token_ids(model, tokenizer)
     output = model.generate(**batch, max_new_tokens=answer_tokens, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
     new = output[:, batch["input_ids"].shape[1]:]
     finished = torch.zeros_like(new, dtype=torch.bool)
-    if tokenizer.eos_token_id is not None and new.shape[1] > 1:
-        finished[:, 1:] = (new[:, :-1] == tokenizer.eos_token_id).cumsum(1) > 0
+    if stops and new.shape[1] > 1:
+        finished[:, 1:] = torch.isin(new[:, :-1], torch.tensor(stops, device=new.device)).cumsum(1) > 0
     mask = torch.cat([batch["attention_mask"], (~finished).long()], dim=1)
     return {"input_ids": output, "attention_mask": mask}
 
@@ -135,8 +139,11 @@ def output_head_name(model: nn.Module, names: list[str]) -> str | None:
     except (AttributeError, NotImplementedError):
         return None
     modules = dict(model.named_modules())
+    # PEFT's `modules_to_save` puts the trainable copy under the head's own name (`lm_head.modules_to_save.x`)
+    head_names = {canonical_name(n) for n, m in modules.items() if m is head}
     for name in names:
-        if modules[name] is head or getattr(modules[name], "base_layer", None) is head:
+        if (modules[name] is head or getattr(modules[name], "base_layer", None) is head
+                or canonical_name(name) in head_names):
             return name
     return None
 

@@ -40,7 +40,7 @@ _PEFT_WRAPPERS = re.compile(
 )
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     """Module name without PEFT wrapper parts, so bases captured on the plain model match a PEFT model."""
     return _PEFT_WRAPPERS.sub("", name)
 
@@ -480,6 +480,15 @@ def _lora_layer_type():
     return LoraLayer
 
 
+def _check_lora_init(name: str, adapter: str, init) -> None:
+    """PiSSA, OLoRA, LoftQ, CorDA... start the base at ``W0 − B0·A0``: ``A·U = 0`` would then hold ``W_res·U``, not
+    the aligned ``W0·U``. Inits that leave the base as it is (``B0·A0`` = 0, or hidden by ``A·U = 0``) are fine."""
+    if init is True or init is False or init in ("gaussian", "eva"):
+        return
+    raise ValueError(f"{name} (adapter {adapter!r}): LoRA init {init!r} rewrites the base weight, so RefusalGuard "
+                     "cannot hold the aligned outputs; use init_lora_weights=True (the default) or 'gaussian'.")
+
+
 def build_constraints(
     model: nn.Module,
     bases: dict[str, Tensor],
@@ -502,14 +511,14 @@ def build_constraints(
     output_bases = output_bases or {}
     lora_type = _lora_layer_type()
     named = list(model.named_modules())
-    readers = {_canonical(n) for n, m in named if isinstance(m, (nn.Linear, lora_type))}
-    writers = readers | {_canonical(n) for n, m in named if isinstance(m, nn.Embedding)}
+    readers = {canonical_name(n) for n, m in named if isinstance(m, (nn.Linear, lora_type))}
+    writers = readers | {canonical_name(n) for n, m in named if isinstance(m, nn.Embedding)}
     for given, known, what in ((bases, readers, "linear/LoRA"), (output_bases, writers, "output")):
-        unknown = [n for n in given if _canonical(n) not in known]
+        unknown = [n for n in given if canonical_name(n) not in known]
         if unknown:
             raise _unknown_names_error(unknown, sorted(known), what)
-    bases = {_canonical(n): b for n, b in bases.items()}
-    output_bases = {_canonical(n): b for n, b in output_bases.items()}
+    bases = {canonical_name(n): b for n, b in bases.items()}
+    output_bases = {canonical_name(n): b for n, b in output_bases.items()}
 
     constraints, skipped, covered, lora_parts = [], [], set(), set()
     converted: dict[tuple, Tensor] = {}
@@ -523,11 +532,13 @@ def build_constraints(
             converted[cache_key] = table[key].detach().to(device=param.device, dtype=torch.float32)
         return converted[cache_key]
 
+    peft_configs = getattr(model, "peft_config", None) or {}
     for name, m in named:
-        key = _canonical(name)
+        key = canonical_name(name)
         wants = key in bases or key in output_bases
         if isinstance(m, lora_type):
             for adapter, a in m.lora_A.items():
+                _check_lora_init(name, adapter, getattr(peft_configs.get(adapter), "init_lora_weights", True))
                 b = m.lora_B[adapter]
                 lora_parts.update((id(a), id(b)))
                 if not wants:
