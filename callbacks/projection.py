@@ -35,30 +35,71 @@ from lightning.pytorch.utilities import rank_zero_info
 from rg_lightning.callbacks.refusal_directions import find_refusal_directions
 from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
 from rg_lightning.guard.basis import SafetyBasis
-from rg_lightning.guard.projection import ConstraintSet, batch_token_mask, build_constraints, hold_absent_rows_
+from rg_lightning.guard.collect import output_head_name
+from rg_lightning.guard.projection import (ConstraintSet, batch_token_mask, build_constraints, canonical_name,
+                                          hold_absent_rows_)
 from rg_lightning.guard.shards import reshard
 from rg_lightning.prompts import fingerprint
 
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_LAYER = re.compile(r"^(.*\.layers\.(\d+))\.")
+# Directions mode names the residual stream's readers and writers (shapes cannot: with heads x head_dim equal
+# to the hidden size, o_proj reads and q_proj writes something of that width too).
+_READERS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "qkv_proj": "attention",
+            "gate_proj": "mlp", "up_proj": "mlp", "gate_up_proj": "mlp"}
+_WRITERS = ("o_proj", "down_proj")
+
+
+def _norm_gain(norm, hidden: int) -> torch.Tensor | None:
+    """Per-feature gain of an RMSNorm-like module (its output on a vector of ones): ``w``, or Gemma's ``1 + w``."""
+    if norm is None:
+        return None
+    weight = next(norm.parameters(), None)
+    ones = torch.ones(1, hidden, device=weight.device if weight is not None else None,
+                      dtype=weight.dtype if weight is not None else None)
+    with torch.no_grad():
+        return norm(ones)[0].float()
+
+
+def _reader_gain(model, name: str, hidden: int) -> torch.Tensor | None:
+    """The gain of the norm in front of a residual reader (pre-norm blocks; a post-norm block such as OLMo-2's
+    reads the raw residual: None)."""
+    match = _LAYER.search(name)
+    if match is None:  # the logit head reads the final norm's output
+        decoder = getattr(getattr(model, "get_base_model", lambda: model)(), "model", None)
+        return _norm_gain(getattr(decoder, "norm", None), hidden)
+    layer = model.get_submodule(match.group(1))
+    if getattr(layer, "input_layernorm", None) is None:
+        return None
+    role = _READERS[canonical_name(name).rsplit(".", 1)[-1]]
+    norm = (layer.input_layernorm if role == "attention" else
+            getattr(layer, "pre_feedforward_layernorm", None) or getattr(layer, "post_attention_layernorm", None))
+    return _norm_gain(norm, hidden)
 
 
 def direction_bases(model, basis: SafetyBasis) -> tuple[dict, dict]:
-    """Directions mode: residual readers keep the layer's refusal direction in their input null space,
-    residual writers keep it out of what they write (the direction-only defence, for comparison)."""
+    """Directions mode: residual readers keep the layer's refusal direction (as their norm scales it) in their
+    input null space, residual writers keep it out of what they write (the direction-only defence, for
+    comparison). Readers and writers are known by name (q/k/v/gate/up and the logit head; o/down)."""
     directions = basis.layer_directions().float()
     hidden, n_layers = basis.hidden_size, directions.shape[0]
     readers, writers = {}, {}
     usable = directions.norm(dim=-1) > 0.5  # a layer whose harmful and harmless means coincide has none
+    head = output_head_name(model, list(basis.subspaces))
     for name in basis.subspaces:
-        module = model.get_submodule(name)
-        weight = getattr(module, "base_layer", module).weight
-        match = _LAYER.search("." + name + ".")
-        layer = int(match.group(1)) if match else n_layers - 1
+        short = canonical_name(name).rsplit(".", 1)[-1]
+        match = _LAYER.search(name)
+        layer = int(match.group(2)) if match else n_layers - 1
         written = min(layer + 1, n_layers - 1)
-        if weight.shape[-1] == hidden and usable[layer]:
-            readers[name] = directions[layer][:, None]
-        if weight.shape[0] == hidden and usable[written]:
+        if (short in _READERS or name == head) and usable[layer]:
+            gain = _reader_gain(model, name, hidden)
+            direction = directions[layer] if gain is None else directions[layer] * gain.to(directions.device)
+            readers[name] = (direction / direction.norm())[:, None]
+        if short in _WRITERS and usable[written]:
             writers[name] = directions[written][:, None]
+    if not readers and not writers:
+        raise ValueError("mode='directions' found no residual readers (q/k/v/gate/up_proj, the logit head) or "
+                         f"writers (o_proj, down_proj) among the protected modules {sorted(basis.subspaces)[:4]}...; "
+                         "use mode='subspace'.")
     if usable[0]:
         embeddings = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding) and m.weight.requires_grad]
         writers.update({name: directions[0][:, None] for name in embeddings})

@@ -274,6 +274,7 @@ def main() -> None:
                  if args.input_differences != DEFAULT_INPUT_DIFFERENCES else "")
     else:
         name += (f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "") + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else "")
+    name += "_directions" if "directions" in args.arms else ""  # the direction-only arm ran
     # one suffix per replay arm: whether the guard ran on the mixed data is in the name
     name += "".join(f"_{arm}{args.replay_fraction:g}" for arm in REPLAY_ARMS if arm in args.arms)
     command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])

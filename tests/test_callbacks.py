@@ -498,3 +498,23 @@ def test_hold_absent_rows_needs_the_token_ids_of_each_batch():
     assert _input_ids(ids) is ids and _input_ids({"input_ids": ids, "labels": ids}) is ids
     with pytest.raises(TypeError, match="hold_absent_rows=False"):
         _input_ids([ids, ids])
+
+
+def test_directions_mode_knows_readers_and_writers_by_name_and_scales_by_the_norm(tiny_models):
+    from rg_lightning.callbacks.projection import direction_bases
+    from rg_lightning.guard.collect import collect_basis
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    tokenizer = CausalLMModule(model=tiny_models["llama"]).tokenizer
+    attention = model.model.layers[0].self_attn
+    assert attention.o_proj.weight.shape == attention.q_proj.weight.shape  # shapes alone cannot tell them apart
+    basis = collect_basis(model, tokenizer, HARMFUL, HARMLESS, energy=1.0, answer_tokens=0, batch_size=8)
+    readers, writers = direction_bases(model, basis)
+    assert {n.rsplit(".", 1)[-1] for n in readers} == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"}
+    assert {n.rsplit(".", 1)[-1] for n in writers} - {"embed_tokens"} == {"o_proj", "down_proj"}
+    norm = model.model.layers[1].input_layernorm  # layer 0 reads the template tokens' embeddings: no direction
+    with torch.no_grad():
+        norm.weight.mul_(torch.linspace(0.5, 2.0, basis.hidden_size))
+    readers, _ = direction_bases(model, basis)
+    expected = basis.layer_directions().float()[1] * norm.weight.float()
+    torch.testing.assert_close(readers["model.layers.1.self_attn.q_proj"][:, 0], expected / expected.norm())
