@@ -325,9 +325,9 @@ class InstructionDataModule(L.LightningDataModule):
                 )
         cut = sum(sample.pop("answer_cut") for sample in encoded)
         if cut:
-            rank_zero_warn(f"{stage} data: {cut} of {len(encoded)} rows end past max_length={self.max_length}, so "
-                           "their answers lose their last tokens and end-of-turn token, which teaches the model not "
-                           "to stop. Raise `max_length` or drop the longest rows.")
+            rank_zero_warn(f"{stage} data: {cut} of {len(encoded)} rows end past max_length={self.max_length} and "
+                           "lose their last tokens (a chat answer its end-of-turn token, which teaches the model not "
+                           "to stop). Raise `max_length` or drop the longest rows.")
         return encoded
 
     # -- loaders ---------------------------------------------------------------------------------------------

@@ -279,15 +279,16 @@ class CausalLMModule(L.LightningModule):
     def _sized_schedule(self, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         """Warm-up, then ``lr_schedule`` down to zero at the fit's last optimizer step."""
         total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("`lr_schedule` needs a known length: set `trainer.max_steps` or `max_epochs`.")
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError("`lr_schedule` needs a known length: set `trainer.max_steps` (or `max_epochs` with "
+                             "training data of known length).")
         total, warmup = int(total), self.warmup_steps
         if warmup >= total:
             raise ValueError(f"warmup_steps={warmup} leaves nothing of the fit's {total} optimizer steps.")
 
         def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
+            if step < warmup:  # 0, 1/w, ..., (w-1)/w, then the decay from 1 (as transformers' schedules)
+                return step / warmup
             progress = min(1.0, (step - warmup) / (total - warmup))
             return 1.0 - progress if self.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -518,3 +518,36 @@ def test_directions_mode_knows_readers_and_writers_by_name_and_scales_by_the_nor
     readers, _ = direction_bases(model, basis)
     expected = basis.layer_directions().float()[1] * norm.weight.float()
     torch.testing.assert_close(readers["model.layers.1.self_attn.q_proj"][:, 0], expected / expected.norm())
+
+
+def test_norm_gain_is_the_weight_whatever_the_bias_or_offset():
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from rg_lightning.callbacks.projection import _norm_gain
+
+    weight = torch.linspace(0.5, 2.0, 8)
+    layer_norm = torch.nn.LayerNorm(8)
+    llama, gemma = LlamaRMSNorm(8), Gemma2RMSNorm(8)
+    with torch.no_grad():
+        for norm in (layer_norm, llama, gemma):
+            norm.weight.copy_(weight)
+        layer_norm.bias.copy_(torch.linspace(-1.0, 1.0, 8))  # a bias (and the mean subtraction) cancel out
+    torch.testing.assert_close(_norm_gain(layer_norm, 8), weight, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_norm_gain(llama, 8), weight, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_norm_gain(gemma, 8), 1 + weight, atol=1e-4, rtol=1e-4)  # Gemma scales by 1 + w
+
+
+def test_directions_mode_writes_through_the_post_norm(tiny_models):
+    from rg_lightning.callbacks.projection import direction_bases
+    from rg_lightning.guard.collect import collect_basis
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma2"]).eval()
+    tokenizer = CausalLMModule(model=tiny_models["gemma2"], tokenizer=tiny_models["llama"]).tokenizer
+    basis = collect_basis(model, tokenizer, HARMFUL, HARMLESS, energy=1.0, answer_tokens=0, batch_size=8)
+    post = model.model.layers[0].post_attention_layernorm  # Gemma-2: o_proj's output is normed, then added
+    with torch.no_grad():
+        post.weight.copy_(torch.linspace(-0.5, 1.0, basis.hidden_size))
+    _, writers = direction_bases(model, basis)
+    expected = basis.layer_directions().float()[1] * (1 + post.weight.float())
+    torch.testing.assert_close(writers["model.layers.0.self_attn.o_proj"][:, 0], expected / expected.norm())

@@ -161,6 +161,8 @@ def test_lora_inits_that_rewrite_the_base_weight_are_refused():
     model = get_peft_model(tiny("qwen2"), LoraConfig(r=4, target_modules=LINEARS, init_lora_weights="pissa"))
     with pytest.raises(ValueError, match="init 'pissa' rewrites the base weight"):
         build_constraints(model, capture_bases(tiny("qwen2"), PROTECTED))
+    model = get_peft_model(tiny("qwen2"), LoraConfig(r=4, target_modules=LINEARS, init_lora_weights="gaussian"))
+    build_constraints(model, capture_bases(tiny("qwen2"), PROTECTED))  # B starts at 0: the base is untouched
 
 
 def test_lora_factor_is_exactly_zero_where_the_subspace_spans_every_input():

@@ -142,7 +142,7 @@ def test_lr_schedule_reaches_zero_at_the_fits_last_step(tmp_path, tiny_models, c
                     callbacks=[Rates()])
     run.fit(module, data)
     assert len(seen) == 12  # 3 epochs x 4 optimizer steps, sized without being told
-    torch.testing.assert_close(seen[:2], [0.05, 0.1])  # warm-up
+    torch.testing.assert_close(seen[:3], [0.0, 0.05, 0.1])  # warm-up, then the decay from the full rate
     torch.testing.assert_close(seen[7], 0.05)  # halfway through the 10 decay steps (both shapes)
     torch.testing.assert_close(seen[-1], 0.01 if schedule == "linear" else 0.05 * (1 + math.cos(0.9 * math.pi)))
     assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)

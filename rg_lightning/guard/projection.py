@@ -480,10 +480,14 @@ def _lora_layer_type():
     return LoraLayer
 
 
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")  # PEFT init_lora_weights values (prefixes)
+
+
 def _check_lora_init(name: str, adapter: str, init) -> None:
-    """PiSSA, OLoRA, LoftQ, CorDA... start the base at ``W0 − B0·A0``: ``A·U = 0`` would then hold ``W_res·U``, not
-    the aligned ``W0·U``. Inits that leave the base as it is (``B0·A0`` = 0, or hidden by ``A·U = 0``) are fine."""
-    if init is True or init is False or init in ("gaussian", "eva"):
+    """PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA start the base at ``W0 − B0·A0``: ``A·U = 0`` would then hold
+    ``W_res·U``, not the aligned ``W0·U``. Inits that leave the base as it is are fine (``B0·A0`` = 0, or hidden by
+    ``A·U = 0``)."""
+    if not (isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS)):
         return
     raise ValueError(f"{name} (adapter {adapter!r}): LoRA init {init!r} rewrites the base weight, so RefusalGuard "
                      "cannot hold the aligned outputs; use init_lora_weights=True (the default) or 'gaussian'.")
