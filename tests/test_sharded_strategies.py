@@ -104,3 +104,9 @@ def test_decoder_layers_are_the_fsdp2_units(tiny_models, family, lora):
     layers = decoder_layers(module.model)
     config = module.model.config
     assert len(layers) == config.num_hidden_layers and all(type(m).__name__.endswith("DecoderLayer") for m in layers)
+
+
+def test_directions_mode_reads_norm_gains_of_a_sharded_model(tiny_models):
+    result = subprocess.run([sys.executable, str(HERE / "fsdp2_directions.py"), tiny_models["gemma2"],
+                             tiny_models["llama"], "29547"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
