@@ -324,6 +324,16 @@ class CausalLMModule(L.LightningModule):
                     "`lora_r` / `lora_target_modules` it was trained with."
                 )
 
+    def _tokenizer_as_loaded(self):
+        """The tokenizer without the pad token ``load_tokenizer`` borrowed from EOS (Llama 3 has none): saved
+        with it, a collator that masks pad labels downstream would never teach the exported model to stop."""
+        tokenizer = self.tokenizer
+        if tokenizer.init_kwargs.get("pad_token") is not None or tokenizer.pad_token != tokenizer.eos_token:
+            return tokenizer
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = None
+        return tokenizer
+
     def on_fit_end(self) -> None:
         if self.export_dir:
             self.export(self.export_dir, merged=self.export_merged)
@@ -353,7 +363,7 @@ class CausalLMModule(L.LightningModule):
         try:
             with atomic_directory(directory) as staging:
                 model.save_pretrained(staging, safe_serialization=True)
-                self.tokenizer.save_pretrained(staging)
+                self._tokenizer_as_loaded().save_pretrained(staging)
         finally:
             if training_cache is False:
                 config.use_cache = False

@@ -158,6 +158,29 @@ def test_lr_schedule_arguments_are_checked():
         CausalLMModule(model="Qwen/Qwen2.5-7B-Instruct", lr_schedule="step")
 
 
+def test_export_does_not_persist_a_pad_token_borrowed_from_eos(tmp_path, tiny_models):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from conftest import CHAT_TEMPLATE, SPECIALS, WORDS
+
+    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(SPECIALS + WORDS)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    padless = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<|end|>")  # like Llama 3
+    padless.chat_template = CHAT_TEMPLATE
+    padless.save_pretrained(tmp_path / "padless")
+    module = CausalLMModule(model=tiny_models["llama"], tokenizer=str(tmp_path / "padless"))
+    module.configure_model()
+    assert module.tokenizer.pad_token == "<|end|>"  # borrowed for batching
+    module.export(str(tmp_path / "export"))
+    assert AutoTokenizer.from_pretrained(tmp_path / "export").pad_token is None
+    assert module.tokenizer.pad_token == "<|end|>"  # the run's own tokenizer keeps it
+    module = CausalLMModule(model=tiny_models["llama"])  # a tokenizer with its own pad token keeps it
+    module.configure_model()
+    module.export(str(tmp_path / "export2"))
+    assert AutoTokenizer.from_pretrained(tmp_path / "export2").pad_token == module.tokenizer.pad_token == "<pad>"
+
+
 @pytest.mark.parametrize("merged", [True, False])
 def test_export_writes_a_loadable_hf_directory(tmp_path, tiny_models, chat_file, merged):
     module = fit(tmp_path, tiny_models["llama"], chat_file, lora_r=4, gradient_checkpointing=True,
