@@ -79,6 +79,10 @@ class CausalLMModule(L.LightningModule):
         warmup_steps: Optimizer steps of linear warm-up from 0 for ``lr_schedule``.
         export_dir: Write a Hugging Face directory here at the end of ``fit``.
         export_merged: Export LoRA merged into the base weights (False: the adapter only).
+        loss_normalization: ``batch``: each micro-batch's mean answer-token loss, averaged over gradient
+            accumulation (Lightning's way: a token in a short micro-batch weighs more); ``token``: every answer
+            token of an optimizer step weighs the same, across micro-batches and processes (transformers'
+            Trainer's way), by rescaling the accumulated gradients before the step.
         predict_max_new_tokens: Greedy tokens per answer in ``lightning predict`` (rendered with the
             datamodule's ``system_prompt``; ``rg_lightning.PredictionWriter`` writes the answers to a file).
     """
@@ -102,6 +106,7 @@ class CausalLMModule(L.LightningModule):
         warmup_steps: int = 0,
         export_dir: str | None = None,
         export_merged: bool = True,
+        loss_normalization: Literal["batch", "token"] = "batch",
         predict_max_new_tokens: int = 256,
     ) -> None:
         super().__init__()
@@ -121,6 +126,8 @@ class CausalLMModule(L.LightningModule):
         if warmup_steps < 0 or (warmup_steps and lr_schedule is None):
             raise ValueError(f"warmup_steps must be >= 0 and needs an lr_schedule; got {warmup_steps} with "
                              f"{lr_schedule!r}")
+        if loss_normalization not in ("batch", "token"):
+            raise ValueError(f"loss_normalization must be batch or token, got {loss_normalization!r}")
         if predict_max_new_tokens < 1:
             raise ValueError(f"predict_max_new_tokens must be positive, got {predict_max_new_tokens}")
         if quantization and lora_r == 0:
@@ -142,6 +149,8 @@ class CausalLMModule(L.LightningModule):
         self.export_dir = export_dir
         self.export_merged = export_merged
         self.predict_max_new_tokens = predict_max_new_tokens
+        self.loss_normalization = loss_normalization
+        self._step_tokens: torch.Tensor | None = None  # answer tokens of this optimizer step's micro-batches
         self.model = None
         self._tokenizer = None
         # Adapter-only checkpoints hold just the trainable weights; the base comes from `model` again.
@@ -248,7 +257,26 @@ class CausalLMModule(L.LightningModule):
         return output.loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        loss = self._shared_step(batch, "train")
+        if self.loss_normalization == "batch":
+            return loss
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        self._step_tokens = tokens if self._step_tokens is None else self._step_tokens + tokens
+        return loss * tokens  # the token sum; divided by the step's token count in on_before_optimizer_step
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """``token`` normalisation: the accumulated gradients are sums of token losses over the micro-batches
+        (each divided by ``accumulate_grad_batches`` by Lightning, averaged over processes by DDP/FSDP2); one
+        factor turns them into the gradient of the mean over every answer token of the step."""
+        if self.loss_normalization == "batch" or self._step_tokens is None:
+            return
+        total = float(self.trainer.strategy.reduce(self._step_tokens.float(), reduce_op="sum"))
+        self._step_tokens = None
+        factor = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(total, 1.0)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._shared_step(batch, "val")

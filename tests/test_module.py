@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from conftest import write_jsonl
 from rg_lightning import CausalLMModule, InstructionDataModule
 
 
@@ -146,6 +147,39 @@ def test_lr_schedule_reaches_zero_at_the_fits_last_step(tmp_path, tiny_models, c
     torch.testing.assert_close(seen[7], 0.05)  # halfway through the 10 decay steps (both shapes)
     torch.testing.assert_close(seen[-1], 0.01 if schedule == "linear" else 0.05 * (1 + math.cos(0.9 * math.pi)))
     assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_token_normalisation_gives_the_gradient_of_the_mean_over_every_answer_token(tmp_path, tiny_models):
+    class Record(L.Callback):
+        def __init__(self):
+            self.batches, self.grads = [], []
+
+        def on_train_start(self, trainer, pl_module):
+            def keep(optimizer, *_):  # after the step: the closure (backward, hooks) runs inside it
+                self.grads.append({n: p.grad.clone() for n, p in pl_module.model.named_parameters()})
+            trainer.optimizers[0].register_step_post_hook(keep)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.batches.append({k: v.clone() for k, v in batch.items()})
+
+    record = Record()
+    L.seed_everything(0)
+    module = CausalLMModule(model=tiny_models["llama"], optimizer=adamw(), loss_normalization="token")
+    initial = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).state_dict().items()}
+    answers = ["sure .", "sure here you go . sure here you go .", "cannot help with that .", "go ."]
+    rows = [{"prompt": "how do i bake a cake ?", "completion": answers[i % 4]} for i in range(7)]
+    data = InstructionDataModule(train=write_jsonl(tmp_path / "uneven.jsonl", rows), batch_size=3)
+    trainer(tmp_path, 1, accumulate_grad_batches=2, callbacks=[record]).fit(module, data)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    reference.load_state_dict(initial)
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in record.batches[:2]]
+    assert counts[0] != counts[1]  # so the mean of the micro-batch means ("batch") would differ
+    total = sum(reference(**b).loss * n for b, n in zip(record.batches[:2], counts)) / sum(counts)
+    total.backward()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(record.grads[0][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="loss_normalization"):
+        CausalLMModule(model=tiny_models["llama"], loss_normalization="sample")
 
 
 def test_lr_schedule_arguments_are_checked():
