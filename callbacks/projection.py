@@ -229,7 +229,10 @@ class RepresentationProjection(L.Callback):
         )
         self._groups = {id(p): group for optimizer in trainer.optimizers for group in optimizer.param_groups
                         for p in group["params"]}
-        self._trained = {id(p) for p in self._optimized(trainer.optimizers)}
+        optimized = [p for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]]
+        self._trained = {id(p) for p in optimized if p.requires_grad}
+        self._frozen = [p for p in optimized if not p.requires_grad]  # watched: unfreezing them is refused
+        self._n_optimized = len(optimized)
         embedding = model.get_input_embeddings().weight if self.hold_absent_rows else None
         self._embedding = embedding if embedding is not None and embedding.requires_grad else None
         self._present = None
@@ -245,15 +248,14 @@ class RepresentationProjection(L.Callback):
         if self._embedding is not None:
             self._present = batch_token_mask(_input_ids(batch), self._embedding.shape[0], self._present)
 
-    @staticmethod
-    def _optimized(optimizers) -> list:
-        return [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]
-                if p.requires_grad]
-
-    def _check_nothing_unfrozen(self, pl_module, optimizer) -> None:
+    def _check_nothing_unfrozen(self, trainer, pl_module) -> None:
         """The basis covers what was trainable at fit start; a weight unfrozen later (``BaseFinetuning``) would
-        train unconstrained, so it stops the run instead."""
-        late = {id(p) for p in self._optimized([optimizer])} - self._trained
+        train unconstrained, so it stops the run instead. Per step only a count and the frozen weights' flags are
+        read; the parameters are listed only when one of them changed."""
+        groups = [group for optimizer in trainer.optimizers for group in optimizer.param_groups]
+        if sum(len(g["params"]) for g in groups) == self._n_optimized and not any(p.requires_grad for p in self._frozen):
+            return
+        late = {id(p) for g in groups for p in g["params"] if p.requires_grad} - self._trained
         if late:
             names = [n for n, p in pl_module.named_parameters() if id(p) in late]
             raise RuntimeError(f"RepresentationProjection: {len(late)} parameters became trainable after fit start "
@@ -263,7 +265,7 @@ class RepresentationProjection(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.constraints is None:
             return
-        self._check_nothing_unfrozen(pl_module, optimizer)
+        self._check_nothing_unfrozen(trainer, pl_module)
         if self._embedding is not None and self._present is not None:
             # Every rank holds the rows of any rank's batch: the DDP-averaged gradient is the same everywhere.
             present = trainer.strategy.reduce(self._present.to(self._embedding.device, torch.int32), reduce_op="sum")

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from rg_lightning.atomic import atomic_directory
 from rg_lightning.chat import IGNORE_INDEX
+from rg_lightning.contract import system_prompt_of
 from rg_lightning.fsdp2 import check_data_parallel_mesh, shard_model
 from rg_lightning.generation import generate
 from rg_lightning.guard.shards import uses_fsdp2
@@ -287,9 +288,8 @@ class CausalLMModule(L.LightningModule):
     def predict_step(self, batch: list[str], batch_idx: int) -> list[str]:
         """Greedy answers to a batch of prompt strings (``InstructionDataModule.predict_dataloader``), with the
         system prompt the data was trained with."""
-        system_prompt = getattr(self.trainer.datamodule, "system_prompt", None) if self._trainer is not None else None
-        return self.generate(batch, max_new_tokens=self.predict_max_new_tokens, system_prompt=system_prompt,
-                             batch_size=len(batch))
+        return self.generate(batch, max_new_tokens=self.predict_max_new_tokens,
+                             system_prompt=system_prompt_of(None, self._trainer), batch_size=len(batch))
 
     def configure_optimizers(self):
         params = [p for p in self._require_model().parameters() if p.requires_grad]
