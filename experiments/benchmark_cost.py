@@ -9,7 +9,8 @@ trained model's; ``--rank`` fixes them). The guarded arm does what ``Representat
 step: gradients projected before the optimizer step, weights restored after it.
 Ratios come from one process, arms interleaved step by step, so machine noise hits both alike.
 Reports the median ratio and its spread (min-max over repeats) as Markdown on stdout and as JSON, and the
-basis pass's throughput with and without its eigendecompositions (a fixed cost, whatever the prompt count).
+basis pass's throughput with and without its eigendecompositions (a fixed cost, whatever the prompt count),
+and the seconds it spends in them and in the Gram updates (float64 ``Σ x xᵀ`` of every protected input).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2C
 
 from rg_lightning.guard.collect import collect_basis, protected_modules
 from rg_lightning.guard.projection import build_constraints
+from rg_lightning.guard.statistics import GramAccumulator
 
 SIZES = {
     "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -77,26 +79,30 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-class timed_eigh:
-    """Within the block, ``torch.linalg.eigh`` adds its wall time to ``.seconds`` (device synchronised)."""
+class timed:
+    """Within the block, ``owner.name`` (a function or method) adds its wall time to ``.seconds``, device
+    synchronised around each call: where the basis pass spends its time."""
 
-    def __init__(self, device: str) -> None:
-        self.device, self.seconds, self._eigh = device, 0.0, torch.linalg.eigh
+    def __init__(self, owner, name: str, device: str) -> None:
+        self.owner, self.name, self.device, self.seconds = owner, name, device, 0.0
+        self._original = getattr(owner, name)
 
-    def _timed(self, *args, **kwargs):
-        sync(self.device)
-        start = time.perf_counter()
-        result = self._eigh(*args, **kwargs)
-        sync(self.device)
-        self.seconds += time.perf_counter() - start
-        return result
+    def __enter__(self) -> "timed":
+        original = self._original
 
-    def __enter__(self) -> "timed_eigh":
-        torch.linalg.eigh = self._timed
+        def wrapper(*args, **kwargs):  # a plain function, so a method patched on its class still gets self
+            sync(self.device)
+            start = time.perf_counter()
+            result = original(*args, **kwargs)
+            sync(self.device)
+            self.seconds += time.perf_counter() - start
+            return result
+
+        setattr(self.owner, self.name, wrapper)
         return self
 
     def __exit__(self, *exc) -> None:
-        torch.linalg.eigh = self._eigh
+        setattr(self.owner, self.name, self._original)
 
 
 def measure(family: str, size: str, device: str, steps: int, batch: int, length: int,
@@ -130,7 +136,7 @@ def measure(family: str, size: str, device: str, steps: int, batch: int, length:
     forward_seconds = plain_forward()
     sync(device)
     start = time.perf_counter()
-    with timed_eigh(device) as decomposition:
+    with timed(torch.linalg, "eigh", device) as decomposition, timed(GramAccumulator, "update", device) as gram:
         basis = collect_basis(model, tokenizer, harmful, harmless, energy=energy, rank=rank, answer_tokens=0,
                               batch_size=16)
     sync(device)
@@ -169,6 +175,7 @@ def measure(family: str, size: str, device: str, steps: int, batch: int, length:
             "basis_throughput_share": forward_seconds / basis_seconds,
             "basis_throughput_share_without_decomposition": forward_seconds / (basis_seconds - decomposition.seconds),
             "decomposition_seconds": decomposition.seconds,
+            "basis_seconds": basis_seconds, "plain_forward_seconds": forward_seconds, "gram_seconds": gram.seconds,
             "protected_modules": protected,
             "subspace_dims": sorted({int(b.shape[1]) for b in basis.subspaces.values()}),
         })
@@ -198,14 +205,16 @@ def main() -> None:
     print(f"Machine: {machine}; torch {torch.__version__}; {args.steps} timed steps, batch {args.batch} x {args.length}; "
           f"{subspaces}")
     print("| family | mode | step time guarded/plain (median, min-max) | plain step ms | extra memory / weights "
-          "| basis pass / plain forward throughput (without eigendecompositions) | eigendecompositions s "
-          "| subspace dims |\n|---|---|---|---|---|---|---|---|")
+          "| basis pass / plain forward throughput (without eigendecompositions) | basis pass s: eigendecompositions "
+          "/ Gram updates / rest (plain forward s) | subspace dims |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         dims = r["subspace_dims"]
         print(f"| {r['family']} ({r['size']}) | {r['mode']} | {r['step_ratio_median']:.3f} ({r['step_ratio_min']:.3f}-"
               f"{r['step_ratio_max']:.3f}) | {r['plain_step_ms']:.1f} | {r['extra_memory_share']:.2%} | "
               f"{r['basis_throughput_share']:.2f} ({r['basis_throughput_share_without_decomposition']:.2f}) | "
-              f"{r['decomposition_seconds']:.2f} | {dims[0]}-{dims[-1]} |")
+              f"{r['decomposition_seconds']:.2f} / {r['gram_seconds']:.2f} / "
+              f"{r['basis_seconds'] - r['decomposition_seconds'] - r['gram_seconds']:.2f} "
+              f"({r['plain_forward_seconds']:.2f}) | {dims[0]}-{dims[-1]} |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump({"args": {k: v for k, v in vars(args).items() if k != "out"}, "machine": machine,

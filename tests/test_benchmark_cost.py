@@ -20,5 +20,6 @@ def test_cost_benchmark_reports_every_measure(tmp_path):
         assert r["subspace_dims"] == [4]
         assert r["step_ratio_median"] > 0 and r["plain_step_ms"] > 0 and r["extra_memory_share"] > 0
         assert 0 < r["basis_throughput_share"] < r["basis_throughput_share_without_decomposition"]
-        assert r["decomposition_seconds"] > 0
+        assert r["decomposition_seconds"] > 0 and r["gram_seconds"] > 0
+        assert r["decomposition_seconds"] + r["gram_seconds"] < r["basis_seconds"]
     assert "| llama (tiny) | full |" in run.stdout
