@@ -29,7 +29,8 @@ class SafetyEvaluation(L.Callback):
     Args:
         benchmarks: Safety benchmarks (names, ``"name=path"`` or ``{name, path, limit}``); see EvaluationSuite.
         tasks: Utility tasks, same forms.
-        judges: Judges of the full evaluation (test / validate).
+        judges: Judges of the full evaluation (test / validate): names or ``{name, <options>}`` mappings, e.g.
+            ``{name: llama_guard_3, min_words: 15}``.
         limit: Prompts per benchmark and task in the full evaluation (``None`` = all).
         max_new_tokens: Greedy tokens per safety answer.
         task_max_new_tokens: Greedy tokens per task answer (``None``: each task's default, e.g. 256 for GSM8K).
@@ -54,7 +55,7 @@ class SafetyEvaluation(L.Callback):
         self,
         benchmarks: list[str | dict] = ("advbench", "directharm4", "jailbreakbench", "jailbreakbench_benign"),
         tasks: list[str | dict] = (),
-        judges: list[str] = ("keyword:jailbreakbench", "keyword:gcg"),
+        judges: list[str | dict] = ("keyword:jailbreakbench", "keyword:gcg"),
         limit: int | None = None,
         max_new_tokens: int = 64,
         task_max_new_tokens: int | None = None,
@@ -64,7 +65,7 @@ class SafetyEvaluation(L.Callback):
         every_n_steps: int | None = None,
         on_validation: bool = False,
         fit_benchmarks: list[str | dict] | None = None,
-        fit_judges: list[str] = ("logit",),
+        fit_judges: list[str | dict] = ("logit",),
         fit_limit: int = 32,
         output_dir: str | None = None,
         exclude_basis_prompts: bool = True,

@@ -7,6 +7,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from rg_lightning.chat import render_prompt
 from rg_lightning.guard.shards import process_world, reshard, uses_fsdp2
+from rg_lightning.modes import enter_eval
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -29,16 +30,16 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
     at ``max_new_tokens``).
 
     Left padding puts every prompt's last token at the same edge, which greedy decoding needs. The
-    tokenizer's padding side and the model's train/eval mode are restored afterwards. ``progress`` is an
+    tokenizer's padding side and every module's train/eval mode are restored afterwards. ``progress`` is an
     optional tqdm-like bar, advanced per batch and closed at the end. Under FSDP2 every forward is a
     collective, so every process must call this with as many batches, and decoding runs until every process
     is done (``synced_gpus``); the weights are put back into their shards afterwards.
     """
     sharded = uses_fsdp2(model)
     synced = sharded and process_world()[1] > 1
-    was_training, side = model.training, tokenizer.padding_side
+    side = tokenizer.padding_side
     device = next(model.parameters()).device
-    model.eval()
+    restore_modes = enter_eval(model)
     tokenizer.padding_side = "left"
     answers: list[str] = []
     finished: list[bool] = []
@@ -59,7 +60,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
         if progress is not None:
             progress.close()
         tokenizer.padding_side = side
-        model.train(was_training)
+        restore_modes()
         if sharded:
             reshard(model)
     answers = [answer.strip() for answer in answers]

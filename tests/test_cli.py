@@ -89,6 +89,19 @@ def test_every_shipped_config_validates(config, capsys):
     assert printed["model"]["class_path"] and printed["data"]["class_path"]
 
 
+
+def test_judges_with_options_parse_from_a_config(tmp_path, tiny_models, chat_file, capsys):
+    """The README's and the recipes' `{name, <options>}` judge form passes LightningCLI's type check."""
+    judge = {"name": "keyword:jailbreakbench", "min_words": 15}
+    evaluation = {"class_path": "rg_lightning.callbacks.SafetyEvaluation",
+                  "init_args": {"benchmarks": ["toy:harmful"], "judges": [judge], "fit_judges": [judge]}}
+    config = write_config(tmp_path, tiny_models["llama"], chat_file, **{"trainer.callbacks": [evaluation]})
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", config, "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err[-2000:]
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["callbacks"][0]["init_args"]["judges"] == [judge]
+
 def test_console_script_and_module_entry_point(tmp_path):
     config = EXPERIMENTS[0]
     for command in (["lightning"], [sys.executable, "-m", "rg_lightning"]):

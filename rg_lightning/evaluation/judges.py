@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from rg_lightning.chat import render_prompt
+from rg_lightning.modes import enter_eval
 from rg_lightning.module import check_model_source, load_tokenizer
 from rg_lightning.refusal_score import REFUSAL_WORDS, refusal_score, refusal_token_ids
 
@@ -186,8 +187,7 @@ class LogitRefusalJudge(Judge):
         ids = refusal_token_ids(tokenizer, self.refusal_words)
         texts = [render_prompt(tokenizer, b, system_prompt=system_prompt) for b in behaviours]
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
+        restore_modes = enter_eval(model)
         scores = []
         try:
             for start in range(0, len(texts), self.batch_size):
@@ -197,7 +197,7 @@ class LogitRefusalJudge(Judge):
                 logits = model(**batch, position_ids=positions, logits_to_keep=1).logits[:, -1, :]
                 scores.append(refusal_score(logits, ids).cpu())
         finally:
-            model.train(was_training)
+            restore_modes()
         return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
 
     def __call__(self, behaviours, responses=None, *, model=None, tokenizer=None, system_prompt=None) -> list[bool]:
@@ -298,8 +298,7 @@ class ModelJudge(Judge):
     @torch.no_grad()
     def _complete(self, texts: list[str], model, tokenizer) -> list[str]:
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
+        restore_modes = enter_eval(model)
         outputs: list[str] = []
         try:
             for start in range(0, len(texts), self.batch_size):
@@ -308,7 +307,7 @@ class ModelJudge(Judge):
                                         pad_token_id=tokenizer.pad_token_id)
                 outputs += tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         finally:
-            model.train(was_training)
+            restore_modes()
         return outputs
 
     def __call__(self, behaviours, responses, *, model=None, tokenizer=None, system_prompt=None) -> list[bool]:

@@ -28,6 +28,7 @@ from rg_lightning.guard.projection import canonical_name
 from rg_lightning.guard.shards import prompt_world
 from rg_lightning.guard.statistics import GramAccumulator, MeanAccumulator, capture_linear_inputs
 from rg_lightning.guard.subspace import centered_subspace, extend_basis, soft_subspace
+from rg_lightning.modes import enter_eval
 
 
 def post_instruction_length(tokenizer, system_prompt: str | None = None) -> int:
@@ -239,8 +240,7 @@ def collect_basis(
     if set(harmful) == set(harmless):
         raise ValueError("The harmful and harmless prompt sets are identical: the refusal direction would be zero.")
     require_chat_template(tokenizer)
-    was_training = model.training
-    model.eval()
+    restore_modes = enter_eval(model)
     device = next(model.parameters()).device
     process, processes = prompt_world(model)
     n_positions = post_instruction_length(tokenizer, system_prompt)
@@ -349,7 +349,7 @@ def collect_basis(
             dist.all_gather_object(gathered, sorted(token_ids))
             token_ids = {t for ids in gathered for t in ids}
     finally:
-        model.train(was_training)
+        restore_modes()
 
     def stacked(accumulator: MeanAccumulator) -> torch.Tensor:
         return torch.stack([torch.stack([accumulator.mean((layer, p)) for p in range(n_positions)])

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from rg_lightning.chat import render_prompt
 from rg_lightning.guard.shards import prompt_world
+from rg_lightning.modes import eval_mode
 from rg_lightning.refusal_score import refusal_score, refusal_token_ids
 
 MAX_LAYER_FRACTION = 0.8
@@ -122,13 +123,8 @@ def activation_addition(model: nn.Module, vectors: Tensor, layers: Tensor | int)
 # -- batched measurements ------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _evaluating(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def encode_prompts(tokenizer, prompts: list[str], system_prompt: str | None = None) -> dict[str, Tensor]:
