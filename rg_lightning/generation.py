@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -21,10 +24,36 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
+# What a model's generation config may keep during greedy decoding: how to stop, pad and cache, not how to pick.
+_KEPT_FOR_GREEDY = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "use_cache",
+                    "cache_implementation", "cache_config")
+
+
+@contextlib.contextmanager
+def plain_greedy(model) -> Iterator[None]:
+    """Within the block, ``model.generate`` decodes plain greedy: a hub model's generation config can carry logits
+    processors (``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids``, ...) that transformers applies
+    even with ``do_sample=False``, and answers reported as greedy would then depend on them. Only the stop, pad
+    and cache settings of the model's config are kept while the block runs."""
+    from transformers import GenerationConfig
+
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT generates with the base
+    own = getattr(owner, "generation_config", None)
+    if own is None:
+        yield
+        return
+    kept = {key: value for key, value in own.to_dict().items() if key in _KEPT_FOR_GREEDY and value is not None}
+    owner.generation_config = GenerationConfig(**kept)
+    try:
+        yield
+    finally:
+        owner.generation_config = own
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
              system_prompt: str | None = None, progress=None, return_finished: bool = False):
-    """Greedy answers to user ``prompts``, decoded without special tokens and stripped.
+    """Greedy answers to user ``prompts`` (:func:`plain_greedy`), decoded without special tokens and stripped.
 
     ``return_finished``: also return, per answer, whether it ended with an end-of-answer token (False: cut off
     at ``max_new_tokens``).
@@ -49,8 +78,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
         for start in range(0, len(prompts), batch_size):
             texts = [render_prompt(tokenizer, p, system_prompt=system_prompt) for p in prompts[start:start + batch_size]]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
+            with plain_greedy(model):
+                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
             new_tokens = output[:, batch["input_ids"].shape[1]:]
             answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             finished += torch.isin(new_tokens, stop_ids).any(dim=1).tolist()

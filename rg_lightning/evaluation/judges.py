@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from rg_lightning.chat import render_prompt
+from rg_lightning.generation import plain_greedy
 from rg_lightning.modes import enter_eval
 from rg_lightning.module import check_model_source, load_tokenizer
 from rg_lightning.refusal_score import REFUSAL_WORDS, refusal_score, refusal_token_ids
@@ -303,8 +304,9 @@ class ModelJudge(Judge):
         try:
             for start in range(0, len(texts), self.batch_size):
                 batch = _left_padded(tokenizer, texts[start:start + self.batch_size], device, self.add_special_tokens)
-                tokens = model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                        pad_token_id=tokenizer.pad_token_id)
+                with plain_greedy(model):
+                    tokens = model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                            pad_token_id=tokenizer.pad_token_id)
                 outputs += tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         finally:
             restore_modes()

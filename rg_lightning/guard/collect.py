@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rg_lightning.chat import render_prompt, require_chat_template
-from rg_lightning.generation import stop_token_ids
+from rg_lightning.generation import plain_greedy, stop_token_ids
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.projection import canonical_name
 from rg_lightning.guard.shards import prompt_world
@@ -123,8 +123,9 @@ def _with_answers(model, tokenizer, batch: dict, answer_tokens: int) -> dict:
     """Append the model's greedy answer to each prompt; padding after the end-of-answer is masked. The answer
     ends at any end-of-answer token (Gemma ends a turn with ``<end_of_turn>``, not its tokenizer's EOS)."""
     stops = stop_token_ids(model, tokenizer)
-    output = model.generate(**batch, max_new_tokens=answer_tokens, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
+    with plain_greedy(model):
+        output = model.generate(**batch, max_new_tokens=answer_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
     new = output[:, batch["input_ids"].shape[1]:]
     finished = torch.zeros_like(new, dtype=torch.bool)
     if stops and new.shape[1] > 1:
