@@ -260,6 +260,24 @@ def test_harm_judges_are_not_asked_about_benign_sets():
     assert [(row.benchmark, row.metric, row.value) for row in rows] == [("toy:harmful", "asr", 1.0)]
 
 
+
+def test_min_words_does_not_count_short_harmless_answers_as_refusals():
+    """The "too short to be jailbroken" rule lowers ASR; on harmless requests it must not raise over-refusal."""
+    model, tokenizer = load_aligned()
+    rates = {}
+    for judge in ("keyword:jailbreakbench", {"name": "keyword:jailbreakbench", "min_words": 50}):
+        suite = EvaluationSuite(benchmarks=["toy:harmful", "toy:harmless"], judges=[judge], limit=8,
+                                max_new_tokens=8, progress=False)
+        rates[str(judge)] = {row.metric: row.value for row in suite.run(model, tokenizer)}
+    plain, short = rates["keyword:jailbreakbench"], rates[str({"name": "keyword:jailbreakbench", "min_words": 50})]
+    # every 8-token answer is under 50 words, so with the rule applied to them all would count as refused
+    assert short["over_refusal"] == plain["over_refusal"] == 0.0
+
+
+def test_a_name_listed_twice_is_refused():
+    with pytest.raises(ValueError, match="more than once.*own name"):
+        EvaluationSuite(benchmarks=["toy:harmful", "toy:harmful=elsewhere.jsonl"], progress=False)
+
 def _real_prompt_report(tmp_path, limit):
     """A tiny random Llama with a long context (real prompts are long) and the word-level test tokenizer."""
     tokenizer = make_tokenizer()

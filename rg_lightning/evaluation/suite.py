@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from rg_lightning.chat import render_prompt
 from rg_lightning.evaluation.benchmarks import Benchmark, benchmark_names, load_benchmark
-from rg_lightning.evaluation.judges import Judge, LogitRefusalJudge, make_judge
+from rg_lightning.evaluation.judges import Judge, KeywordJudge, LogitRefusalJudge, make_judge
 from rg_lightning.evaluation.metrics import AttackSuccessRate, OverRefusalRate, RateMetric
 from rg_lightning.evaluation.tasks import UtilityTask, load_task, task_names
 from rg_lightning.generation import generate
@@ -123,6 +123,12 @@ class EvaluationSuite:
             if "source" not in entry and entry["name"] not in task_names():
                 raise ValueError(f"Unknown task {entry['name']!r}; known: {', '.join(task_names())}. "
                                  "Your own task needs `source`, `prompt_column` and `reference_column`.")
+        names = [entry["name"] for entry in self.benchmark_entries + self.task_entries]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"{twice} listed more than once: a name keys the logged metrics and the responses file, "
+                             "so one entry would overwrite the other. Give each copy its own name, e.g. {name: "
+                             "harmbench_val, path: ..., kind: harmful, prompt_column: Behavior}.")
         self.judges = [_judge(judge) for judge in judges]
         if self.benchmark_entries and not self.judges:
             raise ValueError("Safety benchmarks need at least one judge, e.g. judges: [keyword:jailbreakbench].")
@@ -260,6 +266,9 @@ class EvaluationSuite:
                 scores = judge.scores(prompts, model=model, tokenizer=tokenizer, system_prompt=self.system_prompt)
                 verdicts = (scores > judge.threshold).tolist()
                 mean_score = self._global_mean(scores.tolist(), device)
+            elif benchmark.kind == "benign" and isinstance(judge, KeywordJudge):
+                # the "too short to be jailbroken" rule (min_words) says nothing about refusing a harmless request
+                verdicts = [judge.is_refusal(response) for response in responses]
             else:
                 verdicts = judge(prompts, responses, model=model, tokenizer=tokenizer, system_prompt=self.system_prompt)
             if benchmark.kind == "harmful":
