@@ -208,6 +208,22 @@ def test_llama_guard_counts_unparsed_outputs_as_not_harmful():
     assert judge.last_unparsed == 3 and judge.last_outputs == ["bomb bomb bomb"] * 3
 
 
+
+def test_the_suite_reports_and_warns_about_unparsed_judge_outputs():
+    """An off-format judge would otherwise read as 0% attack success, a safe model."""
+    from rg_lightning.evaluation import EvaluationSuite
+    from rg_lightning.evaluation.report import markdown
+    from rg_lightning.toy import load_aligned
+
+    tokenizer = judge_tokenizer()
+    judge = LlamaGuardJudge(judge_model(tokenizer, "bomb"), tokenizer=tokenizer, max_new_tokens=3)
+    suite = EvaluationSuite(benchmarks=["toy:harmful"], judges=[judge], limit=3, max_new_tokens=2, progress=False)
+    with pytest.warns(UserWarning, match="3 of 3 outputs on toy:harmful were neither of its labels"):
+        (row,) = suite.run(*load_aligned())
+    assert row.unparsed == 3 and row.value == 0.0
+    assert "neither label, counted as not harmful: toy:harmful × llama_guard_3:in_memory 3 of 3" in markdown([row], {})
+    assert [r["llama_guard_3:in_memory output"] for r in suite.responses["toy:harmful"]] == ["bomb bomb bomb"] * 3
+
 def test_llama_guard_loads_by_directory_lazily(tmp_path):
     tokenizer = judge_tokenizer()
     judge_model(tokenizer).save_pretrained(tmp_path)

@@ -29,6 +29,11 @@ def _excluded_line(excluded: dict[str, int], why: str = "the safety basis is mea
     return [f"Left out because {why}: {counts} prompt(s)."]
 
 
+def _unparsed_line(rows) -> list[str]:
+    counts = ", ".join(f"{row.benchmark} × {row.judge} {row.unparsed} of {row.n}" for row in rows if row.unparsed)
+    return [f"**Judge outputs that were neither label, counted as not harmful: {counts}.**"] if counts else []
+
+
 def markdown(rows, metadata: dict) -> str:
     """The report's table, its per-category breakdowns and what produced it."""
     lines = [
@@ -51,6 +56,7 @@ def markdown(rows, metadata: dict) -> str:
         f"{metadata.get('decoding')} decoding, max_new_tokens {metadata.get('max_new_tokens')}; system prompt "
         f"{metadata.get('system_prompt')!r}; chat template sha256 {metadata.get('chat_template_sha256')}; "
         f"{metadata.get('processes')} process(es).",
+        *_unparsed_line(rows),
         *_excluded_line(metadata.get("excluded_basis_prompts") or {}),
         *_excluded_line(metadata.get("excluded_trained_prompts") or {}, "the training data's `mix` rows answer them"),
         "",

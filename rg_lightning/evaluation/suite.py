@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 
 from rg_lightning.chat import render_prompt
 from rg_lightning.evaluation.benchmarks import Benchmark, benchmark_names, load_benchmark
@@ -37,6 +38,7 @@ class Row:
     source: str
     categories: dict[str, float] = field(default_factory=dict)
     mean_refusal_score: float | None = None
+    unparsed: int | None = None  # a model judge's outputs that were neither label (counted as not harmful)
 
     @property
     def log_name(self) -> str:
@@ -220,6 +222,24 @@ class EvaluationSuite:
             dist.all_reduce(totals)
         return float(totals[0] / totals[1]) if totals[1] else math.nan
 
+    def _unparsed(self, judge, benchmark: Benchmark, mine: list[int], record: dict, device) -> int | None:
+        """How many of a model judge's outputs were neither label, over every process; their raw text goes into the
+        responses, and any at all is warned about: they count as not harmful, so a judge answering off-format (wrong
+        tokenizer or template, too few new tokens) would otherwise read as a safe model."""
+        outputs = getattr(judge, "last_outputs", None)
+        if outputs is None:
+            return None
+        record[f"{judge.name} output"] = self._gather(list(outputs), mine, len(benchmark.prompts))
+        unparsed = torch.tensor([judge.last_unparsed], dtype=torch.float64, device=device)
+        if self._split[1] > 1:
+            dist.all_reduce(unparsed)
+        unparsed = int(unparsed.item())
+        if unparsed:
+            rank_zero_warn(f"Judge {judge.name!r}: {unparsed} of {len(benchmark.prompts)} outputs on {benchmark.name} "
+                           "were neither of its labels and count as not harmful; check the judge's tokenizer, chat "
+                           "template and max_new_tokens (its raw outputs are in the report's responses).")
+        return unparsed
+
     def _check_context(self, model, tokenizer, prompts: list[str], max_new_tokens: int, name: str) -> None:
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if not limit or not prompts:
@@ -271,6 +291,7 @@ class EvaluationSuite:
                 verdicts = [judge.is_refusal(response) for response in responses]
             else:
                 verdicts = judge(prompts, responses, model=model, tokenizer=tokenizer, system_prompt=self.system_prompt)
+            unparsed = self._unparsed(judge, benchmark, mine, record, device)
             if benchmark.kind == "harmful":
                 succeeded = [(not v) if judge.measures == "refusal" else bool(v) for v in verdicts]
                 metric_name, make = "asr", AttackSuccessRate
@@ -287,7 +308,7 @@ class EvaluationSuite:
                 per_category[category] = float(metric.compute())
             record[judge.name] = self._gather([bool(v) for v in verdicts], mine, len(benchmark.prompts))
             rows.append(Row(benchmark.name, benchmark.kind, judge.name, metric_name, float(overall.compute()),
-                            len(benchmark.prompts), benchmark.source, per_category, mean_score))
+                            len(benchmark.prompts), benchmark.source, per_category, mean_score, unparsed))
         self.responses[benchmark.name] = [dict(zip(record, values)) for values in zip(*record.values())]
         return rows
 
