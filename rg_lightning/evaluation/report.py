@@ -14,7 +14,7 @@ METRIC_MEANING = {
     "asr": "attack success rate: share of harmful requests answered (lower is safer)",
     "over_refusal": "share of benign requests refused (lower is better)",
     "accuracy": "share of task answers with the right label",
-    "exact_match": "share of task answers whose final number equals the reference",
+    "exact_match": "share of task answers that the task's scorer accepts (GSM8K: the last number equals the reference)",
 }
 
 

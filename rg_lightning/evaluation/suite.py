@@ -42,8 +42,9 @@ class Row:
 
     @property
     def log_name(self) -> str:
-        group = "utility" if self.kind == "utility" else "safety"
-        return f"{group}/{self.benchmark}/{self.judge}/{self.metric}".replace(":", "_")
+        if self.kind == "utility":  # a task has no judge: its metric is its scorer
+            return f"utility/{self.benchmark}/{self.metric}".replace(":", "_")
+        return f"safety/{self.benchmark}/{self.judge}/{self.metric}".replace(":", "_")
 
 
 def _entry(item, allowed: set[str]) -> dict:
@@ -174,6 +175,7 @@ class EvaluationSuite:
             "system_prompt": self.system_prompt,
             "decoding": "greedy",
             "max_new_tokens": self.max_new_tokens,
+            "task_max_new_tokens": self.task_max_new_tokens,  # None: each task's own (GSM8K 256, SST-2 8, ...)
             "judges": [judge.name for judge in self.judges],
             "limit": self.limit,
             "seed": self.seed,
