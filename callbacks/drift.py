@@ -1,14 +1,18 @@
 """DriftGeometry: watch what fine-tuning does to the geometry that mediates refusal.
 
 Every ``every_n_steps`` optimizer steps it runs the model (no gradient) on fixed harmful and harmless
-probe prompts and compares with the same probes at fit start: per-layer cosine between the current and
+probe prompts and compares with the same probes at fit start, per layer as SafetyBasis counts them (the
+residual stream at each decoder block's input, last position): cosine between the current and
 initial refusal direction, the harmful-vs-harmless gap along the initial direction, Fisher separation,
 principal angles between the initial and current harmful-activation subspaces, linear CKA, the mean
 refusal score on harmful probes (and the share of them it would refuse, score > 0; a warning when that share
 falls by more than ``warn_refusal_drop``) and the KL of harmless next-token distributions against the initial
 model. It also measures interference: the share of the task gradient's energy inside the protected
 subspaces, right after backward (before any projection, whatever the callbacks' order). Works with or
-without RepresentationProjection.
+without RepresentationProjection. A metric with no defined value is None (null in the JSON, NaN in the
+loggers): the direction metrics where the initial direction is 0 (layer 0, the embeddings, when the last
+template token is the same for every prompt) and interference when the gradient in the subspaces' modules is 0
+or not finite.
 """
 
 from __future__ import annotations
@@ -20,17 +24,74 @@ import os
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from torch import nn
 
 from rg_lightning.atomic import atomic_file
 from rg_lightning.callbacks.refusal_directions import RefusalDirections
 from rg_lightning.chat import render_prompt
 from rg_lightning.contract import check_unsharded, hf_model, system_prompt_of, tokenizer_of
-from rg_lightning.guard.geometry import cosine, fisher_ratio, kl_divergence, linear_cka, pca_2d, principal_angles
-from rg_lightning.guard.projection import subspace_energy
+from rg_lightning.guard.geometry import (
+    cosine,
+    fisher_ratio,
+    kl_divergence,
+    linear_cka,
+    pca_2d,
+    principal_angles,
+    projection_gap,
+    state_subspace,
+)
+from rg_lightning.guard.projection import canonical_name, subspace_energy
 from rg_lightning.guard.shards import is_sharded, local_rows, uses_fsdp2
-from rg_lightning.guard.subspace import top_subspace
+from rg_lightning.modes import eval_mode
 from rg_lightning.prompts import load_prompts
 from rg_lightning.refusal_score import refusal_score, refusal_token_ids
+
+
+def _defined(value: float) -> float | None:
+    """None for NaN (0/0: no defined value); inf stays (e.g. Fisher separation with zero spread)."""
+    return None if math.isnan(value) else value
+
+
+def _layer_metrics(h0: torch.Tensor, s0: torch.Tensor, h1: torch.Tensor, s1: torch.Tensor,
+                   subspace0: torch.Tensor) -> dict[str, float | None]:
+    """One layer's drift from its fit-start (``h0``, ``s0``) to its current harmful and harmless states.
+
+    The direction metrics are None where either refusal direction is 0: there is no direction to compare."""
+    direction0, direction1 = h0.mean(0) - s0.mean(0), h1.mean(0) - s1.mean(0)
+    angle = float(principal_angles(subspace0, state_subspace(h1, k=subspace0.shape[1])).max())
+    metrics = {"cka": _defined(linear_cka(torch.cat([h0, s0]), torch.cat([h1, s1]))), "angle": angle}
+    if not (direction0.any() and direction1.any()):
+        return {"cos": None, "gap": None, "fisher": None, **metrics}
+    return {"cos": cosine(direction1, direction0), "gap": projection_gap(h1, s1, direction0),
+            "fisher": _defined(fisher_ratio(h1, s1, direction0)), **metrics}
+
+
+def _reading_weights(model: nn.Module, names) -> dict[str, list[torch.Tensor]]:
+    """The trainable weights that read each named module's input: a LoRA layer's ``lora_A``, else a linear's
+    own weight (a frozen base layer has no gradient and adds nothing). Found by canonical name, so a basis
+    measured on the plain model works on its PEFT version."""
+    wanted = {canonical_name(name): name for name in names}
+    found = {name: [] for name in names}
+    for name, module in model.named_modules():
+        key = wanted.get(canonical_name(name))
+        if key is not None and hasattr(module, "lora_A"):
+            found[key] += [a.weight for a in module.lora_A.values()]
+        elif key is not None and isinstance(module, nn.Linear):
+            found[key].append(module.weight)
+    missing = [name for name, weights in found.items() if not weights]
+    if missing:
+        raise ValueError(f"DriftGeometry: the basis names modules this model lacks: {missing[:5]}")
+    return found
+
+
+def _json_safe(value):
+    """null for non-finite floats (inf Fisher separation, NaN from older histories): strict JSON has neither."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
 
 class DriftGeometry(L.Callback):
     """Logs drift metrics every ``every_n_steps`` and writes ``drift_summary.json`` and figures at fit end.
@@ -47,23 +108,26 @@ class DriftGeometry(L.Callback):
         figures: Write PNG figures at fit end.
         warn_refusal_drop: Warn (once) when the share of harmful probes the model would refuse (logit
             refusal score > 0) falls more than this below its value at fit start; ``None``: never.
+        batch_size: Probe prompts per forward pass (each holds every layer's hidden states).
     """
 
     def __init__(self, every_n_steps: int = 25, harmful=None, harmless=None, system_prompt: str | None = None,
                  n_probes: int = 32, seed: int = 7, figures: bool = True,
-                 warn_refusal_drop: float | None = 0.1) -> None:
-        if every_n_steps < 1 or n_probes < 2:
-            raise ValueError("every_n_steps must be >= 1 and n_probes >= 2")
+                 warn_refusal_drop: float | None = 0.1, batch_size: int = 16) -> None:
+        if every_n_steps < 1 or n_probes < 2 or batch_size < 1:
+            raise ValueError("every_n_steps and batch_size must be >= 1 and n_probes >= 2")
         if warn_refusal_drop is not None and not 0.0 <= warn_refusal_drop <= 1.0:
             raise ValueError(f"warn_refusal_drop must be in [0, 1] (or None), got {warn_refusal_drop}")
         self.every_n_steps, self.harmful, self.harmless = every_n_steps, harmful, harmless
         self.system_prompt = system_prompt
         self.n_probes, self.seed, self.figures = n_probes, seed, figures
         self.warn_refusal_drop, self._warned = warn_refusal_drop, False
+        self.batch_size = batch_size
         self.initial: dict[str, torch.Tensor] | None = None
+        self._subspaces0: list[torch.Tensor] | None = None  # of self.initial, computed once
         self.history: list[dict] = []
         self._probes: dict | None = None
-        self._interference: float | None = None
+        self._interference: dict[int, float | None] = {}  # measured at step -> value, until recorded
 
     # -- probes ------------------------------------------------------------------------------------------------
     def _sources(self, trainer):
@@ -97,48 +161,46 @@ class DriftGeometry(L.Callback):
 
     @torch.no_grad()
     def measure_states(self, trainer, pl_module) -> dict[str, torch.Tensor]:
-        """Last-position output of every decoder block, [layers, n, d], and last-position logits."""
+        """Last-position input of every decoder block, [layers, n, d], and last-position logits.
+
+        Block inputs are ``hidden_states[:-1]``, SafetyBasis' layers (layer 0: the embeddings); the last entry
+        is the final norm's output (transformers 5), on another scale than the blocks' residual stream."""
         model = hf_model(pl_module)
-        was_training = model.training
-        model.eval()
         device = next(model.parameters()).device
         out = {}
-        try:
-            for kind, batch in self._encode(trainer, pl_module).items():
-                batch = {k: v.to(device) for k, v in batch.items()}
-                positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-                result = model(**batch, position_ids=positions, output_hidden_states=True)
-                # outputs of every block (the embedding output of the last template token is the same for all)
-                out[f"{kind}_states"] = torch.stack([h[:, -1] for h in result.hidden_states[1:]]).double().cpu()
-                out[f"{kind}_logits"] = result.logits[:, -1].double().cpu()
-        finally:
-            model.train(was_training)
+        with eval_mode(model):
+            for kind, encoded in self._encode(trainer, pl_module).items():
+                states, logits = [], []
+                for start in range(0, len(encoded["input_ids"]), self.batch_size):
+                    batch = {k: v[start:start + self.batch_size].to(device) for k, v in encoded.items()}
+                    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+                    result = model(**batch, position_ids=positions, output_hidden_states=True, use_cache=False,
+                                   logits_to_keep=1)
+                    states.append(torch.stack([h[:, -1] for h in result.hidden_states[:-1]]).double().cpu())
+                    logits.append(result.logits[:, -1].double().cpu())
+                out[f"{kind}_states"], out[f"{kind}_logits"] = torch.cat(states, 1), torch.cat(logits)
         return out
 
     # -- metrics -----------------------------------------------------------------------------------------------
+    def initial_subspaces(self) -> list[torch.Tensor]:
+        """Per layer, the span of 90% of the fit-start harmful states' energy (they never change: cached)."""
+        if self._subspaces0 is None:
+            self._subspaces0 = [state_subspace(h, energy=0.9) for h in self.initial["harmful_states"]]
+        return self._subspaces0
+
     def metrics(self, now: dict[str, torch.Tensor]) -> dict:
         first = self.initial
-        layers = first["harmful_states"].shape[0]
-        per_layer = {"cos": [], "gap": [], "fisher": [], "cka": [], "angle": []}
-        for layer in range(layers):
-            h0, s0 = first["harmful_states"][layer], first["harmless_states"][layer]
-            h1, s1 = now["harmful_states"][layer], now["harmless_states"][layer]
-            direction0 = h0.mean(0) - s0.mean(0)
-            unit0 = direction0 / direction0.norm().clamp_min(1e-12)
-            per_layer["cos"].append(cosine(h1.mean(0) - s1.mean(0), direction0))
-            per_layer["gap"].append(float((h1 @ unit0).mean() - (s1 @ unit0).mean()))
-            per_layer["fisher"].append(fisher_ratio(h1, s1, unit0))
-            per_layer["cka"].append(linear_cka(torch.cat([h0, s0]), torch.cat([h1, s1])))
-            u0 = top_subspace(h0.T @ h0, energy=0.9)
-            u1 = top_subspace(h1.T @ h1, k=u0.shape[1])
-            per_layer["angle"].append(float(principal_angles(u0, u1).max()))
+        per_layer = [_layer_metrics(first["harmful_states"][layer], first["harmless_states"][layer],
+                                   now["harmful_states"][layer], now["harmless_states"][layer], subspace0)
+                     for layer, subspace0 in enumerate(self.initial_subspaces())]
         scores = refusal_score(now["harmful_logits"], self._refusal_ids)
-        summary = {f"{name}_layer{i}": value for name, values in per_layer.items() for i, value in enumerate(values)}
+        summary = {f"{name}_layer{i}": layer[name] for name in per_layer[0] for i, layer in enumerate(per_layer)}
+        cosines = [layer["cos"] for layer in per_layer if layer["cos"] is not None]
         summary.update({
             "refusal_score": float(scores.mean()),
             "refused_share": float((scores > 0).double().mean()),
             "harmless_kl": kl_divergence(first["harmless_logits"], now["harmless_logits"]),
-            "cos_min": min(per_layer["cos"]),
+            "cos_min": min(cosines, default=None),
         })
         return summary
 
@@ -150,6 +212,7 @@ class DriftGeometry(L.Callback):
         if self.initial is None:  # resume restores the fit-start measurement instead
             # Rank zero's measurement for everyone: sharded forwards may round differently per rank.
             self.initial = trainer.strategy.broadcast(self.measure_states(trainer, pl_module), src=0)
+            self._subspaces0 = None
             self.history.append({"step": trainer.global_step, **self.metrics(self.initial)})
 
     def on_after_backward(self, trainer, pl_module) -> None:
@@ -158,7 +221,9 @@ class DriftGeometry(L.Callback):
         Measured right after backward, not in ``on_before_optimizer_step``: there RepresentationProjection,
         when listed first, would already have projected the gradient (its part inside the subspaces ~0).
         With gradient accumulation the last micro-batch before the step sees the accumulated gradient and
-        its value is the one kept; AMP's loss scale cancels in the ratio."""
+        its value is the one kept; AMP's loss scale cancels in the ratio. None when there is no energy to
+        share (LoRA's first step: B = 0, so lora_A gets an exact 0 gradient) or the gradient is not finite
+        (an fp16 overflow step, skipped by the scaler)."""
         if (trainer.global_step + 1) % self.every_n_steps:
             return
         refusal = next((c for c in trainer.callbacks if isinstance(c, RefusalDirections)), None)
@@ -167,10 +232,9 @@ class DriftGeometry(L.Callback):
         model = hf_model(pl_module)
         energy = torch.zeros(2, dtype=torch.float64, device=pl_module.device)  # [inside, total], whole gradients
         sharded = torch.zeros_like(energy)  # the same from this rank's rows of row-sharded (FSDP2) gradients
+        weights_of = _reading_weights(model, refusal.basis.subspaces)
         for name, basis in refusal.basis.subspaces.items():
-            module = model.get_submodule(name)
-            weights = [a.weight for a in module.lora_A.values()] if hasattr(module, "lora_A") else [module.weight]
-            for weight in weights:
+            for weight in weights_of[name]:
                 if weight.grad is not None:
                     rows, _ = local_rows(weight.grad)  # never gathered: a large lm_head would cost GBs per rank
                     part = subspace_energy(rows, basis.to(rows.device)).to(energy.device)
@@ -178,21 +242,30 @@ class DriftGeometry(L.Callback):
         if uses_fsdp2(model):  # decided by the model, so every rank calls the reduce
             energy += trainer.strategy.reduce(sharded, reduce_op="sum")
         inside, total = energy.tolist()
-        if math.isfinite(inside) and math.isfinite(total):  # an fp16 overflow step (skipped by the scaler) is not
-            self._interference = inside / total if total else 0.0
+        usable = math.isfinite(inside) and math.isfinite(total) and total > 0
+        self._interference = {trainer.global_step + 1: inside / total if usable else None}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step == 0 or step % self.every_n_steps or (self.history and self.history[-1]["step"] == step):
             return
         record = {"step": step, **self.metrics(self.measure_states(trainer, pl_module))}
-        if self._interference is not None:
-            record["interference"] = self._interference
+        if step in self._interference:
+            record["interference"] = self._interference.pop(step)
         record = trainer.strategy.broadcast(record, src=0)  # the same numbers on every rank, logged and kept
         self.history.append(record)
         self._check_refusal(record)
-        logged = {k: v for k, v in record.items() if k != "step" and ("_layer" not in k or k.startswith("cos_"))}
-        pl_module.log_dict({f"drift/{k}": float(v) for k, v in logged.items()}, on_step=True, on_epoch=False)
+        self._log(trainer, record)
+
+    @rank_zero_only
+    def _log(self, trainer, record: dict) -> None:
+        """Straight to every logger at the trainer's logging step, as LearningRateMonitor does: ``self.log``
+        holds step values until Lightning's next ``log_every_n_steps`` flush, so a measurement in between was
+        lost or stamped with a later step. None (undefined) is logged as NaN."""
+        logged = {f"drift/{k}": math.nan if v is None else float(v) for k, v in record.items()
+                  if k != "step" and ("_layer" not in k or k.startswith("cos_"))}
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
 
     def _check_refusal(self, record: dict) -> None:
         start, now = self.history[0].get("refused_share"), record.get("refused_share")
@@ -216,7 +289,8 @@ class DriftGeometry(L.Callback):
     @rank_zero_only
     def _write(self, directory: str, final: dict) -> None:
         with atomic_file(os.path.join(directory, "drift_summary.json")) as handle:
-            json.dump({"history": self.history, "final": self.metrics(final)}, handle, indent=2)
+            json.dump(_json_safe({"history": self.history, "final": self.metrics(final)}), handle, indent=2,
+                      allow_nan=False)
         if self.figures:
             self._figures(directory, final)
 
@@ -230,7 +304,8 @@ class DriftGeometry(L.Callback):
         steps = [r["step"] for r in self.history]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for layer in range(layers):
-            axes[0].plot(steps, [r[f"cos_layer{layer}"] for r in self.history], label=f"layer {layer}")
+            cosines = [r[f"cos_layer{layer}"] for r in self.history]
+            axes[0].plot(steps, [math.nan if c is None else c for c in cosines], label=f"layer {layer}")
         axes[0].set(xlabel="step", ylabel="cos(r_t, r_0)", title="Refusal direction drift per layer")
         axes[0].legend(fontsize=7)
         axes[1].plot(steps, [r["refusal_score"] for r in self.history], color="tab:red")
@@ -263,3 +338,4 @@ class DriftGeometry(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict:
             self.initial, self.history = state_dict["initial"], list(state_dict["history"])
+            self._subspaces0 = None

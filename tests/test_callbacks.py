@@ -155,10 +155,112 @@ def test_drift_geometry_alone_logs_and_writes_summary_and_figures(tmp_path, tiny
     run_fit(tmp_path, tiny_models["llama"], chat_file, [drift], steps=4)
     summary = json.loads((tmp_path / "drift_summary.json").read_text())
     assert [r["step"] for r in summary["history"]] == [0, 2, 4]
-    assert summary["history"][0]["cos_layer0"] == pytest.approx(1.0)
+    assert summary["history"][0]["cos_layer1"] == pytest.approx(1.0)
+    assert summary["history"][0]["cos_layer0"] is None  # the embeddings: the same last template token for all
     assert summary["final"]["cos_min"] < 1.0 and summary["final"]["harmless_kl"] > 0
     assert all(0.0 <= r["refused_share"] <= 1.0 for r in summary["history"])
     assert (tmp_path / "drift_curves.png").stat().st_size > 0 and (tmp_path / "activations_pca.png").exists()
+
+
+def test_drift_geometry_logs_each_measurement_at_its_own_step(tmp_path, tiny_models, chat_file):
+    """Measurements between Lightning's log_every_n_steps flushes reach the logger, each at its own step."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    L.seed_everything(0)
+    drift = DriftGeometry(every_n_steps=3, harmful=HARMFUL, harmless=HARMLESS, figures=False)
+    module = CausalLMModule(model=tiny_models["llama"], optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    L.Trainer(max_steps=7, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=2,
+              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+              default_root_dir=tmp_path, callbacks=[drift]).fit(module, InstructionDataModule(train=chat_file,
+                                                                                            batch_size=8))
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    logged = [(int(r["step"]), float(r["drift/cos_min"])) for r in rows if r.get("drift/cos_min")]
+    # Lightning's logging step while a batch runs counts the steps before it (as for the batch's loss), so the
+    # measurement after optimizer step 3 is logged at step 2 (self.log flushed it at 3 and dropped step 6's).
+    expected = [(r["step"] - 1, r["cos_min"]) for r in drift.history[1:]]
+    assert [r["step"] for r in drift.history] == [0, 3, 6]
+    assert [step for step, _ in logged] == [step for step, _ in expected]
+    assert [value for _, value in logged] == pytest.approx([value for _, value in expected])
+
+
+def test_drift_interference_on_lora_with_a_basis_measured_on_the_plain_model(tmp_path, tiny_models, chat_file):
+    """Basis module names are matched by canonical name (PEFT wraps them); at LoRA's first step B = 0, so
+    lora_A's gradient is exactly 0 and interference is undefined (None), not 0."""
+    run_fit(tmp_path / "plain", tiny_models["llama"], chat_file, [guard(save=str(tmp_path / "basis"))], steps=1)
+    drift = DriftGeometry(every_n_steps=1, harmful=HARMFUL, harmless=HARMLESS, figures=False)
+    run_fit(tmp_path / "lora", tiny_models["llama"], chat_file,
+            [guard(load=str(tmp_path / "basis")), RepresentationProjection(), drift], steps=2, lora_r=4)
+    assert [(r["step"], r.get("interference", "absent")) for r in drift.history][:2] == [(0, "absent"), (1, None)]
+    assert 0.0 < drift.history[2]["interference"] <= 1.0
+
+
+def test_drift_interference_is_none_when_undefined_and_never_carried_over(monkeypatch):
+    """A measurement step whose gradient is not finite or has no energy records None, not the last value."""
+    from types import SimpleNamespace
+
+    net = torch.nn.Module()
+    net.proj, net.config = torch.nn.Linear(4, 3, bias=False), SimpleNamespace()
+    refusal = RefusalDirections(harmful=HARMFUL, harmless=HARMLESS)
+    refusal.basis = SimpleNamespace(subspaces={"proj": torch.eye(4)[:, :2]})
+    drift = DriftGeometry(every_n_steps=1, harmful=HARMFUL, harmless=HARMLESS)
+    monkeypatch.setattr(drift, "measure_states", lambda *args: None)
+    monkeypatch.setattr(drift, "metrics", lambda now: {})
+    trainer = SimpleNamespace(callbacks=[refusal, drift], global_step=0, loggers=[],
+                              strategy=SimpleNamespace(broadcast=lambda value, src: value))
+    pl_module = SimpleNamespace(model=net, device=torch.device("cpu"))
+    inside = torch.zeros(3, 4)
+    inside[:, :2] = 1.0
+    for grad in (inside, torch.full((3, 4), float("inf")), torch.zeros(3, 4)):
+        net.proj.weight.grad = grad
+        drift.on_after_backward(trainer, pl_module)
+        trainer.global_step += 1
+        drift.on_train_batch_end(trainer, pl_module, None, None, 0)
+    assert [(r["step"], r["interference"]) for r in drift.history] == [(1, 1.0), (2, None), (3, None)]
+
+
+def test_drift_probes_keep_every_submodules_mode_and_batching_changes_nothing(tiny_models):
+    from types import SimpleNamespace
+
+    module = CausalLMModule(model=tiny_models["llama"])
+    module.configure_model()
+    module.model.train()
+    module.model.model.layers[0].eval()  # e.g. a frozen block kept in eval mode: its dropout stays off
+    before = {name: m.training for name, m in module.model.named_modules()}
+    states = {}
+    for batch_size in (2, 16):
+        drift = DriftGeometry(harmful=HARMFUL, harmless=HARMLESS, batch_size=batch_size)
+        states[batch_size] = drift.measure_states(SimpleNamespace(callbacks=[drift], datamodule=None), module)
+    assert {name: m.training for name, m in module.model.named_modules()} == before
+    for key, value in states[16].items():
+        torch.testing.assert_close(states[2][key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def test_drift_layers_are_the_basis_layers(tmp_path, tiny_models, chat_file):
+    """Layer l is the input of decoder block l, as in SafetyBasis: on the same prompts the fit-start refusal
+    direction of every layer is the basis's (layer 0, the embeddings, has none: the last token is the same)."""
+    refusal = guard()
+    drift = DriftGeometry(every_n_steps=1, harmful=HARMFUL, harmless=HARMLESS, figures=False)
+    run_fit(tmp_path, tiny_models["llama"], chat_file, [refusal, drift], steps=1)
+    directions = drift.initial["harmful_states"].mean(1) - drift.initial["harmless_states"].mean(1)
+    candidates = refusal.basis.candidates[:, -1]
+    assert directions.shape == candidates.shape
+    assert not candidates[0].any() and not directions[0].any() and drift.history[0]["cos_layer0"] is None
+    for layer in range(1, len(candidates)):
+        assert float(torch.nn.functional.cosine_similarity(directions[layer], candidates[layer], dim=0)) == \
+            pytest.approx(1.0, abs=1e-6), layer
+        assert drift.history[0][f"cos_layer{layer}"] == pytest.approx(1.0)
+
+
+def test_drift_summary_is_strict_json(tmp_path, monkeypatch):
+    drift = DriftGeometry(harmful=HARMFUL, harmless=HARMLESS, figures=False)
+    drift.history = [{"step": 0, "fisher_layer1": float("inf"), "cka_layer0": float("nan"), "cos_layer0": None}]
+    monkeypatch.setattr(drift, "metrics", lambda final: {"fisher_layer1": -float("inf"), "cos_min": 0.5})
+    drift._write(str(tmp_path), None)
+    summary = json.loads((tmp_path / "drift_summary.json").read_text(), parse_constant=pytest.fail)
+    assert summary == {"history": [{"step": 0, "fisher_layer1": None, "cka_layer0": None, "cos_layer0": None}],
+                       "final": {"fisher_layer1": None, "cos_min": 0.5}}
 
 
 def test_drift_probes_are_rendered_with_the_basis_system_prompt():

@@ -14,6 +14,8 @@ from rg_lightning.guard import (
     principal_angles,
     projection_gap,
 )
+from rg_lightning.guard.geometry import state_subspace
+from rg_lightning.guard.subspace import top_subspace
 
 
 def test_cosine():
@@ -38,6 +40,23 @@ def test_principal_angles():
     half = torch.stack([e[0], (e[1] + e[2]) / math.sqrt(2)], 1)  # shares e0; the rest is 45° from e1
     angles = principal_angles(e[:, :2], half)
     torch.testing.assert_close(angles, torch.tensor([0.0, math.pi / 4], **f64), atol=1e-6, rtol=0)
+
+
+def test_state_subspace_is_the_gram_eigenvector_subspace():
+    """The SVD of the [n, d] states spans what the eigh of the d x d Gram matrix did, with the same cutoff."""
+    g = torch.Generator().manual_seed(0)
+    h0 = torch.randn(12, 40, generator=g, dtype=torch.float64) * torch.linspace(3.0, 0.1, 40, dtype=torch.float64)
+    h1 = h0 + 0.3 * torch.randn(12, 40, generator=g, dtype=torch.float64)
+    for energy in (0.5, 0.9, 1.0):
+        old = top_subspace(h0.T @ h0, energy=energy)
+        new = state_subspace(h0, energy=energy)
+        assert new.shape == old.shape and new.shape[1] <= 12
+        torch.testing.assert_close(new, old, atol=1e-8, rtol=0)  # both sign-fixed
+        k = new.shape[1]
+        torch.testing.assert_close(principal_angles(new, state_subspace(h1, k=k)),
+                                   principal_angles(old, top_subspace(h1.T @ h1, k=k)), atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="k must be"):
+        state_subspace(h0, k=13)
 
 
 def test_linear_cka():

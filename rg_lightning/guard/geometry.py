@@ -44,6 +44,23 @@ def principal_angles(u1: Tensor, u2: Tensor) -> Tensor:
     return torch.arccos(sigma.clamp(-1.0, 1.0))
 
 
+def state_subspace(states: Tensor, energy: float | None = 0.9, k: int | None = None) -> Tensor:
+    """``top_subspace(statesᵀ states, energy, k)`` from the SVD of ``states[n, d]``: the span has rank <= n, so
+    the d x d Gram matrix and its eigendecomposition (seconds per layer at d = 4096) are not needed.
+
+    Right singular vectors ``[d, r]`` (signs fixed): exactly ``k``, else the fewest whose squared singular
+    values cover ``energy`` of the total (same 1e-12 slack as ``top_subspace``)."""
+    _, sigma, vh = torch.linalg.svd(states.detach().double(), full_matrices=False)
+    values = sigma.square()
+    if k is None:
+        if energy is None or not 0.0 < energy <= 1.0 or not values.sum() > 0:
+            raise ValueError(f"need energy in (0, 1] and non-zero states, got energy={energy}")
+        k = int((values.cumsum(0) / values.sum() < energy * (1 - 1e-12)).sum().item()) + 1
+    if not 1 <= k <= len(values):
+        raise ValueError(f"k must be in [1, {len(values)}] (the rank bound min(n, d)), got {k}")
+    return _fix_signs(vh[:k].T)
+
+
 def linear_cka(x: Tensor, y: Tensor) -> float:
     """Linear CKA of two representations of the same n inputs (Kornblith et al. 2019): 1 for identical
     ones, invariant to orthogonal transforms and isotropic scaling."""
