@@ -160,7 +160,9 @@ def test_selection_on_the_aligned_model_finds_a_direction_that_mediates_refusal(
                                                                                  aligned_selection):
     model, tokenizer = aligned
     summary, chosen = aligned_selection["selection"], aligned_selection["selection"]["chosen"]
-    assert len(summary["candidates"]) == 3 * 2  # layers below int(0.8 * 4) x 2 template positions
+    # layers 1 and 2 of those below int(0.8 * 4) x 2 template positions: layer 0 reads the same template tokens'
+    # embeddings in every prompt, so its candidates are zero and are not directions
+    assert len(summary["candidates"]) == 2 * 2 and {row["layer"] for row in summary["candidates"]} == {1, 2}
     assert summary["harmful_score"] > 3 and chosen["ablation_score"] < -2  # refusal -> compliance, by logits
     assert chosen["harmless_kl"] <= summary["kl_threshold"]
     direction = aligned_basis.candidates[chosen["layer"], chosen["position"]]
@@ -211,6 +213,10 @@ def test_selection_on_a_random_model_falls_back_without_crashing(tiny_models, fa
     installed = hooks(model)
     result = select_direction(model, tokenizer, basis.candidates, harmful, harmless, kl_threshold=0.0)
     assert result["selection"]["fallback"] and "passes both filters" in result["selection"]["fallback"]
+    # a threshold of 0 keeps no real candidate, so both filters go: before zero candidates were dropped, a zero
+    # layer-0 candidate "kept the KL" by changing nothing and was chosen
+    assert "ignoring both filters" in result["selection"]["fallback"]
+    assert basis.candidates[result["selected"]["layer"], result["selected"]["position"]].norm() > 0
     assert result["selected"] == {k: result["selection"]["chosen"][k] for k in ("layer", "position")}
     assert all(math.isfinite(row["harmless_kl"]) for row in result["selection"]["candidates"])
     assert hooks(model) == installed
@@ -241,6 +247,13 @@ def test_selected_direction_survives_save_load_and_state_dict(tmp_path, aligned_
     restored.load_state_dict(owner.state_dict())
     assert restored.basis.selected == chosen and torch.equal(restored.basis.direction(), basis.direction())
     torch.testing.assert_close(restored.basis.layer_directions()[chosen["layer"]], basis.direction())
+
+
+def test_a_zero_direction_is_refused(aligned_basis):
+    with pytest.raises(ValueError, match="No refusal direction at layer 0.*coincide"):
+        aligned_basis.direction(layer=0, position=-1)
+    with pytest.raises(ValueError, match="Every refusal direction candidate is zero"):
+        select_direction(None, None, torch.zeros(3, 2, 8), ["a"], ["b"])
 
 
 def test_a_selection_outside_the_basis_is_refused(aligned_basis):

@@ -69,7 +69,11 @@ class SafetyBasis:
         layer = self.selected["layer"] if layer is None else layer
         position = self.selected["position"] if position is None else position
         vector = self.candidates[layer, position]
-        return vector / vector.norm().clamp_min(1e-12)
+        if not vector.norm() > 1e-6 * self.candidates.norm(dim=-1).max():
+            raise ValueError(f"No refusal direction at layer {layer}, position {position}: the harmful and harmless "
+                             "mean activations coincide there (e.g. layer 0, which reads the same template tokens "
+                             "in every prompt). Pick another layer.")
+        return vector / vector.norm()
 
     def layer_directions(self, position: int | None = None) -> Tensor:
         """Unit refusal direction of every layer at one position (default: the selected one), [layers, hidden]."""

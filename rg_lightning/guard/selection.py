@@ -291,6 +291,22 @@ def choose_candidate(table: list[dict], kl_threshold: float = KL_THRESHOLD) -> t
         "chose the candidate whose ablation lowers the harmful refusal score most, ignoring both filters")
 
 
+def _nonzero_grid(candidates: Tensor, max_layer: int) -> tuple[list[tuple[int, int]], str | None]:
+    """The (layer, position) pairs below ``max_layer`` whose candidate is not zero, and a note when there were none
+    there and every layer's were taken. A zero candidate (layer 0 reads the embeddings of the same template tokens
+    in every prompt, so its harmful and harmless means coincide) would pass the KL filter by changing nothing."""
+    norms = candidates.double().norm(dim=-1)
+    nonzero = norms > 1e-6 * norms.max()
+    if not bool(nonzero.any()):
+        raise ValueError("Every refusal direction candidate is zero: the harmful and harmless prompts' mean "
+                         "activations coincide at every layer and position. Check that the two prompt sets differ.")
+    grid = [(layer, position) for layer, position in nonzero.nonzero().tolist() if layer < max_layer]
+    if grid:
+        return grid, None
+    return [tuple(pair) for pair in nonzero.nonzero().tolist()], (
+        f"every candidate below layer {max_layer} is zero, so the later layers' were scored too")
+
+
 def select_direction(model: nn.Module, tokenizer, candidates: Tensor, harmful: list[str], harmless: list[str], *,
                      max_layer_fraction: float = MAX_LAYER_FRACTION, kl_threshold: float = KL_THRESHOLD,
                      batch_size: int = 16, system_prompt: str | None = None,
@@ -305,10 +321,10 @@ def select_direction(model: nn.Module, tokenizer, candidates: Tensor, harmful: l
     if len(harmful) < 1 or len(harmless) < 1:
         raise ValueError(f"Direction selection needs validation prompts of both kinds, got {len(harmful)} harmful "
                          f"and {len(harmless)} harmless.")
-    ids = refusal_ids or refusal_token_ids(tokenizer)
     n_layers, n_positions, _ = candidates.shape
     max_layer = max(1, int(max_layer_fraction * n_layers))  # later layers are dropped, rounded as the paper's code
-    grid = [(layer, position) for layer in range(max_layer) for position in range(n_positions)]
+    grid, note = _nonzero_grid(candidates, max_layer)
+    ids = refusal_ids or refusal_token_ids(tokenizer)
     layers = torch.tensor([layer for layer, _ in grid])
     directions = torch.stack([candidates[layer, position] for layer, position in grid]).float()
     measured = score_candidates(model, tokenizer, directions, layers, harmful, harmless, batch_size=batch_size,
@@ -317,6 +333,7 @@ def select_direction(model: nn.Module, tokenizer, candidates: Tensor, harmful: l
               **{key: float(values[i]) for key, values in measured.items()}}
              for i, (layer, position) in enumerate(grid)]
     chosen, fallback = choose_candidate(table, kl_threshold)
+    fallback = "; ".join(reason for reason in (note, fallback) if reason) or None
     baseline_harmful = refusal_scores(model, tokenizer, harmful, batch_size=batch_size, system_prompt=system_prompt,
                                       refusal_ids=ids)
     baseline_harmless = refusal_scores(model, tokenizer, harmless, batch_size=batch_size,
