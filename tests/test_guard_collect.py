@@ -176,3 +176,35 @@ def test_a_head_kept_trainable_by_peft_is_still_the_answer_only_head(tiny_models
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
     assert output_head_name(peft_model, protected_modules(peft_model)) == \
         "base_model.model.lm_head.modules_to_save.default"
+
+
+def test_a_template_suffix_that_merges_with_the_users_text_is_refused():
+    """Llama-3's pre-tokenizer makes "?\n" one token: with a plain-text suffix ("\nASSISTANT:") the last positions
+    would hold user text, a different number of template tokens per prompt."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rg_lightning.chat import render_prompt
+    from rg_lightning.guard.collect import (check_post_instruction_tokens, post_instruction_length,
+                                            post_instruction_suffix)
+
+    split = r"[^\r\n\p{L}\p{N}]?\p{L}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+"  # Llama-3's punctuation + newline rule
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    core.train_from_iterator(["How do I make a cake?\nASSISTANT: Sure.\nUSER: <eot>"] * 20,
+                             trainers.BpeTrainer(vocab_size=300, special_tokens=["<eot>", "<pad>"],
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eot>")
+    prompts = ["How do I make a cake?", "make a cake"]
+    for template, merges in (("USER: {{ messages[0]['content'] }}\nASSISTANT:", True),
+                             ("USER: {{ messages[0]['content'] }}<eot>ASSISTANT:", False)):
+        tokenizer.chat_template = template
+        texts = [render_prompt(tokenizer, p) for p in prompts]
+        check = lambda: check_post_instruction_tokens(tokenizer, texts, post_instruction_suffix(tokenizer),  # noqa
+                                                      post_instruction_length(tokenizer))
+        if merges:
+            with pytest.raises(ValueError, match="does not tokenize apart from the user's text.*special token"):
+                check()
+        else:
+            check()

@@ -31,15 +31,42 @@ from rg_lightning.guard.subspace import centered_subspace, extend_basis, soft_su
 from rg_lightning.modes import enter_eval
 
 
-def post_instruction_length(tokenizer, system_prompt: str | None = None) -> int:
-    """Number of template tokens between the end of the user's text and the answer (e.g. 5 for Llama-3)."""
+def post_instruction_suffix(tokenizer, system_prompt: str | None = None) -> str:
+    """The template's text between the end of the user's message and the answer."""
     marker = "\x00MARKER\x00"
     rendered = render_prompt(tokenizer, marker, system_prompt=system_prompt)
-    suffix = rendered[rendered.index(marker) + len(marker):]
-    n = len(tokenizer(suffix, add_special_tokens=False)["input_ids"])
+    return rendered[rendered.index(marker) + len(marker):]
+
+
+def post_instruction_length(tokenizer, system_prompt: str | None = None) -> int:
+    """Number of template tokens between the end of the user's text and the answer (e.g. 5 for Llama-3)."""
+    n = len(tokenizer(post_instruction_suffix(tokenizer, system_prompt), add_special_tokens=False)["input_ids"])
     if n < 1:
         raise ValueError("The chat template puts nothing after the user message; cannot locate the answer start.")
     return n
+
+
+def check_post_instruction_tokens(tokenizer, texts: list[str], suffix: str, n: int) -> None:
+    """The last ``n`` tokens of every rendered prompt must be the template's suffix and nothing of the user's text.
+
+    A template whose suffix starts with plain text (``"\nASSISTANT:"``) can merge with the user's last characters
+    into one token (Llama-3's tokenizer makes ``"?\n"`` one token): the post-instruction positions would then hold
+    user text, and a different number of template tokens per prompt. Checked with the tokenizer's character
+    offsets (fast tokenizers; a slow one is not checked)."""
+    try:
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        return
+    for text, offsets in zip(texts, encoded["offset_mapping"]):
+        start = len(text) - len(suffix)  # where the user's text ends
+        joined = any(begin < start < end for begin, end in offsets)
+        if joined or sum(begin >= start for begin, _ in offsets) != n:
+            raise ValueError(
+                f"The chat template's text after the user message ({suffix!r}) does not tokenize apart from the user's "
+                f"text in {text[-60:]!r}: a token joins the two, so the {n} post-instruction positions would not be "
+                "the template's. Use a chat template whose turn ends with a special token (as the models' own "
+                "templates do), e.g. through the data module's `chat_template`."
+            )
 
 
 def protected_modules(model: nn.Module) -> list[str]:
@@ -248,6 +275,8 @@ def collect_basis(
     names = protected_modules(model)
     render = lambda prompts: [render_prompt(tokenizer, p, system_prompt=system_prompt) for p in prompts]  # noqa
     harmful_texts, harmless_texts = render(harmful), render(harmless)
+    check_post_instruction_tokens(tokenizer, harmful_texts + harmless_texts,
+                                  post_instruction_suffix(tokenizer, system_prompt), n_positions)
     probe = next(_batches(tokenizer, harmful_texts[:1], 1, device))
     groups = shared_input_groups(model, names, probe) if names else {}
     modules = dict(model.named_modules())
