@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 
 from rg_lightning.sources import load_source, parse_source
 
@@ -20,7 +21,7 @@ DEFAULT_HARMLESS = "tatsu-lab/alpaca"
 def load_prompts(source: str | list[str], n: int | None = None, seed: int = 0) -> list[str]:
     """Up to ``n`` prompts (a seeded sample when the source has more), as plain strings."""
     if isinstance(source, (list, tuple)):
-        prompts = [str(p) for p in source]
+        prompts = _strings(list(source), "the list")
     elif source.startswith("toy:"):
         from rg_lightning.toy.world import ToyWorld
 
@@ -28,6 +29,9 @@ def load_prompts(source: str | list[str], n: int | None = None, seed: int = 0) -
         return ToyWorld(variant[0] if variant else "default").requests(kind, "train", n, seed=seed)
     elif source.endswith(".json") and os.path.isfile(source) and _is_string_list(strings := _read_json(source)):
         prompts = strings
+    elif source.endswith(".txt") and os.path.isfile(source):  # one prompt per line (e.g. MaliciousInstruct)
+        with open(source) as handle:
+            prompts = handle.read().splitlines()
     else:
         dataset = load_source(parse_source(source))
         if "input" in dataset.column_names and "instruction" in dataset.column_names:  # Alpaca: no-input rows
@@ -37,13 +41,30 @@ def load_prompts(source: str | list[str], n: int | None = None, seed: int = 0) -
             raise ValueError(
                 f"Prompt source {source!r} has columns {dataset.column_names}; none of {PROMPT_COLUMNS} holds prompts."
             )
-        prompts = [str(p) for p in dataset[column]]
+        prompts = _strings(dataset[column], f"column {column!r} of {source!r}")
     prompts = [p for p in prompts if p.strip()]
+    unique = list(dict.fromkeys(prompts))
+    if len(unique) < len(prompts):  # a repeated prompt would weigh twice in every mean and Gram matrix
+        warnings.warn(f"{len(prompts) - len(unique)} repeated prompts dropped from {_label(source)}.", stacklevel=2)
+        prompts = unique
     if n is not None and len(prompts) > n:
         import random
 
         prompts = random.Random(seed).sample(prompts, n)
     return prompts
+
+
+def _label(source) -> str:
+    return "the list" if isinstance(source, (list, tuple)) else repr(source)
+
+
+def _strings(values: list, where: str) -> list[str]:
+    """The prompts as strings; a missing value (null, NaN) is refused rather than read as the text "None"."""
+    missing = [row for row, value in enumerate(values) if not isinstance(value, str)]
+    if missing:
+        raise ValueError(f"{len(missing)} prompts in {where} are not text (rows {missing[:5]}: "
+                         f"{[values[row] for row in missing[:3]]}); remove those rows or fill them in.")
+    return list(values)
 
 
 def _read_json(path: str):
