@@ -122,7 +122,8 @@ def direction_bases(model, basis: SafetyBasis) -> tuple[dict, dict]:
                          f"writers (o_proj, down_proj) among the protected modules {sorted(basis.subspaces)[:4]}...; "
                          "use mode='subspace'.")
     if usable[0]:
-        embeddings = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding) and m.weight.requires_grad]
+        tokens = model.get_input_embeddings()
+        embeddings = [n for n, m in model.named_modules() if m is tokens and m.weight.requires_grad]
         writers.update({name: directions[0][:, None] for name in embeddings})
     return readers, writers
 

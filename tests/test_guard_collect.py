@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import make_tokenizer, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rg_lightning.guard.collect import collect_basis, statistics_passes
@@ -208,3 +209,43 @@ def test_a_template_suffix_that_merges_with_the_users_text_is_refused():
                 check()
         else:
             check()
+
+
+def test_a_multimodal_model_is_measured_on_its_decoder_and_its_vision_tower_left_alone():
+    """Gemma-3 4B+ loads as Gemma3ForConditionalGeneration: no top-level layer count, and a vision tower that no
+    text prompt reaches (no statistics, so nothing to hold: it is listed, not an error)."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    from rg_lightning.guard import build_constraints
+
+    tokenizer = make_tokenizer()
+    text = tiny_config("gemma3", len(tokenizer)).to_dict()
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Gemma3Config(text_config=text, vision_config=vision.to_dict(),
+                                                          mm_tokens_per_image=4)).eval()
+    basis = collect_basis(model, tokenizer, HARMFUL, HARMLESS, energy=1.0, answer_tokens=0, head_answer_only=False)
+    tower = [name for name in basis.metadata["modules_not_read"]]
+    assert tower and all("vision_tower" in name or "multi_modal_projector" in name for name in tower)
+    assert basis.harmful_means.shape[0] == 2 and set(basis.subspaces).isdisjoint(tower)
+    basis.check_compatible(model)
+    constraints = build_constraints(model, basis.subspaces, protected_token_ids=basis.protected_token_ids)
+    assert {name for name, _ in constraints.skipped} >= set(tower)  # reported as "no basis given"
+    held_whole = {c.name for c in constraints.constraints if c.kind == "param" and c.param.ndim == 2}
+    assert held_whole == {"model.vision_tower.embeddings.position_embedding"}  # patch positions, not token ids
+    # listed (no text prompt reads them): the tower, and the projector's raw weight, which no linear holds
+    assert all(".vision_tower." in name or ".multi_modal_projector." in name for name in constraints.uncovered)
+    prompts = tokenizer([tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                       add_generation_prompt=True) for p in HARMFUL[:1]],
+                        return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        before = model(**prompts).logits
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(5, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    constraints.project_grads_()
+    optimizer.step()
+    constraints.apply_()
+    with torch.no_grad():
+        assert torch.allclose(model(**prompts).logits, before, atol=1e-4)  # the decoder's protected outputs held

@@ -84,6 +84,7 @@ class SafetyBasis:
     def check_compatible(self, model: torch.nn.Module, model_id: str | None = None) -> None:
         """Refuse a basis computed on another model: hidden size, layer count, module shapes, model id."""
         config = getattr(model, "config", None)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal: the decoder
         hidden = getattr(config, "hidden_size", None)
         if hidden is not None and hidden != self.hidden_size:
             raise ValueError(

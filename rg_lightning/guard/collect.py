@@ -282,7 +282,9 @@ def collect_basis(
     modules = dict(model.named_modules())
     widths = {name: input_width(modules[name]) for name in groups}
     passes = statistics_passes(widths, None if max_statistics_gb is None else max_statistics_gb * 1e9)
-    n_layers, hidden_size = model.config.num_hidden_layers, model.config.hidden_size
+    text_config = model.config.get_text_config()  # a multimodal model (Gemma-3 4B+) keeps its decoder's here
+    n_layers, hidden_size = text_config.num_hidden_layers, text_config.hidden_size
+    unread: list[str] = []  # modules no protected prompt reaches (a vision tower): nothing of theirs to hold
     means = {"harmful": MeanAccumulator(), "harmless": MeanAccumulator()}
     subspaces: dict[str, torch.Tensor] = {}
     token_ids: set[int] = set()
@@ -301,6 +303,9 @@ def collect_basis(
             if centered:
                 grams.firsts.all_reduce_()
         for name in names_in_pass:
+            if grams.counts[name] == 0:
+                unread.extend(groups[name])
+                continue
             held, floor = None, 0.0
             if input_differences:
                 # the head answer-only: only the last prompt position's difference (earlier logits are read by nothing)
@@ -387,8 +392,11 @@ def collect_basis(
 
     meta = dict(metadata or {})
     meta.update({"n_harmful": len(harmful), "n_harmless": len(harmless), "post_instruction_tokens": n_positions,
-                 "energy": energy, "rank": rank, "centered": centered, "ridge": ridge, "input_differences": input_differences, "head_answer_only": head is not None, "answer_tokens": answer_tokens, "modules": names,
-                 "subspace_dims": {name: int(subspaces[name].shape[1]) for name in names},
+                 "energy": energy, "rank": rank, "centered": centered, "ridge": ridge,
+                 "input_differences": input_differences, "head_answer_only": head is not None,
+                 "answer_tokens": answer_tokens, "modules": [name for name in names if name in subspaces],
+                 "modules_not_read": unread,
+                 "subspace_dims": {name: int(basis.shape[1]) for name, basis in subspaces.items()},
                  "statistics_passes": len(passes),
                  "system_prompt": system_prompt})
     return SafetyBasis(stacked(means["harmful"]), stacked(means["harmless"]), subspaces,

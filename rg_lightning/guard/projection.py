@@ -507,8 +507,8 @@ def build_constraints(
     ``bases``: module name -> orthonormal basis of its protected *inputs* (nn.Linear or PEFT LoRA layer;
     PEFT prefixes ``base_model.model.`` / ``.base_layer`` are ignored when matching).
     ``output_bases``: module name -> basis in the space the module *writes* (directions mode; linears,
-    LoRA layers and embeddings). ``protected_token_ids``: embedding rows to keep (every trainable
-    nn.Embedding is assumed to be indexed by token id). ``freeze_norms``: restore every other trainable
+    LoRA layers and embeddings). ``protected_token_ids``: rows of the input token embedding to keep; any other
+    trainable nn.Embedding (positions, a vision tower's) is held whole. ``freeze_norms``: restore every other trainable
     1-D parameter (norm weights, biases). Frozen and bitsandbytes-quantized weights are skipped and
     reported; trainable parameters left without any constraint are listed in ``.uncovered``.
     """
@@ -537,6 +537,10 @@ def build_constraints(
         return converted[cache_key]
 
     peft_configs = getattr(model, "peft_config", None) or {}
+    try:
+        token_embedding = model.get_input_embeddings().weight
+    except (AttributeError, NotImplementedError):  # a bare module: every embedding is taken as token-indexed
+        token_embedding = None
     for name, m in named:
         key = canonical_name(name)
         wants = key in bases or key in output_bases
@@ -576,6 +580,11 @@ def build_constraints(
             if writes is not None:
                 constraints.append(LinearConstraint(name, m, writes, side="left", keep_bias=reads is None))
             covered.update(id(p) for p in (m.weight, m.bias) if p is not None)
+        elif isinstance(m, nn.Embedding) and m.weight.requires_grad and token_embedding is not None and m.weight is not token_embedding:
+            # indexed by something other than token ids (a vision tower's patch positions, learned positions):
+            # protected token ids say nothing about which rows protected prompts read, so it is held whole
+            constraints.append(ParamFreeze(name, m, "weight"))
+            covered.add(id(m.weight))
         elif isinstance(m, nn.Embedding) and m.weight.requires_grad:
             writes = basis_for(output_bases, key, m.weight)
             if writes is not None:
