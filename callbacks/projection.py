@@ -164,6 +164,9 @@ class RepresentationProjection(L.Callback):
             output softmax sends a gradient to every row, which AdamW turns into a full-size step, so words
             the task never uses drift in meaning and the held refusal boundary can then catch harmless
             requests. Needs each batch to be a tensor of token ids or a mapping with ``input_ids``.
+        allow_unconstrained: Train, unguarded, the trainable parameters the guard has no constraint for (fused
+            MoE experts, DoRA adapters, ...). By default (``subspace`` mode with norms and embedding rows held) such
+            a parameter stops the run, unless no protected prompt reaches its module (a vision tower).
     """
 
     def __init__(
@@ -176,6 +179,7 @@ class RepresentationProjection(L.Callback):
         project_gradients: bool = True,
         tail_reference_lr: float | None = None,
         hold_absent_rows: bool = False,
+        allow_unconstrained: bool = False,
     ) -> None:
         if mode not in ("subspace", "directions"):
             raise ValueError(f"mode must be 'subspace' or 'directions', got {mode!r}")
@@ -187,6 +191,7 @@ class RepresentationProjection(L.Callback):
             raise ValueError(f"tail_reference_lr must be > 0 (or None), got {tail_reference_lr}")
         self.project_gradients, self.tail_reference_lr = project_gradients, tail_reference_lr
         self.hold_absent_rows = hold_absent_rows
+        self.allow_unconstrained = allow_unconstrained
         self.constraints: ConstraintSet | None = None
         self._groups: dict[int, dict] = {}
         self._embedding: torch.nn.Parameter | None = None  # held rows: the trainable input embedding
@@ -221,6 +226,7 @@ class RepresentationProjection(L.Callback):
             self.constraints.load_state_dict(self._restored_state)
             self._restored_state = None
         if self.constraints.uncovered:
+            self._check_uncovered(basis)
             rank_zero_info(f"RepresentationProjection: unconstrained trainable parameters: {self.constraints.uncovered}")
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         rank_zero_info(
@@ -239,6 +245,22 @@ class RepresentationProjection(L.Callback):
         self._present = None
         for optimizer in trainer.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.constraints.apply_()))
+
+    def _check_uncovered(self, basis: SafetyBasis) -> None:
+        """A trainable parameter with no constraint that protected prompts read would move the protected outputs
+        while the run looks guarded. The comparison settings (directions mode, norms or rows left free) leave some
+        free on purpose."""
+        if self.allow_unconstrained or self.mode != "subspace" or not (self.freeze_norms and self.protect_embeddings):
+            return
+        unread = tuple(canonical_name(name) + "." for name in basis.metadata.get("modules_not_read") or ())
+        read = [name for name in self.constraints.uncovered if not canonical_name(name).startswith(unread)]
+        if read:
+            raise ValueError(
+                f"RepresentationProjection: {len(read)} trainable parameters that the protected prompts read have no "
+                f"constraint (e.g. {read[:4]}), so they would move the protected outputs: the guard holds linear and "
+                "LoRA layers, embeddings and norms, not e.g. fused MoE experts or DoRA. Freeze them "
+                "(requires_grad=False) or leave them out of the LoRA targets, or set allow_unconstrained=True to "
+                "train them unguarded.")
 
     def _tail_scale(self, param) -> float:
         """Current learning rate of the parameter's group over ``tail_reference_lr`` (1 if it has none)."""

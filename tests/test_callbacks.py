@@ -71,6 +71,23 @@ def test_protected_outputs_do_not_move_while_the_task_learns(tmp_path, tiny_mode
     assert not torch.allclose(unprotected, protected_forward(reference, ["what is one plus two ?"]), atol=1e-3)
 
 
+
+def test_trainable_parameters_the_guard_cannot_hold_stop_the_run(tmp_path, tiny_models, chat_file, monkeypatch):
+    """DoRA rescales the weight (no exact constraint): its adapters would train unguarded while the run looks
+    guarded. Refused by default, trained on request."""
+    import peft
+
+    dora = peft.LoraConfig.__init__
+
+    def with_dora(self, *args, **kwargs):
+        dora(self, *args, **{**kwargs, "use_dora": True})
+
+    monkeypatch.setattr(peft.LoraConfig, "__init__", with_dora)
+    with pytest.raises(ValueError, match="read have no constraint.*DoRA.*allow_unconstrained=True"):
+        run_fit(tmp_path, tiny_models["llama"], chat_file, [guard(), RepresentationProjection()], steps=1, lora_r=4)
+    run_fit(tmp_path, tiny_models["llama"], chat_file, [guard(), RepresentationProjection(allow_unconstrained=True)],
+            steps=1, lora_r=4)
+
 def test_protection_holds_with_answers_tied_embeddings_and_gemma_norms(tmp_path, tiny_models, chat_file):
     for family in ("qwen2", "gemma2"):
         kwargs = {"tokenizer": tiny_models["llama"]}

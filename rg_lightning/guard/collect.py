@@ -85,6 +85,20 @@ def protected_modules(model: nn.Module) -> list[str]:
     return names
 
 
+def called_modules(model: nn.Module, probe: dict) -> set[str]:
+    """Names of the modules a forward over ``probe`` (a protected prompt) calls: what protected prompts can reach."""
+    called: set[str] = set()
+    handles = [module.register_forward_pre_hook(lambda *_, name=name: called.add(name))
+               for name, module in model.named_modules()]
+    try:
+        with torch.no_grad():
+            model(**probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return called
+
+
 def shared_input_groups(model: nn.Module, names: list[str], probe: dict) -> dict[str, list[str]]:
     """Group modules that read the very same tensor (q/k/v, gate/up): one Gram serves the group."""
     modules = dict(model.named_modules())
@@ -279,12 +293,13 @@ def collect_basis(
                                   post_instruction_suffix(tokenizer, system_prompt), n_positions)
     probe = next(_batches(tokenizer, harmful_texts[:1], 1, device))
     groups = shared_input_groups(model, names, probe) if names else {}
+    called = called_modules(model, probe)
     modules = dict(model.named_modules())
     widths = {name: input_width(modules[name]) for name in groups}
     passes = statistics_passes(widths, None if max_statistics_gb is None else max_statistics_gb * 1e9)
     text_config = model.config.get_text_config()  # a multimodal model (Gemma-3 4B+) keeps its decoder's here
     n_layers, hidden_size = text_config.num_hidden_layers, text_config.hidden_size
-    unread: list[str] = []  # modules no protected prompt reaches (a vision tower): nothing of theirs to hold
+    unread: list[str] = []  # protected linears no protected prompt reaches (a vision tower's): nothing to hold
     means = {"harmful": MeanAccumulator(), "harmless": MeanAccumulator()}
     subspaces: dict[str, torch.Tensor] = {}
     token_ids: set[int] = set()
@@ -303,7 +318,10 @@ def collect_basis(
             if centered:
                 grams.firsts.all_reduce_()
         for name in names_in_pass:
-            if grams.counts[name] == 0:
+            if grams.counts[name] == 0:  # never called: unread if its parent was not called either (a vision
+                if name.rpartition(".")[0] in called:  # tower); else its weight is read directly, unmeasurable
+                    raise ValueError(f"{name}: its parent ran but it was never called, so its weight is read "
+                                     "without its forward (a patched or fused kernel?); the guard cannot measure it.")
                 unread.extend(groups[name])
                 continue
             held, floor = None, 0.0
@@ -390,12 +408,16 @@ def collect_basis(
         return torch.stack([torch.stack([accumulator.mean((layer, p)) for p in range(n_positions)])
                             for layer in range(n_layers)]).cpu()
 
+    # modules with parameters of their own that protected prompts never call (e.g. a vision tower's, or the projector
+    # holding a raw weight): RepresentationProjection lets those train without a constraint
+    uncalled = {name for name, module in model.named_modules()
+                if name not in called and next(module.parameters(False), None) is not None}
     meta = dict(metadata or {})
     meta.update({"n_harmful": len(harmful), "n_harmless": len(harmless), "post_instruction_tokens": n_positions,
                  "energy": energy, "rank": rank, "centered": centered, "ridge": ridge,
                  "input_differences": input_differences, "head_answer_only": head is not None,
                  "answer_tokens": answer_tokens, "modules": [name for name in names if name in subspaces],
-                 "modules_not_read": unread,
+                 "modules_not_read": sorted(set(unread) | uncalled),
                  "subspace_dims": {name: int(basis.shape[1]) for name, basis in subspaces.items()},
                  "statistics_passes": len(passes),
                  "system_prompt": system_prompt})
