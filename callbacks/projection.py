@@ -220,6 +220,10 @@ class RepresentationProjection(L.Callback):
             inputs, outputs = direction_bases(model, basis)
         ids = basis.protected_token_ids if self.protect_embeddings else None
         reshard(model)  # FSDP2: constraints must see (and LoRA's first projection write) the real shards
+        if self._restored_state is None and self.constraints is not None:
+            # a later fit with this callback continues from the aligned model's anchors, not the drifted weights
+            # (with strength < 1 or a damped tail the weights are not back at them)
+            self._restored_state = self.constraints.state_dict()
         self.constraints = build_constraints(model, inputs, output_bases=outputs, protected_token_ids=ids,
                                              strength=self.strength, freeze_norms=self.freeze_norms)
         if self._restored_state is not None:  # resume: the anchors of the aligned model, not of the drifted one

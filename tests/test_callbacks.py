@@ -88,6 +88,23 @@ def test_trainable_parameters_the_guard_cannot_hold_stop_the_run(tmp_path, tiny_
     run_fit(tmp_path, tiny_models["llama"], chat_file, [guard(), RepresentationProjection(allow_unconstrained=True)],
             steps=1, lora_r=4)
 
+
+def test_a_second_fit_keeps_the_aligned_models_anchors(tmp_path, tiny_models, chat_file):
+    """With strength < 1 the weights are not back at the anchors after a step; a second `fit` (or a tuner's pass)
+    must not re-anchor on them, or the drift would compound."""
+    projection = RepresentationProjection(strength=0.5)
+    module, trainer = run_fit(tmp_path, tiny_models["llama"], chat_file, [guard(), projection], steps=2)
+    anchors = {key: state["anchor"].clone() for key, state in projection.constraints.state_dict().items()
+               if "anchor" in state}
+    assert anchors
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        callbacks=trainer.callbacks)
+    trainer.fit(module, InstructionDataModule(train=chat_file, batch_size=8))
+    for key, state in projection.constraints.state_dict().items():
+        if "anchor" in state:
+            torch.testing.assert_close(state["anchor"], anchors[key], atol=0, rtol=0)
+
 def test_protection_holds_with_answers_tied_embeddings_and_gemma_norms(tmp_path, tiny_models, chat_file):
     for family in ("qwen2", "gemma2"):
         kwargs = {"tokenizer": tiny_models["llama"]}
