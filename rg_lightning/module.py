@@ -152,6 +152,7 @@ class CausalLMModule(L.LightningModule):
         self.predict_max_new_tokens = predict_max_new_tokens
         self.loss_normalization = loss_normalization
         self._step_tokens: torch.Tensor | None = None  # answer tokens of this optimizer step's micro-batches
+        self._token_reference: float | None = None  # `token` normalisation's fixed loss scale (first micro-batch)
         self.model = None
         self._tokenizer = None
         # Adapter-only checkpoints hold just the trainable weights; the base comes from `model` again.
@@ -263,7 +264,12 @@ class CausalLMModule(L.LightningModule):
             return loss
         tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         self._step_tokens = tokens if self._step_tokens is None else self._step_tokens + tokens
-        return loss * tokens  # the token sum; divided by the step's token count in on_before_optimizer_step
+        if self._token_reference is None:
+            # A fixed scale, the same on every process: the token sum itself would be ~T times a mean loss and
+            # overflow fp16 (16-mixed's GradScaler would then skip steps while it backs off by ~T).
+            self._token_reference = max(float(self.trainer.strategy.reduce(tokens.float(), reduce_op="mean")), 1.0)
+        # the token sum over a fixed scale; on_before_optimizer_step divides by the step's token count
+        return loss * tokens / self._token_reference
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """``token`` normalisation: the accumulated gradients are sums of token losses over the micro-batches
@@ -273,7 +279,7 @@ class CausalLMModule(L.LightningModule):
             return
         total = float(self.trainer.strategy.reduce(self._step_tokens.float(), reduce_op="sum"))
         self._step_tokens = None
-        factor = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(total, 1.0)
+        factor = self.trainer.accumulate_grad_batches * self.trainer.world_size * self._token_reference / max(total, 1.0)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None:

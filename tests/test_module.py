@@ -162,7 +162,11 @@ def test_token_normalisation_gives_the_gradient_of_the_mean_over_every_answer_to
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.batches.append({k: v.clone() for k, v in batch.items()})
 
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+
     record = Record()
+    record.losses = []
     L.seed_everything(0)
     module = CausalLMModule(model=tiny_models["llama"], optimizer=adamw(), loss_normalization="token")
     initial = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).state_dict().items()}
@@ -178,6 +182,12 @@ def test_token_normalisation_gives_the_gradient_of_the_mean_over_every_answer_to
     total.backward()
     for name, p in reference.named_parameters():
         torch.testing.assert_close(record.grads[0][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # what is backpropagated stays on a mean loss's scale (the first micro-batch's is its mean), not the token sum,
+    # which would overflow fp16 under 16-mixed
+    with torch.no_grad():
+        first, second = (float(reference(**b).loss) for b in record.batches[:2])
+    assert record.losses[0] * 2 == pytest.approx(first, rel=1e-3)  # Lightning reports it divided by accumulation
+    assert record.losses[1] * 2 == pytest.approx(second * counts[1] / counts[0], rel=1e-3)
     with pytest.raises(ValueError, match="loss_normalization"):
         CausalLMModule(model=tiny_models["llama"], loss_normalization="sample")
 
