@@ -39,6 +39,7 @@ from rg_lightning.guard.collect import output_head_name
 from rg_lightning.guard.projection import (ConstraintSet, batch_token_mask, build_constraints, canonical_name,
                                           hold_absent_rows_)
 from rg_lightning.guard.shards import reshard, whole
+from rg_lightning.modes import eval_mode
 from rg_lightning.prompts import fingerprint
 
 _LAYER = re.compile(r"^(.*\.layers\.(\d+))\.")
@@ -126,6 +127,19 @@ def direction_bases(model, basis: SafetyBasis) -> tuple[dict, dict]:
         embeddings = [n for n, m in model.named_modules() if m is tokens and m.weight.requires_grad]
         writers.update({name: directions[0][:, None] for name in embeddings})
     return readers, writers
+
+
+def read_by_text(model, params: list[torch.nn.Parameter], token_ids: torch.Tensor) -> list[bool]:
+    """Whether the logits of a text prompt (the protected tokens, in order) depend on each parameter: autograd's
+    own answer, so it holds whatever the module types (fused MoE experts, a DoRA magnitude, a raw weight that a
+    multimodal projector holds but text never reaches). ``autograd.grad``: nothing is accumulated into ``.grad``."""
+    ids = token_ids.reshape(-1)[:16].to(next(model.parameters()).device, torch.long)
+    if not params or not ids.numel():
+        return [bool(params)] * len(params)
+    with eval_mode(model), torch.enable_grad():
+        logits = model(input_ids=ids[None], use_cache=False).logits
+        grads = torch.autograd.grad(logits.float().sum(), params, allow_unused=True)
+    return [grad is not None for grad in grads]
 
 
 def _input_ids(batch) -> torch.Tensor:
@@ -230,7 +244,7 @@ class RepresentationProjection(L.Callback):
             self.constraints.load_state_dict(self._restored_state)
             self._restored_state = None
         if self.constraints.uncovered:
-            self._check_uncovered(basis)
+            self._check_uncovered(model, basis)
             rank_zero_info(f"RepresentationProjection: unconstrained trainable parameters: {self.constraints.uncovered}")
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         rank_zero_info(
@@ -250,19 +264,20 @@ class RepresentationProjection(L.Callback):
         for optimizer in trainer.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.constraints.apply_()))
 
-    def _check_uncovered(self, basis: SafetyBasis) -> None:
+    def _check_uncovered(self, model, basis: SafetyBasis) -> None:
         """A trainable parameter with no constraint that protected prompts read would move the protected outputs
         while the run looks guarded. The comparison settings (directions mode, norms or rows left free) leave some
-        free on purpose."""
+        free on purpose; parameters that a prompt's logits do not depend on (a vision tower's) may train."""
         if self.allow_unconstrained or self.mode != "subspace" or not (self.freeze_norms and self.protect_embeddings):
             return
-        unread = tuple(canonical_name(name) + "." for name in basis.metadata.get("modules_not_read") or ())
-        read = [name for name in self.constraints.uncovered if not canonical_name(name).startswith(unread)]
+        params = dict(model.named_parameters())
+        flags = read_by_text(model, [params[name] for name in self.constraints.uncovered], basis.protected_token_ids)
+        read = [name for name, is_read in zip(self.constraints.uncovered, flags) if is_read]
         if read:
             raise ValueError(
                 f"RepresentationProjection: {len(read)} trainable parameters that the protected prompts read have no "
                 f"constraint (e.g. {read[:4]}), so they would move the protected outputs: the guard holds linear and "
-                "LoRA layers, embeddings and norms, not e.g. fused MoE experts or DoRA. Freeze them "
+                "LoRA layers, embeddings and norms, not e.g. fused MoE experts, DoRA or LoRA on embeddings. Freeze them "
                 "(requires_grad=False) or leave them out of the LoRA targets, or set allow_unconstrained=True to "
                 "train them unguarded.")
 

@@ -241,7 +241,7 @@ def test_a_multimodal_model_is_measured_on_its_decoder_and_its_vision_tower_left
 
     guard = RepresentationProjection()
     guard.constraints = constraints
-    guard._check_uncovered(basis)  # none of them is read by the protected prompts: no reason to stop the run
+    guard._check_uncovered(model, basis)  # no text prompt's logits depend on them: no reason to stop the run
     prompts = tokenizer([tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                        add_generation_prompt=True) for p in HARMFUL[:1]],
                         return_tensors="pt", add_special_tokens=False)
@@ -255,3 +255,27 @@ def test_a_multimodal_model_is_measured_on_its_decoder_and_its_vision_tower_left
     constraints.apply_()
     with torch.no_grad():
         assert torch.allclose(model(**prompts).logits, before, atol=1e-4)  # the decoder's protected outputs held
+
+
+
+def test_fused_moe_experts_that_no_constraint_holds_stop_the_run():
+    """transformers 5 stores Mixtral's experts as fused 3-D weights: no linear constraint holds them, and the
+    protected prompts read them."""
+    from transformers import MixtralConfig
+
+    from rg_lightning.callbacks import RepresentationProjection
+    from rg_lightning.guard import build_constraints
+
+    tokenizer = make_tokenizer()
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=128, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    basis = collect_basis(model, tokenizer, HARMFUL, HARMLESS, energy=0.9, answer_tokens=0)
+    guard = RepresentationProjection()
+    guard.constraints = build_constraints(model, basis.subspaces, protected_token_ids=basis.protected_token_ids)
+    assert any("experts" in name for name in guard.constraints.uncovered)
+    with pytest.raises(ValueError, match="read have no constraint.*experts.*allow_unconstrained=True"):
+        guard._check_uncovered(model, basis)
+    assert all(p.grad is None for p in model.parameters())  # the check accumulated nothing

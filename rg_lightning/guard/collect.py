@@ -79,7 +79,8 @@ def protected_modules(model: nn.Module) -> list[str]:
             continue
         if isinstance(module, LoraLayer):
             inside_lora.add(name)
-            names.append(name)
+            if isinstance(module.get_base_layer(), nn.Linear):  # LoRA on an embedding reads token ids, not vectors
+                names.append(name)
         elif isinstance(module, nn.Linear) and module.weight.requires_grad:
             names.append(name)
     return names
@@ -408,16 +409,12 @@ def collect_basis(
         return torch.stack([torch.stack([accumulator.mean((layer, p)) for p in range(n_positions)])
                             for layer in range(n_layers)]).cpu()
 
-    # modules with parameters of their own that protected prompts never call (e.g. a vision tower's, or the projector
-    # holding a raw weight): RepresentationProjection lets those train without a constraint
-    uncalled = {name for name, module in model.named_modules()
-                if name not in called and next(module.parameters(False), None) is not None}
     meta = dict(metadata or {})
     meta.update({"n_harmful": len(harmful), "n_harmless": len(harmless), "post_instruction_tokens": n_positions,
                  "energy": energy, "rank": rank, "centered": centered, "ridge": ridge,
                  "input_differences": input_differences, "head_answer_only": head is not None,
                  "answer_tokens": answer_tokens, "modules": [name for name in names if name in subspaces],
-                 "modules_not_read": sorted(set(unread) | uncalled),
+                 "modules_not_read": unread,
                  "subspace_dims": {name: int(basis.shape[1]) for name, basis in subspaces.items()},
                  "statistics_passes": len(passes),
                  "system_prompt": system_prompt})
