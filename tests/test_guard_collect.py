@@ -279,3 +279,11 @@ def test_fused_moe_experts_that_no_constraint_holds_stop_the_run():
     with pytest.raises(ValueError, match="read have no constraint.*experts.*allow_unconstrained=True"):
         guard._check_uncovered(model, basis)
     assert all(p.grad is None for p in model.parameters())  # the check accumulated nothing
+
+
+def test_a_rank_wider_than_a_modules_input_names_the_module():
+    from rg_lightning.toy import load_aligned
+
+    model, tokenizer = load_aligned()
+    with pytest.raises(ValueError, match=r"q_proj \(input width 128\): k must be in \[1, 128\], got 200"):
+        collect_basis(model, tokenizer, HARMFUL, HARMLESS, rank=200, answer_tokens=0)

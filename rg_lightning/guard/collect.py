@@ -333,13 +333,16 @@ def collect_basis(
                                     for p in positions], dim=1)
                 # differences below a millionth of the inputs' RMS norm are rounding, not a direction
                 floor = 1e-6 * float(torch.diagonal(grams.state()[name]).sum() / max(grams.counts[name], 1)) ** 0.5
-            if centered:
-                basis = centered_subspace(grams.state()[name], grams.firsts.sums[name], grams.counts[name],
-                                          energy=energy, k=rank)
-                basis = basis if held is None else extend_basis(basis, held, min_norm=floor)
-            else:
-                basis = soft_subspace(grams.state()[name], energy=energy, k=rank, ridge=ridge, held=held,
-                                      min_norm=floor)
+            try:
+                if centered:
+                    basis = centered_subspace(grams.state()[name], grams.firsts.sums[name], grams.counts[name],
+                                              energy=energy, k=rank)
+                    basis = basis if held is None else extend_basis(basis, held, min_norm=floor)
+                else:
+                    basis = soft_subspace(grams.state()[name], energy=energy, k=rank, ridge=ridge, held=held,
+                                          min_norm=floor)
+            except ValueError as error:  # e.g. a fixed rank wider than this module's input: say which module
+                raise ValueError(f"{name} (input width {widths[name]}): {error}") from None
             basis = basis.float().cpu()  # one tensor shared by the group (q/k/v read the same input)
             subspaces.update({member: basis for member in groups[name]})
         grams.sums.clear()
