@@ -105,7 +105,9 @@ def encode_conversation(tokenizer, messages: list[dict], *, max_length: int, row
         if not full.startswith(before) or not full.startswith(through) or len(through) <= len(before):
             raise ChatFormatError(
                 f"Row {row}: the chat template does not render turn {turn} as a prefix of the conversation, "
-                "so the answer tokens cannot be located; pass a `chat_template=` that renders turns in order."
+                "so the answer tokens cannot be located. Templates that rewrite earlier turns (Qwen3's drops the "
+                "reasoning block of answers before the last user message) cannot be trained on multi-turn rows: "
+                "split them into single-turn rows, or pass a `chat_template=` that renders turns in order."
             )
         spans.append((len(before), len(through)))
     if not spans:
@@ -122,7 +124,9 @@ def encode_text(tokenizer, text: str, *, max_length: int, row: int) -> dict[str,
     """Plain-text rows: every token is learned (language-model pre-training style)."""
     if not str(text or "").strip():
         raise ChatFormatError(f"Row {row}: the `text` field is empty.")
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    # a row already rendered with the chat template starts with the BOS itself: do not add a second one
+    rendered = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+    ids = tokenizer(text, add_special_tokens=not rendered)["input_ids"]
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids = ids + [tokenizer.eos_token_id]
     return _truncate(ids, list(ids), max_length, row)

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from rg_lightning.chat import (IGNORE_INDEX, encode_conversation, encode_text, require_chat_template,
+from rg_lightning.chat import (IGNORE_INDEX, ChatFormatError, encode_conversation, encode_text, require_chat_template,
                                with_template_defaults)
 from rg_lightning.sources import load_source, parse_source
 
@@ -56,15 +56,36 @@ def to_messages(row: dict, fmt: str, system_prompt: str | None) -> list[dict] | 
     if fmt == "text":
         return None
     if fmt == "messages":
-        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        turns = row["messages"]
+        if not isinstance(turns, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in turns):
+            raise ChatFormatError("`messages` must be a list of {role, content} turns (ShareGPT's {from, value} "
+                                  "turns need converting first).")
+        messages = [{"role": m["role"], "content": m["content"]} for m in turns]
     elif fmt == "prompt_completion":
         messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
     else:
         instruction = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
         messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": row["output"]}]
+    for turn, message in enumerate(messages):
+        content = message["content"]
+        if not isinstance(content, str):
+            hint = (" (TRL's conversational prompt/completion rows hold message lists: give them as one `messages` "
+                    "column)" if isinstance(content, (list, dict)) else " (map labels to answer words, or cast the "
+                    "column to text)" if isinstance(content, (int, float)) else "")
+            raise ChatFormatError(f"the {message['role']} turn {turn} is a {type(content).__name__}, not text{hint}.")
+        if message["role"] == "user" and not content.strip():
+            raise ChatFormatError(f"the user turn {turn} is empty: there is no request to answer.")
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
     return messages
+
+
+def _row_messages(row: dict, fmt: str, system_prompt: str | None, index: int) -> list[dict] | None:
+    """:func:`to_messages`, its errors naming the row."""
+    try:
+        return to_messages(row, fmt, system_prompt)
+    except ChatFormatError as err:
+        raise ChatFormatError(f"Row {index}: {err}") from None
 
 
 class InstructionDataModule(L.LightningDataModule):
@@ -212,7 +233,9 @@ class InstructionDataModule(L.LightningDataModule):
                 raise RuntimeError("`predict` answers the prompts of the test data: pass `test=` to the data module.")
             self.prompts = self.prompts or self.user_prompts(self.load_rows("test"))
             return
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+        # validation held out of `train` (val_fraction) needs `train` to split, also for `validate` alone
+        held_out = ("train",) if self.val_fraction else ()
+        wanted = {"fit": ("train", "val"), "validate": ("val", *held_out), "test": ("test",)}
         for name in wanted.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test"):
             if name in self.datasets or name not in self.available_stages():
                 continue
@@ -241,7 +264,8 @@ class InstructionDataModule(L.LightningDataModule):
         while len(order) < n_mix:
             order += torch.randperm(len(dataset), generator=generator).tolist()
         drawn = sorted(set(order[:n_mix]))
-        encoded = dict(zip(drawn, self._named("mix", lambda: self.encode(dataset.select(drawn), "mix", own_format=True))))
+        encoded = dict(zip(drawn, self._named("mix", lambda: self.encode(dataset.select(drawn), "mix", own_format=True,
+                                                                          rows=drawn))))
         return [encoded[i] for i in order[:n_mix]]
 
     def _mix_dataset(self):
@@ -265,7 +289,7 @@ class InstructionDataModule(L.LightningDataModule):
         try:
             return work()
         except ValueError as err:
-            raise type(err)(f"`{what}` data {self.mix}: {err}") from err
+            raise type(err)(f"`{what}` data {self.mix.label}: {err}") from err
 
     def _normalise(self, dataset, stage: str, own_format: bool = False):
         """Rename mapped columns and check the format's columns are present; returns (dataset, format).
@@ -303,20 +327,22 @@ class InstructionDataModule(L.LightningDataModule):
         if fmt == "text":
             raise ValueError("`predict` needs chat data (messages, prompt/completion or alpaca), not plain text.")
         prompts = []
-        for row in dataset:
-            users = [m["content"] for m in to_messages(row, fmt, None) if m["role"] == "user"]
+        for index, row in enumerate(dataset):
+            users = [m["content"] for m in _row_messages(row, fmt, None, index) if m["role"] == "user"]
             prompts.append(users[-1])
         return prompts
 
-    def encode(self, dataset, stage: str, own_format: bool = False) -> list[dict]:
-        """Validate the columns and tokenise every row (errors name the row)."""
+    def encode(self, dataset, stage: str, own_format: bool = False, rows: list[int] | None = None) -> list[dict]:
+        """Validate the columns and tokenise every row (errors name the row: its index in the file, ``rows[i]``
+        when ``dataset`` is a selection of it)."""
         dataset, fmt = self._normalise(dataset, stage, own_format)
         tokenizer = self.tokenizer
         if fmt != "text":
             require_chat_template(tokenizer)
         encoded = []
-        for index, row in enumerate(dataset):
-            messages = to_messages(row, fmt, self.system_prompt)
+        for position, row in enumerate(dataset):
+            index = position if rows is None else rows[position]
+            messages = _row_messages(row, fmt, self.system_prompt, index)
             if messages is None:
                 encoded.append(encode_text(tokenizer, row["text"], max_length=self.max_length, row=index))
             else:

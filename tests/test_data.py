@@ -354,3 +354,54 @@ def test_a_mix_share_that_rounds_to_no_row_warns(tmp_path):
     with pytest.warns(UserWarning, match="rounds to no `mix` row"):
         module = build(tmp_path, [QA] * 8, mix=refusals, mix_fraction=0.01)
     assert len(module.datasets["train"]) == 8
+
+
+def test_validate_alone_holds_out_the_val_fraction(tmp_path):
+    """`lightning validate` with `val_fraction` (the recipes' 0.02) splits `train` too, else it validates nothing."""
+    rows = [{"prompt": f"what is {w} ?", "completion": "sure ."} for w in ("one", "two", "three", "four", "five")] * 2
+    fit = build(tmp_path, rows, val_fraction=0.3, seed=3)
+    alone = InstructionDataModule(train=str(tmp_path / "data.jsonl"), val_fraction=0.3, seed=3)
+    alone.tokenizer = make_tokenizer()
+    alone.setup("validate")
+    assert alone.datasets["val"] == fit.datasets["val"] and len(alone.val_dataloader()) > 0
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": [{"role": "user", "content": "how"}], "completion": [{"role": "assistant", "content": "sure"}]},
+     "Row 0: the user turn 0 is a list, not text .*one `messages` column"),
+    ({"prompt": "is this good ?", "completion": 1}, "Row 0: the assistant turn 1 is a int, not text .*map labels"),
+    ({"prompt": "  ", "completion": "sure ."}, "Row 0: the user turn 0 is empty"),
+    ({"messages": [{"from": "human", "value": "how"}, {"from": "gpt", "value": "sure"}]},
+     "Row 0: `messages` must be a list of \\{role, content\\} turns .*ShareGPT"),
+], ids=["trl-conversational", "int-label", "empty-request", "sharegpt"])
+def test_rows_that_are_not_chat_text_name_the_row_and_the_fix(tmp_path, row, message):
+    with pytest.raises(ChatFormatError, match=message):
+        build(tmp_path, [row])
+
+
+def test_a_rendered_text_row_keeps_one_bos(tmp_path):
+    from tokenizers import processors
+
+    tokenizer = make_tokenizer()
+    tokenizer.bos_token = "<|user|>"  # any special token serves as this tokenizer's BOS, added like Llama's
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|user|> $A", special_tokens=[("<|user|>", tokenizer.bos_token_id)])
+    assert tokenizer("tell")["input_ids"][0] == tokenizer.bos_token_id
+    module = InstructionDataModule(train=str(write_jsonl(tmp_path / "t.jsonl", [{"text": "<|user|> tell me a story"}])))
+    module.tokenizer = tokenizer
+    module.setup("fit")
+    ids = module.datasets["train"][0]["input_ids"]
+    assert ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_mix_errors_name_the_file_and_its_row(tmp_path):
+    bad = write_jsonl(tmp_path / "mix.jsonl", [{"prompt": f"request {i} ?", "completion": ""} for i in range(8)])
+    module = InstructionDataModule(train=str(write_jsonl(tmp_path / "d.jsonl", [QA] * 4)), mix=str(bad),
+                                   mix_fraction=0.2)
+    module.tokenizer = make_tokenizer()
+    from rg_lightning.sources import load_source
+
+    with pytest.raises(ChatFormatError, match="Row 5: assistant turn 1 is empty"):
+        module.encode(load_source(module.mix).select([5]), "mix", own_format=True, rows=[5])
+    with pytest.raises(ValueError, match=f"`mix` data {bad}: Row \\d"):
+        module.setup("fit")
