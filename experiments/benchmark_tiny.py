@@ -12,7 +12,9 @@ mode); ``replay``: plain fine-tuning with ``--replay-fraction`` of the rows repl
 basis prompts' split answered with a refusal (the published safety-data mixing defence, Bianchi et al. 2024),
 no guard; ``guarded-replay``: the guard on that data.
 
-Every arm runs the recipe of experiments/tiny.yaml (AdamW lr 1e-3, batch 32, 150 steps) and measures
+Every arm runs the recipe of experiments/tiny.yaml (AdamW lr 1e-3, batch 32, 150 steps), except that AdamW keeps
+its default weight decay 0.01 (tiny.yaml: 0), with which every committed result was measured (``--weight-decay``),
+and measures
 held-out harmful refusal, held-out harmless refusal and the task metric by greedy generation. Writes
 ``<out>/<name>.json`` and ``<out>/<name>.md`` (mean ± std over seeds, wall time, machine).
 
@@ -49,6 +51,8 @@ GUARD_ARMS = {"guarded", "directions", "guarded-replay"}  # arms that run Refusa
 REPLAY_ARMS = ("replay", "guarded-replay")  # arms trained on data with refusal examples mixed in
 DEFAULT_REPLAY_FRACTION = 0.1  # the replay arm: share of training rows that are harmful requests answered with a refusal
 DEFAULT_STEPS, DEFAULT_LR = 150, 1e-3  # experiments/tiny.yaml (max_steps, AdamW lr)
+# AdamW's own default, with which every committed result was measured; experiments/tiny.yaml uses 0
+DEFAULT_WEIGHT_DECAY = 0.01
 DEFAULT_ENERGY = 0.9  # experiments/tiny.yaml (RefusalDirections energy)
 DEFAULT_N_PROMPTS = 128  # experiments/tiny.yaml (RefusalDirections n_prompts); likewise
 DEFAULT_CENTERED = False  # experiments/tiny.yaml (RefusalDirections centered); likewise
@@ -134,7 +138,7 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
             tail_reference_lr: float | None = DEFAULT_TAIL_REFERENCE_LR,
             hold_absent_rows: bool = DEFAULT_HOLD_ABSENT_ROWS,
             input_differences: bool = DEFAULT_INPUT_DIFFERENCES,
-            replay_fraction: float = DEFAULT_REPLAY_FRACTION) -> dict:
+            replay_fraction: float = DEFAULT_REPLAY_FRACTION, weight_decay: float = DEFAULT_WEIGHT_DECAY) -> dict:
     L.seed_everything(seed)
     report = AlignmentReport(task=task, variant=variant)
     callbacks = [report]
@@ -147,7 +151,8 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
                       LeavingOut(list(leave_out), variant, mode="directions" if arm == "directions" else "subspace",
                                  project_gradients=project_gradients, tail_reference_lr=tail_reference_lr,
                                  hold_absent_rows=hold_absent_rows)]
-    module = CausalLMModule(model=model_dir, dtype="float32", optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
+    module = CausalLMModule(model=model_dir, dtype="float32",
+                            optimizer=lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=weight_decay))
     data = ToyTaskDataModule(task=task, harmful_fraction=harmful_fraction, variant=variant, n_train=steps * 32,
                              seed=seed, refusal_fraction=replay_fraction if arm in REPLAY_ARMS else 0.0)
     with tempfile.TemporaryDirectory() as root:
@@ -208,6 +213,8 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["plain", "guarded"], choices=ARMS)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--lr", type=float, default=DEFAULT_LR)
+    parser.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
+                        help="AdamW weight decay, both arms (0.01: every committed result; tiny.yaml: 0)")
     parser.add_argument("--energy", type=float, default=DEFAULT_ENERGY, help="RefusalDirections energy")
     parser.add_argument("--n-prompts", type=int, default=DEFAULT_N_PROMPTS,
                         help="RefusalDirections n_prompts (harmful and harmless prompts measured for the basis)")
@@ -250,7 +257,7 @@ def main() -> None:
                                 args.energy, args.answer_tokens, not args.post_step_only, args.n_prompts, args.rank, args.centered,
                                 args.head_positions == "answer", args.ridge, args.leave_out,
                                 args.tail_reference_lr or None, args.hold_absent_rows, args.input_differences,
-                                args.replay_fraction))
+                                args.replay_fraction, args.weight_decay))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
@@ -274,6 +281,7 @@ def main() -> None:
                  if args.input_differences != DEFAULT_INPUT_DIFFERENCES else "")
     else:
         name += (f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "") + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else "")
+    name += f"_wd{args.weight_decay:g}" if args.weight_decay != DEFAULT_WEIGHT_DECAY else ""
     name += "_directions" if "directions" in args.arms else ""  # the direction-only arm ran
     # one suffix per replay arm: whether the guard ran on the mixed data is in the name
     name += "".join(f"_{arm}{args.replay_fraction:g}" for arm in REPLAY_ARMS if arm in args.arms)
@@ -293,7 +301,8 @@ def main() -> None:
     replay = (f"replay: {args.replay_fraction:g} of the training rows are harmful requests answered with a refusal; "
               if set(REPLAY_ARMS) & set(args.arms) else "")
     markdown = (f"### {name}\n\n{table(runs, args.arms)}\n\n"
-                f"Command: `{command.strip()}`; seeds {args.seeds}; {args.steps} steps, AdamW lr {args.lr}, batch 32; "
+                f"Command: `{command.strip()}`; seeds {args.seeds}; {args.steps} steps, AdamW lr {args.lr} weight decay "
+                f"{args.weight_decay:g}, batch 32; "
                 + (guard if GUARD_ARMS & set(args.arms) else "") + replay
                 + f"held-out data, greedy generation. Machine: {machine}. Total wall time "
                 f"{time.perf_counter() - start:.0f} s.\n")
