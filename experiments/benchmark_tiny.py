@@ -42,7 +42,7 @@ from rg_lightning.callbacks import RefusalDirections, RepresentationProjection
 from rg_lightning.contract import tokenizer_of
 from rg_lightning.guard.projection import RowFreeze
 from rg_lightning.toy import ALIGNED_MODEL_DIR
-from rg_lightning.toy.build import ARCH_STEPS, ARCHITECTURES, TIED_ARCHITECTURES
+from rg_lightning.toy.build import ARCH_STEPS, ARCHITECTURES, BUILD_VERSION, TIED_ARCHITECTURES
 from rg_lightning.toy.data import ToyTaskDataModule
 from rg_lightning.toy.report import METRICS, AlignmentReport
 
@@ -173,9 +173,13 @@ def world_model(variant: str, arch: str, cache: str) -> str:
     record = os.path.join(directory, "world.json")
     if os.path.isfile(record):
         built = json.load(open(record))
-        if ((built.get("variant"), built.get("arch", "llama"), built.get("steps"), built.get("threads"))
-                == (variant, arch, ARCH_STEPS[arch], WORLD_THREADS)
-                and bool(built.get("vocabulary_examples")) == (arch in TIED_ARCHITECTURES)):
+        # everything a build depends on: a record of another seed, recipe version or torch is rebuilt, as is
+        # one whose weights are missing
+        if ((built.get("variant"), built.get("arch", "llama"), built.get("steps"), built.get("threads"),
+             built.get("seed"), built.get("build_version"), built.get("torch"))
+                == (variant, arch, ARCH_STEPS[arch], WORLD_THREADS, 0, BUILD_VERSION, torch.__version__)
+                and bool(built.get("vocabulary_examples")) == (arch in TIED_ARCHITECTURES)
+                and os.path.isfile(os.path.join(directory, "model.safetensors"))):
             return directory
     from rg_lightning.toy.build import build
 

@@ -99,3 +99,28 @@ def test_result_names_say_which_arms_trained_on_refusal_examples(bench, monkeypa
     monkeypatch.setattr(sys, "argv", ["benchmark_tiny.py", "--seeds", "0", "--out", str(tmp_path), "--arms", *arms])
     bench.main()
     assert sorted(p.name for p in tmp_path.iterdir()) == [suffix + ".json", suffix + ".md"]
+
+
+def test_a_cached_world_is_reused_only_when_it_is_the_build_asked_for(bench, tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    import rg_lightning.toy.build
+
+    built = []
+    monkeypatch.setattr(rg_lightning.toy.build, "build", lambda directory, **kwargs: built.append(directory))
+    world = tmp_path / "alt-phi3"
+    world.mkdir()
+    record = {"variant": "alt", "arch": "phi3", "steps": bench.ARCH_STEPS["phi3"], "threads": bench.WORLD_THREADS,
+              "seed": 0, "build_version": bench.BUILD_VERSION, "torch": torch.__version__}
+    (world / "world.json").write_text(json.dumps(record))
+    (world / "model.safetensors").write_bytes(b"")
+    assert bench.world_model("alt", "phi3", str(tmp_path)) == str(world) and not built
+    for change in ({"seed": 7}, {"build_version": 1}, {"torch": "1.0"}):
+        (world / "world.json").write_text(json.dumps({**record, **change}))
+        bench.world_model("alt", "phi3", str(tmp_path))
+    (world / "world.json").write_text(json.dumps(record))
+    (world / "model.safetensors").unlink()
+    bench.world_model("alt", "phi3", str(tmp_path))
+    assert built == [str(world)] * 4  # each stale or incomplete record was rebuilt
