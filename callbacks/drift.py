@@ -30,6 +30,7 @@ from rg_lightning.atomic import atomic_file
 from rg_lightning.callbacks.refusal_directions import RefusalDirections
 from rg_lightning.chat import render_prompt
 from rg_lightning.contract import check_unsharded, hf_model, system_prompt_of, tokenizer_of
+from rg_lightning.figures import new_figure, save_png
 from rg_lightning.guard.geometry import (
     cosine,
     fisher_ratio,
@@ -295,14 +296,9 @@ class DriftGeometry(L.Callback):
             self._figures(directory, final)
 
     def _figures(self, directory: str, final: dict) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         layers = self.initial["harmful_states"].shape[0]
         steps = [r["step"] for r in self.history]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = new_figure(2, 11, 4)
         for layer in range(layers):
             cosines = [r[f"cos_layer{layer}"] for r in self.history]
             axes[0].plot(steps, [math.nan if c is None else c for c in cosines], label=f"layer {layer}")
@@ -314,11 +310,9 @@ class DriftGeometry(L.Callback):
             share = axes[1].twinx()
             share.plot(steps, [100 * r["refused_share"] for r in self.history], color="tab:gray", linestyle="--")
             share.set(ylabel="refused (score > 0), % (dashed)", ylim=(-5, 105))
-        fig.tight_layout()
-        fig.savefig(os.path.join(directory, "drift_curves.png"), dpi=120)
-        plt.close(fig)
+        save_png(fig, os.path.join(directory, "drift_curves.png"))
         layer = layers // 2
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharex=True, sharey=True)
+        fig, axes = new_figure(2, 10, 4.5, sharex=True, sharey=True)
         together = torch.cat([self.initial["harmful_states"][layer], self.initial["harmless_states"][layer],
                               final["harmful_states"][layer], final["harmless_states"][layer]])
         points = pca_2d(together)
@@ -328,9 +322,7 @@ class DriftGeometry(L.Callback):
             axis.scatter(*points[offset + n:offset + n + m].T, s=10, c="tab:blue", label="harmless")
             axis.set(title=f"Layer {layer}, {title}")
             axis.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(directory, "activations_pca.png"), dpi=120)
-        plt.close(fig)
+        save_png(fig, os.path.join(directory, "activations_pca.png"))
 
     def state_dict(self) -> dict:
         return {"initial": self.initial, "history": self.history} if self.initial is not None else {}

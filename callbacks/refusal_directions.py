@@ -21,10 +21,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
 from rg_lightning.contract import check_unsharded, hf_model, system_prompt_of, tokenizer_of
+from rg_lightning.figures import save_png, selection_figure, subspace_figure
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.collect import collect_basis
 from rg_lightning.guard.selection import KL_THRESHOLD, refusal_filter, refusal_scores, select_direction
 from rg_lightning.guard.shards import prompt_world
+from rg_lightning.guard.subspace import UNIT_WEIGHT, basis_weights
 from rg_lightning.prompts import DEFAULT_HARMFUL, DEFAULT_HARMLESS, fingerprint, load_prompts, prompt_hashes
 
 
@@ -43,7 +45,8 @@ class RefusalDirections(L.Callback):
         system_prompt: System message used when rendering the prompts; ``None``: the datamodule's
             ``system_prompt`` (the training rows'), ``""``: none.
         load: Directory of a saved basis (``basis.safetensors`` + ``basis.json``) to use instead of computing.
-        save: Directory where the computed basis is written (rank zero, atomically).
+        save: Directory where the computed basis is written (rank zero, atomically), with the figures
+            ``subspaces.png`` (how much of each module's input is held) and, after selection, ``selection.png``.
         seed: Seed of the prompt sampling.
         filter_prompts: Keep only harmful prompts the model refuses and harmless ones it answers (refusal
             score > 0 / < 0), for cleaner means; a side left with fewer than 2 keeps all its prompts (warned).
@@ -160,7 +163,19 @@ class RefusalDirections(L.Callback):
         self.basis = trainer.strategy.broadcast(basis, src=0)
         if self.save and trainer.is_global_zero:
             self.basis.save(self.save)
+            self._figures(self.save)
         return self.basis
+
+    def _figures(self, directory: str) -> None:
+        """Next to the saved basis: how much of each module's input it holds (``subspaces.png``) and, when
+        direction selection ran, every candidate's scores (``selection.png``)."""
+        widths = {}
+        for name, basis in self.basis.subspaces.items():
+            exact = int((basis_weights(basis) > UNIT_WEIGHT).sum())
+            widths[name] = (exact, basis.shape[1] - exact, basis.shape[0])
+        save_png(subspace_figure(widths), os.path.join(directory, "subspaces.png"))
+        if "selection" in self.basis.metadata:
+            save_png(selection_figure(self.basis.metadata["selection"]), os.path.join(directory, "selection.png"))
 
     def _compute(self, trainer, pl_module, model, model_id: str) -> SafetyBasis:
         tokenizer = tokenizer_of(trainer, pl_module)

@@ -36,15 +36,15 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_file(target: str):
-    """Yields a text handle to a staging file; on success it replaces ``target`` (an ordinary file, mode
-    0666 minus the umask), on failure it is removed and ``target`` is left as it was."""
+def atomic_file(target: str, mode: str = "w"):
+    """Yields a handle (``mode`` "w" text, "wb" bytes) to a staging file; on success it replaces ``target`` (an
+    ordinary file, mode 0666 minus the umask), on failure it is removed and ``target`` is left as it was."""
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=".staging-", dir=parent)
     os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes it private
     try:
-        with os.fdopen(handle, "w") as out:
+        with os.fdopen(handle, mode) as out:
             yield out
         os.replace(staging, target)
     except BaseException:

@@ -358,6 +358,7 @@ def test_saved_basis_round_trip_and_projection_from_file(tmp_path, tiny_models, 
     refusal = guard(save=str(tmp_path / "basis"))
     run_fit(tmp_path / "a", tiny_models["llama"], chat_file, [refusal], steps=1)
     loaded = SafetyBasis.load(str(tmp_path / "basis"))
+    assert (tmp_path / "basis" / "subspaces.png").is_file() and not (tmp_path / "basis" / "selection.png").exists()
     for key, tensor in refusal.basis.tensors().items():
         assert torch.equal(tensor, loaded.tensors()[key])
     reference = CausalLMModule(model=tiny_models["llama"])
@@ -524,6 +525,8 @@ def test_filter_and_selection_fall_back_warn_and_survive_resume(tmp_path, tiny_m
     assert metadata["filtering"]["harmful"]["fallback"] and metadata["n_harmful"] == 5
     assert metadata["selection"]["fallback"] and metadata["selected"] == first[0].basis.selected
     assert SafetyBasis.load(str(tmp_path / "basis")).metadata == json.loads(json.dumps(metadata))
+    for figure in ("subspaces.png", "selection.png"):  # next to the saved basis
+        assert (tmp_path / "basis" / figure).read_bytes().startswith(b"\x89PNG")
 
     import rg_lightning.callbacks.refusal_directions as rd
 
