@@ -82,11 +82,12 @@ def render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def render_prompt(tokenizer, prompt: str, *, system_prompt: str | None = None):
-    """The text a model sees before it answers ``prompt`` (for generation and refusal statistics)."""
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": prompt}
-    ]
+def render_prompt(tokenizer, prompt: str | list[dict], *, system_prompt: str | None = None):
+    """The text a model sees before it answers ``prompt`` (for generation and refusal statistics): a request, or
+    a conversation ending with the user's turn (its own system turn, if any, wins over ``system_prompt``)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
     return render(tokenizer, messages, generation_prompt=True)
 
 

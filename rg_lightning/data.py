@@ -174,7 +174,7 @@ class InstructionDataModule(L.LightningDataModule):
         self._mix_rows = None
         self._tokenizer = None
         self.datasets: dict[str, list[dict]] = {}
-        self.prompts: list[str] = []
+        self.prompts: list[str | list[dict]] = []
         # tokenizer=None means "the module's": not recording it keeps Lightning's merge of module and data
         # hyperparameters from seeing two different `tokenizer` values.
         self.save_hyperparameters(ignore=["tokenizer"] if tokenizer is None else None)
@@ -231,7 +231,7 @@ class InstructionDataModule(L.LightningDataModule):
         if stage == "predict":
             if "test" not in self.available_stages():
                 raise RuntimeError("`predict` answers the prompts of the test data: pass `test=` to the data module.")
-            self.prompts = self.prompts or self.user_prompts(self.load_rows("test"))
+            self.prompts = self.prompts or self.requests(self.load_rows("test"))
             return
         # validation held out of `train` (val_fraction) needs `train` to split, also for `validate` alone
         held_out = ("train",) if self.val_fraction else ()
@@ -321,8 +321,21 @@ class InstructionDataModule(L.LightningDataModule):
             )
         return dataset, fmt
 
+    def requests(self, dataset) -> list[str | list[dict]]:
+        """What `lightning predict` answers, per row: the conversation up to its last user turn (earlier turns and
+        the row's own system turn kept), or just that turn's text when it is the whole conversation."""
+        dataset, fmt = self._normalise(dataset, "test")
+        if fmt == "text":
+            raise ValueError("`predict` needs chat data (messages, prompt/completion or alpaca), not plain text.")
+        requests = []
+        for index, row in enumerate(dataset):
+            messages = _row_messages(row, fmt, None, index)
+            last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+            requests.append(messages[0]["content"] if last == 0 else messages[:last + 1])
+        return requests
+
     def user_prompts(self, dataset, own_format: bool = False) -> list[str]:
-        """The last user turn of every row: what `lightning predict` answers."""
+        """The last user turn of every row as text (the requests the ``mix`` rows answer)."""
         dataset, fmt = self._normalise(dataset, "test", own_format)
         if fmt == "text":
             raise ValueError("`predict` needs chat data (messages, prompt/completion or alpaca), not plain text.")

@@ -292,8 +292,9 @@ class CausalLMModule(L.LightningModule):
         self._shared_step(batch, "test")
 
     def predict_step(self, batch: list[str], batch_idx: int) -> list[str]:
-        """Greedy answers to a batch of prompt strings (``InstructionDataModule.predict_dataloader``), with the
-        system prompt the data was trained with."""
+        """Greedy answers to a batch of requests (``InstructionDataModule.predict_dataloader``: texts, or
+        conversations ending with a user turn), with the system prompt the data was trained with unless a
+        conversation has its own."""
         return self.generate(batch, max_new_tokens=self.predict_max_new_tokens,
                              system_prompt=system_prompt_of(None, self._trainer), batch_size=len(batch))
 
@@ -330,7 +331,8 @@ class CausalLMModule(L.LightningModule):
 
     # -- generation ----------------------------------------------------------------------------------------
     def generate(
-        self, prompts: list[str], max_new_tokens: int = 64, system_prompt: str | None = None, batch_size: int = 16
+        self, prompts: list[str | list[dict]], max_new_tokens: int = 64, system_prompt: str | None = None,
+        batch_size: int = 16
     ) -> list[str]:
         """Batched greedy answers with the chat template and left padding."""
         return generate(self._require_model(), self.tokenizer, prompts, max_new_tokens=max_new_tokens,

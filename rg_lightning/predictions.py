@@ -19,7 +19,8 @@ class PredictionWriter(BasePredictionWriter):
 
     Under DDP each process answers its share of the prompts; rank zero gathers them (the sampler's padding
     duplicates are dropped) and writes the file atomically. The prompts come from the datamodule's
-    ``prompts`` (``InstructionDataModule``: the last user turn of every ``test`` row).
+    ``prompts`` (``InstructionDataModule``: every ``test`` row's request, its text, or the conversation up to
+    its last user turn when there is more to it).
     """
 
     def __init__(self, path: str = "predictions.jsonl") -> None:

@@ -306,6 +306,24 @@ def test_predict_prompts_are_user_turns(tmp_path):
     json.dumps(module.prompts)
 
 
+def test_predict_keeps_a_rows_earlier_turns_and_own_system_turn(tmp_path):
+    """A multi-turn row is answered in its context, and a row's own system turn wins over the data's."""
+    from rg_lightning.chat import render_prompt
+
+    turns = [{"role": "system", "content": "be brief ."}, {"role": "user", "content": "what is one ?"},
+             {"role": "assistant", "content": "one ."}, {"role": "user", "content": "and two ?"},
+             {"role": "assistant", "content": "two ."}]
+    single = [{"role": "user", "content": QA["prompt"]}, {"role": "assistant", "content": QA["completion"]}]
+    module = InstructionDataModule(test=write_jsonl(tmp_path / "d.jsonl", [{"messages": turns}, {"messages": single}]),
+                                   system_prompt="write a poem .")
+    module.setup("predict")
+    assert module.prompts == [turns[:4], QA["prompt"]]
+    tokenizer = make_tokenizer()
+    rendered = render_prompt(tokenizer, module.prompts[0], system_prompt="write a poem .")
+    assert "be brief ." in rendered and "what is one ?" in rendered and "write a poem ." not in rendered
+    assert "write a poem ." in render_prompt(tokenizer, module.prompts[1], system_prompt="write a poem .")
+
+
 def test_mix_adds_its_share_of_refusal_rows_to_the_training_rows_only(tmp_path):
     """mix_fraction of the final training rows come from `mix` (cycled, seeded); validation keeps user rows."""
     rows = [{"question": f"what is {w} ?", "answer": "sure ."} for w in ("one", "two", "three", "four", "five")] * 2
