@@ -90,11 +90,13 @@ class SafetyEvaluation(L.Callback):
         self.excluded_trained: dict[str, int] = {}  # prompts answered by the training data's `mix` rows
         self._loaded: dict[str, tuple] = {}
         self._last_step: int | None = None
+        self._checkpoint_step: int | None = None
         self.rows: list = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Load every prompt set now, so a bad benchmark name or file fails before any training."""
         check_unsharded(trainer, "SafetyEvaluation")
+        self._checkpoint_step = None  # set when this run restores a checkpoint (after setup)
         for suite in (self.suite, self.fit_suite):
             if suite is not None:
                 suite.system_prompt = system_prompt_of(self.system_prompt, trainer)
@@ -156,6 +158,9 @@ class SafetyEvaluation(L.Callback):
         elif self.on_validation and self.fit_suite is not None:
             self._fast(trainer, pl_module)
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._checkpoint_step = checkpoint.get("global_step")
+
     def _full(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model, tokenizer = hf_model(pl_module), tokenizer_of(trainer, pl_module)
         benchmarks, tasks = self._loaded.get("full") or self.suite.load()
@@ -163,7 +168,9 @@ class SafetyEvaluation(L.Callback):
         for row in self.rows:
             pl_module.log(row.log_name, row.value, sync_dist=False)
         metadata = self.suite.metadata(model, tokenizer)
-        metadata.update({"step": trainer.global_step, "checkpoint": trainer.ckpt_path,
+        # `test`/`validate --ckpt_path` restore the weights but not the trainer's step: the checkpoint has it
+        step = trainer.global_step if self._checkpoint_step is None or trainer.global_step else self._checkpoint_step
+        metadata.update({"step": step, "checkpoint": trainer.ckpt_path,
                          "excluded_basis_prompts": dict(self.excluded),
                          "excluded_trained_prompts": dict(self.excluded_trained)})
         # trainer.log_dir broadcasts, so every rank asks for it; only rank zero writes.

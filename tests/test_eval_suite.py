@@ -77,6 +77,7 @@ def test_lightning_test_shows_what_plain_fine_tuning_did_to_refusal(tmp_path, mo
         assert aligned[("toy:harmless", judge)]["metric"] == "over_refusal"
     assert tuned[("toy:benign", "exact_match")]["value"] > aligned[("toy:benign", "exact_match")]["value"]
     assert _metadata(tmp_path / "fine_tuned")["checkpoint"] == str(checkpoint)
+    assert _metadata(tmp_path / "fine_tuned")["step"] == 150 and _metadata(tmp_path / "aligned")["step"] == 0
     assert "| toy:harmful | harmful | keyword:jailbreakbench | asr |" in (tmp_path / "aligned" / "evaluation.md").read_text()
     responses = (tmp_path / "aligned" / "responses" / "toy_harmful.jsonl").read_text().splitlines()
     assert len(responses) == 40 and json.loads(responses[0])["response"]
