@@ -1,4 +1,4 @@
-"""``python -m rg_lightning.toy build [--out DIR] [--seed 0] [--steps N] [--variant default|alt]
+"""``python -m rg_lightning.toy build --out DIR [--seed 0] [--steps N] [--variant default|alt]
 [--arch llama|gemma2|qwen3|phi3|gemma3|olmo2] [--threads 2]`` trains and saves
 the aligned model; ``python -m rg_lightning.toy collapse [--model DIR] [--task benign] [--lr 1e-3] [--steps 150]
 [--harmful-fraction 0]`` measures what plain fine-tuning does to its refusals."""
@@ -6,23 +6,29 @@ the aligned model; ``python -m rg_lightning.toy collapse [--model DIR] [--task b
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rg_lightning.toy.build import ARCHITECTURES, THREADS
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rg_lightning.toy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m rg_lightning.toy", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="train the aligned model and save it")
-    build.add_argument("--out", default=None, help="output directory (default: the shipped rg_lightning/toy/aligned)")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--steps", type=int, default=None)
-    build.add_argument("--variant", default="default", choices=("default", "alt"))
+    build = commands.add_parser("build", help="train the aligned model and save it",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    build.add_argument("--out", required=True, default=argparse.SUPPRESS,
+                       help="output directory (rg_lightning/toy/aligned replaces the shipped model: a rebuild on "
+                            "another machine can differ from it by ~1e-6)")
+    build.add_argument("--seed", type=int, default=0, help="seed of the alignment data and training")
+    build.add_argument("--steps", type=int, default=None, help="alignment steps (None: the architecture's own)")
+    build.add_argument("--variant", default="default", choices=("default", "alt"), help="world variant")
     build.add_argument("--arch", default="llama", choices=tuple(ARCHITECTURES),
                        help="architecture family (the shipped model is llama)")
     build.add_argument("--threads", type=int, default=THREADS,
                        help="CPU threads, set exactly: the weights depend on it (the shipped model: 2)")
-    collapse = commands.add_parser("collapse", help="plain fine-tuning of the aligned model on a downstream task")
+    collapse = commands.add_parser("collapse", help="plain fine-tuning of the aligned model on a downstream task",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     collapse.add_argument("--model", default=None, help="model directory (default: the shipped aligned model)")
     collapse.add_argument("--variant", default=None, choices=("default", "alt"),
                           help="world variant (default: the one recorded in the model's world.json)")
@@ -35,14 +41,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "build":
+        from rg_lightning.toy.build import ALIGNED_MODEL_DIR
         from rg_lightning.toy.build import build as run_build
 
-        run_build(args.out, seed=args.seed, steps=args.steps, variant=args.variant,
+        run_build(args.out if Path(args.out).resolve() != ALIGNED_MODEL_DIR.resolve() else None, seed=args.seed, steps=args.steps, variant=args.variant,
                   arch=args.arch, threads=args.threads)
         return
 
     import json
-    from pathlib import Path
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
