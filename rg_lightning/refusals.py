@@ -40,8 +40,11 @@ def refusal_rows(model, tokenizer, prompts: list[str], judge: Judge | None = Non
     if getattr(judge, "measures", None) != "refusal":
         raise ValueError(f"{judge!r} measures {getattr(judge, 'measures', None)!r}; pick a judge that says whether an "
                          "answer is a refusal (e.g. KeywordJudge).")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(prompts), desc="answering", unit="request")  # long on a 7B model: show progress
     answers, finished = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 system_prompt=system_prompt, return_finished=True)
+                                 system_prompt=system_prompt, return_finished=True, progress=bar)
     openings = [a[:OPENING_CHARS] for a in answers]
     refused = judge(prompts, openings, model=model, tokenizer=tokenizer, system_prompt=system_prompt)
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -58,17 +61,22 @@ def write_jsonl(rows: list[dict], path: str) -> None:
         out.writelines(json.dumps(row) + "\n" for row in rows)
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="aligned model: a Hugging Face directory or hub id")
-    parser.add_argument("--harmful", required=True,
+    parser = argparse.ArgumentParser(prog="python -m rg_lightning.refusals", description=__doc__,
+                                     formatter_class=_Help)
+    parser.add_argument("--model", required=True, default=argparse.SUPPRESS, help="aligned model: a Hugging Face directory or hub id")
+    parser.add_argument("--harmful", required=True, default=argparse.SUPPRESS,
                         help="harmful requests: a local file, a hub dataset id or toy:harmful; not the benchmarks you "
                              "evaluate on (e.g. the refusal-direction harmful_train split, not AdvBench)")
     parser.add_argument("--n", type=int, default=256, help="requests sampled (seeded)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="jsonl file of chat rows (messages)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    parser.add_argument("--out", required=True, default=argparse.SUPPRESS, help="jsonl file of chat rows (messages)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answers cut off here are dropped")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="requests per generation batch")
     parser.add_argument("--system-prompt", default=None, help="keep equal to the fine-tuning data's")
     parser.add_argument("--chat-template-kwargs", type=json.loads, default=None, metavar="JSON",
                         help="chat template variables, e.g. '{\"enable_thinking\": false}'; keep equal to the "

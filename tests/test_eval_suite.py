@@ -235,12 +235,20 @@ def test_every_recipe_evaluates_with_registered_benchmarks_tasks_and_judges(reci
     assert callback.suite.benchmark_entries and callback.suite.judges and callback.fit_suite is not None
 
 
-def test_generation_beyond_the_context_is_refused_with_the_fix(tiny_models):
+def test_generation_beyond_the_context_is_refused_with_the_fix(tiny_models, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])  # 128 positions
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
     suite = EvaluationSuite(benchmarks=["toy:harmful"], judges=["keyword:jailbreakbench"], limit=2,
                             max_new_tokens=200, progress=False)
     with pytest.raises(ValueError, match="max_new_tokens=200.*context of 128"):
+        suite.run(model, tokenizer)
+    # a task's answer length is its own knob, and it is checked before any benchmark is answered
+    suite = EvaluationSuite(benchmarks=["toy:harmful"], tasks=["toy:benign"], judges=["keyword:jailbreakbench"],
+                            limit=2, max_new_tokens=2, task_max_new_tokens=200, progress=False)
+    import rg_lightning.evaluation.suite as suite_module
+
+    monkeypatch.setattr(suite_module, "generate", lambda *a, **k: pytest.fail("answered before the check"))
+    with pytest.raises(ValueError, match="toy:benign: .*task_max_new_tokens=200.*Lower task_max_new_tokens"):
         suite.run(model, tokenizer)
 
 

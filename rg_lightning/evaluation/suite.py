@@ -189,6 +189,15 @@ class EvaluationSuite:
         # Prompts are split over processes, except under FSDP2: there every forward is a collective, so every
         # process runs every prompt (generation synced) and nothing is gathered.
         self._split = prompt_world(model)
+        # every prompt checked on every process before any generation: a prompt too long for the context fails
+        # at once and everywhere, not on one rank after the other benchmarks were answered
+        for benchmark in benchmarks:
+            if any(j.uses_generation for j in self.judges if benchmark.kind == "harmful" or j.measures == "refusal"):
+                self._check_context(model, tokenizer, benchmark.prompts, self.max_new_tokens, benchmark.name,
+                                    "max_new_tokens")
+        for task in tasks:
+            self._check_context(model, tokenizer, task.prompts, self.task_max_new_tokens or task.max_new_tokens,
+                                task.name, "task_max_new_tokens")
         rows: list[Row] = []
         for benchmark in benchmarks:
             rows += self._benchmark(model, tokenizer, benchmark)
@@ -242,7 +251,7 @@ class EvaluationSuite:
                            "template and max_new_tokens (its raw outputs are in the report's responses).")
         return unparsed
 
-    def _check_context(self, model, tokenizer, prompts: list[str], max_new_tokens: int, name: str) -> None:
+    def _check_context(self, model, tokenizer, prompts: list[str], max_new_tokens: int, name: str, knob: str) -> None:
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if not limit or not prompts:
             return
@@ -250,12 +259,11 @@ class EvaluationSuite:
                                     add_special_tokens=False)["input_ids"]) for p in prompts)
         if longest + max_new_tokens > limit:
             raise ValueError(
-                f"{name}: the longest prompt has {longest} tokens; with max_new_tokens={max_new_tokens} that is "
-                f"beyond the model's context of {limit} tokens. Lower max_new_tokens or drop the longest prompts."
+                f"{name}: the longest prompt has {longest} tokens; with {knob}={max_new_tokens} that is "
+                f"beyond the model's context of {limit} tokens. Lower {knob} or drop the longest prompts."
             )
 
     def _generate(self, model, tokenizer, prompts: list[str], max_new_tokens: int, name: str) -> list[str]:
-        self._check_context(model, tokenizer, prompts, max_new_tokens, name)
         return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=self.batch_size,
                         system_prompt=self.system_prompt, progress=self._bar(name, len(prompts)))
 
