@@ -3,6 +3,7 @@
 Pure torch (no Lightning): the callbacks build on these functions.
 """
 
+from .basis import SafetyBasis
 from .geometry import (
     cosine,
     fisher_ratio,
@@ -11,6 +12,7 @@ from .geometry import (
     pca_2d,
     principal_angles,
     projection_gap,
+    state_subspace,
 )
 from .projection import (
     ConstraintSet,
@@ -42,6 +44,7 @@ __all__ = [
     "MeanAccumulator",
     "ParamFreeze",
     "RowFreeze",
+    "SafetyBasis",
     "build_constraints",
     "capture_linear_inputs",
     "cosine",
@@ -56,6 +59,7 @@ __all__ = [
     "project_out",
     "project_out_left",
     "projection_gap",
+    "state_subspace",
     "top_subspace",
     "soft_subspace",
     "basis_weights",
