@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 
 import lightning as L
 import torch
@@ -44,7 +45,8 @@ from rg_lightning.guard.geometry import (
 from rg_lightning.guard.projection import canonical_name, subspace_energy
 from rg_lightning.guard.shards import is_sharded, local_rows, uses_fsdp2
 from rg_lightning.modes import eval_mode
-from rg_lightning.prompts import load_prompts
+from rg_lightning.prompts import load_prompts, prompt_hashes
+from rg_lightning.strict_json import finite_or_null
 from rg_lightning.refusal_score import refusal_score, refusal_token_ids
 
 
@@ -85,15 +87,6 @@ def _reading_weights(model: nn.Module, names) -> dict[str, list[torch.Tensor]]:
     return found
 
 
-def _json_safe(value):
-    """null for non-finite floats (inf Fisher separation, NaN from older histories): strict JSON has neither."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 class DriftGeometry(L.Callback):
     """Logs drift metrics every ``every_n_steps`` and writes ``drift_summary.json`` and figures at fit end.
 
@@ -105,7 +98,9 @@ class DriftGeometry(L.Callback):
             compared against were measured with it, so the probes must be rendered alike), else the datamodule's;
             ``""``: none.
         n_probes: Probe prompts per set.
-        seed: Seed of the probe sampling (differs from RefusalDirections' so probes are other prompts).
+        seed: Seed of the probe sampling. The prompts a RefusalDirections callback measures its basis on are
+            left out (the guard holds exactly those, so drift on them would look smaller than it is), unless
+            fewer than 2 would remain (then they are kept, with a warning).
         figures: Write PNG figures at fit end.
         warn_refusal_drop: Warn (once) when the share of harmful probes the model would refuse (logit
             refusal score > 0) falls more than this below its value at fit start; ``None``: never.
@@ -143,15 +138,32 @@ class DriftGeometry(L.Callback):
         system_prompt = system_prompt_of(given, trainer)
         return harmful, harmless, system_prompt
 
+    @staticmethod
+    def _measured(trainer) -> set[str]:
+        refusal = next((c for c in trainer.callbacks if isinstance(c, RefusalDirections)), None)
+        return (refusal.measured_prompt_hashes() or set()) if refusal is not None else set()
+
+    def _probe_prompts(self, source, measured: set[str], kind: str) -> list[str]:
+        """``n_probes`` prompts of ``source`` (seeded), none of them one the basis is measured on if possible."""
+        pool = load_prompts(source)
+        unseen = [p for p, h in zip(pool, prompt_hashes(pool)) if h not in measured]
+        if len(unseen) < 2:
+            rank_zero_warn(f"DriftGeometry: the {kind} probe source holds no prompts besides those the safety basis is "
+                           "measured on, so drift is probed on them (the guard holds them: it will look small). "
+                           "Give other prompts with `harmful=` / `harmless=`.")
+            unseen = pool
+        return unseen if len(unseen) <= self.n_probes else random.Random(self.seed).sample(unseen, self.n_probes)
+
     def _encode(self, trainer, pl_module):
         if self._probes is None:
             tokenizer = tokenizer_of(trainer, pl_module)
             harmful, harmless, system_prompt = self._sources(trainer)
             side, tokenizer.padding_side = tokenizer.padding_side, "left"
             try:
+                measured = self._measured(trainer)
                 self._probes = {
                     kind: tokenizer([render_prompt(tokenizer, p, system_prompt=system_prompt)
-                                     for p in load_prompts(src, self.n_probes, self.seed)],
+                                     for p in self._probe_prompts(src, measured, kind)],
                                     return_tensors="pt", padding=True, add_special_tokens=False)
                     for kind, src in (("harmful", harmful), ("harmless", harmless))
                 }
@@ -290,7 +302,7 @@ class DriftGeometry(L.Callback):
     @rank_zero_only
     def _write(self, directory: str, final: dict) -> None:
         with atomic_file(os.path.join(directory, "drift_summary.json")) as handle:
-            json.dump(_json_safe({"history": self.history, "final": self.metrics(final)}), handle, indent=2,
+            json.dump(finite_or_null({"history": self.history, "final": self.metrics(final)}), handle, indent=2,
                       allow_nan=False)
         if self.figures:
             self._figures(directory, final)
@@ -325,9 +337,12 @@ class DriftGeometry(L.Callback):
         save_png(fig, os.path.join(directory, "activations_pca.png"))
 
     def state_dict(self) -> dict:
-        return {"initial": self.initial, "history": self.history} if self.initial is not None else {}
+        if self.initial is None:
+            return {}
+        return {"initial": self.initial, "history": self.history, "warned": self._warned}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict:
             self.initial, self.history = state_dict["initial"], list(state_dict["history"])
+            self._warned = bool(state_dict.get("warned", False))  # the refusal-drop warning is given once per run
             self._subspaces0 = None

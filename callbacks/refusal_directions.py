@@ -155,6 +155,11 @@ class RefusalDirections(L.Callback):
                                   self.rendering_system_prompt)
             rank_zero_info(f"RefusalDirections: loaded the safety basis from {self.load}")
         else:
+            if trainer.global_step > 0:
+                rank_zero_warn(f"RefusalDirections: measuring the safety basis at step {trainer.global_step} of a "
+                               "resumed fit, on the fine-tuned weights rather than the aligned ones (the checkpoint "
+                               "holds no basis: it was made without this callback). Resume from a checkpoint of a "
+                               "guarded run, or pass `load=` a basis saved from the aligned model.")
             basis = self._compute(trainer, pl_module, model, model_id)
         if self.select_direction and "selected" not in basis.metadata:
             basis.metadata.update(self._select(tokenizer_of(trainer, pl_module), model, basis))

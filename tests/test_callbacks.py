@@ -690,3 +690,23 @@ def test_directions_mode_writes_through_the_post_norm(tiny_models):
     _, writers = direction_bases(model, basis)
     expected = basis.layer_directions().float()[1] * (1 + post.weight.float())
     torch.testing.assert_close(writers["model.layers.0.self_attn.o_proj"][:, 0], expected / expected.norm())
+
+
+def test_drift_probes_are_not_the_prompts_the_basis_is_measured_on():
+    """The guard holds its basis prompts exactly: drift probed on them would look smaller than it is."""
+    from rg_lightning.prompts import load_prompts, prompt_hashes
+
+    measured = set(prompt_hashes(load_prompts("toy:harmful", 128, 42)))
+    probes = DriftGeometry(n_probes=32)._probe_prompts("toy:harmful", measured, "harmful")
+    assert len(probes) == 32 and not set(prompt_hashes(probes)) & measured
+    with pytest.warns(UserWarning, match="no prompts besides those the safety basis is measured on"):
+        assert DriftGeometry()._probe_prompts(HARMFUL, set(prompt_hashes(HARMFUL)), "harmful") == HARMFUL
+
+
+def test_resuming_an_unguarded_checkpoint_warns_that_the_basis_measures_the_fine_tuned_model(
+        tmp_path, tiny_models, chat_file):
+    run_fit(tmp_path / "plain", tiny_models["llama"], chat_file, [], steps=2, checkpoint_every=2)
+    checkpoint = next((tmp_path / "plain").glob("*step=2.ckpt"))
+    with pytest.warns(UserWarning, match="at step 2 of a resumed fit, on the fine-tuned weights"):
+        run_fit(tmp_path / "guarded", tiny_models["llama"], chat_file, [guard(), RepresentationProjection()],
+                steps=3, ckpt_path=str(checkpoint))

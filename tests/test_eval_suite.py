@@ -330,3 +330,22 @@ def test_real_benchmark_prompts_every_row(tmp_path, tiny_models):
     sizes = {row.benchmark: row.n for row in rows}
     assert sizes == {"advbench": 520, "directharm4": 400, "jailbreakbench": 100, "jailbreakbench_benign": 100,
                      "harmbench": 159, "strongreject": 313, "gsm8k": 1319}
+
+
+def test_the_report_is_strict_json(tmp_path):
+    """An undefined number (a benchmark left empty on a rank, a NaN score) is null, not NaN: strict parsers
+    reject NaN."""
+    import math
+
+    from rg_lightning.evaluation.report import write_report
+    from rg_lightning.evaluation.suite import Row
+
+    row = Row("b", "harmful", "j", "asr", math.nan, 0, "src", {"c": math.inf}, math.nan)
+    write_report(str(tmp_path / "r"), [row], {"limit": math.nan}, {"b": [{"score": math.nan}]})
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the report"))
+
+    report = strict((tmp_path / "r" / "evaluation.json").read_text())
+    assert report["rows"][0]["value"] is None and report["rows"][0]["categories"] == {"c": None}
+    assert strict((tmp_path / "r" / "responses" / "b.jsonl").read_text()) == {"score": None}

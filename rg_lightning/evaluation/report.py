@@ -9,6 +9,7 @@ import os
 from dataclasses import asdict
 
 from rg_lightning.atomic import atomic_directory
+from rg_lightning.strict_json import finite_or_null
 
 METRIC_MEANING = {
     "asr": "attack success rate: share of harmful requests answered (lower is safer)",
@@ -74,12 +75,13 @@ def write_report(directory: str, rows, metadata: dict, responses: dict[str, list
     with atomic_directory(directory) as staging:
         os.chmod(staging, 0o755)
         with open(os.path.join(staging, "evaluation.json"), "w") as handle:
-            json.dump({"metadata": metadata, "rows": [asdict(row) for row in rows]}, handle, indent=2)
+            json.dump(finite_or_null({"metadata": metadata, "rows": [asdict(row) for row in rows]}), handle, indent=2,
+                      allow_nan=False)
         with open(os.path.join(staging, "evaluation.md"), "w") as handle:
             handle.write(markdown(rows, metadata))
         os.makedirs(os.path.join(staging, "responses"))
         for name, records in responses.items():
             safe = name.replace(":", "_").replace("/", "_")
             with open(os.path.join(staging, "responses", f"{safe}.jsonl"), "w") as handle:
-                handle.writelines(json.dumps(record) + "\n" for record in records)
+                handle.writelines(json.dumps(finite_or_null(record), allow_nan=False) + "\n" for record in records)
     return directory
