@@ -168,8 +168,9 @@ class SafetyEvaluation(L.Callback):
         for row in self.rows:
             pl_module.log(row.log_name, row.value, sync_dist=False)
         metadata = self.suite.metadata(model, tokenizer)
-        # `test`/`validate --ckpt_path` restore the weights but not the trainer's step: the checkpoint has it
-        step = trainer.global_step if self._checkpoint_step is None or trainer.global_step else self._checkpoint_step
+        # `test`/`validate --ckpt_path` restore the weights but not the trainer's step (a fresh trainer's is 0, one
+        # that has fitted keeps its own): the checkpoint's is the evaluated model's
+        step = trainer.global_step if self._checkpoint_step is None else self._checkpoint_step
         metadata.update({"step": step, "checkpoint": trainer.ckpt_path,
                          "excluded_basis_prompts": dict(self.excluded),
                          "excluded_trained_prompts": dict(self.excluded_trained)})

@@ -38,7 +38,7 @@ from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.collect import output_head_name
 from rg_lightning.guard.projection import (ConstraintSet, batch_token_mask, build_constraints, canonical_name,
                                           hold_absent_rows_)
-from rg_lightning.guard.shards import reshard, whole
+from rg_lightning.guard.shards import reshard, uses_fsdp2, whole
 from rg_lightning.modes import eval_mode
 from rg_lightning.prompts import fingerprint
 
@@ -138,8 +138,18 @@ def read_by_text(model, params: list[torch.nn.Parameter], token_ids: torch.Tenso
         return [bool(params)] * len(params)
     with eval_mode(model), torch.enable_grad():
         logits = model(input_ids=ids[None], use_cache=False).logits
-        grads = torch.autograd.grad(logits.float().sum(), params, allow_unused=True)
-    return [grad is not None for grad in grads]
+        if not uses_fsdp2(model):
+            return [grad is not None for grad in torch.autograd.grad(logits.float().sum(), params, allow_unused=True)]
+        # FSDP2 computes on gathered copies, so the sharded parameters are not in the graph: a real backward on
+        # every rank (a collective), then the gradients it left are cleared and the weights put back in shards
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        had = {id(p): p.grad for p in trainable}
+        logits.float().sum().backward()
+        read = [p.grad is not None for p in params]
+        for p in trainable:
+            p.grad = had[id(p)]
+        reshard(model)
+        return read
 
 
 def _input_ids(batch) -> torch.Tensor:

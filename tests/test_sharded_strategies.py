@@ -1,6 +1,7 @@
 """Sharding the callbacks cannot follow is refused up front, with an error that names the fix; FSDP2's row
 sharding (ModelParallelStrategy) is followed by the guard (tested end to end in test_callbacks)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,21 @@ class _Mesh:
 
     def __getitem__(self, name):
         return SimpleNamespace(size=lambda: self.sizes[name])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_parameters_the_guard_cannot_hold_are_refused_on_every_rank(tmp_path, tiny_models, strategy):
+    """Under FSDP2 the forward runs on gathered copies, so autograd.grad never reaches the sharded parameters:
+    the check must still find DoRA's adapters read, on every rank, and leave no gradient or gathered weight."""
+    out = tmp_path / strategy
+    result = subprocess.run([sys.executable, str(HERE / "fsdp2_unconstrained.py"), tiny_models["llama"], str(out),
+                             strategy], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank in ranks:
+        assert rank["sharded"] == (strategy == "fsdp2")
+        assert "read have no constraint" in (rank["error"] or ""), rank
+        assert rank["with_grad"] == [] and rank["gathered"] == []
 
 
 def test_module_sharding_refuses_tensor_parallelism_and_quantized_weights():
