@@ -25,6 +25,7 @@ several processes (flat shards that cut rows apart) and DeepSpeed are refused in
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Mapping
 from typing import Literal
 
@@ -222,6 +223,7 @@ class RepresentationProjection(L.Callback):
         self._present: torch.Tensor | None = None  # tokens of the batches since the last optimizer step
         self._restored_state: dict | None = None
         self._hooks: list = []
+        self._model = lambda: None  # weak reference to the model the constraints were built on
 
     def _basis(self, trainer, pl_module) -> SafetyBasis:
         if self.basis_path:
@@ -244,10 +246,11 @@ class RepresentationProjection(L.Callback):
             inputs, outputs = direction_bases(model, basis)
         ids = basis.protected_token_ids if self.protect_embeddings else None
         reshard(model)  # FSDP2: constraints must see (and LoRA's first projection write) the real shards
-        if self._restored_state is None and self.constraints is not None:
-            # a later fit with this callback continues from the aligned model's anchors, not the drifted weights
-            # (with strength < 1 or a damped tail the weights are not back at them)
+        if self._restored_state is None and self.constraints is not None and self._model() is model:
+            # a later fit of the same model continues from the aligned model's anchors, not the drifted weights
+            # (with strength < 1 or a damped tail the weights are not back at them); another model starts afresh
             self._restored_state = self.constraints.state_dict()
+        self._model = weakref.ref(model)
         self.constraints = build_constraints(model, inputs, output_bases=outputs, protected_token_ids=ids,
                                              strength=self.strength, freeze_norms=self.freeze_norms)
         if self._restored_state is not None:  # resume: the anchors of the aligned model, not of the drifted one

@@ -104,6 +104,15 @@ def test_a_second_fit_keeps_the_aligned_models_anchors(tmp_path, tiny_models, ch
     for key, state in projection.constraints.state_dict().items():
         if "anchor" in state:
             torch.testing.assert_close(state["anchor"], anchors[key], atol=0, rtol=0)
+    other = CausalLMModule(model=tiny_models["llama"], optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    other.configure_model()
+    with torch.no_grad():  # another model of the same shapes: its own anchors, not the first model's
+        other.model.model.layers[0].self_attn.q_proj.weight.mul_(1.5)
+    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, default_root_dir=tmp_path,
+              callbacks=trainer.callbacks).fit(other, InstructionDataModule(train=chat_file, batch_size=8))
+    key = next(k for k in anchors if "layers.0.self_attn.q_proj" in k)
+    assert not torch.allclose(projection.constraints.state_dict()[key]["anchor"], anchors[key])
 
 def test_protection_holds_with_answers_tied_embeddings_and_gemma_norms(tmp_path, tiny_models, chat_file):
     for family in ("qwen2", "gemma2"):
