@@ -86,32 +86,23 @@ def protected_modules(model: nn.Module) -> list[str]:
     return names
 
 
-def called_modules(model: nn.Module, probe: dict) -> set[str]:
-    """Names of the modules a forward over ``probe`` (a protected prompt) calls: what protected prompts can reach."""
-    called: set[str] = set()
-    handles = [module.register_forward_pre_hook(lambda *_, name=name: called.add(name))
-               for name, module in model.named_modules()]
-    try:
-        with torch.no_grad():
-            model(**probe)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return called
-
-
-def shared_input_groups(model: nn.Module, names: list[str], probe: dict) -> dict[str, list[str]]:
-    """Group modules that read the very same tensor (q/k/v, gate/up): one Gram serves the group."""
-    modules = dict(model.named_modules())
+def probe_modules(model: nn.Module, names: list[str], probe: dict) -> tuple[dict[str, list[str]], set[str]]:
+    """One forward over ``probe`` (a protected prompt): the groups of ``names`` that read the very same tensor
+    (q/k/v, gate/up: one Gram serves a group), and the names of every module it calls (what protected prompts
+    can reach)."""
+    wanted = set(names)
     seen: dict[str, torch.Tensor] = {}  # holding the tensors keeps their memory from being reused
+    called: set[str] = set()
 
     def record(name: str):
         def hook(module, args) -> None:
-            seen.setdefault(name, args[0])
+            called.add(name)
+            if name in wanted:
+                seen.setdefault(name, args[0])
 
         return hook
 
-    handles = [modules[n].register_forward_pre_hook(record(n)) for n in names]
+    handles = [module.register_forward_pre_hook(record(name)) for name, module in model.named_modules()]
     try:
         with torch.no_grad():
             model(**probe)
@@ -121,7 +112,7 @@ def shared_input_groups(model: nn.Module, names: list[str], probe: dict) -> dict
     groups: dict[object, list[str]] = {}
     for name in names:
         groups.setdefault(id(seen[name]) if name in seen else name, []).append(name)
-    return {members[0]: members for members in groups.values()}
+    return {members[0]: members for members in groups.values()}, called
 
 
 def input_width(module: nn.Module) -> int:
@@ -293,8 +284,7 @@ def collect_basis(
     check_post_instruction_tokens(tokenizer, harmful_texts + harmless_texts,
                                   post_instruction_suffix(tokenizer, system_prompt), n_positions)
     probe = next(_batches(tokenizer, harmful_texts[:1], 1, device))
-    groups = shared_input_groups(model, names, probe) if names else {}
-    called = called_modules(model, probe)
+    groups, called = probe_modules(model, names, probe)
     modules = dict(model.named_modules())
     widths = {name: input_width(modules[name]) for name in groups}
     passes = statistics_passes(widths, None if max_statistics_gb is None else max_statistics_gb * 1e9)
