@@ -154,6 +154,7 @@ class RefusalDirections(L.Callback):
             basis.check_rendering(fingerprint([tokenizer_of(trainer, pl_module).chat_template or ""]),
                                   self.rendering_system_prompt)
             rank_zero_info(f"RefusalDirections: loaded the safety basis from {self.load}")
+            self._warn_on_other_settings(basis)
         else:
             if trainer.global_step > 0:
                 rank_zero_warn(f"RefusalDirections: measuring the safety basis at step {trainer.global_step} of a "
@@ -181,6 +182,20 @@ class RefusalDirections(L.Callback):
         save_png(subspace_figure(widths), os.path.join(directory, "subspaces.png"))
         if "selection" in self.basis.metadata:
             save_png(selection_figure(self.basis.metadata["selection"]), os.path.join(directory, "selection.png"))
+
+    def _warn_on_other_settings(self, basis: SafetyBasis) -> None:
+        """A loaded basis was measured with its own settings, which win over this callback's: say where they differ,
+        so a sweep over e.g. ``energy`` with ``load=`` set does not silently reuse one basis."""
+        mine = {"energy": self.energy, "rank": self.rank, "ridge": self.ridge, "centered": self.centered,
+                "answer_tokens": self.answer_tokens, "head_answer_only": self.head_answer_only,
+                "input_differences": self.input_differences, "n_harmful": self.n_prompts}
+        saved = basis.metadata
+        differ = {key: (saved[key], value) for key, value in mine.items()
+                  if key in saved and saved[key] != value and not (key == "n_harmful" and saved[key] < value)}
+        if differ:
+            listed = ", ".join(f"{key} {old!r} (yours: {new!r})" for key, (old, new) in differ.items())
+            rank_zero_warn(f"RefusalDirections: the loaded basis was measured with other settings: {listed}. Its own "
+                           "apply; drop `load=` to measure one with yours.")
 
     def _compute(self, trainer, pl_module, model, model_id: str) -> SafetyBasis:
         tokenizer = tokenizer_of(trainer, pl_module)

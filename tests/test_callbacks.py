@@ -719,3 +719,14 @@ def test_resuming_an_unguarded_checkpoint_warns_that_the_basis_measures_the_fine
     with pytest.warns(UserWarning, match="at step 2 of a resumed fit, on the fine-tuned weights"):
         run_fit(tmp_path / "guarded", tiny_models["llama"], chat_file, [guard(), RepresentationProjection()],
                 steps=3, ckpt_path=str(checkpoint))
+
+
+def test_a_loaded_basis_measured_with_other_settings_warns(tmp_path, tiny_models, chat_file):
+    run_fit(tmp_path / "a", tiny_models["llama"], chat_file, [guard(save=str(tmp_path / "basis"))], steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the same settings: nothing to say
+        warnings.filterwarnings("ignore", message="(?!RefusalDirections: the loaded basis)")
+        run_fit(tmp_path / "b", tiny_models["llama"], chat_file, [guard(load=str(tmp_path / "basis"))], steps=1)
+    with pytest.warns(UserWarning, match=r"other settings: energy 1.0 \(yours: 0.5\), ridge 0.0 \(yours: 0.03\)"):
+        run_fit(tmp_path / "c", tiny_models["llama"], chat_file,
+                [guard(load=str(tmp_path / "basis"), energy=0.5, ridge=0.03)], steps=1)
