@@ -339,9 +339,13 @@ class DriftGeometry(L.Callback):
     def state_dict(self) -> dict:
         if self.initial is None:
             return {}
-        return {"initial": self.initial, "history": self.history, "warned": self._warned}
+        return {"initial": self.initial, "history": self.history, "warned": self._warned, "layers": "block_inputs"}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict and state_dict.get("layers") != "block_inputs":
+            raise ValueError("This checkpoint's DriftGeometry state counts layers as block outputs (an earlier "
+                             "version), so its fit-start states would be compared with other layers. Resume without "
+                             "DriftGeometry, or start a new fit.")
         if state_dict:
             self.initial, self.history = state_dict["initial"], list(state_dict["history"])
             self._warned = bool(state_dict.get("warned", False))  # the refusal-drop warning is given once per run

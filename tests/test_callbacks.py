@@ -730,3 +730,11 @@ def test_a_loaded_basis_measured_with_other_settings_warns(tmp_path, tiny_models
     with pytest.warns(UserWarning, match=r"other settings: energy 1.0 \(yours: 0.5\), ridge 0.0 \(yours: 0.03\)"):
         run_fit(tmp_path / "c", tiny_models["llama"], chat_file,
                 [guard(load=str(tmp_path / "basis"), energy=0.5, ridge=0.03)], steps=1)
+
+
+def test_drift_state_with_the_earlier_layer_count_is_refused():
+    with pytest.raises(ValueError, match="counts layers as block outputs"):
+        DriftGeometry().load_state_dict({"initial": {}, "history": []})
+    drift = DriftGeometry()
+    drift.load_state_dict({"initial": {"harmful_states": torch.zeros(1)}, "history": [], "layers": "block_inputs"})
+    assert drift.initial is not None
