@@ -87,6 +87,11 @@ def _reading_weights(model: nn.Module, names) -> dict[str, list[torch.Tensor]]:
     return found
 
 
+def _refusal_directions(trainer) -> RefusalDirections | None:
+    """The trainer's RefusalDirections callback, if it has one (its sources, system prompt and basis are used)."""
+    return next((c for c in trainer.callbacks if isinstance(c, RefusalDirections)), None)
+
+
 class DriftGeometry(L.Callback):
     """Logs drift metrics every ``every_n_steps`` and writes ``drift_summary.json`` and figures at fit end.
 
@@ -128,7 +133,7 @@ class DriftGeometry(L.Callback):
     # -- probes ------------------------------------------------------------------------------------------------
     def _sources(self, trainer):
         """Harmful and harmless probe sources and the system prompt: given, else RefusalDirections'."""
-        refusal = next((c for c in trainer.callbacks if isinstance(c, RefusalDirections)), None)
+        refusal = _refusal_directions(trainer)
         harmful = self.harmful or (refusal.harmful if refusal else None)
         harmless = self.harmless or (refusal.harmless if refusal else None)
         if harmful is None or harmless is None:
@@ -137,11 +142,6 @@ class DriftGeometry(L.Callback):
         given = self.system_prompt if self.system_prompt is not None or refusal is None else refusal.system_prompt
         system_prompt = system_prompt_of(given, trainer)
         return harmful, harmless, system_prompt
-
-    @staticmethod
-    def _measured(trainer) -> set[str]:
-        refusal = next((c for c in trainer.callbacks if isinstance(c, RefusalDirections)), None)
-        return (refusal.measured_prompt_hashes() or set()) if refusal is not None else set()
 
     def _probe_prompts(self, source, measured: set[str], kind: str) -> list[str]:
         """``n_probes`` prompts of ``source`` (seeded), none of them one the basis is measured on if possible."""
@@ -160,7 +160,8 @@ class DriftGeometry(L.Callback):
             harmful, harmless, system_prompt = self._sources(trainer)
             side, tokenizer.padding_side = tokenizer.padding_side, "left"
             try:
-                measured = self._measured(trainer)
+                refusal = _refusal_directions(trainer)
+                measured = (refusal.measured_prompt_hashes() or set()) if refusal is not None else set()
                 self._probes = {
                     kind: tokenizer([render_prompt(tokenizer, p, system_prompt=system_prompt)
                                      for p in self._probe_prompts(src, measured, kind)],
@@ -239,7 +240,7 @@ class DriftGeometry(L.Callback):
         (an fp16 overflow step, skipped by the scaler)."""
         if (trainer.global_step + 1) % self.every_n_steps:
             return
-        refusal = next((c for c in trainer.callbacks if isinstance(c, RefusalDirections)), None)
+        refusal = _refusal_directions(trainer)
         if refusal is None or refusal.basis is None:
             return
         model = hf_model(pl_module)
@@ -342,11 +343,12 @@ class DriftGeometry(L.Callback):
         return {"initial": self.initial, "history": self.history, "warned": self._warned, "layers": "block_inputs"}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict and state_dict.get("layers") != "block_inputs":
+        if not state_dict:
+            return
+        if state_dict.get("layers") != "block_inputs":
             raise ValueError("This checkpoint's DriftGeometry state counts layers as block outputs (an earlier "
                              "version), so its fit-start states would be compared with other layers. Resume without "
                              "DriftGeometry, or start a new fit.")
-        if state_dict:
-            self.initial, self.history = state_dict["initial"], list(state_dict["history"])
-            self._warned = bool(state_dict.get("warned", False))  # the refusal-drop warning is given once per run
-            self._subspaces0 = None
+        self.initial, self.history = state_dict["initial"], list(state_dict["history"])
+        self._warned = bool(state_dict.get("warned", False))  # the refusal-drop warning is given once per run
+        self._subspaces0 = None

@@ -321,10 +321,10 @@ class InstructionDataModule(L.LightningDataModule):
             )
         return dataset, fmt
 
-    def requests(self, dataset) -> list[str | list[dict]]:
+    def requests(self, dataset, own_format: bool = False) -> list[str | list[dict]]:
         """What `lightning predict` answers, per row: the conversation up to its last user turn (earlier turns and
         the row's own system turn kept), or just that turn's text when it is the whole conversation."""
-        dataset, fmt = self._normalise(dataset, "test")
+        dataset, fmt = self._normalise(dataset, "test", own_format)
         if fmt == "text":
             raise ValueError("`predict` needs chat data (messages, prompt/completion or alpaca), not plain text.")
         requests = []
@@ -336,14 +336,7 @@ class InstructionDataModule(L.LightningDataModule):
 
     def user_prompts(self, dataset, own_format: bool = False) -> list[str]:
         """The last user turn of every row as text (the requests the ``mix`` rows answer)."""
-        dataset, fmt = self._normalise(dataset, "test", own_format)
-        if fmt == "text":
-            raise ValueError("`predict` needs chat data (messages, prompt/completion or alpaca), not plain text.")
-        prompts = []
-        for index, row in enumerate(dataset):
-            users = [m["content"] for m in _row_messages(row, fmt, None, index) if m["role"] == "user"]
-            prompts.append(users[-1])
-        return prompts
+        return [r if isinstance(r, str) else r[-1]["content"] for r in self.requests(dataset, own_format)]
 
     def encode(self, dataset, stage: str, own_format: bool = False, rows: list[int] | None = None) -> list[dict]:
         """Validate the columns and tokenise every row (errors name the row: its index in the file, ``rows[i]``

@@ -75,17 +75,18 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
     stops = stop_token_ids(model, tokenizer)
     stop_ids = torch.tensor(stops, device=device)
     try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [render_prompt(tokenizer, p, system_prompt=system_prompt) for p in prompts[start:start + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with plain_greedy(model):
+        with plain_greedy(model):
+            for start in range(0, len(prompts), batch_size):
+                texts = [render_prompt(tokenizer, p, system_prompt=system_prompt)
+                         for p in prompts[start:start + batch_size]]
+                batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
-            new_tokens = output[:, batch["input_ids"].shape[1]:]
-            answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            finished += torch.isin(new_tokens, stop_ids).any(dim=1).tolist()
-            if progress is not None:
-                progress.update(len(texts))
+                new_tokens = output[:, batch["input_ids"].shape[1]:]
+                answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                finished += torch.isin(new_tokens, stop_ids).any(dim=1).tolist()
+                if progress is not None:
+                    progress.update(len(texts))
     finally:
         if progress is not None:
             progress.close()

@@ -14,7 +14,7 @@ import torch
 
 from rg_lightning.chat import render_prompt
 from rg_lightning.generation import plain_greedy
-from rg_lightning.modes import enter_eval
+from rg_lightning.modes import eval_mode
 from rg_lightning.module import check_model_source, load_tokenizer
 from rg_lightning.refusal_score import REFUSAL_WORDS, refusal_score, refusal_token_ids
 
@@ -194,17 +194,14 @@ class LogitRefusalJudge(Judge):
         ids = refusal_token_ids(tokenizer, self.refusal_words)
         texts = [render_prompt(tokenizer, b, system_prompt=system_prompt) for b in behaviours]
         device = next(model.parameters()).device
-        restore_modes = enter_eval(model)
         scores = []
-        try:
+        with eval_mode(model):
             for start in range(0, len(texts), self.batch_size):
                 batch = _left_padded(tokenizer, texts[start:start + self.batch_size], device, add_special_tokens=False)
                 # Positions count real tokens only, as unpadded (absolute position embeddings need it).
                 positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
                 logits = model(**batch, position_ids=positions, logits_to_keep=1).logits[:, -1, :]
                 scores.append(refusal_score(logits, ids).cpu())
-        finally:
-            restore_modes()
         return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
 
     def __call__(self, behaviours, responses=None, *, model=None, tokenizer=None, system_prompt=None) -> list[bool]:
@@ -305,17 +302,13 @@ class ModelJudge(Judge):
     @torch.no_grad()
     def _complete(self, texts: list[str], model, tokenizer) -> list[str]:
         device = next(model.parameters()).device
-        restore_modes = enter_eval(model)
         outputs: list[str] = []
-        try:
+        with eval_mode(model), plain_greedy(model):
             for start in range(0, len(texts), self.batch_size):
                 batch = _left_padded(tokenizer, texts[start:start + self.batch_size], device, self.add_special_tokens)
-                with plain_greedy(model):
-                    tokens = model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                            pad_token_id=tokenizer.pad_token_id)
+                tokens = model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id)
                 outputs += tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        finally:
-            restore_modes()
         return outputs
 
     def __call__(self, behaviours, responses, *, model=None, tokenizer=None, system_prompt=None) -> list[bool]:

@@ -21,6 +21,13 @@ from torch import Tensor
 from rg_lightning.atomic import atomic_directory
 
 
+def nonzero_candidates(candidates: Tensor) -> Tensor:
+    """Which difference-in-means candidates ``[layers, positions, hidden]`` are directions: not zero up to rounding
+    (layer 0 reads the embeddings of the same template tokens in every prompt, so its two means coincide)."""
+    norms = candidates.double().norm(dim=-1)
+    return norms > 1e-6 * norms.max()
+
+
 @dataclass
 class SafetyBasis:
     harmful_means: Tensor  # [layers, positions, hidden] float64, residual stream at each block's input
@@ -69,7 +76,7 @@ class SafetyBasis:
         layer = self.selected["layer"] if layer is None else layer
         position = self.selected["position"] if position is None else position
         vector = self.candidates[layer, position]
-        if not vector.norm() > 1e-6 * self.candidates.norm(dim=-1).max():
+        if not nonzero_candidates(self.candidates)[layer, position]:
             raise ValueError(f"No refusal direction at layer {layer}, position {position}: the harmful and harmless "
                              "mean activations coincide there (e.g. layer 0, which reads the same template tokens "
                              "in every prompt). Pick another layer.")

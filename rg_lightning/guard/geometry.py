@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .subspace import _fix_signs, orthonormalize, unit
+from .subspace import _fix_signs, energy_rank, orthonormalize, unit
 
 
 def cosine(a: Tensor, b: Tensor) -> float:
@@ -55,7 +55,7 @@ def state_subspace(states: Tensor, energy: float | None = 0.9, k: int | None = N
     if k is None:
         if energy is None or not 0.0 < energy <= 1.0 or not values.sum() > 0:
             raise ValueError(f"need energy in (0, 1] and non-zero states, got energy={energy}")
-        k = int((values.cumsum(0) / values.sum() < energy * (1 - 1e-12)).sum().item()) + 1
+        k = energy_rank(values, energy)
     if not 1 <= k <= len(values):
         raise ValueError(f"k must be in [1, {len(values)}] (the rank bound min(n, d)), got {k}")
     return _fix_signs(vh[:k].T)

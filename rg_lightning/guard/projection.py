@@ -580,12 +580,13 @@ def build_constraints(
             if writes is not None:
                 constraints.append(LinearConstraint(name, m, writes, side="left", keep_bias=reads is None))
             covered.update(id(p) for p in (m.weight, m.bias) if p is not None)
-        elif isinstance(m, nn.Embedding) and m.weight.requires_grad and token_embedding is not None and m.weight is not token_embedding:
-            # indexed by something other than token ids (a vision tower's patch positions, learned positions):
-            # protected token ids say nothing about which rows protected prompts read, so it is held whole
-            constraints.append(ParamFreeze(name, m, "weight"))
-            covered.add(id(m.weight))
         elif isinstance(m, nn.Embedding) and m.weight.requires_grad:
+            if token_embedding is not None and m.weight is not token_embedding:
+                # indexed by something other than token ids (a vision tower's patch positions, learned positions):
+                # protected token ids say nothing about which rows protected prompts read, so it is held whole
+                constraints.append(ParamFreeze(name, m, "weight"))
+                covered.add(id(m.weight))
+                continue
             writes = basis_for(output_bases, key, m.weight)
             if writes is not None:
                 constraints.append(LinearConstraint(name, m, writes, side="right", keep_bias=False))

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rg_lightning.chat import render_prompt
+from rg_lightning.guard.basis import nonzero_candidates
 from rg_lightning.guard.shards import prompt_world
 from rg_lightning.modes import eval_mode
 from rg_lightning.refusal_score import refusal_score, refusal_token_ids
@@ -295,8 +296,7 @@ def _nonzero_grid(candidates: Tensor, max_layer: int) -> tuple[list[tuple[int, i
     """The (layer, position) pairs below ``max_layer`` whose candidate is not zero, and a note when there were none
     there and every layer's were taken. A zero candidate (layer 0 reads the embeddings of the same template tokens
     in every prompt, so its harmful and harmless means coincide) would pass the KL filter by changing nothing."""
-    norms = candidates.double().norm(dim=-1)
-    nonzero = norms > 1e-6 * norms.max()
+    nonzero = nonzero_candidates(candidates)
     if not bool(nonzero.any()):
         raise ValueError("Every refusal direction candidate is zero: the harmful and harmless prompts' mean "
                          "activations coincide at every layer and position. Check that the two prompt sets differ.")

@@ -31,13 +31,15 @@ def _spectrum(gram: Tensor, energy: float | None, k: int | None) -> tuple[Tensor
     g = gram.detach().double()
     values, vectors = torch.linalg.eigh((g + g.T) / 2)
     values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
-    total = values.sum()
-    if total <= 0:
+    if values.sum() <= 0:
         raise ValueError("gram has zero trace: no activations were accumulated")
-    if k is None:
-        cumulative = values.cumsum(0) / total
-        k = int((cumulative < energy * (1 - 1e-12)).sum().item()) + 1
-    return values, vectors, k
+    return values, vectors, energy_rank(values, energy) if k is None else k
+
+
+def energy_rank(values: Tensor, energy: float) -> int:
+    """The fewest of ``values`` (descending, ≥ 0, positive sum) whose sum covers ``energy`` of the total; a relative
+    slack of 1e-12 absorbs rounding, so ``energy=1.0`` gives the numerical rank."""
+    return int((values.cumsum(0) / values.sum() < energy * (1 - 1e-12)).sum().item()) + 1
 
 
 def top_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = None) -> Tensor:
