@@ -19,8 +19,14 @@ def atomic_directory(target: str):
         yield staging
         if os.path.exists(target):
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.replace(target, os.path.join(old, "previous"))
-            os.replace(staging, target)
+            previous = os.path.join(old, "previous")
+            os.replace(target, previous)
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(previous, target)  # the old directory goes back where it was
+                os.rmdir(old)
+                raise
             shutil.rmtree(old)
         else:
             os.replace(staging, target)
@@ -46,6 +52,8 @@ def atomic_file(target: str, mode: str = "w"):
     try:
         with os.fdopen(handle, mode) as out:
             yield out
+            out.flush()
+            os.fsync(out.fileno())  # on disk before it replaces the target: a crash leaves the old or the new file
         os.replace(staging, target)
     except BaseException:
         if os.path.exists(staging):

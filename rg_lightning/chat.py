@@ -79,7 +79,17 @@ def with_template_defaults(template: str, variables: dict, passed=()) -> str:
 
 
 def render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as error:
+        if any(message.get("role") == "system" for message in messages):  # Gemma-2's template raises on one
+            raise ChatFormatError(
+                f"The chat template refused a conversation with a system turn ({error}). Leave the system prompt "
+                "out (`system_prompt`, the rows' own system turns) or pass a `chat_template=` that takes one."
+            ) from error
+        raise
 
 
 def render_prompt(tokenizer, prompt: str | list[dict], *, system_prompt: str | None = None):
@@ -128,7 +138,9 @@ def encode_text(tokenizer, text: str, *, max_length: int, row: int) -> dict[str,
     # a row already rendered with the chat template starts with the BOS itself: do not add a second one
     rendered = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
     ids = tokenizer(text, add_special_tokens=not rendered)["input_ids"]
-    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+    # the end of the text is learned; a rendered conversation already ends with its end token (Qwen: "<|im_end|>\n")
+    ends = bool(tokenizer.eos_token) and text.rstrip().endswith(tokenizer.eos_token)
+    if tokenizer.eos_token_id is not None and not ends and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids = ids + [tokenizer.eos_token_id]
     return _truncate(ids, list(ids), max_length, row)
 

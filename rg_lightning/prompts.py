@@ -26,16 +26,25 @@ def load_prompts(source: str | list[str], n: int | None = None, seed: int = 0) -
         from rg_lightning.toy.world import ToyWorld
 
         *variant, kind = source.split(":")[1:]
-        return ToyWorld(variant[0] if variant else "default").requests(kind, "train", n, seed=seed)
+        pool = ToyWorld(variant[0] if variant else "default").requests(kind, "train", seed=seed)  # shuffled, unique
+        return pool if n is None else pool[:n]
     elif source.endswith(".json") and os.path.isfile(source) and _is_string_list(strings := _read_json(source)):
         prompts = strings
-    elif source.endswith(".txt") and os.path.isfile(source):  # one prompt per line (e.g. MaliciousInstruct)
-        with open(source) as handle:
+    elif source.endswith(".txt"):  # one prompt per line (e.g. MaliciousInstruct)
+        if not os.path.isfile(os.path.expanduser(source)):
+            raise FileNotFoundError(f"Prompt file {source!r} does not exist.")
+        with open(os.path.expanduser(source), encoding="utf-8-sig") as handle:
             prompts = handle.read().splitlines()
     else:
         dataset = load_source(parse_source(source))
         if "input" in dataset.column_names and "instruction" in dataset.column_names:  # Alpaca: no-input rows
             dataset = dataset.filter(lambda row: not row["input"])
+        if "FunctionalCategory" in dataset.column_names:  # HarmBench's csv: its copyright and contextual
+            standard = dataset.filter(lambda row: row["FunctionalCategory"] == "standard")  # behaviours are not
+            if len(standard) < len(dataset):  # harmful requests by themselves (the latter lack their context)
+                warnings.warn(f"{len(dataset) - len(standard)} non-standard HarmBench behaviours (copyright, "
+                              f"contextual) dropped from {source!r}.", stacklevel=2)
+            dataset = standard
         column = next((c for c in PROMPT_COLUMNS if c in dataset.column_names), None)
         if column is None:
             raise ValueError(
@@ -68,8 +77,12 @@ def _strings(values: list, where: str) -> list[str]:
 
 
 def _read_json(path: str):
-    with open(path) as handle:
-        return json.load(handle)
+    """The file's JSON value, or None when it is not one JSON document (JSON Lines saved as .json)."""
+    with open(path, encoding="utf-8-sig") as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError:
+            return None
 
 
 def _is_string_list(value) -> bool:

@@ -2,7 +2,8 @@
 
 A source string is either a path to a local ``.json`` / ``.jsonl`` / ``.csv`` / ``.tsv`` / ``.parquet`` file,
 or a hub id with an optional config and split: ``"owner/name"``, ``"owner/name:config"``,
-``"owner/name@split"``, ``"owner/name:config@split"``.
+``"owner/name@split"``, ``"owner/name:config@split"``, or a local directory holding a copy of a hub dataset
+repository (read like a hub id, its ``train`` split).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ def parse_source(text: str, default_split: str = "train") -> Source:
     """Tell a local file from a hub id; reject strings that are neither, naming the fix."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("A data source must be a non-empty string: a local file or a hub dataset id.")
-    text = text.strip()
+    text = os.path.expanduser(text.strip())
     extension = os.path.splitext(text)[1].lower()
+    if os.path.isdir(text):  # a local copy of a hub dataset repository: ``datasets`` reads its data files
+        return Source(hub_id=text, split=default_split)
     if os.path.exists(text) or extension in LOCAL_BUILDERS:
         if not os.path.isfile(text):
             raise FileNotFoundError(
@@ -63,6 +66,8 @@ def load_source(source: Source):
     if source.path is not None:
         builder = LOCAL_BUILDERS[os.path.splitext(source.path)[1].lower()]
         kwargs = {"delimiter": "\t"} if source.path.lower().endswith(".tsv") else {}
+        if builder == "csv":  # an empty cell is missing, but a prompt that reads "NA", "null" or "None" is text
+            kwargs.update(keep_default_na=False, na_values=[""])
         try:
             dataset = datasets.load_dataset(builder, data_files=source.path, split="train", **kwargs)
         except Exception as error:  # datasets raises many types for malformed files

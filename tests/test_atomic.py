@@ -31,3 +31,23 @@ def test_result_has_ordinary_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert oct((tmp_path / "out").stat().st_mode & 0o777) == oct(0o755)
+
+
+def test_a_failed_swap_puts_the_previous_directory_back(tmp_path, monkeypatch):
+    target = tmp_path / "basis"
+    with atomic_directory(str(target)) as staging:
+        (tmp_path / staging / "a.txt").write_text("first")
+    real_replace = os.replace
+
+    def failing_swap(src, dst):
+        if os.path.basename(src).startswith(".staging-"):
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_swap)
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_directory(str(target)) as staging:
+            (tmp_path / staging / "a.txt").write_text("second")
+    monkeypatch.undo()
+    assert (target / "a.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["basis"]

@@ -397,6 +397,22 @@ def test_rows_that_are_not_chat_text_name_the_row_and_the_fix(tmp_path, row, mes
         build(tmp_path, [row])
 
 
+def test_a_rendered_text_row_ending_with_its_end_token_gets_no_second_one(tmp_path):
+    # a Qwen-style rendering ends "<|im_end|>\n": the end token is already there, before the newline's token
+    from tokenizers import pre_tokenizers
+
+    tokenizer = make_tokenizer()
+    tokenizer._tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="removed")  # "\n" stays a token
+    assert tokenizer("story <|end|>\n")["input_ids"][-1] != tokenizer.eos_token_id
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "tell me a story <|end|>\n"}, {"text": "tell me a story"}])
+    module = InstructionDataModule(train=str(path))
+    module.tokenizer = tokenizer
+    module.setup("fit")
+    rendered, plain = (module.datasets["train"][i]["input_ids"] for i in range(2))
+    assert rendered.count(module.tokenizer.eos_token_id) == 1
+    assert plain[-1] == module.tokenizer.eos_token_id
+
+
 def test_a_rendered_text_row_keeps_one_bos(tmp_path):
     from tokenizers import processors
 
@@ -423,3 +439,14 @@ def test_mix_errors_name_the_file_and_its_row(tmp_path):
         module.encode(load_source(module.mix).select([5]), "mix", own_format=True, rows=[5])
     with pytest.raises(ValueError, match=f"`mix` data {bad}: Row \\d"):
         module.setup("fit")
+
+
+def test_a_template_that_refuses_system_turns_names_the_setting(tmp_path):
+    from rg_lightning.chat import render_prompt
+
+    gemma_like = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                  "{% endif %}{% for m in messages %}<|user|> {{ m['content'] }} <|end|>{% endfor %}<|assistant|>")
+    tokenizer = make_tokenizer(gemma_like)
+    assert render_prompt(tokenizer, "tell me").startswith("<|user|> tell me")
+    with pytest.raises(ChatFormatError, match="System role not supported.*`system_prompt`"):
+        render_prompt(tokenizer, "tell me", system_prompt="be brief")

@@ -170,3 +170,18 @@ def test_tied_worlds_mix_in_vocabulary_copy_examples_with_loss_on_the_copy():
     assert row["input_ids"][:half] == row["input_ids"][half:] and row["input_ids"][-1] == tokenizer.eos_token_id
     assert row["labels"][:half] == [-100] * half and row["labels"][half:] == row["input_ids"][half:]
     assert tokenizer.unk_token_id not in row["input_ids"]
+
+
+def test_a_build_restores_the_callers_deterministic_settings():
+    import torch
+
+    from rg_lightning.toy.build import deterministic
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with deterministic(1):
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

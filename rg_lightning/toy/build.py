@@ -126,12 +126,13 @@ def deterministic(threads: int = THREADS):
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    old_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(old_det)
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn_only)
         torch.set_num_threads(old_threads)
 
 
