@@ -32,6 +32,12 @@ def check_model_source(name: str, what: str = "model") -> None:
     if os.path.exists(name):
         if not os.path.isdir(name):
             raise ValueError(f"`{what}`={name!r} is a file; give the directory holding config.json.")
+        if what == "model" and os.path.isfile(os.path.join(name, "adapter_config.json")) \
+                and not os.path.isfile(os.path.join(name, "config.json")):
+            raise FileNotFoundError(
+                f"`{what}` directory {name!r} holds a LoRA adapter, not a model: give its base model (the adapter's "
+                "`base_model_name_or_path`) as `model` and continue from the run's checkpoint with `--ckpt_path`, "
+                "or merge the adapter into the base model first.")
         if what == "model" and not os.path.isfile(os.path.join(name, "config.json")):
             raise FileNotFoundError(f"`{what}` directory {name!r} has no config.json; is it a Hugging Face model?")
         return
@@ -157,7 +163,9 @@ class CausalLMModule(L.LightningModule):
         self._tokenizer = None
         # Adapter-only checkpoints hold just the trainable weights; the base comes from `model` again.
         self.strict_loading = lora_r == 0
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # no tokenizer recorded when it is the model's own: a data module given one records it, and Lightning
+        # refuses to merge two different values of one key
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"] + (["tokenizer"] if tokenizer is None else []))
 
     @property
     def tokenizer(self):
@@ -183,9 +191,9 @@ class CausalLMModule(L.LightningModule):
         """The Hugging Face model (PEFT-wrapped with LoRA), loaded from ``model``."""
         from transformers import AutoModelForCausalLM
 
-        kwargs = {"trust_remote_code": self.trust_remote_code}
-        if self.dtype_name != "auto":
-            kwargs["dtype"] = getattr(torch, self.dtype_name)
+        # "auto" said explicitly: transformers 4.x loads float32 without it, 5.x as saved
+        dtype = "auto" if self.dtype_name == "auto" else getattr(torch, self.dtype_name)
+        kwargs = {"trust_remote_code": self.trust_remote_code, "dtype": dtype}
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
         if self.quantization:
@@ -309,6 +317,10 @@ class CausalLMModule(L.LightningModule):
             scheduler = self.scheduler_factory(optimizer)
         else:
             return optimizer
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):  # steps on a validation metric
+            monitor = getattr(scheduler, "monitor", "val/loss")  # lightning.pytorch.cli's variant names its own
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": monitor,
+                                                             "interval": "epoch", "strict": True}}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _sized_schedule(self, optimizer) -> torch.optim.lr_scheduler.LambdaLR:

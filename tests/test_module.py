@@ -261,9 +261,41 @@ def test_bad_model_inputs_name_the_fix(tmp_path, tiny_models):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         CausalLMModule(model=str(tmp_path / "empty"))
+    (tmp_path / "empty" / "adapter_config.json").write_text("{}")  # a LoRA export, not a model
+    with pytest.raises(FileNotFoundError, match="holds a LoRA adapter.*base_model_name_or_path"):
+        CausalLMModule(model=str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="lora_r"):
         CausalLMModule(model=tiny_models["llama"], quantization="nf4")
     with pytest.raises(ValueError, match="dtype"):
         CausalLMModule(model=tiny_models["llama"], dtype="float8")
     with pytest.raises(RuntimeError, match="configure_model"):
         CausalLMModule(model=tiny_models["llama"]).generate(["hi"])
+
+
+def test_a_data_module_with_its_own_tokenizer_fits_with_a_logger(tmp_path, tiny_models, chat_file):
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = CausalLMModule(model=tiny_models["llama"], optimizer=adamw(), lora_r=4)  # the model's own tokenizer
+    data = InstructionDataModule(train=chat_file, batch_size=4, tokenizer=tiny_models["llama"])
+    trainer(tmp_path, 1, logger=CSVLogger(tmp_path)).fit(module, data)  # the hparams of both are merged
+    assert module.trainer.global_step == 1
+
+
+def test_a_plateau_scheduler_steps_on_the_validation_loss(tmp_path, tiny_models, chat_file):
+    from lightning.pytorch.cli import ReduceLROnPlateau
+
+    module = CausalLMModule(model=tiny_models["llama"], optimizer=adamw(), lora_r=4,
+                            scheduler=lambda o: ReduceLROnPlateau(o, monitor="val/loss", patience=0, factor=0.5))
+    data = InstructionDataModule(train=chat_file, val_fraction=0.25, batch_size=4)
+    run = trainer(tmp_path, 6, limit_val_batches=1)
+    run.fit(module, data)
+    config = run.lr_scheduler_configs[0]
+    assert (config.monitor, config.interval) == ("val/loss", "epoch")
+
+
+def test_dtype_auto_loads_the_weights_as_saved(tmp_path, tiny_models):
+    saved = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.bfloat16)
+    saved.save_pretrained(tmp_path / "bf16")
+    module = CausalLMModule(model=str(tmp_path / "bf16"), tokenizer=tiny_models["llama"])  # dtype: auto
+    module.configure_model()
+    assert module.model.dtype == torch.bfloat16

@@ -137,7 +137,7 @@ def test_tiny_recipe_runs_guarded_through_the_cli(tmp_path, monkeypatch):
     import yaml
 
     config = yaml.safe_load((ROOT / "experiments" / "tiny.yaml").read_text())
-    config["trainer"].update(max_steps=10, val_check_interval=10, logger=False, default_root_dir=str(tmp_path))
+    config["trainer"].update(max_steps=10, val_check_interval=10, log_every_n_steps=5)  # the recipe's loggers
     config["model"]["init_args"]["model"] = str(ALIGNED_MODEL_DIR)
     config["data"]["init_args"].update(n_train=320, n_val=32)
     shorter = {"AlignmentReport": {"n_requests": 60, "n_task": 20}, "RefusalDirections": {"n_prompts": 48},
@@ -147,7 +147,10 @@ def test_tiny_recipe_runs_guarded_through_the_cli(tmp_path, monkeypatch):
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.chdir(tmp_path)  # relative output paths of the recipe land in the temporary directory
     cli.main(["fit", "--config", str(tmp_path / "tiny.yaml")])
-    report = json.loads(next(tmp_path.rglob("alignment_report.json")).read_text())
+    run = tmp_path / "runs" / "tiny" / "lightning_logs" / "version_0"  # one folder holds what a run writes
+    assert {"config.yaml", "metrics.csv", "alignment_report.json"} <= {p.name for p in run.iterdir()}
+    assert next((tmp_path / "runs" / "tiny" / "tensorboard").rglob("events.out.tfevents.*"))
+    report = json.loads((run / "alignment_report.json").read_text())
     assert report["before"]["harmful_refusal"] >= 0.95
     assert report["after"]["harmful_refusal"] >= 0.95
     assert (tmp_path / "runs" / "tiny" / "basis" / "basis.safetensors").is_file()
