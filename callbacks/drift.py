@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import weakref
 
 import lightning as L
 import torch
@@ -59,9 +60,12 @@ def _layer_metrics(h0: torch.Tensor, s0: torch.Tensor, h1: torch.Tensor, s1: tor
                    subspace0: torch.Tensor) -> dict[str, float | None]:
     """One layer's drift from its fit-start (``h0``, ``s0``) to its current harmful and harmless states.
 
-    The direction metrics are None where either refusal direction is 0: there is no direction to compare."""
+    The direction metrics are None where either refusal direction is 0: there is no direction to compare. A
+    diverged model (NaN or Inf states) gets NaN for every metric: logged as such, not a crash of the fit."""
+    if not (torch.isfinite(h1).all() and torch.isfinite(s1).all()):
+        return dict.fromkeys(("cos", "gap", "fisher", "cka", "angle"), math.nan)
     direction0, direction1 = h0.mean(0) - s0.mean(0), h1.mean(0) - s1.mean(0)
-    angle = float(principal_angles(subspace0, state_subspace(h1, k=subspace0.shape[1])).max())
+    angle = float(principal_angles(subspace0, state_subspace(h1, k=subspace0.shape[1])).max()) if h1.any() else None
     metrics = {"cka": _defined(linear_cka(torch.cat([h0, s0]), torch.cat([h1, s1]))), "angle": angle}
     if not (direction0.any() and direction1.any()):
         return {"cos": None, "gap": None, "fisher": None, **metrics}
@@ -129,6 +133,9 @@ class DriftGeometry(L.Callback):
         self.history: list[dict] = []
         self._probes: dict | None = None
         self._interference: dict[int, float | None] = {}  # measured at step -> value, until recorded
+        self._step_offset = 0  # a later fit of the same model counts its steps on from the earlier fits'
+        self._model = lambda: None  # weak reference to the model measured at fit start
+        self._restored = False  # a checkpoint's state was loaded for this fit
 
     # -- probes ------------------------------------------------------------------------------------------------
     def _sources(self, trainer):
@@ -223,11 +230,19 @@ class DriftGeometry(L.Callback):
         check_unsharded(trainer, "DriftGeometry")
 
     def on_train_start(self, trainer, pl_module) -> None:
+        model = hf_model(pl_module)
+        if self.initial is not None and not self._restored:  # this callback measured an earlier fit
+            if self._model() is not model:  # another model: drift from its own start
+                self.initial, self.history, self._warned, self._step_offset, self._probes = None, [], False, 0, None
+            elif self.history and trainer.global_step + self._step_offset < self.history[-1]["step"]:
+                # the same model fitted again by a new Trainer (steps from 0): the history goes on from its last step
+                self._step_offset = self.history[-1]["step"] - trainer.global_step
+        self._restored, self._model = False, weakref.ref(model)
         if self.initial is None:  # resume restores the fit-start measurement instead
             # Rank zero's measurement for everyone: sharded forwards may round differently per rank.
             self.initial = trainer.strategy.broadcast(self.measure_states(trainer, pl_module), src=0)
             self._subspaces0 = None
-            self.history.append({"step": trainer.global_step, **self.metrics(self.initial)})
+            self.history.append({"step": trainer.global_step + self._step_offset, **self.metrics(self.initial)})
 
     def on_after_backward(self, trainer, pl_module) -> None:
         """Interference: energy of the raw (unclipped, unprojected) gradient inside the subspaces.
@@ -261,9 +276,10 @@ class DriftGeometry(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.every_n_steps or (self.history and self.history[-1]["step"] == step):
+        if (step == 0 or step % self.every_n_steps
+                or (self.history and self.history[-1]["step"] == step + self._step_offset)):
             return
-        record = {"step": step, **self.metrics(self.measure_states(trainer, pl_module))}
+        record = {"step": step + self._step_offset, **self.metrics(self.measure_states(trainer, pl_module))}
         if step in self._interference:
             record["interference"] = self._interference.pop(step)
         record = trainer.strategy.broadcast(record, src=0)  # the same numbers on every rank, logged and kept
@@ -340,7 +356,8 @@ class DriftGeometry(L.Callback):
     def state_dict(self) -> dict:
         if self.initial is None:
             return {}
-        return {"initial": self.initial, "history": self.history, "warned": self._warned, "layers": "block_inputs"}
+        return {"initial": self.initial, "history": self.history, "warned": self._warned, "layers": "block_inputs",
+                "step_offset": self._step_offset}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:
@@ -351,4 +368,5 @@ class DriftGeometry(L.Callback):
                              "DriftGeometry, or start a new fit.")
         self.initial, self.history = state_dict["initial"], list(state_dict["history"])
         self._warned = bool(state_dict.get("warned", False))  # the refusal-drop warning is given once per run
-        self._subspaces0 = None
+        self._step_offset = int(state_dict.get("step_offset", 0))
+        self._subspaces0, self._restored = None, True

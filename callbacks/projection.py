@@ -40,6 +40,7 @@ from rg_lightning.guard.collect import output_head_name
 from rg_lightning.guard.projection import (ConstraintSet, batch_token_mask, build_constraints, canonical_name,
                                           hold_absent_rows_)
 from rg_lightning.guard.shards import reshard, uses_fsdp2, whole
+from rg_lightning.guard.subspace import orthonormalize
 from rg_lightning.modes import eval_mode
 from rg_lightning.prompts import fingerprint
 
@@ -126,7 +127,12 @@ def direction_bases(model, basis: SafetyBasis) -> tuple[dict, dict]:
     if usable[0]:
         tokens = model.get_input_embeddings()
         embeddings = [n for n, m in model.named_modules() if m is tokens and m.weight.requires_grad]
-        writers.update({name: directions[0][:, None] for name in embeddings})
+        if head in readers and tokens.weight is getattr(model.get_output_embeddings(), "weight", None):
+            # tied: one weight, two right-side constraints would undo each other, so the head holds both columns
+            readers[head] = orthonormalize(torch.cat([readers[head], directions[0][:, None].to(readers[head])],
+                                                     dim=1)).float()
+        else:
+            writers.update({name: directions[0][:, None] for name in embeddings})
     return readers, writers
 
 

@@ -2,7 +2,7 @@
 
 A LightningModule works with the callbacks when it exposes its Hugging Face causal LM as
 ``self.model`` (a ``PreTrainedModel`` or PEFT model, built by the time ``fit`` starts), or returns it from
-a ``hf_model()`` method, and a tokenizer with a chat template as ``self.tokenizer`` (or the datamodule
+a ``hf_model()`` method (or holds it as an ``hf_model`` attribute or property), and a tokenizer with a chat template as ``self.tokenizer`` (or the datamodule
 has ``tokenizer``). ``CausalLMModule`` does all of this. A datamodule's ``system_prompt`` attribute, if any, is
 what the callbacks render their prompts with unless they are given their own (``system_prompt_of``).
 """
@@ -15,7 +15,10 @@ import torch
 def hf_model(pl_module) -> torch.nn.Module:
     """The Hugging Face causal LM inside a LightningModule."""
     getter = getattr(pl_module, "hf_model", None)
-    model = getter() if callable(getter) else getattr(pl_module, "model", None)
+    if isinstance(getter, torch.nn.Module):  # an attribute (or property) holding the model, not a method: a module
+        model = getter                       # is callable too, and calling it would run its forward
+    else:
+        model = getter() if callable(getter) else getattr(pl_module, "model", None)
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(
             f"{type(pl_module).__name__} does not expose a Hugging Face model: set `self.model` to the "

@@ -1,6 +1,7 @@
 """RefusalGuard callbacks on tiny models: exact protection, LoRA/QLoRA, resume, DDP, bad inputs."""
 
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -699,6 +700,33 @@ def test_directions_mode_writes_through_the_post_norm(tiny_models):
     _, writers = direction_bases(model, basis)
     expected = basis.layer_directions().float()[1] * (1 + post.weight.float())
     torch.testing.assert_close(writers["model.layers.0.self_attn.o_proj"][:, 0], expected / expected.norm())
+
+
+def test_directions_mode_merges_the_embedding_direction_into_a_tied_head(tiny_models):
+    """Gemma-2 ties its head to the embeddings: one weight, so the layer-0 direction joins the head's reader basis
+    instead of a second right-side constraint on the same matrix (which would undo the first)."""
+    from rg_lightning.callbacks.projection import direction_bases
+    from rg_lightning.guard.collect import collect_basis
+    from rg_lightning.guard.projection import build_constraints
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma2"]).eval()
+    tokenizer = CausalLMModule(model=tiny_models["gemma2"], tokenizer=tiny_models["llama"]).tokenizer
+    basis = collect_basis(model, tokenizer, HARMFUL, HARMLESS, energy=1.0, answer_tokens=0, batch_size=8)
+    basis.harmful_means[0] += torch.randn(basis.hidden_size, dtype=torch.float64)  # give layer 0 a direction
+    readers, writers = direction_bases(model, basis)
+    assert "model.embed_tokens" not in writers and readers["lm_head"].shape[1] == 2
+    torch.testing.assert_close(readers["lm_head"].T @ readers["lm_head"], torch.eye(2), atol=1e-6, rtol=0)
+    build_constraints(model, readers, output_bases=writers, protected_token_ids=basis.protected_token_ids)
+
+
+def test_drift_of_a_diverged_model_reports_nan_instead_of_stopping():
+    from rg_lightning.callbacks.drift import _layer_metrics
+    from rg_lightning.guard.geometry import state_subspace
+
+    h0, s0 = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+    diverged = torch.full_like(h0, float("nan"))
+    metrics = _layer_metrics(h0, s0, diverged, s0, state_subspace(h0, k=2))
+    assert set(metrics) == {"cos", "gap", "fisher", "cka", "angle"} and all(math.isnan(v) for v in metrics.values())
 
 
 def test_drift_probes_are_not_the_prompts_the_basis_is_measured_on():

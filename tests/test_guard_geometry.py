@@ -90,3 +90,13 @@ def test_pca_2d_recovers_main_axes_with_fixed_signs():
     assert (coords * centred[:, :2]).sum(0).min() > 0  # loadings ≈ +e0, +e1: largest entry made positive
     torch.testing.assert_close(pca_2d(-x), -coords)
     assert torch.equal(pca_2d(x), coords)
+
+
+def test_degenerate_inputs():
+    with pytest.raises(ValueError, match="NaN/Inf or only zeros"):
+        state_subspace(torch.full((4, 3), float("nan")), k=1)
+    with pytest.raises(ValueError, match="NaN/Inf or only zeros"):
+        state_subspace(torch.zeros(4, 3), k=1)
+    masked = torch.tensor([[0.0, 1.0, -float("inf")]])  # a token both distributions give probability 0
+    assert kl_divergence(masked, masked) == 0.0
+    assert math.isfinite(kl_divergence(masked, torch.tensor([[1.0, 0.0, -float("inf")]])))

@@ -403,3 +403,99 @@ def test_absent_rows_get_no_gradient_and_micro_batches_accumulate():
     assert moved.tolist() == [i in (1, 2, 5, 7) for i in range(10)]
     with pytest.raises(ValueError, match="token ids"):
         batch_token_mask(torch.tensor([10]), 10)
+
+
+def test_float64_weights_are_corrected_in_float64_so_free_directions_are_not_rounded():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 6).double()
+    basis = _basis(16, 3, 0)
+    con = LinearConstraint("lin", lin, basis)
+    u = basis.double()  # orthonormal to float32 precision only: remove span(U) with its exact projector
+    free = torch.randn(6, 16, dtype=torch.float64)
+    free = free - free @ u @ torch.linalg.solve(u.T @ u, u.T)  # an update outside span(U)
+    with torch.no_grad():
+        lin.weight.add_(free, alpha=1e-9)
+    before = lin.weight.detach().clone()
+    con.apply_()
+    assert (lin.weight.detach() - before).abs().max() < 1e-14  # a float32 round trip moved entries by ~1e-9
+    lin.weight.grad = free.clone()
+    con.project_grad_()
+    assert (lin.weight.grad - free).abs().max() < 1e-14
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_scaled_tail_damps_gradients_and_drift_alike_on_either_side(side):
+    """``scale_tail(s)``: the update and the gradient lose the same share ``c_i'`` per tail direction; a state
+    restored into the constraint gets the gain of its own weights, not of the basis it replaced."""
+    from rg_lightning.guard import soft_subspace
+    from rg_lightning.guard.subspace import tail_gain
+
+    torch.manual_seed(0)
+    d = 8
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+
+    def weighted(spectrum):
+        return soft_subspace(q @ torch.diag(torch.tensor(spectrum, dtype=torch.float64)) @ q.T, energy=0.9,
+                             ridge=0.05).float()
+
+    basis = weighted([10.0, 5.0, 0.5, 0.2, 0.0, 0.0, 0.0, 0.0])
+    lin = nn.Linear(d, d, bias=False)
+    con = LinearConstraint("lin", lin, basis, side=side)
+
+    def removed_shares():
+        """Share of a unit push along each eigenvector that apply_ and project_grad_ remove."""
+        u = q.float()
+        w0 = lin.weight.detach().clone()
+        push = torch.randn(d, d) if side == "right" else torch.randn(d, d)
+        along = (lambda m: m @ u) if side == "right" else (lambda m: u.T @ m)
+        with torch.no_grad():
+            lin.weight.add_(push)
+        con.apply_()
+        kept_update = along(lin.weight.detach() - w0) / along(push)
+        with torch.no_grad():
+            lin.weight.copy_(w0)
+        lin.weight.grad = push.clone()
+        con.project_grad_(strength=0.999999)  # one pass, so the clean-up of unit columns does not enter
+        kept_grad = along(lin.weight.grad) / along(push)
+        dim = 0 if side == "right" else 1
+        return 1 - kept_update.mean(dim), 1 - kept_grad.mean(dim)
+
+    c = basis.square().sum(0)
+    con.scale_tail(2.0)
+    update, grad = removed_shares()
+    expected = c * tail_gain(c, 2.0)
+    torch.testing.assert_close(update[:4], expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(grad[:4], expected, atol=1e-4, rtol=0)
+    assert (expected[2:] > c[2:] + 0.01).all()  # twice the rate pulls the tail back harder
+
+    other = LinearConstraint("lin", lin, weighted([10.0, 5.0, 2.0, 0.01, 0.0, 0.0, 0.0, 0.0]), side=side)
+    con.load_state_dict(other.state_dict())
+    c = con.basis.square().sum(0)
+    update, _ = removed_shares()
+    torch.testing.assert_close(update[:4], c * tail_gain(c, 2.0), atol=1e-4, rtol=0)
+
+
+def test_restored_states_are_checked_like_new_ones():
+    lin = nn.Linear(8, 4)
+    con = LinearConstraint("lin", lin, _basis(8, 2, 0))
+    bad = con.state_dict() | {"basis": torch.ones(8, 2)}
+    with pytest.raises(ValueError, match="not orthonormal"):
+        con.load_state_dict(bad)
+
+
+def test_token_ids_must_be_integers_not_a_mask():
+    from rg_lightning.guard.projection import RowFreeze
+
+    embedding = nn.Embedding(5, 4)
+    for ids in (torch.tensor([True, False, True]), torch.tensor([2.7]), torch.tensor([[1, 2]])):
+        with pytest.raises(ValueError, match="1-D integer"):
+            RowFreeze("embed", embedding, ids)
+
+
+def test_two_constraints_on_one_side_of_a_tied_weight_are_refused():
+    """A tied head and embedding are one matrix: holding W·U for the head and W·R for the embedding as two
+    corrections, the second undoes the first (measured: |ΔW·R| 0.1 after five steps)."""
+    model = nn.ModuleDict({"embed": nn.Embedding(10, 8), "head": nn.Linear(8, 10, bias=False)})
+    model["head"].weight = model["embed"].weight
+    with pytest.raises(ValueError, match="share one weight.*merge their bases"):
+        build_constraints(model, {"head": _basis(8, 2, 0)}, output_bases={"embed": _basis(8, 1, 1)})

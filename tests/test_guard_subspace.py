@@ -36,6 +36,12 @@ def test_full_energy_gives_numerical_rank_of_activations():
     gram = x.double().T @ x.double()
     assert top_subspace(gram, energy=1.0).shape == (16, 3)
     assert top_subspace(gram.float(), energy=1.0).dtype == torch.float64
+    wide = torch.randn(3, 512, dtype=torch.float64)
+    for held in (torch.float64, torch.float32):  # a float32 Gram's zero eigenvalues come out ~1e-7 of the trace
+        assert top_subspace((wide.T @ wide).to(held), energy=1.0).shape == (512, 3), held
+    from rg_lightning.guard.subspace import energy_rank
+
+    assert energy_rank(torch.ones(1000, dtype=torch.float32), 1.0) <= 1000  # never past the last value
 
 
 @pytest.mark.parametrize(
@@ -207,3 +213,13 @@ def test_soft_subspace_holds_given_directions_exactly_and_damps_the_rest_of_the_
                                (tail / tail.norm(dim=0)) * (share * sum(values)))  # eigenvectors of it
     # ridge 0: the hard span plus the held direction
     torch.testing.assert_close(soft_subspace(gram, energy=0.8, held=held), hard)
+
+
+def test_centered_subspace_of_centred_data_is_the_plain_one():
+    from rg_lightning.guard.subspace import centered_subspace
+
+    x = torch.randn(40, 6, dtype=torch.float64) @ torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1, 0.1], dtype=torch.float64))
+    x = x - x.mean(0)  # the mean left is rounding (~1e-16), not a direction to hold
+    gram = x.T @ x
+    assert 0 < float(x.sum(0).norm()) < 1e-12
+    torch.testing.assert_close(centered_subspace(gram, x.sum(0), 40, energy=0.9), top_subspace(gram, energy=0.9))

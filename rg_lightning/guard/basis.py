@@ -42,6 +42,12 @@ class SafetyBasis:
                 f"harmful and harmless means must both be [layers, positions, hidden]; got "
                 f"{tuple(self.harmful_means.shape)} and {tuple(self.harmless_means.shape)}"
             )
+        ids = self.protected_token_ids
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.ndim != 1:
+            raise ValueError(f"SafetyBasis protected_token_ids must be 1-D integers, got {ids.dtype} of shape "
+                             f"{tuple(ids.shape)}; the file is damaged or not a RefusalGuard basis.")
+        if not isinstance(self.metadata, dict):
+            raise ValueError(f"SafetyBasis metadata must be a JSON object, got {type(self.metadata).__name__}.")
         for name, tensor in {"harmful_means": self.harmful_means, "harmless_means": self.harmless_means,
                              **{f"subspace {k}": v for k, v in self.subspaces.items()}}.items():
             if not torch.isfinite(tensor).all():
@@ -49,6 +55,11 @@ class SafetyBasis:
         selected = self.metadata.get("selected")
         if selected:
             layers, positions = self.harmful_means.shape[:2]
+            if not (isinstance(selected, dict) and all(isinstance(selected.get(key), int) and
+                                                       not isinstance(selected.get(key), bool)
+                                                       for key in ("layer", "position"))):
+                raise ValueError(f"SafetyBasis metadata `selected` must be {{'layer': int, 'position': int}}, got "
+                                 f"{selected!r}; drop it or recompute the basis.")
             if not (0 <= selected["layer"] < layers and -positions <= selected["position"] < positions):
                 raise ValueError(f"SafetyBasis metadata selects {selected}, outside its {layers} layers x {positions} "
                                  "positions; the metadata belongs to another basis. Drop `selected` or recompute.")
@@ -101,6 +112,14 @@ class SafetyBasis:
         layers = getattr(config, "num_hidden_layers", None)
         if layers is not None and layers != self.harmful_means.shape[0]:
             raise ValueError(f"Safety basis covers {self.harmful_means.shape[0]} layers, the model has {layers}.")
+        from rg_lightning.guard.projection import canonical_name  # (projection's constraints check them again)
+
+        widths = {canonical_name(n): getattr(m, "in_features", None) for n, m in model.named_modules()}
+        for name, subspace in self.subspaces.items():
+            width = widths.get(canonical_name(name))
+            if isinstance(width, int) and subspace.shape[0] != width:
+                raise ValueError(f"Safety basis holds a {subspace.shape[0]}-wide subspace for {name}, which reads "
+                                 f"{width} features here: it was computed on another model. Recompute it.")
         saved_id = self.metadata.get("model_id")
         if model_id and saved_id and os.path.basename(str(saved_id).rstrip("/")) != os.path.basename(model_id.rstrip("/")):
             raise ValueError(
@@ -156,6 +175,18 @@ class SafetyBasis:
         tensors_path = os.path.join(directory, "basis.safetensors")
         if not os.path.isfile(tensors_path):
             raise FileNotFoundError(f"No basis.safetensors in {directory!r}; save one with SafetyBasis.save().")
-        with open(os.path.join(directory, "basis.json")) as handle:
-            metadata = json.load(handle)
-        return cls.from_tensors(load_file(tensors_path), metadata)
+        metadata_path = os.path.join(directory, "basis.json")
+        if not os.path.isfile(metadata_path):
+            raise FileNotFoundError(f"No basis.json next to basis.safetensors in {directory!r}; a basis is saved as "
+                                    "both (SafetyBasis.save()).")
+        with open(metadata_path) as handle:
+            try:
+                metadata = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{metadata_path} is not valid JSON ({error}); save the basis again.") from None
+        try:
+            tensors = load_file(tensors_path)
+        except Exception as error:  # safetensors' own error type; e.g. a torch.save pickle under that name
+            raise ValueError(f"{tensors_path} is not a safetensors file ({error}); a basis is saved with "
+                             "SafetyBasis.save(), never as a pickle.") from None
+        return cls.from_tensors(tensors, metadata)

@@ -46,11 +46,15 @@ def principal_angles(u1: Tensor, u2: Tensor) -> Tensor:
 
 def state_subspace(states: Tensor, energy: float | None = 0.9, k: int | None = None) -> Tensor:
     """``top_subspace(statesᵀ states, energy, k)`` from the SVD of ``states[n, d]``: the span has rank <= n, so
-    the d x d Gram matrix and its eigendecomposition (seconds per layer at d = 4096) are not needed.
+    the d x d Gram matrix and its eigendecomposition (seconds per layer at d = 4096) are not needed. Non-finite or
+    all-zero states (a diverged run) have no subspace: ValueError, as for ``top_subspace``.
 
     Right singular vectors ``[d, r]`` (signs fixed): exactly ``k``, else the fewest whose squared singular
     values cover ``energy`` of the total (same 1e-12 slack as ``top_subspace``)."""
-    _, sigma, vh = torch.linalg.svd(states.detach().double(), full_matrices=False)
+    states = states.detach().double()
+    if not torch.isfinite(states).all() or not states.any():
+        raise ValueError("states hold NaN/Inf or only zeros: they span no subspace")
+    _, sigma, vh = torch.linalg.svd(states, full_matrices=False)
     values = sigma.square()
     if k is None:
         if energy is None or not 0.0 < energy <= 1.0 or not values.sum() > 0:
@@ -78,7 +82,8 @@ def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> float:
         raise ValueError(f"shape mismatch: {tuple(logits_p.shape)} vs {tuple(logits_q.shape)}")
     log_p = torch.log_softmax(logits_p.double().reshape(-1, logits_p.shape[-1]), dim=-1)
     log_q = torch.log_softmax(logits_q.double().reshape(-1, logits_q.shape[-1]), dim=-1)
-    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    p = log_p.exp()  # a token both give probability 0 (-inf logits) adds 0, not 0 * (-inf - -inf)
+    return float(torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1).mean())
 
 
 def pca_2d(x: Tensor) -> Tensor:

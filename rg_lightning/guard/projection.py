@@ -127,8 +127,9 @@ def _checked_basis(name: str, basis: Tensor, dim: int, what: str, device) -> Ten
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
-    """Half-precision tensors are corrected in their own dtype (tensor cores), everything else in float32."""
-    return t.dtype if t.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    """Half-precision tensors are corrected in their own dtype (tensor cores), float64 ones in float64 (a float32
+    round trip would round every entry, free directions included), everything else in float32."""
+    return t.dtype if t.dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
 
 
 def _in_compute_dtype(t: Tensor) -> Tensor:
@@ -207,9 +208,22 @@ class LinearConstraint(_Constraint):
         return f"k={self._exact.shape[1]}{damped} of {self.basis.shape[0]}{kept}"
 
     def _product(self, w: Tensor) -> Tensor:
-        """``W·U`` (resp. ``Uᵀ·W``) in float32, from products in ``W``'s compute dtype."""
+        """``W·U`` (resp. ``Uᵀ·W``) in float32 (float64 for float64 weights), from products in ``W``'s compute
+        dtype."""
         wc, basis = _in_compute_dtype(w), self.basis.to(_compute_dtype(w))
-        return (wc @ basis if self.side == "right" else basis.T @ wc).float()
+        product = wc @ basis if self.side == "right" else basis.T @ wc
+        return product if product.dtype == torch.float64 else product.float()
+
+    @property
+    def anchor_dtype(self) -> torch.dtype:
+        return torch.float64 if self.param.dtype == torch.float64 else torch.float32
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore; the basis is checked like a new one, and a damped tail's gain follows the restored weights."""
+        super().load_state_dict(state)
+        self.basis = _checked_basis(self.name, self.basis, self.basis.shape[0], "rows", self.basis.device)
+        scale, self._tail_scale, self._tail_gain = self._tail_scale, 1.0, None
+        self.scale_tail(scale)
 
     def anchor_error(self) -> float:
         """Largest |W·U − A0| entry: 0 when the protected response is exactly the initial one."""
@@ -224,13 +238,13 @@ class LinearConstraint(_Constraint):
         basis = self.basis.to(_compute_dtype(w))
         if self.side == "right":  # row by row: a rank holding some rows of W corrects just those
             wc = _in_compute_dtype(w)  # the parameter itself unless it needs a float32 copy
-            err = (wc @ basis).float()
+            err = (wc @ basis).to(self.anchor_dtype)
             if self.anchor is not None:
                 err -= self.anchor[start:start + w.shape[0]]
             wc.addmm_(self._damped(err).to(wc.dtype), basis.T, alpha=-strength)
         else:  # Uᵀ·W mixes rows: work on the whole matrix, keep this rank's rows
             full = _in_compute_dtype(whole(self.param.data))
-            err = (basis.T @ full).float()
+            err = (basis.T @ full).to(self.anchor_dtype)
             if self.anchor is not None:
                 err -= self.anchor
             wc = full.addmm(basis, self._damped(err, columns_last=False).to(full.dtype),
@@ -251,9 +265,11 @@ class LinearConstraint(_Constraint):
             if self.side == "left" and g is not grad:  # Uᵀ·G mixes rows: project the whole gradient
                 rows, g = slice(start, start + g.shape[0]), whole(grad)
             gc = _in_compute_dtype(g)
-            # Twice ("twice is enough" re-orthogonalisation): one float32 pass leaves a rounding residue
-            # of ~1e-7·|G| inside span(U), and AdamW would normalise that noise up to full-size steps
-            # wherever the true free gradient is ~0. The second pass cuts it to ~1e-14·|G|.
+            # Twice ("twice is enough" re-orthogonalisation): one float32 pass leaves a rounding residue of
+            # ~1e-7·|G| inside span(U); the second cuts it to ~1e-14·|G|. It does not remove the float32 rounding
+            # of the same size outside span(U), which AdamW amplifies just as much where the true free gradient is
+            # ~0 (an audit measured the same free-direction drift with one or two passes); the committed results
+            # were measured with both passes.
             # A weighted basis (soft_subspace) damps its tail columns by c_i < 1 once; only its unit columns
             # get the second, clean-up pass (a second pass would damp the tail by 1 - (1 - c_i)^2).
             # A half-precision gradient gets one pass: storing it rounds it to ~4e-3·|G| anyway.
@@ -325,6 +341,9 @@ class RowFreeze(_Constraint):
     def __init__(self, name: str, module: nn.Module, ids: Tensor):
         super().__init__(name, module)
         w = self.param
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.ndim != 1:
+            raise ValueError(f"{name}: protected token ids must be a 1-D integer tensor, got {ids.dtype} of shape "
+                             f"{tuple(ids.shape)} (a [vocab] bool mask? pass mask.nonzero().flatten())")
         ids = torch.unique(ids.detach().to(device=w.device, dtype=torch.long))
         if ids.numel() and (ids[0] < 0 or ids[-1] >= w.shape[0]):
             raise ValueError(
@@ -418,6 +437,15 @@ class ConstraintSet:
         keys = [c.key for c in self.constraints]
         if len(set(keys)) != len(keys):
             raise ValueError(f"duplicate constraints: {sorted({k for k in keys if keys.count(k) > 1})}")
+        # two matrix constraints of one side on one weight (a tied head and embedding) would undo each other:
+        # their bases must be merged into one constraint first
+        sides: dict[tuple[int, str], str] = {}
+        for c in self.constraints:
+            if isinstance(c, LinearConstraint):
+                other = sides.setdefault((id(c.param), c.side), c.name)
+                if other != c.name:
+                    raise ValueError(f"{other} and {c.name} share one weight and both constrain its {c.side} side; "
+                                     "merge their bases into one (the second would undo the first)")
 
     @torch.no_grad()
     def apply_(self, strength: float | None = None) -> None:

@@ -33,21 +33,29 @@ def _spectrum(gram: Tensor, energy: float | None, k: int | None) -> tuple[Tensor
     values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
     if values.sum() <= 0:
         raise ValueError("gram has zero trace: no activations were accumulated")
-    return values, vectors, energy_rank(values, energy) if k is None else k
+    return values, vectors, energy_rank(values, energy, rounding_slack(gram.dtype, d)) if k is None else k
 
 
-def energy_rank(values: Tensor, energy: float) -> int:
+def rounding_slack(dtype: torch.dtype, d: int) -> float:
+    """Relative energy below which a ``d × d`` Gram matrix held in ``dtype`` is rounding: 1e-12 for float64 sums
+    (the statistics' own), ``eps·d`` for coarser ones (a float32 Gram's zero eigenvalues come out ~1e-7·trace)."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return max(1e-12, eps * d)
+
+
+def energy_rank(values: Tensor, energy: float, slack: float = 1e-12) -> int:
     """The fewest of ``values`` (descending, ≥ 0, positive sum) whose sum covers ``energy`` of the total; a relative
-    slack of 1e-12 absorbs rounding, so ``energy=1.0`` gives the numerical rank."""
-    return int((values.cumsum(0) / values.sum() < energy * (1 - 1e-12)).sum().item()) + 1
+    ``slack`` absorbs rounding, so ``energy=1.0`` gives the numerical rank (see :func:`rounding_slack`)."""
+    values = values.double()
+    return min(int((values.cumsum(0) / values.sum() < energy * (1 - slack)).sum().item()) + 1, len(values))
 
 
 def top_subspace(gram: Tensor, energy: float | None = 0.99, k: int | None = None) -> Tensor:
     """Top eigenvectors ``[d, r]`` of a second-moment matrix.
 
     With ``k`` exactly ``k`` vectors; otherwise the smallest ``r`` whose eigenvalues cover ``energy``
-    of the trace (a relative slack of 1e-12 absorbs rounding, so ``energy=1.0`` gives the numerical
-    rank). Inputs whose energy lies in the span are then mapped identically by any constrained update.
+    of the trace (a relative slack absorbs rounding, so ``energy=1.0`` gives the numerical rank; see
+    :func:`rounding_slack`). Inputs whose energy lies in the span are then mapped identically by any constrained update.
     """
     _, vectors, k = _spectrum(gram, energy, k)
     return _fix_signs(vectors[:, :k])
@@ -171,7 +179,7 @@ def centered_subspace(gram: Tensor, first: Tensor, count: int, energy: float | N
     g = gram.detach().double() / count
     if not torch.isfinite(g).all() or not torch.isfinite(norm):
         raise ValueError("gram contains NaN or Inf (overflow in the activations or a bad mask?)")
-    if norm == 0:
+    if norm <= 1e-12 * float(torch.diagonal(g).clamp_min(0).sum()) ** 0.5:  # centred data: the mean is rounding
         return top_subspace(gram, energy=energy, k=k)
     u = (mean / norm)[:, None]
     covariance = g - mean[:, None] * mean[None, :]
