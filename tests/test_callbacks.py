@@ -206,6 +206,20 @@ def test_drift_geometry_alone_logs_and_writes_summary_and_figures(tmp_path, tiny
     assert (tmp_path / "drift_curves.png").stat().st_size > 0 and (tmp_path / "activations_pca.png").exists()
 
 
+def test_drift_geometry_goes_on_across_fits_of_one_model_and_starts_over_for_another(tmp_path, tiny_models,
+                                                                                    chat_file):
+    drift = DriftGeometry(every_n_steps=2, harmful=HARMFUL, harmless=HARMLESS, figures=False)
+    module, _ = run_fit(tmp_path / "a", tiny_models["llama"], chat_file, [drift], steps=4)
+    first = drift.initial
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path / "b",
+                        callbacks=[drift])
+    trainer.fit(module, InstructionDataModule(train=chat_file, batch_size=8))  # steps count from 0 again
+    assert [r["step"] for r in drift.history] == [0, 2, 4, 6, 8] and drift.initial is first
+    run_fit(tmp_path / "c", tiny_models["llama"], chat_file, [drift], steps=2)  # a new model object
+    assert [r["step"] for r in drift.history] == [0, 2] and drift.initial is not first
+
+
 def test_drift_geometry_logs_each_measurement_at_its_own_step(tmp_path, tiny_models, chat_file):
     """Measurements between Lightning's log_every_n_steps flushes reach the logger, each at its own step."""
     import csv
