@@ -10,7 +10,10 @@ With ``project_gradients`` (default) the same constraints are also applied to th
 per-coordinate scaling never turns the protected part of a gradient into steps in free directions
 (see ``guard.projection``; measured: it is what lets a high-energy subspace keep the task learnable).
 The hook sits on the optimizer itself (``register_step_post_hook``), so gradient accumulation, clipping and
-AMP (a skipped step never reaches the hook) need no special handling.
+AMP (a skipped step never reaches the hook) need no special handling; manual optimization works the same (the
+corrections run outside autocast), each optimizer's hook corrects only the parameters it steps (several
+optimizers pull a damped tail or ``strength`` < 1 back once per step), and an optimizer created during the fit
+gets its hook before its first step.
 
 Leak policy (measured: leaving any of these free lost all refusals in the miniature world):
 norm weights and other 1-D parameters are restored (frozen); embedding rows of every token seen in the
@@ -31,7 +34,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from rg_lightning.callbacks.refusal_directions import find_refusal_directions
 from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
@@ -229,6 +232,7 @@ class RepresentationProjection(L.Callback):
         self._present: torch.Tensor | None = None  # tokens of the batches since the last optimizer step
         self._restored_state: dict | None = None
         self._hooks: list = []
+        self._hooked = weakref.WeakKeyDictionary()  # optimizer -> the parameters it steps (its hook corrects those)
         self._model = lambda: None  # weak reference to the model the constraints were built on
 
     def _basis(self, trainer, pl_module) -> SafetyBasis:
@@ -257,9 +261,16 @@ class RepresentationProjection(L.Callback):
             # (with strength < 1 or a damped tail the weights are not back at them); another model starts afresh
             self._restored_state = self.constraints.state_dict()
         self._model = weakref.ref(model)
+        restoring = self._restored_state is not None
+        if not restoring and trainer.global_step > 0:
+            rank_zero_warn(
+                f"RepresentationProjection: this fit resumes at step {trainer.global_step} from a checkpoint without "
+                "the projection's state, so it holds the fine-tuned weights' responses, not the aligned model's. "
+                "Resume from a checkpoint of a guarded run, or start from the aligned model.")
         self.constraints = build_constraints(model, inputs, output_bases=outputs, protected_token_ids=ids,
-                                             strength=self.strength, freeze_norms=self.freeze_norms)
-        if self._restored_state is not None:  # resume: the anchors of the aligned model, not of the drifted one
+                                             strength=self.strength, freeze_norms=self.freeze_norms,
+                                             project_lora=not restoring)
+        if restoring:  # resume: the anchors of the aligned model, not of the drifted one
             self.constraints.load_state_dict(self._restored_state)
             self._restored_state = None
         if self.constraints.uncovered:
@@ -271,8 +282,7 @@ class RepresentationProjection(L.Callback):
             f"constraints, {len(self.constraints.skipped)} skipped, extra memory "
             f"{self.constraints.extra_memory_bytes() / max(weights, 1):.2%} of the weights"
         )
-        self._groups = {id(p): group for optimizer in trainer.optimizers for group in optimizer.param_groups
-                        for p in group["params"]}
+        self._groups = {}  # id(parameter) -> its optimizer's param group (filled by _hook)
         optimized = [p for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]]
         self._trained = {id(p) for p in optimized if p.requires_grad}
         self._frozen = [p for p in optimized if not p.requires_grad]  # watched: unfreezing them is refused
@@ -281,7 +291,18 @@ class RepresentationProjection(L.Callback):
         self._embedding = embedding if embedding is not None and embedding.requires_grad else None
         self._present = None
         for optimizer in trainer.optimizers:
-            self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.constraints.apply_()))
+            self._hook(optimizer)
+
+    def _hook(self, optimizer) -> list:
+        """After each step of ``optimizer``, correct the parameters it stepped (once per optimizer, also for one
+        created during the fit); returns them."""
+        if optimizer not in self._hooked:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            self._hooked[optimizer] = params
+            self._groups.update({id(p): group for group in optimizer.param_groups for p in group["params"]})
+            self._hooks.append(optimizer.register_step_post_hook(
+                lambda *_: self.constraints.apply_(params=params)))
+        return self._hooked[optimizer]
 
     def _check_uncovered(self, model, basis: SafetyBasis) -> None:
         """A trainable parameter with no constraint that protected prompts read would move the protected outputs
@@ -327,7 +348,8 @@ class RepresentationProjection(L.Callback):
         if self.constraints is None:
             return
         self._check_nothing_unfrozen(trainer, pl_module)
-        if self._embedding is not None and self._present is not None:
+        params = self._hook(optimizer)  # (an optimizer created after fit start gets its hook here, before its step)
+        if self._embedding is not None and self._present is not None and any(p is self._embedding for p in params):
             # Every rank holds the rows of any rank's batch: the DDP-averaged gradient is the same everywhere.
             present = trainer.strategy.reduce(self._present.to(self._embedding.device, torch.int32), reduce_op="sum")
             hold_absent_rows_(self._embedding, present > 0)
@@ -335,12 +357,13 @@ class RepresentationProjection(L.Callback):
         if self.tail_reference_lr is not None:  # before the gradients and the step-post hook use the tails
             self.constraints.scale_tails(self._tail_scale)
         if self.project_gradients:
-            self.constraints.project_grads_()
+            self.constraints.project_grads_(params=params)
 
     def _remove_hooks(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        self._hooked.clear()
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._remove_hooks()

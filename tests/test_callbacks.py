@@ -168,13 +168,15 @@ def test_gradient_accumulation_clipping_and_amp_keep_protection(tmp_path, tiny_m
                            reference.model.model.layers[0].mlp.up_proj.weight)  # it trained
 
 
-def test_crash_then_resume_restores_every_callback(tmp_path, tiny_models, chat_file, monkeypatch):
+@pytest.mark.parametrize("lora", [{}, {"lora_r": 4}], ids=["full", "lora"])
+def test_crash_then_resume_restores_every_callback(tmp_path, tiny_models, chat_file, monkeypatch, lora):
+    """strength 0.5: a LoRA matrix projected again when its constraint is rebuilt on resume would differ."""
     def callbacks():
         return [guard(), RepresentationProjection(strength=0.5), DriftGeometry(every_n_steps=1, figures=False)]
 
-    straight, _ = run_fit(tmp_path / "straight", tiny_models["llama"], chat_file, callbacks(), steps=4)
+    straight, _ = run_fit(tmp_path / "straight", tiny_models["llama"], chat_file, callbacks(), steps=4, **lora)
     first = callbacks()
-    run_fit(tmp_path / "crashed", tiny_models["llama"], chat_file, first, steps=2, checkpoint_every=2)
+    run_fit(tmp_path / "crashed", tiny_models["llama"], chat_file, first, steps=2, checkpoint_every=2, **lora)
     checkpoint = next((tmp_path / "crashed").glob("*step=2.ckpt"))
 
     import rg_lightning.callbacks.refusal_directions as rd
@@ -182,7 +184,7 @@ def test_crash_then_resume_restores_every_callback(tmp_path, tiny_models, chat_f
     monkeypatch.setattr(rd, "collect_basis", lambda *a, **k: pytest.fail("basis recomputed on resume"))
     second = callbacks()
     resumed, _ = run_fit(tmp_path / "resumed", tiny_models["llama"], chat_file, second, steps=4,
-                         ckpt_path=str(checkpoint))
+                         ckpt_path=str(checkpoint), **lora)
     for key, tensor in first[0].basis.tensors().items():
         assert torch.equal(tensor, second[0].basis.tensors()[key]), key
     for key, state in first[1].constraints.state_dict().items():

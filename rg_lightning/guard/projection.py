@@ -26,6 +26,7 @@ post-step only 100% refusal kept but 21% task metric; with the gradients project
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -302,12 +303,14 @@ class LoraConstraint(LinearConstraint):
     _state = ("basis",)
 
     def __init__(
-        self, name: str, module: nn.Linear, basis: Tensor, *, side: str = "right", strength: float = 1.0
+        self, name: str, module: nn.Linear, basis: Tensor, *, side: str = "right", strength: float = 1.0,
+        project_now: bool = True,
     ) -> None:
         super().__init__(name, module, basis, side=side, keep_bias=False)
         self.kind = f"lora.{side}"
         self.anchor = None
-        self.apply_(strength)
+        if project_now:  # not when resuming: the restored adapters already are what the guarded steps left
+            self.apply_(strength)
 
     @property
     def _spans_everything(self) -> bool:
@@ -424,6 +427,17 @@ def hold_absent_rows_(embedding: nn.Parameter, present: Tensor) -> None:
     grad[absent] = 0
 
 
+@contextlib.contextmanager
+def _without_autocast():
+    """The corrections choose their own dtypes: an optimizer stepped inside ``training_step`` (manual optimization
+    under ``bf16-mixed``) runs in autocast, which would make their products bfloat16 (inexact, or a dtype clash)."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
 class ConstraintSet:
     """All constraints of a model, applied in a safe order: matrix constraints, then embedding rows
     (so a tied lm_head/embedding satisfies both), then whole-parameter freezes."""
@@ -447,23 +461,34 @@ class ConstraintSet:
                     raise ValueError(f"{other} and {c.name} share one weight and both constrain its {c.side} side; "
                                      "merge their bases into one (the second would undo the first)")
 
+    def _selected(self, params) -> list:
+        """The constraints on ``params`` (parameters, e.g. one optimizer's), in order; all when None."""
+        if params is None:
+            return self.constraints
+        ids = {id(p) for p in params}
+        return [c for c in self.constraints if id(c.param) in ids]
+
     @torch.no_grad()
-    def apply_(self, strength: float | None = None) -> None:
+    def apply_(self, strength: float | None = None, params=None) -> None:
+        """Put the protected responses back (all constraints, or those on ``params``: the parameters one optimizer
+        just stepped, so a second optimizer's step does not pull a damped tail or ``strength`` < 1 back twice)."""
         s = self.strength if strength is None else strength
         if not 0.0 <= s <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {s}")
-        for c in self.constraints:
-            c.apply_(s)
+        with _without_autocast():
+            for c in self._selected(params):
+                c.apply_(s)
 
     @torch.no_grad()
-    def project_grads_(self, strength: float | None = None) -> None:
+    def project_grads_(self, strength: float | None = None, params=None) -> None:
         """Before the optimizer step: drop the gradient parts the constraints would undo (see the module
         docstring); same order as :meth:`apply_`, so a tied lm_head/embedding gradient satisfies both."""
         s = self.strength if strength is None else strength
         if not 0.0 <= s <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {s}")
-        for c in self.constraints:
-            c.project_grad_(s)
+        with _without_autocast():
+            for c in self._selected(params):
+                c.project_grad_(s)
 
     def scale_tails(self, scale_of) -> None:
         """Give every damped tail the pull-back rate ``scale_of(parameter)`` times the one it was built with
@@ -529,6 +554,7 @@ def build_constraints(
     protected_token_ids: Tensor | None = None,
     strength: float = 1.0,
     freeze_norms: bool = True,
+    project_lora: bool = True,
 ) -> ConstraintSet:
     """Constrain every trainable parameter that protected prompts read.
 
@@ -537,8 +563,9 @@ def build_constraints(
     ``output_bases``: module name -> basis in the space the module *writes* (directions mode; linears,
     LoRA layers and embeddings). ``protected_token_ids``: rows of the input token embedding to keep; any other
     trainable nn.Embedding (positions, a vision tower's) is held whole. ``freeze_norms``: restore every other trainable
-    1-D parameter (norm weights, biases). Frozen and bitsandbytes-quantized weights are skipped and
-    reported; trainable parameters left without any constraint are listed in ``.uncovered``.
+    1-D parameter (norm weights, biases). ``project_lora``: project LoRA matrices onto their constraint now (a new
+    fit; not when the constraints' state is about to be restored). Frozen and bitsandbytes-quantized weights are
+    skipped and reported; trainable parameters left without any constraint are listed in ``.uncovered``.
     """
     output_bases = output_bases or {}
     lora_type = _lora_layer_type()
@@ -590,8 +617,8 @@ def build_constraints(
                         if basis is not None:
                             module = a if part == "lora_A" else b
                             constraints.append(LoraConstraint(
-                                f"{name}.{part}.{adapter}", module, basis, side=side, strength=strength
-                            ))
+                                f"{name}.{part}.{adapter}", module, basis, side=side, strength=strength,
+                                project_now=project_lora))
                     covered.update((id(a.weight), id(b.weight)))
         elif isinstance(m, nn.Linear) and id(m) not in lora_parts:
             quantized = type(m).__module__.startswith("bitsandbytes")
