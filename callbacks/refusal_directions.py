@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import weakref
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -141,12 +142,19 @@ class RefusalDirections(L.Callback):
         self.centered, self.head_answer_only, self.ridge = centered, head_answer_only, ridge
         self.input_differences = input_differences
         self.basis: SafetyBasis | None = None
+        self._model = lambda: None  # weak reference to the model the basis belongs to
+        self._restored = False  # the basis came from a checkpoint: it belongs to the model being resumed
 
     def ensure_basis(self, trainer: L.Trainer, pl_module: L.LightningModule) -> SafetyBasis:
         """The basis, computed now if nothing restored or loaded it (idempotent; callbacks may call it first)."""
-        if self.basis is not None:
-            return self.basis
         model = hf_model(pl_module)
+        if self.basis is not None:
+            if self._restored or self._model() is model:
+                self._restored, self._model = False, weakref.ref(model)
+                return self.basis
+            # another model object (this callback reused for a second run): its own weights, its own basis
+            rank_zero_info("RefusalDirections: a new model; measuring its own safety basis.")
+            self.basis = None
         model_id = str(getattr(model.config, "_name_or_path", "") or getattr(pl_module, "model_name", ""))
         if self.load:
             basis = SafetyBasis.load(self.load)
@@ -167,6 +175,7 @@ class RefusalDirections(L.Callback):
         # Every rank computed the same all-reduced statistics; broadcasting rank zero's result makes the
         # bases bit-identical even if eigen-solvers differ across devices.
         self.basis = trainer.strategy.broadcast(basis, src=0)
+        self._model = weakref.ref(model)
         if self.save and trainer.is_global_zero:
             self.basis.save(self.save)
             self._figures(self.save)
@@ -312,6 +321,7 @@ class RefusalDirections(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict:
             self.basis = SafetyBasis.from_tensors(state_dict["tensors"], state_dict["metadata"])
+            self._restored = True
 
 
 def find_refusal_directions(trainer: L.Trainer) -> RefusalDirections:

@@ -93,8 +93,9 @@ def test_trainable_parameters_the_guard_cannot_hold_stop_the_run(tmp_path, tiny_
 def test_a_second_fit_keeps_the_aligned_models_anchors(tmp_path, tiny_models, chat_file):
     """With strength < 1 the weights are not back at the anchors after a step; a second `fit` (or a tuner's pass)
     must not re-anchor on them, or the drift would compound."""
-    projection = RepresentationProjection(strength=0.5)
-    module, trainer = run_fit(tmp_path, tiny_models["llama"], chat_file, [guard(), projection], steps=2)
+    projection, refusal = RepresentationProjection(strength=0.5), guard()
+    module, trainer = run_fit(tmp_path, tiny_models["llama"], chat_file, [refusal, projection], steps=2)
+    first_basis = refusal.basis
     anchors = {key: state["anchor"].clone() for key, state in projection.constraints.state_dict().items()
                if "anchor" in state}
     assert anchors
@@ -105,6 +106,7 @@ def test_a_second_fit_keeps_the_aligned_models_anchors(tmp_path, tiny_models, ch
     for key, state in projection.constraints.state_dict().items():
         if "anchor" in state:
             torch.testing.assert_close(state["anchor"], anchors[key], atol=0, rtol=0)
+    assert refusal.basis is first_basis  # the aligned model's, not one measured on the drifted weights
     other = CausalLMModule(model=tiny_models["llama"], optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     other.configure_model()
     with torch.no_grad():  # another model of the same shapes: its own anchors, not the first model's
@@ -114,6 +116,8 @@ def test_a_second_fit_keeps_the_aligned_models_anchors(tmp_path, tiny_models, ch
               callbacks=trainer.callbacks).fit(other, InstructionDataModule(train=chat_file, batch_size=8))
     key = next(k for k in anchors if "layers.0.self_attn.q_proj" in k)
     assert not torch.allclose(projection.constraints.state_dict()[key]["anchor"], anchors[key])
+    assert refusal.basis is not first_basis  # and its own basis: the first model's subspaces describe other weights
+
 
 def test_protection_holds_with_answers_tied_embeddings_and_gemma_norms(tmp_path, tiny_models, chat_file):
     for family in ("qwen2", "gemma2"):
