@@ -256,10 +256,13 @@ class CausalLMModule(L.LightningModule):
         output = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"])
         targets = batch["labels"][:, 1:]
         answer = targets != IGNORE_INDEX
-        predictions = output.logits[:, :-1].argmax(-1)
-        accuracy = (predictions[answer] == targets[answer]).float().mean() if answer.any() else output.loss * 0
         on_step = stage == "train"
         batch_size = batch["input_ids"].shape[0]
+        if not answer.any():  # nothing to learn or score (a custom data module's batch): HF's mean loss is 0/0
+            output.loss = output.logits.sum() * 0  # a zero gradient, not NaN ones
+            batch_size = 0  # and no weight in the epoch's means (logged all the same: every rank logs each key)
+        predictions = output.logits[:, :-1].argmax(-1)
+        accuracy = (predictions[answer] == targets[answer]).float().mean() if answer.any() else output.loss * 0
         self.log(f"{stage}/loss", output.loss, prog_bar=True, on_step=on_step, on_epoch=not on_step,
                  sync_dist=not on_step, batch_size=batch_size)
         self.log(f"{stage}/token_acc", accuracy, on_step=on_step, on_epoch=not on_step,

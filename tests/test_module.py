@@ -299,3 +299,25 @@ def test_dtype_auto_loads_the_weights_as_saved(tmp_path, tiny_models):
     module = CausalLMModule(model=str(tmp_path / "bf16"), tokenizer=tiny_models["llama"])  # dtype: auto
     module.configure_model()
     assert module.model.dtype == torch.bfloat16
+
+
+def test_a_batch_without_answer_tokens_counts_for_nothing(tmp_path, tiny_models, chat_file):
+    """A custom data module's batch with every label masked: HF's mean loss is 0/0. It must neither put NaN into
+    the gradients nor into the epoch's validation mean."""
+    class OneMaskedBatch(InstructionDataModule):
+        def _masked(self, loader):
+            batches = [dict(batch) for batch in loader]
+            batches[0]["labels"] = torch.full_like(batches[0]["labels"], -100)
+            return torch.utils.data.DataLoader(batches, batch_size=None)
+
+        def train_dataloader(self):
+            return self._masked(super().train_dataloader())
+
+        def val_dataloader(self):
+            return self._masked(super().val_dataloader())
+
+    module = CausalLMModule(model=tiny_models["llama"], optimizer=adamw())
+    run = trainer(tmp_path, 4, limit_val_batches=2)  # one epoch: 8 training rows, then validation
+    run.fit(module, OneMaskedBatch(train=chat_file, val_fraction=0.5, batch_size=2))
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())
+    assert math.isfinite(float(run.callback_metrics["val/loss"]))
