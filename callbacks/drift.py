@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
 from rg_lightning.atomic import atomic_file
+from rg_lightning.callbacks.projection import RepresentationProjection
 from rg_lightning.callbacks.refusal_directions import RefusalDirections
 from rg_lightning.chat import render_prompt
 from rg_lightning.contract import check_unsharded, hf_model, system_prompt_of, tokenizer_of
@@ -94,6 +95,14 @@ def _reading_weights(model: nn.Module, names) -> dict[str, list[torch.Tensor]]:
 def _refusal_directions(trainer) -> RefusalDirections | None:
     """The trainer's RefusalDirections callback, if it has one (its sources, system prompt and basis are used)."""
     return next((c for c in trainer.callbacks if isinstance(c, RefusalDirections)), None)
+
+
+def _safety_basis(trainer):
+    """The basis the run is guarded with: RefusalDirections', else a RepresentationProjection's loaded one."""
+    refusal = _refusal_directions(trainer)
+    if refusal is not None and refusal.basis is not None:
+        return refusal.basis
+    return next((c.safety_basis for c in trainer.callbacks if isinstance(c, RepresentationProjection)), None)
 
 
 class DriftGeometry(L.Callback):
@@ -255,14 +264,14 @@ class DriftGeometry(L.Callback):
         (an fp16 overflow step, skipped by the scaler)."""
         if (trainer.global_step + 1) % self.every_n_steps:
             return
-        refusal = _refusal_directions(trainer)
-        if refusal is None or refusal.basis is None:
+        safety_basis = _safety_basis(trainer)
+        if safety_basis is None:
             return
         model = hf_model(pl_module)
         energy = torch.zeros(2, dtype=torch.float64, device=pl_module.device)  # [inside, total], whole gradients
         sharded = torch.zeros_like(energy)  # the same from this rank's rows of row-sharded (FSDP2) gradients
-        weights_of = _reading_weights(model, refusal.basis.subspaces)
-        for name, basis in refusal.basis.subspaces.items():
+        weights_of = _reading_weights(model, safety_basis.subspaces)
+        for name, basis in safety_basis.subspaces.items():
             for weight in weights_of[name]:
                 if weight.grad is not None:
                     rows, _ = local_rows(weight.grad)  # never gathered: a large lm_head would cost GBs per rank

@@ -227,6 +227,7 @@ class RepresentationProjection(L.Callback):
         self.hold_absent_rows = hold_absent_rows
         self.allow_unconstrained = allow_unconstrained
         self.constraints: ConstraintSet | None = None
+        self.safety_basis: SafetyBasis | None = None  # what the constraints hold (DriftGeometry reads it too)
         self._groups: dict[int, dict] = {}
         self._embedding: torch.nn.Parameter | None = None  # held rows: the trainable input embedding
         self._present: torch.Tensor | None = None  # tokens of the batches since the last optimizer step
@@ -250,6 +251,7 @@ class RepresentationProjection(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         basis, model = self._basis(trainer, pl_module), hf_model(pl_module)
+        self.safety_basis = basis
         if self.mode == "subspace":
             inputs, outputs = basis.subspaces, {}
         else:

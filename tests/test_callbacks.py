@@ -258,6 +258,10 @@ def test_drift_interference_on_lora_with_a_basis_measured_on_the_plain_model(tmp
             [guard(load=str(tmp_path / "basis")), RepresentationProjection(), drift], steps=2, lora_r=4)
     assert [(r["step"], r.get("interference", "absent")) for r in drift.history][:2] == [(0, "absent"), (1, None)]
     assert 0.0 < drift.history[2]["interference"] <= 1.0
+    drift = DriftGeometry(every_n_steps=1, harmful=HARMFUL, harmless=HARMLESS, figures=False)
+    run_fit(tmp_path / "loaded", tiny_models["llama"], chat_file,  # the projection's own basis, no RefusalDirections
+            [RepresentationProjection(basis=str(tmp_path / "basis")), drift], steps=1)
+    assert 0.0 < drift.history[1]["interference"] <= 1.0
 
 
 def test_drift_interference_is_none_when_undefined_and_never_carried_over(monkeypatch):
