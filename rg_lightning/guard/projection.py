@@ -448,6 +448,7 @@ class ConstraintSet:
         order = {RowFreeze: 1, ParamFreeze: 2}
         self.constraints = sorted(constraints, key=lambda c: order.get(type(c), 0))  # stable: model order
         self.skipped, self.uncovered, self.strength = skipped, uncovered, strength
+        self._selections: dict[int, tuple[list, list]] = {}
         keys = [c.key for c in self.constraints]
         if len(set(keys)) != len(keys):
             raise ValueError(f"duplicate constraints: {sorted({k for k in keys if keys.count(k) > 1})}")
@@ -462,11 +463,15 @@ class ConstraintSet:
                                      "merge their bases into one (the second would undo the first)")
 
     def _selected(self, params) -> list:
-        """The constraints on ``params`` (parameters, e.g. one optimizer's), in order; all when None."""
+        """The constraints on ``params`` (a list of parameters, e.g. one optimizer's), in order; all when None.
+        Worked out once per list object (called every step with the same one)."""
         if params is None:
             return self.constraints
-        ids = {id(p) for p in params}
-        return [c for c in self.constraints if id(c.param) in ids]
+        cached = self._selections.get(id(params))
+        if cached is None or cached[0] is not params:
+            ids = {id(p) for p in params}
+            cached = self._selections[id(params)] = (params, [c for c in self.constraints if id(c.param) in ids])
+        return cached[1]
 
     @torch.no_grad()
     def apply_(self, strength: float | None = None, params=None) -> None:
