@@ -143,6 +143,7 @@ class DriftGeometry(L.Callback):
         self._probes: dict | None = None
         self._interference: dict[int, float | None] = {}  # measured at step -> value, until recorded
         self._step_offset = 0  # a later fit of the same model counts its steps on from the earlier fits'
+        self._steps_trained = 0  # optimizer steps of the fits so far, at their ends
         self._model = lambda: None  # weak reference to the model measured at fit start
         self._restored = False  # a checkpoint's state was loaded for this fit
 
@@ -237,15 +238,17 @@ class DriftGeometry(L.Callback):
     # -- hooks -------------------------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         check_unsharded(trainer, "DriftGeometry")
+        self._restored = False  # set again if this run restores a checkpoint (after setup), never left from another
 
     def on_train_start(self, trainer, pl_module) -> None:
         model = hf_model(pl_module)
         if self.initial is not None and not self._restored:  # this callback measured an earlier fit
             if self._model() is not model:  # another model: drift from its own start
-                self.initial, self.history, self._warned, self._step_offset, self._probes = None, [], False, 0, None
-            elif self.history and trainer.global_step + self._step_offset < self.history[-1]["step"]:
-                # the same model fitted again by a new Trainer (steps from 0): the history goes on from its last step
-                self._step_offset = self.history[-1]["step"] - trainer.global_step
+                self.initial, self.history, self._warned, self._probes = None, [], False, None
+                self._step_offset = self._steps_trained = 0
+            elif trainer.global_step + self._step_offset < self._steps_trained:
+                # the same model fitted again by a new Trainer (steps from 0): the count goes on from the last fit's end
+                self._step_offset = self._steps_trained - trainer.global_step
         self._restored, self._model = False, weakref.ref(model)
         if self.initial is None:  # resume restores the fit-start measurement instead
             # Rank zero's measurement for everyone: sharded forwards may round differently per rank.
@@ -318,6 +321,9 @@ class DriftGeometry(L.Callback):
                 "protect more (RefusalDirections energy or ridge), lower the learning rate or set "
                 "tail_reference_lr; without it, this is the drift the guard exists to stop."
             )
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._steps_trained = trainer.global_step + self._step_offset
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.initial is not None:

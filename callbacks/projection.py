@@ -248,6 +248,8 @@ class RepresentationProjection(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_unsharded(trainer, "RepresentationProjection")
+        self._restored_state = None  # a checkpoint this run restores sets it after setup; a validate/test run's must
+        # not be taken by a later fit
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         basis, model = self._basis(trainer, pl_module), hf_model(pl_module)
@@ -264,7 +266,7 @@ class RepresentationProjection(L.Callback):
             self._restored_state = self.constraints.state_dict()
         self._model = weakref.ref(model)
         restoring = self._restored_state is not None
-        if not restoring and trainer.global_step > 0:
+        if not restoring and trainer.ckpt_path is not None and trainer.global_step > 0:
             rank_zero_warn(
                 f"RepresentationProjection: this fit resumes at step {trainer.global_step} from a checkpoint without "
                 "the projection's state, so it holds the fine-tuned weights' responses, not the aligned model's. "

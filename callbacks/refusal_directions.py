@@ -164,7 +164,7 @@ class RefusalDirections(L.Callback):
             rank_zero_info(f"RefusalDirections: loaded the safety basis from {self.load}")
             self._warn_on_other_settings(basis)
         else:
-            if trainer.global_step > 0:
+            if trainer.ckpt_path is not None and trainer.global_step > 0:
                 rank_zero_warn(f"RefusalDirections: measuring the safety basis at step {trainer.global_step} of a "
                                "resumed fit, on the fine-tuned weights rather than the aligned ones (the checkpoint "
                                "holds no basis: it was made without this callback). Resume from a checkpoint of a "
@@ -309,6 +309,7 @@ class RefusalDirections(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_unsharded(trainer, "RefusalDirections")
         self.rendering_system_prompt = system_prompt_of(self.system_prompt, trainer)
+        self._restored = False  # set again if this run restores a checkpoint (after setup), never left from another
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ensure_basis(trainer, pl_module)

@@ -320,11 +320,20 @@ class CausalLMModule(L.LightningModule):
             scheduler = self.scheduler_factory(optimizer)
         else:
             return optimizer
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):  # steps on a validation metric
-            monitor = getattr(scheduler, "monitor", "val/loss")  # lightning.pytorch.cli's variant names its own
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": monitor,
-                                                             "interval": "epoch", "strict": True}}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return {"optimizer": optimizer, "lr_scheduler": self._plateau_config(scheduler)}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _plateau_config(self, scheduler) -> dict:
+        """A plateau scheduler steps on a validation metric, once per validation: every ``val_check_interval``
+        training batches when validation counts batches across epochs, else at epoch ends. Not strict: a step with no validation
+        metric yet (or no validation data) is skipped with Lightning's warning rather than ending the fit."""
+        monitor = getattr(scheduler, "monitor", "val/loss")  # lightning.pytorch.cli's variant names its own
+        config = {"scheduler": scheduler, "monitor": monitor, "interval": "epoch", "strict": False}
+        every = self.trainer.val_check_interval
+        if isinstance(every, int) and self.trainer.check_val_every_n_epoch is None:  # validation counted in steps
+            config.update(interval="step", frequency=every)
+        return config
 
     def _sized_schedule(self, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         """Warm-up, then ``lr_schedule`` down to zero at the fit's last optimizer step."""

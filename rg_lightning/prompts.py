@@ -41,6 +41,9 @@ def load_prompts(source: str | list[str], n: int | None = None, seed: int = 0) -
             dataset = dataset.filter(lambda row: not row["input"])
         if "FunctionalCategory" in dataset.column_names:  # HarmBench's csv: its copyright and contextual
             standard = dataset.filter(lambda row: row["FunctionalCategory"] == "standard")  # behaviours are not
+            if len(standard) == 0:
+                raise ValueError(f"{source!r} holds no standard HarmBench behaviours, only copyright or contextual "
+                                 "ones, which are not harmful requests by themselves; give the standard behaviours.")
             if len(standard) < len(dataset):  # harmful requests by themselves (the latter lack their context)
                 warnings.warn(f"{len(dataset) - len(standard)} non-standard HarmBench behaviours (copyright, "
                               f"contextual) dropped from {source!r}.", stacklevel=2)

@@ -215,15 +215,29 @@ def test_drift_geometry_alone_logs_and_writes_summary_and_figures(tmp_path, tiny
 def test_drift_geometry_goes_on_across_fits_of_one_model_and_starts_over_for_another(tmp_path, tiny_models,
                                                                                     chat_file):
     drift = DriftGeometry(every_n_steps=2, harmful=HARMFUL, harmless=HARMLESS, figures=False)
-    module, _ = run_fit(tmp_path / "a", tiny_models["llama"], chat_file, [drift], steps=4)
+    module, _ = run_fit(tmp_path / "a", tiny_models["llama"], chat_file, [drift], steps=5)
     first = drift.initial
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path / "b",
                         callbacks=[drift])
     trainer.fit(module, InstructionDataModule(train=chat_file, batch_size=8))  # steps count from 0 again
-    assert [r["step"] for r in drift.history] == [0, 2, 4, 6, 8] and drift.initial is first
+    assert [r["step"] for r in drift.history] == [0, 2, 4, 7, 9] and drift.initial is first  # 5 steps, then 4
     run_fit(tmp_path / "c", tiny_models["llama"], chat_file, [drift], steps=2)  # a new model object
     assert [r["step"] for r in drift.history] == [0, 2] and drift.initial is not first
+
+
+def test_a_checkpoint_restored_for_validation_is_not_taken_by_the_next_fit(tmp_path, tiny_models, chat_file):
+    """validate(ckpt_path=...) restores the callbacks' states too; a later fit of another model must measure its
+    own basis and drift, not take the checkpoint's as if it were resuming."""
+    refusal, drift = guard(), DriftGeometry(every_n_steps=2, harmful=HARMFUL, harmless=HARMLESS, figures=False)
+    module, trainer = run_fit(tmp_path / "a", tiny_models["llama"], chat_file, [refusal, drift], steps=2,
+                              checkpoint_every=2)
+    trainer.validate(module, InstructionDataModule(train=chat_file, val_fraction=0.25, batch_size=8),
+                     ckpt_path=str(next((tmp_path / "a").glob("*step=2.ckpt"))), verbose=False)
+    restored_basis, restored_initial = refusal.basis, drift.initial
+    run_fit(tmp_path / "b", tiny_models["llama"], chat_file, [refusal, drift, RepresentationProjection()], steps=2)
+    assert refusal.basis is not restored_basis and drift.initial is not restored_initial
+    assert [r["step"] for r in drift.history] == [0, 2]
 
 
 def test_drift_geometry_logs_each_measurement_at_its_own_step(tmp_path, tiny_models, chat_file):

@@ -499,3 +499,21 @@ def test_two_constraints_on_one_side_of_a_tied_weight_are_refused():
     model["head"].weight = model["embed"].weight
     with pytest.raises(ValueError, match="share one weight.*merge their bases"):
         build_constraints(model, {"head": _basis(8, 2, 0)}, output_bases={"embed": _basis(8, 1, 1)})
+
+
+def test_a_bias_stepped_by_another_optimizer_is_restored_by_that_optimizers_hook():
+    """Matrices in one optimizer, 1-D parameters in another (e.g. Muon + AdamW): each corrects only what it stepped,
+    the kept bias included."""
+    lin = nn.Linear(8, 4)
+    cs = build_constraints(lin, {"": _basis(8, 2, 0)})
+    bias0, weight0 = lin.bias.detach().clone(), lin.weight.detach().clone()
+    weights, biases = [lin.weight], [lin.bias]
+    with torch.no_grad():
+        lin.bias.add_(1.0)
+    cs.apply_(params=weights)
+    assert torch.equal(lin.weight, weight0) and not torch.equal(lin.bias, bias0)
+    cs.apply_(params=biases)
+    assert torch.equal(lin.bias, bias0) and torch.equal(lin.weight, weight0)
+    lin.weight.grad, lin.bias.grad = torch.ones(4, 8), torch.ones(4)
+    cs.project_grads_(params=biases)
+    assert torch.equal(lin.weight.grad, torch.ones(4, 8)) and not lin.bias.grad.any()

@@ -291,6 +291,14 @@ def test_a_plateau_scheduler_steps_on_the_validation_loss(tmp_path, tiny_models,
     run.fit(module, data)
     config = run.lr_scheduler_configs[0]
     assert (config.monitor, config.interval) == ("val/loss", "epoch")
+    # validation counted in batches (as the recipes do): the scheduler steps right after each validation
+    module = CausalLMModule(model=tiny_models["llama"], optimizer=adamw(), lora_r=4,
+                            scheduler=lambda o: ReduceLROnPlateau(o, monitor="val/loss", patience=0, factor=0.5))
+    run = trainer(tmp_path, 6, limit_val_batches=1, val_check_interval=2, check_val_every_n_epoch=None)
+    run.fit(module, InstructionDataModule(train=chat_file, val_fraction=0.25, batch_size=4))
+    config = run.lr_scheduler_configs[0]
+    assert (config.interval, config.frequency) == ("step", 2)
+    assert config.scheduler.last_epoch >= 2  # it stepped on the validation loss (each call counts one)
 
 
 def test_dtype_auto_loads_the_weights_as_saved(tmp_path, tiny_models):

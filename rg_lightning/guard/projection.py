@@ -234,7 +234,16 @@ class LinearConstraint(_Constraint):
         return _max_abs(err)
 
     @torch.no_grad()
-    def apply_(self, strength: float = 1.0) -> None:
+    def apply_(self, strength: float = 1.0, weight: bool = True, bias: bool = True) -> None:
+        """Correct the weight and restore the bias (``weight``/``bias``: only those parts, when two optimizers step
+        them)."""
+        if weight:
+            self._apply_weight(strength)
+        if bias and self.bias is not None:
+            local, start = local_rows(self.module.bias.data)
+            local.lerp_(self.bias[start:start + local.shape[0]], strength)
+
+    def _apply_weight(self, strength: float) -> None:
         w, start = local_rows(self.param.data)
         basis = self.basis.to(_compute_dtype(w))
         if self.side == "right":  # row by row: a rank holding some rows of W corrects just those
@@ -252,15 +261,12 @@ class LinearConstraint(_Constraint):
                             alpha=-strength)[start:start + w.shape[0]]
         if wc is not w:
             w.copy_(wc)
-        if self.bias is not None:
-            bias, start = local_rows(self.module.bias.data)
-            bias.lerp_(self.bias[start:start + bias.shape[0]], strength)
 
     @torch.no_grad()
-    def project_grad_(self, strength: float = 1.0) -> None:
+    def project_grad_(self, strength: float = 1.0, weight: bool = True, bias: bool = True) -> None:
         """Remove the gradient's part that the constraint would undo (``G U Uᵀ``, resp. ``U Uᵀ G``)."""
         grad = self.param.grad
-        if grad is not None:
+        if grad is not None and weight:
             g, start = local_rows(grad)
             rows = None
             if self.side == "left" and g is not grad:  # Uᵀ·G mixes rows: project the whole gradient
@@ -288,7 +294,7 @@ class LinearConstraint(_Constraint):
                 local_rows(grad)[0].copy_(gc[rows])
             elif gc is not g:
                 g.copy_(gc)
-        if self.bias is not None and self.module.bias.grad is not None:
+        if bias and self.bias is not None and self.module.bias.grad is not None:
             local_rows(self.module.bias.grad)[0].mul_(1.0 - strength)
 
 
@@ -462,15 +468,21 @@ class ConstraintSet:
                     raise ValueError(f"{other} and {c.name} share one weight and both constrain its {c.side} side; "
                                      "merge their bases into one (the second would undo the first)")
 
-    def _selected(self, params) -> list:
-        """The constraints on ``params`` (a list of parameters, e.g. one optimizer's), in order; all when None.
-        Worked out once per list object (called every step with the same one)."""
-        if params is None:
-            return self.constraints
+    def _selected(self, params) -> list[tuple]:
+        """``(constraint, weight, bias)`` for the constraints on ``params`` (a list of parameters, e.g. one
+        optimizer's), in order, with which of their parts it holds (a linear's kept bias may be another optimizer's);
+        every constraint whole when None. Worked out once per list object (called every step with the same one)."""
         cached = self._selections.get(id(params))
         if cached is None or cached[0] is not params:
-            ids = {id(p) for p in params}
-            cached = self._selections[id(params)] = (params, [c for c in self.constraints if id(c.param) in ids])
+            ids = None if params is None else {id(p) for p in params}
+            chosen = []
+            for c in self.constraints:
+                kept_bias = isinstance(c, LinearConstraint) and c.bias is not None
+                weight = ids is None or id(c.param) in ids
+                bias = ids is None or not kept_bias or id(c.module.bias) in ids
+                if weight or (kept_bias and bias):
+                    chosen.append((c, weight, bias))
+            cached = self._selections[id(params)] = (params, chosen)
         return cached[1]
 
     @torch.no_grad()
@@ -481,8 +493,11 @@ class ConstraintSet:
         if not 0.0 <= s <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {s}")
         with _without_autocast():
-            for c in self._selected(params):
-                c.apply_(s)
+            for c, weight, bias in self._selected(params):
+                if weight and bias:
+                    c.apply_(s)
+                else:  # a linear whose weight and bias two optimizers step
+                    c.apply_(s, weight=weight, bias=bias)
 
     @torch.no_grad()
     def project_grads_(self, strength: float | None = None, params=None) -> None:
@@ -492,8 +507,11 @@ class ConstraintSet:
         if not 0.0 <= s <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {s}")
         with _without_autocast():
-            for c in self._selected(params):
-                c.project_grad_(s)
+            for c, weight, bias in self._selected(params):
+                if weight and bias:
+                    c.project_grad_(s)
+                else:
+                    c.project_grad_(s, weight=weight, bias=bias)
 
     def scale_tails(self, scale_of) -> None:
         """Give every damped tail the pull-back rate ``scale_of(parameter)`` times the one it was built with
