@@ -239,10 +239,13 @@ class RefusalDirections(L.Callback):
         finally:
             bar.close()
         dims = list(basis.metadata["subspace_dims"].values())
+        exact = [int((basis_weights(b) > UNIT_WEIGHT).sum()) for b in basis.subspaces.values()]
+        tail = (f", held exactly {min(exact, default=0)}-{max(exact, default=0)}, the rest a damped tail"
+                if sum(exact) < sum(dims) else "")
         rank_zero_info(
             f"RefusalDirections: {len(harmful)} harmful / {len(harmless)} harmless prompts, "
-            f"{len(basis.subspaces)} protected modules (subspace dims {min(dims, default=0)}-{max(dims, default=0)}), "
-            f"{basis.protected_token_ids.numel()} protected tokens"
+            f"{len(basis.subspaces)} protected modules (subspace dims {min(dims, default=0)}-{max(dims, default=0)}"
+            f"{tail}), {basis.protected_token_ids.numel()} protected tokens"
         )
         return basis
 
