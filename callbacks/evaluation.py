@@ -77,7 +77,10 @@ class SafetyEvaluation(L.Callback):
                                      system_prompt=system_prompt, seed=seed)
         self.fit_suite = None
         if every_n_steps or on_validation:
-            self.fit_suite = EvaluationSuite(fit_benchmarks if fit_benchmarks is not None else benchmarks, (),
+            fast = fit_benchmarks if fit_benchmarks is not None else benchmarks
+            fast = [{**entry, "limit": min(entry["limit"], fit_limit)}  # the fast check stays fast
+                    if isinstance(entry, dict) and entry.get("limit") else entry for entry in fast]
+            self.fit_suite = EvaluationSuite(fast, (),
                                              fit_judges, limit=fit_limit, max_new_tokens=max_new_tokens,
                                              batch_size=batch_size, system_prompt=system_prompt, seed=seed,
                                              progress=False)
@@ -97,6 +100,8 @@ class SafetyEvaluation(L.Callback):
         """Load every prompt set now, so a bad benchmark name or file fails before any training."""
         check_unsharded(trainer, "SafetyEvaluation")
         self._checkpoint_step = None  # set when this run restores a checkpoint (after setup)
+        if stage == "fit":
+            self._last_step = None  # a later fit counts its steps from 0 again: its checks must not be skipped
         for suite in (self.suite, self.fit_suite):
             if suite is not None:
                 suite.system_prompt = system_prompt_of(self.system_prompt, trainer)

@@ -286,6 +286,22 @@ def test_min_words_does_not_count_short_harmless_answers_as_refusals():
 def test_a_name_listed_twice_is_refused():
     with pytest.raises(ValueError, match="more than once.*own name"):
         EvaluationSuite(benchmarks=["toy:harmful", "toy:harmful=elsewhere.jsonl"], progress=False)
+    with pytest.raises(ValueError, match="more than once.*own name"):  # one log name and responses file
+        EvaluationSuite(benchmarks=["toy:harmful", {"name": "toy_harmful", "path": "own.jsonl", "kind": "harmful"}],
+                        progress=False)
+    with pytest.raises(ValueError, match=r"judges \['logit_refusal_score'\] are listed more than once"):
+        EvaluationSuite(benchmarks=["toy:harmful"], judges=["logit", {"name": "logit", "refusal_words": ["sure"]}],
+                        progress=False)
+
+
+def test_the_fast_check_keeps_to_fit_limit_and_runs_in_every_fit():
+    evaluation = SafetyEvaluation(benchmarks=[{"name": "toy:harmful", "limit": 100}, "toy:harmless"],
+                                  judges=["logit"], every_n_steps=2, fit_limit=4)
+    assert [len(b.prompts) for b in evaluation.fit_suite.load()[0]] == [4, 4]
+    assert [len(b.prompts) for b in evaluation.suite.load()[0]][0] == 100
+    evaluation._last_step = 2  # a first fit checked at its step 2; a second fit starts from step 0 again
+    evaluation.setup(L.Trainer(accelerator="cpu", logger=False), None, "fit")
+    assert evaluation._last_step is None
 
 def _real_prompt_report(tmp_path, limit):
     """A tiny random Llama with a long context (real prompts are long) and the word-level test tokenizer."""

@@ -126,13 +126,20 @@ class EvaluationSuite:
             if "source" not in entry and entry["name"] not in task_names():
                 raise ValueError(f"Unknown task {entry['name']!r}; known: {', '.join(task_names())}. "
                                  "Your own task needs `source`, `prompt_column` and `reference_column`.")
-        names = [entry["name"] for entry in self.benchmark_entries + self.task_entries]
+        names = [entry["name"].replace(":", "_") for entry in self.benchmark_entries + self.task_entries]
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
-            raise ValueError(f"{twice} listed more than once: a name keys the logged metrics and the responses file, "
-                             "so one entry would overwrite the other. Give each copy its own name, e.g. {name: "
-                             "harmbench_val, path: ..., kind: harmful, prompt_column: Behavior}.")
+            raise ValueError(f"{twice} listed more than once (names are compared with ':' written '_'): a name keys "
+                             "the logged metrics and the responses file, so one entry would overwrite the other. Give "
+                             "each copy its own name, e.g. {name: harmbench_val, path: ..., kind: harmful, "
+                             "prompt_column: Behavior}.")
         self.judges = [_judge(judge) for judge in judges]
+        judge_names = [judge.name for judge in self.judges]
+        twice = sorted({name for name in judge_names if judge_names.count(name) > 1})
+        if twice:
+            raise ValueError(f"judges {twice} are listed more than once (options such as refusal_words or dtype are "
+                             "not part of a judge's name): their verdicts and logged metrics would overwrite each other. "
+                             "List each judge once.")
         if self.benchmark_entries and not self.judges:
             raise ValueError("Safety benchmarks need at least one judge, e.g. judges: [keyword:jailbreakbench].")
         self.limit = limit
