@@ -6,6 +6,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -23,7 +24,7 @@ FORMAT_COLUMNS = {
 
 
 class EpochSeededSampler(torch.utils.data.Sampler):
-    """A shuffle fixed by (seed, epoch), so a run resumed at an epoch boundary sees the same order."""
+    """A shuffle fixed by (seed, epoch): every process and every resumed run draws the same order for an epoch."""
 
     def __init__(self, size: int, seed: int) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
@@ -37,6 +38,41 @@ class EpochSeededSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.size
+
+
+class ResumableLoader(DataLoader):
+    """The training loader. Lightning saves its ``state_dict`` with every checkpoint (the epoch, and how many of its
+    batches the training steps consumed) and a resumed fit goes on with the next batch of that epoch's order; a
+    plain loader would start the epoch again, training its first batches twice and never its last ones.
+    ``progress()``: batches of the current epoch whose training step ran, and whether the last of them ended the
+    epoch (the trainer's count, not this loader's, which runs ahead by what the fetcher and the workers prefetch)."""
+
+    def __init__(self, *args, progress=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress, self._skip = progress, 0
+
+    def state_dict(self) -> dict:
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        batches, ended = self.progress() if self.progress else (0, False)
+        # an epoch that ended: the resumed fit starts the next one, with the iterator it makes first
+        return {"epoch": epoch + 1, "batches": 0} if ended else {"epoch": epoch, "batches": int(batches)}
+
+    def load_state_dict(self, state: dict) -> None:
+        # the epoch now, before the first iterator: workers draw their indices as soon as it exists, before
+        # Lightning sets the epoch
+        _set_sampler_epoch(self, state["epoch"])
+        self._skip = state["batches"]
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        skip, self._skip = self._skip, 0
+        for _ in range(skip):  # the batches the checkpointed run already trained on
+            if next(iterator, _END) is _END:
+                break
+        return iterator
+
+
+_END = object()
 
 
 def detect_format(columns: list[str]) -> str:
@@ -383,13 +419,20 @@ class InstructionDataModule(L.LightningDataModule):
         if stage not in self.datasets:
             raise RuntimeError(f"No {stage} data: pass `{stage}=` (a file or hub id) to the data module.")
         rows = self.datasets[stage]
-        return DataLoader(
-            rows,
-            batch_size=self.batch_size,
-            sampler=EpochSeededSampler(len(rows), self.seed) if shuffle else None,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-        )
+        kwargs = dict(batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)
+        if not shuffle:
+            return DataLoader(rows, **kwargs)
+        return ResumableLoader(rows, sampler=EpochSeededSampler(len(rows), self.seed), progress=self._batches_trained,
+                               **kwargs)
+
+    def _batches_trained(self) -> tuple[int, bool]:
+        """Training batches of the current epoch whose step ran, and whether the epoch ended with the last of them
+        (what a checkpoint's loader state records)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, False
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        return progress.current.processed, bool(progress.is_last_batch)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -450,3 +450,45 @@ def test_a_template_that_refuses_system_turns_names_the_setting(tmp_path):
     assert render_prompt(tokenizer, "tell me").startswith("<|user|> tell me")
     with pytest.raises(ChatFormatError, match="System role not supported.*`system_prompt`"):
         render_prompt(tokenizer, "tell me", system_prompt="be brief")
+
+
+class _RecordsBatches(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(tuple(map(tuple, batch["input_ids"].tolist())))
+        return self.weight.square().sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_resumed_fit_trains_on_exactly_the_batches_the_interrupted_one_had_left(tmp_path, workers):
+    """Mid-epoch (step 9 of 6-batch epochs) and at an epoch's end (step 6): the resumed fit sees what the straight
+    one saw from there, neither repeating the epoch's first batches nor skipping its last ones. Workers draw their
+    indices before Lightning sets the epoch, so the restored epoch must be set first."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    rows = [{"prompt": f"{w} {v} ?", "completion": f"sure {w} ."} for w in ("cake", "bomb", "story", "poem")
+            for v in ("bake", "cook", "make", "build", "tell", "write")]  # 24 rows: 6 batches of 4 per epoch
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+
+    def fit(epochs, ckpt_path=None, checkpoint=None, max_steps=-1):
+        data = InstructionDataModule(train=str(path), batch_size=4, seed=3, num_workers=workers)
+        data.tokenizer = make_tokenizer()
+        module = _RecordsBatches()
+        callbacks = [checkpoint] if checkpoint else []
+        L.Trainer(max_epochs=epochs, max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=bool(checkpoint), callbacks=callbacks,
+                  default_root_dir=tmp_path).fit(module, data, ckpt_path=ckpt_path)
+        return module.seen
+
+    straight = fit(3)
+    fit(2, checkpoint=ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1,
+                                      filename="{step}"), max_steps=9)
+    for step in (6, 9):
+        assert fit(3, ckpt_path=str(tmp_path / "ckpt" / f"step={step}.ckpt")) == straight[step:], step
