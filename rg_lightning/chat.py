@@ -104,6 +104,20 @@ def render_prompt(tokenizer, prompt: str | list[dict], *, system_prompt: str | N
 def encode_conversation(tokenizer, messages: list[dict], *, max_length: int, row: int) -> dict[str, list[int]]:
     """Token ids, attention mask and labels that are -100 everywhere except the assistant answers."""
     require_chat_template(tokenizer)
+    if messages and messages[0].get("role") == "assistant":
+        raise ChatFormatError(f"Row {row}: the conversation opens with an assistant turn; chat templates render "
+                              "an answer only after a user (or system) turn. Drop the opening turn or add the request.")
+    from jinja2 import TemplateError
+
+    try:
+        return _encode_conversation(tokenizer, messages, max_length=max_length, row=row)
+    except (TemplateError, ValueError) as error:  # the template's own errors (roles must alternate...): name the row
+        if isinstance(error, ChatFormatError):
+            raise
+        raise ChatFormatError(f"Row {row}: the chat template refused the conversation: {error}") from error
+
+
+def _encode_conversation(tokenizer, messages: list[dict], *, max_length: int, row: int) -> dict[str, list[int]]:
     full = render(tokenizer, messages, generation_prompt=False)
     spans = []
     for turn, message in enumerate(messages):

@@ -96,7 +96,7 @@ def to_messages(row: dict, fmt: str, system_prompt: str | None) -> list[dict] | 
         if not isinstance(turns, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in turns):
             raise ChatFormatError("`messages` must be a list of {role, content} turns (ShareGPT's {from, value} "
                                   "turns need converting first).")
-        messages = [{"role": m["role"], "content": m["content"]} for m in turns]
+        messages = [dict(m) for m in turns]  # other keys too: Qwen3's template renders `reasoning_content`
     elif fmt == "prompt_completion":
         messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
     else:
@@ -280,6 +280,9 @@ class InstructionDataModule(L.LightningDataModule):
             rows = self.datasets["train"]
             order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed)).tolist()
             n_val = max(1, int(round(len(rows) * self.val_fraction)))
+            if n_val >= len(rows):
+                raise ValueError(f"val_fraction={self.val_fraction} of {len(rows)} training rows leaves none to train "
+                                 "on; lower it or give more rows (or a separate `val`).")
             self.datasets["val"] = [rows[i] for i in order[:n_val]]
             self.datasets["train"] = [rows[i] for i in order[n_val:]]
         if "train" in self.datasets and self.mix is not None and not self._mixed:

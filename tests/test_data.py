@@ -492,3 +492,34 @@ def test_a_resumed_fit_trains_on_exactly_the_batches_the_interrupted_one_had_lef
                                       filename="{step}"), max_steps=9)
     for step in (6, 9):
         assert fit(3, ckpt_path=str(tmp_path / "ckpt" / f"step={step}.ckpt")) == straight[step:], step
+
+
+def test_template_errors_name_the_row_and_turns_keep_their_other_keys(tmp_path):
+    alternating = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                   "<|{{ m['role'] }}|> {{ m['content'] }} {% if m.get('reasoning_content') %}{{ m['reasoning_content'] }} "
+                   "{% endif %}<|end|> {% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    good = {"messages": [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": "a story",
+                                                                   "reasoning_content": "cake"}]}
+    twice = {"messages": [{"role": "user", "content": "tell"}, {"role": "user", "content": "me"},
+                          {"role": "assistant", "content": "a story"}]}
+    opening = {"messages": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "tell me"},
+                            {"role": "assistant", "content": "a story"}]}
+
+    def build_with(rows):
+        module = InstructionDataModule(train=str(write_jsonl(tmp_path / "t.jsonl", rows)), chat_template=alternating)
+        module.tokenizer = make_tokenizer()
+        module.setup("fit")
+        return module
+
+    module = build_with([good])
+    assert "cake" in answer_tokens(module, module.datasets["train"][0])  # the reasoning reached the template
+    with pytest.raises(ChatFormatError, match="Row 1: the chat template refused.*must alternate"):
+        build_with([good, twice])
+    with pytest.raises(ChatFormatError, match="Row 0: the conversation opens with an assistant turn"):
+        build_with([opening])
+
+
+def test_a_val_fraction_that_leaves_nothing_to_train_on_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="leaves none to train on"):
+        build(tmp_path, [QA, QA], val_fraction=0.75)
