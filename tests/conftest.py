@@ -39,6 +39,13 @@ def make_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
 
 
 @pytest.fixture(autouse=True)
+def _no_global_seed_from_earlier_tests(monkeypatch):
+    """`seed_everything` leaves PL_GLOBAL_SEED in the environment; later tests and their subprocesses would inherit
+    it, so their seeding would depend on the test order."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _one_bitsandbytes_cpu_path(monkeypatch):
     """Keep 4-bit layers on bitsandbytes' plain CPU path on every machine. On CPUs with AVX512-BF16 its
     inference path repacks weights in bf16 (results move by ~1e-3 between train and eval mode, and

@@ -750,7 +750,8 @@ def test_directions_mode_merges_the_embedding_direction_into_a_tied_head(tiny_mo
     model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma2"]).eval()
     tokenizer = CausalLMModule(model=tiny_models["gemma2"], tokenizer=tiny_models["llama"]).tokenizer
     basis = collect_basis(model, tokenizer, HARMFUL, HARMLESS, energy=1.0, answer_tokens=0, batch_size=8)
-    basis.harmful_means[0] += torch.randn(basis.hidden_size, dtype=torch.float64)  # give layer 0 a direction
+    basis.harmful_means[0] += torch.randn(basis.hidden_size, dtype=torch.float64,  # give layer 0 a direction
+                                          generator=torch.Generator().manual_seed(0))
     readers, writers = direction_bases(model, basis)
     assert "model.embed_tokens" not in writers and readers["lm_head"].shape[1] == 2
     torch.testing.assert_close(readers["lm_head"].T @ readers["lm_head"], torch.eye(2), atol=1e-6, rtol=0)
@@ -761,7 +762,8 @@ def test_drift_of_a_diverged_model_reports_nan_instead_of_stopping():
     from rg_lightning.callbacks.drift import _layer_metrics
     from rg_lightning.guard.geometry import state_subspace
 
-    h0, s0 = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    h0, s0 = (torch.randn(6, 8, dtype=torch.float64, generator=generator) for _ in range(2))
     diverged = torch.full_like(h0, float("nan"))
     metrics = _layer_metrics(h0, s0, diverged, s0, state_subspace(h0, k=2))
     assert set(metrics) == {"cos", "gap", "fisher", "cka", "angle"} and all(math.isnan(v) for v in metrics.values())

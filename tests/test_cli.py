@@ -41,8 +41,10 @@ def test_every_subcommand_runs(tmp_path, tiny_models, chat_file, capsys):
     checkpoint = next((tmp_path / "runs").rglob("*.ckpt"))
     assert next((tmp_path / "runs").rglob("config.yaml"))
     cli.main(["fit", "--config", config])  # rerun into the same log dir: config.yaml is overwritten
-    for subcommand in ("validate", "test"):
+    capsys.readouterr()
+    for subcommand, metric in (("validate", "val/loss"), ("test", "test/loss")):
         cli.main([subcommand, "--config", config, "--ckpt_path", str(checkpoint)])
+        assert metric in capsys.readouterr().out  # Lightning's table of the loop's metrics
     cli.main(["predict", "--config", config, "--trainer.limit_predict_batches", "1"])
 
 

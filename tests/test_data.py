@@ -105,11 +105,18 @@ def test_collate_pads_right_with_masked_labels(tmp_path):
 
 
 def test_val_fraction_split_is_deterministic_and_disjoint(tmp_path):
-    rows = [{"prompt": f"what is {w} ?", "completion": "sure ."} for w in ("one", "two", "three", "four", "five")] * 2
+    rows = [{"prompt": f"what is {w} {v} ?", "completion": "sure ."} for w in ("one", "two", "three", "four", "five")
+            for v in ("cake", "story")]  # ten different rows
     first = build(tmp_path, rows, val_fraction=0.3, seed=3)
     second = build(tmp_path, rows, val_fraction=0.3, seed=3)
-    assert len(first.datasets["val"]) == 3 and len(first.datasets["train"]) == 7
-    assert first.datasets["val"] == second.datasets["val"]
+    other = build(tmp_path, rows, val_fraction=0.3, seed=4)
+
+    def ids(split):
+        return {tuple(row["input_ids"]) for row in split}
+
+    val, train = ids(first.datasets["val"]), ids(first.datasets["train"])
+    assert len(val) == 3 and len(train) == 7 and not val & train  # disjoint, and together every row
+    assert first.datasets["val"] == second.datasets["val"] and ids(other.datasets["val"]) != val
 
 
 def test_shuffle_depends_only_on_seed_and_epoch(tmp_path):

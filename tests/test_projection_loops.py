@@ -74,6 +74,10 @@ def test_two_optimizers_pull_back_once_per_step(tmp_path, tiny_models, chat_file
             limit_train_batches=3, default_root_dir=tmp_path)
     for (name, a), (_, b) in zip(one.model.named_parameters(), two.model.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    exact = RepresentationProjection()  # and both optimizers' hooks do hold the parameters
+    fit(ManualModule(tiny_models["llama"], optimizers=2), chat_file, [guard(), exact], steps=-1, max_epochs=1,
+        limit_train_batches=3, default_root_dir=tmp_path)
+    assert largest_anchor_error(exact) < 1e-5  # left free: ~0.08
 
 
 class RecreateOptimizer(L.Callback):

@@ -87,13 +87,14 @@ def test_command_writes_rows_that_mix_into_training_data(tmp_path, capsys):
     assert len(data.datasets["train"]) == 5
 
 
-def test_command_refuses_to_write_nothing(tmp_path):
+def test_command_refuses_to_write_nothing(tmp_path, capsys):
     with pytest.raises(SystemExit, match="No refusal kept"):
         main(["--model", str(ALIGNED_MODEL_DIR), "--harmful", "toy:harmless", "--n", "3",
               "--out", str(tmp_path / "r.jsonl"), "--max-new-tokens", "8"])
     assert not (tmp_path / "r.jsonl").exists()
     with pytest.raises(SystemExit):
-        main(["--model", str(ALIGNED_MODEL_DIR), "--n", "0", "--out", str(tmp_path / "r.jsonl")])
+        main(["--model", str(ALIGNED_MODEL_DIR), "--harmful", "toy:harmful", "--n", "0", "--out", str(tmp_path / "r.jsonl")])
+    assert "--n, --max-new-tokens and --batch-size must be positive" in capsys.readouterr().err
 
 
 def test_reasoning_answers_warn_and_template_variables_reach_the_prompts(toy, tmp_path, monkeypatch, capsys):

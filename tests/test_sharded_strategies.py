@@ -122,7 +122,15 @@ def test_decoder_layers_are_the_fsdp2_units(tiny_models, family, lora):
     assert len(layers) == config.num_hidden_layers and all(type(m).__name__.endswith("DecoderLayer") for m in layers)
 
 
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def test_directions_mode_reads_norm_gains_of_a_sharded_model(tiny_models):
     result = subprocess.run([sys.executable, str(HERE / "fsdp2_directions.py"), tiny_models["gemma2"],
-                             tiny_models["llama"], "29547"], capture_output=True, text=True, timeout=300)
+                             tiny_models["llama"], _free_port()], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,4 +1,5 @@
-"""The miniature aligned world: generators, tokenizer, the shipped aligned model and the tiny recipe."""
+"""The miniature world's builds and recipe: deterministic builds, the other architectures, the tiny recipe
+through the CLI (generators, tokenizer and the shipped model: test_toy_world.py)."""
 
 import json
 from pathlib import Path
@@ -8,60 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rg_lightning import cli
-from rg_lightning.toy import ALIGNED_MODEL_DIR, ToyWorld, build_tokenizer, refusal_rate
-from rg_lightning.toy.world import TASKS
+from rg_lightning.toy import ALIGNED_MODEL_DIR, ToyWorld, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def aligned():
-    return AutoModelForCausalLM.from_pretrained(ALIGNED_MODEL_DIR).eval(), AutoTokenizer.from_pretrained(ALIGNED_MODEL_DIR)
-
-
-def test_shipped_model_refuses_heldout_harmful_and_answers_harmless(aligned):
-    model, tokenizer = aligned
-    world = ToyWorld()
-    assert refusal_rate(model, tokenizer, world.requests("harmful", "heldout", 200)) >= 0.95
-    assert refusal_rate(model, tokenizer, world.requests("harmless", "heldout", 200)) <= 0.05
-
-
-def test_shipped_weights_are_small_and_a_real_family():
-    assert (ALIGNED_MODEL_DIR / "model.safetensors").stat().st_size < 5 * 2**20
-    assert json.loads((ALIGNED_MODEL_DIR / "config.json").read_text())["model_type"] in ("llama", "qwen2")
-
-
-@pytest.mark.parametrize("variant", ["default", "alt"])
-def test_generators_are_deterministic_and_splits_disjoint(variant):
-    world = ToyWorld(variant)
-    assert world.requests("harmful", "train", 50, seed=3) == world.requests("harmful", "train", 50, seed=3)
-    assert world.task_examples("benign", "train", 20, 0.1, seed=1) == world.task_examples("benign", "train", 20, 0.1, seed=1)
-    assert len(world.categories) >= 5 and len(world.templates) >= 20
-    assert not set(world.split_templates("train")) & set(world.split_templates("heldout"))
-    for kind in ("harmful", "harmless"):
-        train = {(i.verb, i.modifier, i.noun) for i in world.request_items(kind, "train")}
-        heldout = {(i.verb, i.modifier, i.noun) for i in world.request_items(kind, "heldout")}
-        assert heldout and not train & heldout
-
-
-def test_alt_world_shares_no_templates_with_default():
-    assert not set(ToyWorld("default").templates) & set(ToyWorld("alt").templates)
-
-
-@pytest.mark.parametrize("variant", ["default", "alt"])
-def test_tokenizer_covers_every_word_and_round_trips(tmp_path, variant):
-    world = ToyWorld(variant)
-    tokenizer = build_tokenizer(world)
-    texts = world.requests("harmful", "heldout") + world.requests("harmless", "train")
-    for task in TASKS:
-        for example in world.task_examples(task, "train", 100, harmful_fraction=0.1):
-            texts += [m["content"] for m in example["messages"]]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    assert all(tokenizer.unk_token_id not in row for row in ids)
-    tokenizer.save_pretrained(tmp_path)
-    reloaded = AutoTokenizer.from_pretrained(tmp_path)
-    assert reloaded(texts[:5])["input_ids"] == tokenizer(texts[:5])["input_ids"]
-    assert reloaded.chat_template == tokenizer.chat_template
 
 
 @pytest.mark.slow  # two builds, each generating answers to all 825 held-out requests: about a minute
@@ -106,9 +56,11 @@ def test_other_architecture_worlds_train_save_and_reload_with_the_word_level_tok
         with deterministic():
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(model_config(tokenizer, arch))
+            initial = {k: v.clone() for k, v in model.state_dict().items()}
             train_sft(model, tokenizer, world.alignment_examples(64), steps=2, lr=2e-3, log=None)
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not torch.equal(states[0]["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])  # trained
     assert model.config.model_type == {"gemma3": "gemma3_text"}.get(arch, arch)
     assert model.config.tie_word_embeddings == (arch in TIED_ARCHITECTURES)
     assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 1e6  # about the Llama model's size
@@ -118,7 +70,8 @@ def test_other_architecture_worlds_train_save_and_reload_with_the_word_level_tok
     text = world.requests("harmful", "heldout", 1)[0]
     assert reloaded(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
     assert reloaded.unk_token_id not in reloaded(text)["input_ids"]
-    assert 0.0 <= refusal_rate(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), reloaded, [text]) <= 1.0
+    weights = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
 
 
 def test_non_shipped_worlds_never_overwrite_the_shipped_model():
@@ -155,6 +108,23 @@ def test_tiny_recipe_runs_guarded_through_the_cli(tmp_path, monkeypatch):
     assert report["after"]["harmful_refusal"] >= 0.95
     assert (tmp_path / "runs" / "tiny" / "basis" / "basis.safetensors").is_file()
     assert next(tmp_path.rglob("drift_summary.json"))
+    # the guard held: every linear's response to the protected inputs (the basis's exact columns) is the aligned
+    # model's, though the weights moved (ten steps are too few for refusal to fall without it)
+    from rg_lightning.guard.subspace import UNIT_WEIGHT, basis_weights
+
+    checkpoint = torch.load(tmp_path / "runs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)
+    states = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("RepresentationProjection"))
+    weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+    aligned = AutoModelForCausalLM.from_pretrained(ALIGNED_MODEL_DIR).state_dict()
+    held = moved = 0.0
+    for key, state in states["constraints"].items():
+        if key.startswith("linear.right:"):
+            name = key.removeprefix("linear.right:") + ".weight"
+            exact = basis_weights(state["basis"]) > UNIT_WEIGHT
+            error = weights[name].float() @ state["basis"][:, exact] - state["anchor"][:, exact]
+            held = max(held, float(error.abs().max()))
+            moved = max(moved, float((weights[name] - aligned[name]).abs().max()))
+    assert held < 1e-4 < 1e-2 < moved
 
 
 def test_tied_worlds_mix_in_vocabulary_copy_examples_with_loss_on_the_copy():

@@ -204,6 +204,7 @@ def test_shipped_directory_is_small_and_complete():
     assert all(t.dtype == torch.float32 for p in weights for t in load_file(p).values())
     record = json.loads((ALIGNED_MODEL_DIR / "world.json").read_text())
     assert record["variant"] == "default"
+    assert json.loads((ALIGNED_MODEL_DIR / "config.json").read_text())["model_type"] == "llama"  # a real family
     # The model directory's tokenizer is the word-level one, not the model family's default.
     tokenizer = AutoTokenizer.from_pretrained(ALIGNED_MODEL_DIR)
     assert tokenizer.get_vocab() == build_tokenizer(ToyWorld()).get_vocab()
