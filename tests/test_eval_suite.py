@@ -299,9 +299,13 @@ def test_the_fast_check_keeps_to_fit_limit_and_runs_in_every_fit():
                                   judges=["logit"], every_n_steps=2, fit_limit=4)
     assert [len(b.prompts) for b in evaluation.fit_suite.load()[0]] == [4, 4]
     assert [len(b.prompts) for b in evaluation.suite.load()[0]][0] == 100
-    evaluation._last_step = 2  # a first fit checked at its step 2; a second fit starts from step 0 again
-    evaluation.setup(L.Trainer(accelerator="cpu", logger=False), None, "fit")
-    assert evaluation._last_step is None
+    checked = []
+    evaluation._fast_metrics = lambda trainer, module: checked.append(trainer.global_step) or {}
+    module = OwnModule()
+    for _ in range(2):  # a second Trainer counts its steps from 0 again: its check at step 2 still runs
+        L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  limit_val_batches=0, callbacks=[evaluation]).fit(module, ToyTaskDataModule(n_train=8, batch_size=4))
+    assert checked == [2, 2]
 
 def _real_prompt_report(tmp_path, limit):
     """A tiny random Llama with a long context (real prompts are long) and the word-level test tokenizer."""
