@@ -806,3 +806,11 @@ def test_drift_state_with_the_earlier_layer_count_is_refused():
     drift = DriftGeometry()
     drift.load_state_dict({"initial": {"harmful_states": torch.zeros(1)}, "history": [], "layers": "block_inputs"})
     assert drift.initial is not None
+
+
+def test_an_8bit_base_warns_that_the_guard_is_not_exact(tmp_path, tiny_models, chat_file):
+    """int8 (LLM.int8) also quantizes each layer's input: rounding-level residues flip roundings downstream."""
+    pytest.importorskip("bitsandbytes")
+    with pytest.warns(UserWarning, match="8-bit.*quantization: nf4"):
+        run_fit(tmp_path, tiny_models["llama"], chat_file, [guard(), RepresentationProjection()], steps=1,
+                lora_r=4, quantization="int8")

@@ -287,3 +287,43 @@ def test_a_rank_wider_than_a_modules_input_names_the_module():
     model, tokenizer = load_aligned()
     with pytest.raises(ValueError, match=r"q_proj \(input width 128\): k must be in \[1, 128\], got 200"):
         collect_basis(model, tokenizer, HARMFUL, HARMLESS, rank=200, answer_tokens=0)
+
+
+def test_a_shared_expert_reading_flattened_tokens_is_measured_and_held():
+    """Qwen2-MoE's shared expert reads the tokens as [batch·seq, d]: its inputs are matched to the mask row for row
+    (they failed the mask-shape check), so its linears are held like any other."""
+    from transformers import Qwen2MoeConfig
+
+    from rg_lightning.guard import build_constraints
+
+    tokenizer = make_tokenizer()
+    config = Qwen2MoeConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                            moe_intermediate_size=32, shared_expert_intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                            max_position_embeddings=128, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    basis = collect_basis(model, tokenizer, HARMFUL, HARMLESS, energy=1.0, answer_tokens=0)
+    shared = [name for name in basis.subspaces if "shared_expert." in name]
+    assert shared
+    from rg_lightning.chat import render_prompt
+
+    tokenizer.padding_side = "left"  # as the basis pass reads them
+    prompts = tokenizer([render_prompt(tokenizer, p) for p in HARMFUL], return_tensors="pt", padding=True,
+                        add_special_tokens=False)
+    prompts["position_ids"] = (prompts["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    module = model.get_submodule(shared[0])
+    seen = []
+    handle = module.register_forward_hook(lambda m, args, out: seen.append((args[0].detach(), out.detach())))
+    with torch.no_grad():
+        model(**prompts)
+    constraints = build_constraints(model, {name: basis.subspaces[name] for name in shared})
+    with torch.no_grad():
+        for name in shared:
+            model.get_submodule(name).weight.add_(torch.randn_like(model.get_submodule(name).weight))
+    constraints.apply_()
+    inputs, before = seen[0]
+    with torch.no_grad():
+        torch.testing.assert_close(module(inputs)[prompts["attention_mask"].reshape(-1).bool()],
+                                   before[prompts["attention_mask"].reshape(-1).bool()], atol=1e-4, rtol=0)
+    handle.remove()

@@ -19,8 +19,12 @@ def _rows(x: Tensor, mask: Tensor | None) -> Tensor:
     """Flatten ``x[..., d]`` to the float64 rows selected by ``mask[...]`` (all rows when None)."""
     rows = x.detach().reshape(-1, x.shape[-1])
     if mask is not None:
-        if tuple(mask.shape) != tuple(x.shape[:-1]):
-            raise ValueError(f"mask shape {tuple(mask.shape)} != input {tuple(x.shape[:-1])}")
+        # a module may read the tokens flattened ([batch·seq, d]: Qwen2-MoE's shared expert), row for row
+        if tuple(mask.shape) != tuple(x.shape[:-1]) and mask.numel() != rows.shape[0]:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != input {tuple(x.shape[:-1])}: the module reads another "
+                             "set of rows than the prompts' tokens (a routed MoE expert reads the tokens sent to it); "
+                             "the guard cannot measure it. Freeze it (requires_grad=False) or leave it out of the LoRA "
+                             "targets.")
         rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
     return rows.double()
 
