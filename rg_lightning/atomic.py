@@ -9,8 +9,13 @@ import tempfile
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str):
-    """Yields a staging directory; on success it replaces ``target``, on failure it is removed."""
+def atomic_directory(target: str, replaces: tuple[str, ...] = ()):
+    """Yields a staging directory; on success it replaces ``target``, on failure it is removed.
+
+    An existing non-empty ``target`` is replaced only if it holds one of the files named in ``replaces`` (an
+    earlier result of the same kind): a directory of something else (a run folder, the data) is refused, not
+    deleted."""
+    check_replaceable(target, replaces)
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".staging-", dir=parent)
@@ -20,7 +25,11 @@ def atomic_directory(target: str):
         if os.path.exists(target):
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)
             previous = os.path.join(old, "previous")
-            os.replace(target, previous)
+            try:
+                os.replace(target, previous)
+            except BaseException:  # e.g. the current directory (busy): nothing moved, nothing left behind
+                os.rmdir(old)
+                raise
             try:
                 os.replace(staging, target)
             except BaseException:
@@ -33,6 +42,14 @@ def atomic_directory(target: str):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def check_replaceable(target: str, replaces: tuple[str, ...]) -> None:
+    """Refuse a non-empty directory that holds none of ``replaces`` (see :func:`atomic_directory`)."""
+    if replaces and os.path.isdir(target) and os.listdir(target) and \
+            not any(os.path.exists(os.path.join(target, name)) for name in replaces):
+        raise FileExistsError(f"{target!r} exists and holds other files (none of {list(replaces)}): writing there "
+                              "would delete them. Give an empty or new directory.")
 
 
 def _umask() -> int:

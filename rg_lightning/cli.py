@@ -31,6 +31,12 @@ class RefusalGuardCLI(LightningCLI):
             **kwargs,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """The config and the command line decide the module's arguments, also with ``--ckpt_path``. LightningCLI
+        would overwrite them with the hyperparameters saved in the checkpoint, explicit flags included: another
+        machine's model path, the first run's ``export_dir`` (which a resumed run's export would then replace).
+        ``CausalLMModule.on_load_checkpoint`` checks that the checkpoint's adapters fit the module."""
+
 
 def other_lightning_command():
     """The entry point of another package's `lightning` console script, if one is installed."""

@@ -13,13 +13,14 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
-from rg_lightning.atomic import atomic_directory
+from rg_lightning.atomic import atomic_directory, check_replaceable
 from rg_lightning.chat import IGNORE_INDEX
 from rg_lightning.contract import system_prompt_of
 from rg_lightning.fsdp2 import check_data_parallel_mesh, shard_model
 from rg_lightning.generation import generate
 from rg_lightning.guard.shards import uses_fsdp2
 
+EXPORT_FILES = ("config.json", "adapter_config.json")  # what an earlier export holds (it may be replaced)
 Quantization = Literal["nf4", "fp4", "int8"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -394,6 +395,10 @@ class CausalLMModule(L.LightningModule):
         tokenizer.pad_token = None
         return tokenizer
 
+    def on_fit_start(self) -> None:
+        if self.export_dir:  # before any training, not after it: the export would refuse the directory then
+            check_replaceable(self.export_dir, EXPORT_FILES)
+
     def on_fit_end(self) -> None:
         if self.export_dir:
             self.export(self.export_dir, merged=self.export_merged)
@@ -421,7 +426,7 @@ class CausalLMModule(L.LightningModule):
         if training_cache is False:  # off only for gradient checkpointing: users of the export want the cache
             config.use_cache = True
         try:
-            with atomic_directory(directory) as staging:
+            with atomic_directory(directory, replaces=EXPORT_FILES) as staging:
                 model.save_pretrained(staging, safe_serialization=True)
                 self._tokenizer_as_loaded().save_pretrained(staging)
         finally:

@@ -51,3 +51,17 @@ def test_a_failed_swap_puts_the_previous_directory_back(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (target / "a.txt").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["basis"]
+
+
+def test_a_directory_of_something_else_is_refused_not_deleted(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.ckpt").write_text("weeks of training")
+    with pytest.raises(FileExistsError, match="holds other files"):
+        with atomic_directory(str(run), replaces=("config.json",)):
+            pass
+    assert (run / "last.ckpt").read_text() == "weeks of training"
+    (run / "config.json").write_text("{}")  # an earlier result of the same kind: replaced
+    with atomic_directory(str(run), replaces=("config.json",)) as staging:
+        (tmp_path / staging / "config.json").write_text("{}")
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]

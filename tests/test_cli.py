@@ -133,3 +133,17 @@ def test_unknown_subcommand_without_other_cli(monkeypatch):
     monkeypatch.setattr(cli, "entry_points", lambda **_: [])
     with pytest.raises(SystemExit, match="unknown subcommand 'login'"):
         cli.main(["login"])
+
+
+def test_a_checkpoint_does_not_override_the_configs_module_arguments(tmp_path, tiny_models, chat_file, monkeypatch):
+    """LightningCLI would take the module's arguments from the checkpoint's hyperparameters, explicit flags
+    included: a resumed run would export into the first run's directory, a moved checkpoint point at a missing path."""
+    config = write_config(tmp_path, tiny_models["llama"], chat_file, **{
+        "model.init_args.lora_r": 4, "model.init_args.export_dir": str(tmp_path / "first")})
+    cli.main(["fit", "--config", config])
+    checkpoint = next((tmp_path / "runs").rglob("*.ckpt"))
+    built = []
+    monkeypatch.setattr(cli.RefusalGuardCLI, "after_instantiate_classes", lambda self: built.append(self.model))
+    cli.main(["test", "--config", config, "--ckpt_path", str(checkpoint),
+              "--model.init_args.export_dir", str(tmp_path / "second"), "--model.init_args.predict_max_new_tokens", "7"])
+    assert (built[0].export_dir, built[0].predict_max_new_tokens) == (str(tmp_path / "second"), 7)

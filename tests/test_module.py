@@ -329,3 +329,11 @@ def test_a_batch_without_answer_tokens_counts_for_nothing(tmp_path, tiny_models,
     run.fit(module, OneMaskedBatch(train=chat_file, val_fraction=0.5, batch_size=2))
     assert all(torch.isfinite(p).all() for p in module.model.parameters())
     assert math.isfinite(float(run.callback_metrics["val/loss"]))
+
+
+def test_an_export_directory_holding_other_files_is_refused_before_training(tmp_path, tiny_models, chat_file):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds other files"):
+        fit(tmp_path, tiny_models["llama"], chat_file, steps=1, lora_r=4, export_dir=str(tmp_path / "run"))
+    assert (tmp_path / "run" / "notes.txt").read_text() == "keep me"

@@ -72,7 +72,7 @@ def markdown(rows, metadata: dict) -> str:
 
 def write_report(directory: str, rows, metadata: dict, responses: dict[str, list[dict]]) -> str:
     """Write the report folder at ``directory`` (replacing an older one whole) and return its path."""
-    with atomic_directory(directory) as staging:
+    with atomic_directory(directory, replaces=("evaluation.json", "evaluation.md")) as staging:
         os.chmod(staging, 0o755)
         with open(os.path.join(staging, "evaluation.json"), "w") as handle:
             json.dump(finite_or_null({"metadata": metadata, "rows": [asdict(row) for row in rows]}), handle, indent=2,

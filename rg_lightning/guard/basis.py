@@ -162,7 +162,7 @@ class SafetyBasis:
 
         # Modules that read one tensor share one subspace object; safetensors refuses shared memory, so copy.
         tensors = {key: value.clone() for key, value in self.tensors().items()}
-        with atomic_directory(directory) as staging:
+        with atomic_directory(directory, replaces=("basis.safetensors", "basis.json")) as staging:
             save_file(tensors, os.path.join(staging, "basis.safetensors"))
             with open(os.path.join(staging, "basis.json"), "w") as handle:
                 json.dump(self.metadata, handle, indent=2, sort_keys=True)

@@ -275,7 +275,7 @@ def build(out: str | os.PathLike | None = None, seed: int = 0, steps: int | None
 
 
 def _save_atomically(out: Path, model, tokenizer, record: dict) -> None:
-    with atomic_directory(str(out)) as staging:
+    with atomic_directory(str(out), replaces=("config.json", "world.json")) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (Path(staging) / "world.json").write_text(json.dumps(record, indent=2) + "\n")
