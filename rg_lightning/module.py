@@ -373,7 +373,14 @@ class CausalLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """An adapter-only checkpoint is loaded non-strictly (the base is not in it); so check here that it holds
-        exactly the trainable weights, else another `lora_target_modules` or rank would load silently."""
+        exactly the trainable weights, else another `lora_target_modules` or rank would load silently. The LoRA
+        settings that leave no trace in the weights' names (the scale ``lora_alpha / lora_r``) are compared too."""
+        saved_hparams = checkpoint.get("hyper_parameters", {})
+        differ = {key: (saved_hparams[key], self.hparams[key]) for key in ("lora_r", "lora_alpha")
+                  if key in saved_hparams and key in self.hparams and saved_hparams[key] != self.hparams[key]}
+        if differ:
+            raise ValueError(f"The checkpoint was trained with other LoRA settings (saved, here): {differ}; the adapter "
+                             "would load with another scale or shape. Use the settings it was trained with.")
         if self.lora_r and self.model is not None and not uses_fsdp2(self.model):
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             saved = set(checkpoint.get("state_dict", {}))

@@ -119,6 +119,11 @@ def test_adapter_checkpoint_of_other_target_modules_is_refused(tmp_path, tiny_mo
     with pytest.raises(ValueError, match="adapter does not fit"):
         trainer(tmp_path, 1).test(other, InstructionDataModule(test=chat_file, batch_size=8),
                                   ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    for changed in ({"lora_alpha": 64}, {"lora_r": 8}):  # another scale leaves no trace in the weights' names
+        other = CausalLMModule(model=tiny_models["llama"], lora_target_modules=["q_proj"], **{"lora_r": 4, **changed})
+        with pytest.raises(ValueError, match=f"other LoRA settings.*{next(iter(changed))}"):
+            trainer(tmp_path, 1).test(other, InstructionDataModule(test=chat_file, batch_size=8),
+                                      ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     same = CausalLMModule(model=tiny_models["llama"], lora_r=4, lora_target_modules=["q_proj"])
     trainer(tmp_path, 1).test(same, InstructionDataModule(test=chat_file, batch_size=8),
                               ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
