@@ -32,6 +32,10 @@ def test_gram_without_mask_uses_every_row_and_rejects_bad_mask():
     torch.testing.assert_close(acc.state()["m"], x.reshape(-1, 4).double().T @ x.reshape(-1, 4).double())
     with pytest.raises(ValueError, match="mask shape"):
         acc.update("m", x, torch.ones(3, 2, dtype=torch.bool))
+    flat, mask = GramAccumulator(), torch.tensor([[True, False, True], [False, True, True]])
+    flat.update("m", x.reshape(6, 4), mask)  # a module that reads the tokens flattened (an MoE's shared expert)
+    rows = x[mask].double()
+    torch.testing.assert_close(flat.state()["m"], rows.T @ rows)
 
 
 def test_merge_equals_single_pass():

@@ -20,7 +20,8 @@ def _rows(x: Tensor, mask: Tensor | None) -> Tensor:
     rows = x.detach().reshape(-1, x.shape[-1])
     if mask is not None:
         # a module may read the tokens flattened ([batch·seq, d]: Qwen2-MoE's shared expert), row for row
-        if tuple(mask.shape) != tuple(x.shape[:-1]) and mask.numel() != rows.shape[0]:
+        flattened = x.ndim == 2 and mask.numel() == rows.shape[0]
+        if tuple(mask.shape) != tuple(x.shape[:-1]) and not flattened:
             raise ValueError(f"mask shape {tuple(mask.shape)} != input {tuple(x.shape[:-1])}: the module reads another "
                              "set of rows than the prompts' tokens (a routed MoE expert reads the tokens sent to it); "
                              "the guard cannot measure it. Freeze it (requires_grad=False) or leave it out of the LoRA "
