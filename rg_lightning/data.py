@@ -422,7 +422,10 @@ class InstructionDataModule(L.LightningDataModule):
         if stage not in self.datasets:
             raise RuntimeError(f"No {stage} data: pass `{stage}=` (a file or hub id) to the data module.")
         rows = self.datasets[stage]
-        kwargs = dict(batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)
+        # their own generator: making an iterator then draws nothing from torch's global one, which dropout uses (a
+        # resumed fit makes its iterators at other moments than the uninterrupted one)
+        kwargs = dict(batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers,
+                      generator=torch.Generator().manual_seed(self.seed))
         if not shuffle:
             return DataLoader(rows, **kwargs)
         return ResumableLoader(rows, sampler=EpochSeededSampler(len(rows), self.seed), progress=self._batches_trained,

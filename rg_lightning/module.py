@@ -366,15 +366,42 @@ class CausalLMModule(L.LightningModule):
     # -- checkpoints and export ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """With LoRA, keep only the trainable (adapter) weights: the base is reloaded from `model`. Not under
-        FSDP2, whose distributed checkpoint loads every key it saved (each process writes its own shards)."""
+        FSDP2, whose distributed checkpoint loads every key it saved (each process writes its own shards).
+        Every process's torch random state goes in too (Lightning saves none), so a resumed fit draws the same
+        dropout masks as the uninterrupted one."""
+        checkpoint["torch_rng_states"] = self._rng_states()
         if self.lora_r and not uses_fsdp2(self._require_model()):
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def _rng_states(self) -> list[dict]:
+        """Each process's torch generators (CPU, and CUDA when present), rank by rank; tensors only."""
+        state = {"cpu": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return [state]
+        import torch.distributed as dist
+
+        states: list = [None] * trainer.world_size  # every process dumps the checkpoint; rank zero writes it
+        dist.all_gather_object(states, state)
+        return states
+
+    def on_train_start(self) -> None:
+        """A resumed fit takes up its process's random state where the checkpoint left it (after the data loader
+        and everything before the first step drew theirs)."""
+        states, self._resume_rng = getattr(self, "_resume_rng", None), None
+        if states:
+            state = states[self.global_rank] if len(states) == self.trainer.world_size else states[0]
+            torch.set_rng_state(state["cpu"])
+            if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(state["cuda"])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """An adapter-only checkpoint is loaded non-strictly (the base is not in it); so check here that it holds
         exactly the trainable weights, else another `lora_target_modules` or rank would load silently. The LoRA
         settings that leave no trace in the weights' names (the scale ``lora_alpha / lora_r``) are compared too."""
+        self._resume_rng = checkpoint.get("torch_rng_states")
         saved_hparams = checkpoint.get("hyper_parameters", {})
         differ = {key: (saved_hparams[key], self.hparams[key]) for key in ("lora_r", "lora_alpha")
                   if key in saved_hparams and key in self.hparams and saved_hparams[key] != self.hparams[key]}

@@ -88,11 +88,12 @@ def test_training_runs_in_train_mode_and_checkpointing_recomputes(tmp_path, tiny
     assert module.model.is_gradient_checkpointing == checkpointing
 
 
-@pytest.mark.parametrize("lora_r", [0, 4])
-def test_resume_from_mid_fit_checkpoint_matches_uninterrupted(tmp_path, tiny_models, chat_file, lora_r):
+@pytest.mark.parametrize("lora_r, lora_dropout", [(0, 0.0), (4, 0.0), (4, 0.1)])
+def test_resume_from_mid_fit_checkpoint_matches_uninterrupted(tmp_path, tiny_models, chat_file, lora_r, lora_dropout):
+    """With dropout too: the checkpoint carries the random state the next step's masks come from."""
     def run(root, steps, ckpt_path=None):
         L.seed_everything(0)
-        module = CausalLMModule(model=tiny_models["llama"], optimizer=adamw(), lora_r=lora_r)
+        module = CausalLMModule(model=tiny_models["llama"], optimizer=adamw(), lora_r=lora_r, lora_dropout=lora_dropout)
         data = InstructionDataModule(train=chat_file, batch_size=8)  # two steps per epoch
         checkpoint = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1)
         trainer(root, steps, callbacks=[checkpoint], enable_checkpointing=True).fit(module, data, ckpt_path=ckpt_path)
