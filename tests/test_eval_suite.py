@@ -250,6 +250,11 @@ def test_generation_beyond_the_context_is_refused_with_the_fix(tiny_models, monk
     monkeypatch.setattr(suite_module, "generate", lambda *a, **k: pytest.fail("answered before the check"))
     with pytest.raises(ValueError, match="toy:benign: .*task_max_new_tokens=200.*Lower task_max_new_tokens"):
         suite.run(model, tokenizer)
+    # a judge that generates nothing (logit) still needs every prompt inside the context
+    model.config.max_position_embeddings = 8
+    suite = EvaluationSuite(benchmarks=["toy:harmful"], judges=["logit"], limit=2, progress=False)
+    with pytest.raises(ValueError, match="toy:harmful: the longest prompt has .* context of 8"):
+        suite.run(model, tokenizer)
 
 
 def test_harm_judges_are_not_asked_about_benign_sets():

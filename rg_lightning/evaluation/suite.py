@@ -198,10 +198,11 @@ class EvaluationSuite:
         self._split = prompt_world(model)
         # every prompt checked on every process before any generation: a prompt too long for the context fails
         # at once and everywhere, not on one rank after the other benchmarks were answered
-        for benchmark in benchmarks:
-            if any(j.uses_generation for j in self.judges if benchmark.kind == "harmful" or j.measures == "refusal"):
-                self._check_context(model, tokenizer, benchmark.prompts, self.max_new_tokens, benchmark.name,
-                                    "max_new_tokens")
+        for benchmark in benchmarks:  # a judge that reads no answer (logit) still needs the prompt to fit
+            generates = any(j.uses_generation for j in self.judges
+                            if benchmark.kind == "harmful" or j.measures == "refusal")
+            self._check_context(model, tokenizer, benchmark.prompts, self.max_new_tokens if generates else 0,
+                                benchmark.name, "max_new_tokens")
         for task in tasks:
             self._check_context(model, tokenizer, task.prompts, self.task_max_new_tokens or task.max_new_tokens,
                                 task.name, "task_max_new_tokens")
