@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 
+from jinja2 import TemplateError
+
 IGNORE_INDEX = -100
 
 
@@ -79,8 +81,6 @@ def with_template_defaults(template: str, variables: dict, passed=()) -> str:
 
 
 def render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:
-    from jinja2 import TemplateError
-
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except TemplateError as error:
@@ -107,8 +107,6 @@ def encode_conversation(tokenizer, messages: list[dict], *, max_length: int, row
     if messages and messages[0].get("role") == "assistant":
         raise ChatFormatError(f"Row {row}: the conversation opens with an assistant turn; chat templates render "
                               "an answer only after a user (or system) turn. Drop the opening turn or add the request.")
-    from jinja2 import TemplateError
-
     try:
         return _encode_conversation(tokenizer, messages, max_length=max_length, row=row)
     except (TemplateError, ValueError) as error:  # the template's own errors (roles must alternate...): name the row

@@ -10,6 +10,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -160,6 +161,7 @@ class CausalLMModule(L.LightningModule):
         self.loss_normalization = loss_normalization
         self._step_tokens: torch.Tensor | None = None  # answer tokens of this optimizer step's micro-batches
         self._token_reference: float | None = None  # `token` normalisation's fixed loss scale (first micro-batch)
+        self._resume_rng: list[dict] | None = None  # a loaded checkpoint's random states, until the fit starts
         self.model = None
         self._tokenizer = None
         # Adapter-only checkpoints hold just the trainable weights; the base comes from `model` again.
@@ -259,11 +261,12 @@ class CausalLMModule(L.LightningModule):
         answer = targets != IGNORE_INDEX
         on_step = stage == "train"
         batch_size = batch["input_ids"].shape[0]
-        if not answer.any():  # nothing to learn or score (a custom data module's batch): HF's mean loss is 0/0
-            output.loss = output.logits.sum() * 0  # a zero gradient, not NaN ones
+        if answer.any():
+            predictions = output.logits[:, :-1].argmax(-1)
+            accuracy = (predictions[answer] == targets[answer]).float().mean()
+        else:  # nothing to learn or score (a custom data module's batch): HF's mean loss is 0/0
+            output.loss = accuracy = output.logits.sum() * 0  # a zero gradient, not NaN ones
             batch_size = 0  # and no weight in the epoch's means (logged all the same: every rank logs each key)
-        predictions = output.logits[:, :-1].argmax(-1)
-        accuracy = (predictions[answer] == targets[answer]).float().mean() if answer.any() else output.loss * 0
         self.log(f"{stage}/loss", output.loss, prog_bar=True, on_step=on_step, on_epoch=not on_step,
                  sync_dist=not on_step, batch_size=batch_size)
         self.log(f"{stage}/token_acc", accuracy, on_step=on_step, on_epoch=not on_step,
@@ -327,8 +330,8 @@ class CausalLMModule(L.LightningModule):
 
     def _plateau_config(self, scheduler) -> dict:
         """A plateau scheduler steps on a validation metric, once per validation: every ``val_check_interval``
-        training batches when validation counts batches across epochs, else at epoch ends. Not strict: a step with no validation
-        metric yet (or no validation data) is skipped with Lightning's warning rather than ending the fit."""
+        training batches when validation counts batches across epochs, else at epoch ends. Not strict: a step with
+        no validation metric yet (or no validation data) is skipped with Lightning's warning, not ending the fit."""
         monitor = getattr(scheduler, "monitor", "val/loss")  # lightning.pytorch.cli's variant names its own
         config = {"scheduler": scheduler, "monitor": monitor, "interval": "epoch", "strict": False}
         every = self.trainer.val_check_interval
@@ -381,8 +384,6 @@ class CausalLMModule(L.LightningModule):
         trainer = self._trainer
         if trainer is None or trainer.world_size == 1:
             return [state]
-        import torch.distributed as dist
-
         states: list = [None] * trainer.world_size  # every process dumps the checkpoint; rank zero writes it
         dist.all_gather_object(states, state)
         return states
@@ -390,7 +391,7 @@ class CausalLMModule(L.LightningModule):
     def on_train_start(self) -> None:
         """A resumed fit takes up its process's random state where the checkpoint left it (after the data loader
         and everything before the first step drew theirs)."""
-        states, self._resume_rng = getattr(self, "_resume_rng", None), None
+        states, self._resume_rng = self._resume_rng, None
         if states:
             state = states[self.global_rank] if len(states) == self.trainer.world_size else states[0]
             torch.set_rng_state(state["cpu"])
