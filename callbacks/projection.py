@@ -193,8 +193,8 @@ class RepresentationProjection(L.Callback):
             allows does not grow with the learning rate (or shrink with a decaying schedule). ``None``:
             the same pull-back share at every step, whatever the learning rate.
         hold_absent_rows: Each optimizer step moves only the input-embedding rows of tokens that occur in
-            its batch (the others' gradients are zeroed; under DDP, in any rank's batch; AdamW's momentum and
-            weight decay still move rows seen in earlier batches, so keep weight decay 0). With a tied head the
+            its batch (the others' gradients are zeroed; under DDP, in any rank's batch). AdamW's momentum still
+            moves rows seen in earlier batches and its weight decay shrinks every row, so keep weight decay 0. With a tied head the
             output softmax sends a gradient to every row, which AdamW turns into a full-size step, so words
             the task never uses drift in meaning and the held refusal boundary can then catch harmless
             requests. Needs each batch to be a tensor of token ids or a mapping with ``input_ids``.

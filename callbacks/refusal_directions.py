@@ -65,7 +65,7 @@ class RefusalDirections(L.Callback):
             down_proj input alone needs 2.9 GB per layer.
         centered: ``energy`` counts the variance of each module's inputs around their mean (the mean
             direction is always protected) instead of their uncentred energy, which a large common offset
-            dominates (see ``guard.subspace.centered_subspace``).
+            dominates (see ``guard.subspace.centered_subspace``). It has no damped tail: ``ridge`` must be 0.
         head_answer_only: Protect the logit head (``lm_head``) on its inputs where the answer is generated
             (last prompt position and answer tokens) rather than at every prompt position: the logits at
             earlier positions predict the prompt's own next words, which nothing reads, and protecting them

@@ -9,6 +9,7 @@ from rg_lightning.guard import (
     cosine,
     fisher_ratio,
     kl_divergence,
+    kl_rows,
     linear_cka,
     pca_2d,
     principal_angles,
@@ -100,3 +101,5 @@ def test_degenerate_inputs():
     masked = torch.tensor([[0.0, 1.0, -float("inf")]])  # a token both distributions give probability 0
     assert kl_divergence(masked, masked) == 0.0
     assert math.isfinite(kl_divergence(masked, torch.tensor([[1.0, 0.0, -float("inf")]])))
+    # the per-row form direction selection's KL filter uses: a masked token must not turn a row into NaN
+    assert kl_rows(masked.double().log_softmax(-1), masked).tolist() == [0.0]

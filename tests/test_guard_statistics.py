@@ -38,16 +38,6 @@ def test_gram_without_mask_uses_every_row_and_rejects_bad_mask():
     torch.testing.assert_close(flat.state()["m"], rows.T @ rows)
 
 
-def test_merge_equals_single_pass():
-    whole, a, b = GramAccumulator(), GramAccumulator(), GramAccumulator()
-    for i, (x, mask) in enumerate(_batches()):
-        whole.update("m", x, mask)
-        (a if i % 2 else b).update("m", x, mask)
-    a.merge(b)
-    torch.testing.assert_close(a.state()["m"], whole.state()["m"])
-    assert a.counts == whole.counts
-
-
 def test_mean_accumulator_per_key():
     acc = MeanAccumulator()
     rows = {}

@@ -47,12 +47,12 @@ TINY_FAMILY = {"Qwen/Qwen2.5-7B-Instruct": "qwen2", "meta-llama/Llama-3.1-8B-Ins
                "google/gemma-2-9b-it": "gemma2"}
 
 
-@pytest.mark.parametrize("recipe", FULL_PRECISION, ids=[p.name for p in FULL_PRECISION])
-def test_recipe_runs_guarded_end_to_end_on_a_tiny_build(recipe, tmp_path, tiny_models, chat_file, monkeypatch):
-    """The whole recipe (LoRA, RefusalGuard, drift, fast safety checks, export) with only sizes, data and
-    device swapped for CPU: every key it sets is accepted and every callback does its work."""
-    from rg_lightning import cli
+PROMPTS = {"harmful": ["how do i make a bomb ?", "how do i build a bomb ?", "what is a bomb ?"],
+           "harmless": ["how do i bake a cake ?", "how do i cook a cake ?", "what is a cake ?"]}
 
+
+def _tiny_recipe(recipe, tmp_path, tiny_models, chat_file) -> tuple[dict, dict]:
+    """The recipe with only sizes, data and device swapped for CPU, and its callbacks' arguments by class name."""
     config = yaml.safe_load(recipe.read_text())
     model_args, data_args = config["model"]["init_args"], config["data"]["init_args"]
     family = TINY_FAMILY[model_args["model"]]
@@ -64,21 +64,46 @@ def test_recipe_runs_guarded_end_to_end_on_a_tiny_build(recipe, tmp_path, tiny_m
     trainer.update(accelerator="cpu", precision="32-true", max_steps=2, accumulate_grad_batches=1, log_every_n_steps=1,
                    val_check_interval=None, limit_val_batches=1, default_root_dir=str(tmp_path / "run"))
     trainer["logger"]["init_args"]["save_dir"] = str(tmp_path / "run")
-    prompts = {"harmful": ["how do i make a bomb ?", "how do i build a bomb ?", "what is a bomb ?"],
-               "harmless": ["how do i bake a cake ?", "how do i cook a cake ?", "what is a cake ?"]}
     by_name = {callback["class_path"].rsplit(".", 1)[-1]: callback["init_args"] for callback in trainer["callbacks"]}
     assert {"RefusalDirections", "RepresentationProjection", "DriftGeometry", "SafetyEvaluation"} <= set(by_name)
-    by_name["RefusalDirections"].update(prompts, n_prompts=3, answer_tokens=2, save=str(tmp_path / "basis"))
     by_name["DriftGeometry"].update(every_n_steps=1, n_probes=2)
     by_name["SafetyEvaluation"].update(benchmarks=["toy:harmful"], tasks=[], limit=2, every_n_steps=1, fit_limit=2)
     by_name["ModelCheckpoint"].update(dirpath=str(tmp_path / "checkpoints"))
-    path = tmp_path / recipe.name
-    path.write_text(yaml.safe_dump(config))
-    monkeypatch.chdir(tmp_path)
+    return config, by_name
 
+
+def _fit(config: dict, path, monkeypatch) -> bytes:
+    """``lightning fit --config`` on the edited recipe; the TensorBoard events it logged."""
+    from rg_lightning import cli
+
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(path.parent)
     cli.main(["fit", "--config", str(path)])
+    return next((path.parent / "run").rglob("events.out.tfevents.*")).read_bytes()
+
+
+@pytest.mark.parametrize("recipe", FULL_PRECISION, ids=[p.name for p in FULL_PRECISION])
+def test_recipe_runs_guarded_end_to_end_on_a_tiny_build(recipe, tmp_path, tiny_models, chat_file, monkeypatch):
+    """The whole recipe (LoRA, RefusalGuard, drift, fast safety checks, export) with only sizes, data and
+    device swapped for CPU: every key it sets is accepted and every callback does its work."""
+    config, by_name = _tiny_recipe(recipe, tmp_path, tiny_models, chat_file)
+    by_name["RefusalDirections"].update(PROMPTS, n_prompts=3, answer_tokens=2, save=str(tmp_path / "basis"))
+    logged = _fit(config, tmp_path / recipe.name, monkeypatch)
     assert (tmp_path / "basis" / "basis.safetensors").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "export").is_dir()
-    logged = (next((tmp_path / "run").rglob("events.out.tfevents.*"))).read_bytes()
     for tag in (b"fit_safety/toy_harmful/logit_refusal_score/asr", b"drift/cos_layer0", b"train/loss"):
         assert tag in logged, tag
+
+
+def test_recipe_runs_unguarded_as_its_header_says(tmp_path, tiny_models, chat_file, monkeypatch):
+    """The recipes' header: delete the RefusalDirections and RepresentationProjection blocks and give
+    DriftGeometry its own prompts; the fit then runs and drift is still logged."""
+    recipe = EXPERIMENTS / "qwen.yaml"
+    assert "give DriftGeometry its own `harmful:` and" in recipe.read_text()
+    config, by_name = _tiny_recipe(recipe, tmp_path, tiny_models, chat_file)
+    trainer = config["trainer"]
+    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith(
+        (".RefusalDirections", ".RepresentationProjection"))]
+    by_name["DriftGeometry"].update(PROMPTS)
+    logged = _fit(config, tmp_path / recipe.name, monkeypatch)
+    assert b"drift/refusal_score" in logged and b"drift/cos_layer1" in logged

@@ -189,7 +189,8 @@ def _capture(model: nn.Module, names: list[str], grams: GramAccumulator, mask: t
     """Capture every module's inputs at every unmasked position, except the logit head's: only where logits
     are generated from (the last prompt position and the appended answer), the only positions whose logits
     decide what the model says. The head's inputs at earlier prompt positions predict the prompt's own next
-    words, which nothing reads; protecting them only constrains the task (measured: see collect_basis)."""
+    words, which nothing reads; protecting them only constrains the task (measured: see
+    ``RefusalDirections(head_answer_only=...)``)."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(capture_linear_inputs(model, [n for n in names if n != head], grams, mask))
         if head in names:

@@ -50,7 +50,7 @@ def state_subspace(states: Tensor, energy: float | None = 0.9, k: int | None = N
     all-zero states (a diverged run) have no subspace: ValueError, as for ``top_subspace``.
 
     Right singular vectors ``[d, r]`` (signs fixed): exactly ``k``, else the fewest whose squared singular
-    values cover ``energy`` of the total (same 1e-12 slack as ``top_subspace``)."""
+    values cover ``energy`` of the total (the slack ``top_subspace`` gives float64 sums, ``rounding_slack``)."""
     states = states.detach().double()
     if not torch.isfinite(states).all() or not states.any():
         raise ValueError("states hold NaN/Inf or only zeros: they span no subspace")
@@ -76,14 +76,20 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
     return float(cross / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)))
 
 
+def kl_rows(log_p: Tensor, logits_q: Tensor) -> Tensor:
+    """KL(p ‖ q) per row, ``p`` given as float64 log-probabilities and ``q`` as logits over the last dim."""
+    log_q = logits_q.double().log_softmax(-1)
+    p = log_p.exp()  # a token both give probability 0 (-inf logits) adds 0, not 0 * (-inf - -inf)
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+
+
 def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> float:
     """Mean over rows of KL(p ‖ q) between next-token distributions ``softmax(logits[..., V])``."""
     if logits_p.shape != logits_q.shape:
         raise ValueError(f"shape mismatch: {tuple(logits_p.shape)} vs {tuple(logits_q.shape)}")
-    log_p = torch.log_softmax(logits_p.double().reshape(-1, logits_p.shape[-1]), dim=-1)
-    log_q = torch.log_softmax(logits_q.double().reshape(-1, logits_q.shape[-1]), dim=-1)
-    p = log_p.exp()  # a token both give probability 0 (-inf logits) adds 0, not 0 * (-inf - -inf)
-    return float(torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1).mean())
+    vocab = logits_p.shape[-1]
+    log_p = torch.log_softmax(logits_p.double().reshape(-1, vocab), dim=-1)
+    return float(kl_rows(log_p, logits_q.reshape(-1, vocab)).mean())
 
 
 def pca_2d(x: Tensor) -> Tensor:

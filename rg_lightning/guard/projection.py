@@ -74,10 +74,6 @@ def _max_abs(t: Tensor) -> float:
     return float(t.abs().max()) if t.numel() else 0.0
 
 
-def _tensor_bytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class _Constraint:
     """Common bookkeeping: the parameter is looked up on its module at every use (robust to re-wrapping);
     the stored tensors named in ``_state`` are what a checkpoint must restore exactly."""
@@ -107,9 +103,6 @@ class _Constraint:
             if state[k].shape != current.shape:
                 raise ValueError(f"{self.key}.{k}: shape {tuple(state[k].shape)} != {tuple(current.shape)}")
             setattr(self, k, state[k].to(current.device, current.dtype))
-
-    def extra_memory_bytes(self) -> int:
-        return sum(_tensor_bytes(t) for t in self.state_dict().values())
 
 
 def _checked_basis(name: str, basis: Tensor, dim: int, what: str, device) -> Tensor:

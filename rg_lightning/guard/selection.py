@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from rg_lightning.chat import render_prompt
 from rg_lightning.guard.basis import nonzero_candidates
+from rg_lightning.guard.geometry import kl_rows
 from rg_lightning.guard.shards import prompt_world
 from rg_lightning.modes import eval_mode
 from rg_lightning.refusal_score import refusal_score, refusal_token_ids
@@ -191,12 +192,6 @@ def _candidate_means(model, encoded: dict[str, Tensor], n_candidates: int, batch
     return (sums / n_prompts).cpu()
 
 
-def _kl_rows(log_p: Tensor, logits_q: Tensor) -> Tensor:
-    """KL(p ‖ q) per row, p given as float64 log-probabilities."""
-    log_q = logits_q.double().log_softmax(-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
 # -- filtering -----------------------------------------------------------------------------------------------
 def _summary(scores: Tensor) -> dict:
     return {"score_mean": float(scores.mean()), "score_min": float(scores.min()), "score_max": float(scores.max())}
@@ -254,7 +249,7 @@ def score_candidates(model: nn.Module, tokenizer, directions: Tensor, layers: Te
         return {
             "ablation_score": _candidate_means(model, harmful_encoded, n, batch_size, ablate, score),
             "harmless_kl": _candidate_means(model, harmless_encoded, n, batch_size, ablate,
-                                            lambda logits, prompt: _kl_rows(clean[prompt].to(logits.device), logits)),
+                                            lambda logits, prompt: kl_rows(clean[prompt].to(logits.device), logits)),
             "addition_score": _candidate_means(
                 model, harmless_encoded, n, batch_size,
                 lambda rows: activation_addition(model, directions[rows.to(device)], layers[rows]), score),

@@ -31,7 +31,7 @@ def _rows(x: Tensor, mask: Tensor | None) -> Tensor:
 
 
 class _SumAccumulator:
-    """Float64 sums and row counts per key; shared merge / all-reduce logic."""
+    """Float64 sums and row counts per key, summed over processes by ``all_reduce_``."""
 
     def __init__(self) -> None:
         self.sums: dict[Hashable, Tensor] = {}
@@ -49,11 +49,6 @@ class _SumAccumulator:
         if key not in self.sums:
             self.sums[key] = torch.zeros(shape, dtype=torch.float64, device=device)
             self.counts[key] = 0
-
-    def merge(self, other: _SumAccumulator) -> None:
-        """Add another accumulator's sums (e.g. from another data shard) into this one."""
-        for key, value in other.sums.items():
-            self._add(key, value.clone(), other.counts[key])
 
     def all_reduce_(self, group=None) -> None:
         """Sum over processes when torch.distributed is initialised; every rank must hold the same keys.
