@@ -31,7 +31,7 @@ from torch import nn
 from rg_lightning.atomic import atomic_file
 from rg_lightning.callbacks.projection import RepresentationProjection
 from rg_lightning.callbacks.refusal_directions import RefusalDirections
-from rg_lightning.chat import render_prompt
+from rg_lightning.chat import encode_prompts, position_ids
 from rg_lightning.contract import check_unsharded, hf_model, system_prompt_of, tokenizer_of
 from rg_lightning.figures import new_figure, save_png
 from rg_lightning.guard.geometry import (
@@ -175,18 +175,10 @@ class DriftGeometry(L.Callback):
         if self._probes is None:
             tokenizer = tokenizer_of(trainer, pl_module)
             harmful, harmless, system_prompt = self._sources(trainer)
-            side, tokenizer.padding_side = tokenizer.padding_side, "left"
-            try:
-                refusal = _refusal_directions(trainer)
-                measured = (refusal.measured_prompt_hashes() or set()) if refusal is not None else set()
-                self._probes = {
-                    kind: tokenizer([render_prompt(tokenizer, p, system_prompt=system_prompt)
-                                     for p in self._probe_prompts(src, measured, kind)],
-                                    return_tensors="pt", padding=True, add_special_tokens=False)
-                    for kind, src in (("harmful", harmful), ("harmless", harmless))
-                }
-            finally:
-                tokenizer.padding_side = side
+            refusal = _refusal_directions(trainer)
+            measured = (refusal.measured_prompt_hashes() or set()) if refusal is not None else set()
+            self._probes = {kind: encode_prompts(tokenizer, self._probe_prompts(src, measured, kind), system_prompt)
+                            for kind, src in (("harmful", harmful), ("harmless", harmless))}
             self._refusal_ids = refusal_token_ids(tokenizer)
         return self._probes
 
@@ -204,8 +196,8 @@ class DriftGeometry(L.Callback):
                 states, logits = [], []
                 for start in range(0, len(encoded["input_ids"]), self.batch_size):
                     batch = {k: v[start:start + self.batch_size].to(device) for k, v in encoded.items()}
-                    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-                    result = model(**batch, position_ids=positions, output_hidden_states=True, use_cache=False,
+                    result = model(**batch, position_ids=position_ids(batch["attention_mask"]),
+                                   output_hidden_states=True, use_cache=False,
                                    logits_to_keep=1)
                     states.append(torch.stack([h[:, -1] for h in result.hidden_states[:-1]]).double().cpu())
                     logits.append(result.logits[:, -1].double().cpu())

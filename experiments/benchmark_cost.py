@@ -25,6 +25,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config
 
+from rg_lightning.chat import left_padded
 from rg_lightning.guard.collect import collect_basis, protected_modules
 from rg_lightning.guard.projection import build_constraints
 from rg_lightning.guard.statistics import GramAccumulator
@@ -120,16 +121,12 @@ def measure(family: str, size: str, device: str, steps: int, batch: int, length:
              for p in harmful + harmless]
 
     def plain_forward() -> float:
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"
         sync(device)
         start = time.perf_counter()
         with torch.no_grad():
             for i in range(0, len(texts), 16):
-                encoded = tokenizer(texts[i:i + 16], return_tensors="pt", padding=True,
-                                    add_special_tokens=False).to(device)
-                model(**encoded)
+                model(**{k: v.to(device) for k, v in left_padded(tokenizer, texts[i:i + 16]).items()})
         sync(device)
-        tokenizer.padding_side = side
         return time.perf_counter() - start
 
     plain_forward()  # warm-up: the first pass pays for allocations and kernel selection

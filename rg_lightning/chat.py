@@ -101,6 +101,29 @@ def render_prompt(tokenizer, prompt: str | list[dict], *, system_prompt: str | N
     return render(tokenizer, messages, generation_prompt=True)
 
 
+def left_padded(tokenizer, texts: list[str], *, add_special_tokens: bool = False) -> dict:
+    """``input_ids`` and ``attention_mask`` of ``texts`` in one left-padded batch (CPU): every prompt's last token
+    sits in the last column, where scoring and generation read. The tokenizer's padding side is restored."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token = tokenizer.eos_token`.")
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    finally:
+        tokenizer.padding_side = side
+    return {key: batch[key] for key in ("input_ids", "attention_mask")}
+
+
+def encode_prompts(tokenizer, prompts: list, system_prompt: str | None = None) -> dict:
+    """Chat-rendered prompts with the generation prompt, left-padded into one batch (CPU)."""
+    return left_padded(tokenizer, [render_prompt(tokenizer, p, system_prompt=system_prompt) for p in prompts])
+
+
+def position_ids(attention_mask):
+    """Positions that count real tokens only, as if unpadded (absolute position embeddings need it)."""
+    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
+
+
 def encode_conversation(tokenizer, messages: list[dict], *, max_length: int, row: int) -> dict[str, list[int]]:
     """Token ids, attention mask and labels that are -100 everywhere except the assistant answers."""
     require_chat_template(tokenizer)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from rg_lightning.chat import render_prompt
+from rg_lightning.chat import encode_prompts
 from rg_lightning.guard.shards import process_world, reshard, uses_fsdp2
 from rg_lightning.modes import enter_eval
 
@@ -66,10 +66,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
     """
     sharded = uses_fsdp2(model)
     synced = sharded and process_world()[1] > 1
-    side = tokenizer.padding_side
     device = next(model.parameters()).device
     restore_modes = enter_eval(model)
-    tokenizer.padding_side = "left"
     answers: list[str] = []
     finished: list[bool] = []
     stops = stop_token_ids(model, tokenizer)
@@ -77,20 +75,18 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
     try:
         with plain_greedy(model):
             for start in range(0, len(prompts), batch_size):
-                texts = [render_prompt(tokenizer, p, system_prompt=system_prompt)
-                         for p in prompts[start:start + batch_size]]
-                batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                chunk = prompts[start:start + batch_size]
+                batch = {k: v.to(device) for k, v in encode_prompts(tokenizer, chunk, system_prompt).items()}
                 output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
                 new_tokens = output[:, batch["input_ids"].shape[1]:]
                 answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
                 finished += torch.isin(new_tokens, stop_ids).any(dim=1).tolist()
                 if progress is not None:
-                    progress.update(len(texts))
+                    progress.update(len(chunk))
     finally:
         if progress is not None:
             progress.close()
-        tokenizer.padding_side = side
         restore_modes()
         if sharded:
             reshard(model)

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from rg_lightning.chat import encode_prompts
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.collect import collect_basis
 from rg_lightning.guard.selection import (
     activation_addition,
     choose_candidate,
     directional_ablation,
-    encode_prompts,
     refusal_filter,
     refusal_scores,
     score_candidates,

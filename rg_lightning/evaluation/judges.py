@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rg_lightning.chat import render_prompt
+from rg_lightning.chat import left_padded, position_ids, render_prompt
 from rg_lightning.generation import plain_greedy
 from rg_lightning.modes import eval_mode
 from rg_lightning.module import check_model_source, load_tokenizer
@@ -154,16 +154,8 @@ class KeywordJudge(Judge):
 
 
 def _left_padded(tokenizer, texts: list[str], device, add_special_tokens: bool) -> dict[str, torch.Tensor]:
-    """Left padding puts every prompt's last token in the last column, where scoring and generation read."""
-    if tokenizer.pad_token_id is None:
-        raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token = tokenizer.eos_token`.")
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-    finally:
-        tokenizer.padding_side = side
-    return {key: value.to(device) for key, value in batch.items() if key in ("input_ids", "attention_mask")}
+    return {key: value.to(device) for key, value in
+            left_padded(tokenizer, texts, add_special_tokens=add_special_tokens).items()}
 
 
 class LogitRefusalJudge(Judge):
@@ -198,9 +190,8 @@ class LogitRefusalJudge(Judge):
         with eval_mode(model):
             for start in range(0, len(texts), self.batch_size):
                 batch = _left_padded(tokenizer, texts[start:start + self.batch_size], device, add_special_tokens=False)
-                # Positions count real tokens only, as unpadded (absolute position embeddings need it).
-                positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-                logits = model(**batch, position_ids=positions, logits_to_keep=1).logits[:, -1, :]
+                logits = model(**batch, position_ids=position_ids(batch["attention_mask"]),
+                               logits_to_keep=1).logits[:, -1, :]
                 scores.append(refusal_score(logits, ids).cpu())
         return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rg_lightning.chat import render_prompt, require_chat_template
+from rg_lightning.chat import left_padded, position_ids, render_prompt, require_chat_template
 from rg_lightning.generation import plain_greedy, stop_token_ids
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.projection import canonical_name
@@ -141,15 +141,8 @@ def statistics_passes(widths: dict[str, int], max_bytes: float | None) -> list[l
 
 
 def _batches(tokenizer, texts: list[str], batch_size: int, device):
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False)
-            yield {k: v.to(device) for k, v in batch.items()}
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(texts), batch_size):
+        yield {k: v.to(device) for k, v in left_padded(tokenizer, texts[start:start + batch_size]).items()}
 
 
 def _with_answers(model, tokenizer, batch: dict, answer_tokens: int) -> dict:
@@ -349,7 +342,7 @@ def collect_basis(
                 if kind == "harmful" and answer_tokens:
                     batch = _with_answers(model, tokenizer, batch, answer_tokens)
                 mask = batch["attention_mask"].bool()
-                positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+                positions = position_ids(batch["attention_mask"])
                 capture_names = passes[0] if kind == "harmful" and passes else []
                 with contextlib.ExitStack() as stack:
                     stack.enter_context(_capture(model, capture_names, first, mask, head, prompt_width))

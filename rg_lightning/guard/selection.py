@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rg_lightning.chat import render_prompt
+from rg_lightning.chat import encode_prompts, position_ids
 from rg_lightning.guard.basis import nonzero_candidates
 from rg_lightning.guard.geometry import kl_rows
 from rg_lightning.guard.shards import prompt_world
@@ -129,24 +129,13 @@ def _evaluating(model: nn.Module):
         yield
 
 
-def encode_prompts(tokenizer, prompts: list[str], system_prompt: str | None = None) -> dict[str, Tensor]:
-    """Chat-rendered prompts with the generation prompt, left-padded into one batch (CPU)."""
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        return dict(tokenizer([render_prompt(tokenizer, p, system_prompt=system_prompt) for p in prompts],
-                              return_tensors="pt", padding=True, add_special_tokens=False))
-    finally:
-        tokenizer.padding_side = side
-
-
 def _last_logits(model: nn.Module, encoded: dict[str, Tensor], rows: Tensor) -> Tensor:
     """Last-position logits of some rows of an encoded batch; columns that are padding in every row are cut."""
     mask = encoded["attention_mask"][rows]
     keep = mask.any(0)
     device = next(model.parameters()).device
     batch = {"input_ids": encoded["input_ids"][rows][:, keep].to(device), "attention_mask": mask[:, keep].to(device)}
-    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-    return model(**batch, position_ids=positions, logits_to_keep=1).logits[:, -1]
+    return model(**batch, position_ids=position_ids(batch["attention_mask"]), logits_to_keep=1).logits[:, -1]
 
 
 def refusal_scores(model: nn.Module, tokenizer, prompts: list[str], *, batch_size: int = 16,
