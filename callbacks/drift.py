@@ -30,9 +30,9 @@ from torch import nn
 
 from rg_lightning.atomic import atomic_file
 from rg_lightning.callbacks.projection import RepresentationProjection
-from rg_lightning.callbacks.refusal_directions import RefusalDirections
+from rg_lightning.callbacks.refusal_directions import find_refusal_directions
 from rg_lightning.chat import encode_prompts, position_ids
-from rg_lightning.contract import check_unsharded, hf_model, system_prompt_of, tokenizer_of
+from rg_lightning.contract import check_unsharded, hf_model, log_now, system_prompt_of, tokenizer_of
 from rg_lightning.figures import new_figure, save_png
 from rg_lightning.guard.geometry import (
     cosine,
@@ -92,14 +92,9 @@ def _reading_weights(model: nn.Module, names) -> dict[str, list[torch.Tensor]]:
     return found
 
 
-def _refusal_directions(trainer) -> RefusalDirections | None:
-    """The trainer's RefusalDirections callback, if it has one (its sources, system prompt and basis are used)."""
-    return next((c for c in trainer.callbacks if isinstance(c, RefusalDirections)), None)
-
-
 def _safety_basis(trainer):
     """The basis the run is guarded with: RefusalDirections', else a RepresentationProjection's loaded one."""
-    refusal = _refusal_directions(trainer)
+    refusal = find_refusal_directions(trainer, required=False)
     if refusal is not None and refusal.basis is not None:
         return refusal.basis
     return next((c.safety_basis for c in trainer.callbacks if isinstance(c, RepresentationProjection)), None)
@@ -150,7 +145,7 @@ class DriftGeometry(L.Callback):
     # -- probes ------------------------------------------------------------------------------------------------
     def _sources(self, trainer):
         """Harmful and harmless probe sources and the system prompt: given, else RefusalDirections'."""
-        refusal = _refusal_directions(trainer)
+        refusal = find_refusal_directions(trainer, required=False)
         harmful = self.harmful or (refusal.harmful if refusal else None)
         harmless = self.harmless or (refusal.harmless if refusal else None)
         if harmful is None or harmless is None:
@@ -175,7 +170,7 @@ class DriftGeometry(L.Callback):
         if self._probes is None:
             tokenizer = tokenizer_of(trainer, pl_module)
             harmful, harmless, system_prompt = self._sources(trainer)
-            refusal = _refusal_directions(trainer)
+            refusal = find_refusal_directions(trainer, required=False)
             measured = (refusal.measured_prompt_hashes() or set()) if refusal is not None else set()
             self._probes = {kind: encode_prompts(tokenizer, self._probe_prompts(src, measured, kind), system_prompt)
                             for kind, src in (("harmful", harmful), ("harmless", harmless))}
@@ -289,17 +284,9 @@ class DriftGeometry(L.Callback):
         record = trainer.strategy.broadcast(record, src=0)  # the same numbers on every rank, logged and kept
         self.history.append(record)
         self._check_refusal(record)
-        self._log(trainer, record)
-
-    @rank_zero_only
-    def _log(self, trainer, record: dict) -> None:
-        """Straight to every logger at the trainer's logging step, as LearningRateMonitor does: ``self.log``
-        holds step values until Lightning's next ``log_every_n_steps`` flush, so a measurement in between was
-        lost or stamped with a later step. None (undefined) is logged as NaN."""
-        logged = {f"drift/{k}": math.nan if v is None else float(v) for k, v in record.items()
-                  if k != "step" and ("_layer" not in k or k.startswith("cos_"))}
-        for logger in trainer.loggers:
-            logger.log_metrics(logged, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+        # undefined values (None) logged as NaN; per-layer metrics other than the cosines stay in the summary
+        log_now(trainer, {f"drift/{k}": math.nan if v is None else float(v) for k, v in record.items()
+                          if k != "step" and ("_layer" not in k or k.startswith("cos_"))})
 
     def _check_refusal(self, record: dict) -> None:
         start, now = self.history[0].get("refused_share"), record.get("refused_share")

@@ -17,7 +17,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from rg_lightning.contract import check_unsharded, hf_model, system_prompt_of, tokenizer_of
+from rg_lightning.callbacks.refusal_directions import find_refusal_directions
+from rg_lightning.contract import check_unsharded, hf_model, log_now, system_prompt_of, tokenizer_of
 from rg_lightning.evaluation.report import markdown, write_report
 from rg_lightning.evaluation.suite import EvaluationSuite
 from rg_lightning.prompts import prompt_hashes
@@ -120,12 +121,10 @@ class SafetyEvaluation(L.Callback):
         return benchmarks, tasks
 
     def _basis_hashes(self, trainer: L.Trainer) -> set[str]:
-        from rg_lightning.callbacks import RefusalDirections
-
-        guards = [c for c in trainer.callbacks if isinstance(c, RefusalDirections)]
-        if not self.exclude_basis_prompts or not guards:
+        refusal = find_refusal_directions(trainer, required=False)
+        if not self.exclude_basis_prompts or refusal is None:
             return set()
-        hashes = guards[0].measured_prompt_hashes()
+        hashes = refusal.measured_prompt_hashes()
         if hashes is None:
             rank_zero_warn("SafetyEvaluation: the loaded safety basis does not list the prompts it was measured "
                            "on, so none can be excluded from the benchmarks; some may overlap.")
@@ -195,12 +194,8 @@ class SafetyEvaluation(L.Callback):
             return
         self._last_step = step
         metrics = self._fast_metrics(trainer, pl_module)
-        # Straight to the loggers at this step, like LearningRateMonitor: self.log here would wait for the
-        # next log_every_n_steps boundary and repeat the value until then.
         trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+        log_now(trainer, metrics)
 
     def _fast(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for name, value in self._fast_metrics(trainer, pl_module).items():

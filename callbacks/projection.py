@@ -27,7 +27,6 @@ several processes (flat shards that cut rows apart) and DeepSpeed are refused in
 
 from __future__ import annotations
 
-import re
 import weakref
 from collections.abc import Mapping
 from typing import Literal
@@ -39,127 +38,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from rg_lightning.callbacks.refusal_directions import find_refusal_directions
 from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
 from rg_lightning.guard.basis import SafetyBasis
-from rg_lightning.guard.collect import output_head_name
-from rg_lightning.guard.projection import (ConstraintSet, batch_token_mask, build_constraints, canonical_name,
-                                          hold_absent_rows_)
-from rg_lightning.guard.shards import reshard, uses_fsdp2, whole
-from rg_lightning.guard.subspace import orthonormalize
-from rg_lightning.modes import eval_mode
+from rg_lightning.guard.coverage import read_by_text
+from rg_lightning.guard.directions import direction_bases
+from rg_lightning.guard.projection import ConstraintSet, batch_token_mask, build_constraints, hold_absent_rows_
+from rg_lightning.guard.shards import reshard
 from rg_lightning.prompts import fingerprint
-
-_LAYER = re.compile(r"^(.*\.layers\.(\d+))\.")
-# Directions mode names the residual stream's readers and writers (shapes cannot: with heads x head_dim equal
-# to the hidden size, o_proj reads and q_proj writes something of that width too).
-_READERS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "qkv_proj": "attention",
-            "gate_proj": "mlp", "up_proj": "mlp", "gate_up_proj": "mlp"}
-_WRITERS = ("o_proj", "down_proj")
-
-
-def _norm_gain(norm, hidden: int) -> torch.Tensor | None:
-    """Per-feature gain of a norm module: ``w`` (RMSNorm, LayerNorm) or Gemma's ``1 + w``. Probed with a zero-mean
-    ±1 vector and its negation, so a bias and a mean subtraction cancel; its weights are gathered first (FSDP2)."""
-    if norm is None:
-        return None
-    weights = {name: whole(t.detach()) for name, t in [*norm.named_parameters(), *norm.named_buffers()]}
-    reference = next(iter(weights.values()), None)
-    probe = torch.ones(hidden, device=getattr(reference, "device", None), dtype=getattr(reference, "dtype", None))
-    probe[1::2] = -1
-    with torch.no_grad():
-        both = torch.func.functional_call(norm, weights, (torch.stack([probe, -probe]),))
-    return ((both[0] - both[1]) / (2 * probe)).float()
-
-
-def _layer_norm(model, name: str, which: str):
-    """The norm module ``which`` of the decoder layer holding ``name``, if that layer has it."""
-    match = _LAYER.search(name)
-    return getattr(model.get_submodule(match.group(1)), which, None) if match else None
-
-
-def _reader_gain(model, name: str, hidden: int) -> torch.Tensor | None:
-    """The gain of the norm in front of a residual reader (pre-norm blocks; a post-norm block such as OLMo-2's
-    reads the raw residual: None)."""
-    if _LAYER.search(name) is None:  # the logit head reads the final norm's output
-        decoder = getattr(getattr(model, "get_base_model", lambda: model)(), "model", None)
-        return _norm_gain(getattr(decoder, "norm", None), hidden)
-    if _layer_norm(model, name, "input_layernorm") is None:
-        return None
-    if _READERS[canonical_name(name).rsplit(".", 1)[-1]] == "attention":
-        return _norm_gain(_layer_norm(model, name, "input_layernorm"), hidden)
-    return _norm_gain(_layer_norm(model, name, "pre_feedforward_layernorm")
-                      or _layer_norm(model, name, "post_attention_layernorm"), hidden)
-
-
-def _writer_gain(model, name: str, hidden: int) -> torch.Tensor | None:
-    """The gain of the norm between a residual writer and the residual, in post-norm blocks (Gemma-2/3, OLMo-2:
-    ``post_attention_layernorm`` after o_proj, ``post_feedforward_layernorm`` after down_proj); else None."""
-    if _layer_norm(model, name, "post_feedforward_layernorm") is None:
-        return None
-    which = "post_attention_layernorm" if canonical_name(name).endswith("o_proj") else "post_feedforward_layernorm"
-    return _norm_gain(_layer_norm(model, name, which), hidden)
-
-
-def _scaled(direction: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
-    """The unit column of ``direction`` as a norm with ``gain`` passes it on."""
-    scaled = direction if gain is None else direction * gain.to(direction.device)
-    return (scaled / scaled.norm())[:, None]
-
-
-def direction_bases(model, basis: SafetyBasis) -> tuple[dict, dict]:
-    """Directions mode: residual readers keep the layer's refusal direction (as their norm scales it) in their
-    input null space, residual writers keep it out of what they add to the residual (through their post-norm,
-    if any) — the direction-only defence, for comparison. Readers and writers are known by name (q/k/v/gate/up
-    and the logit head; o/down)."""
-    directions = basis.layer_directions().float()
-    hidden, n_layers = basis.hidden_size, directions.shape[0]
-    readers, writers = {}, {}
-    usable = directions.norm(dim=-1) > 0.5  # a layer whose harmful and harmless means coincide has none
-    head = output_head_name(model, list(basis.subspaces))
-    for name in basis.subspaces:
-        short = canonical_name(name).rsplit(".", 1)[-1]
-        match = _LAYER.search(name)
-        layer = int(match.group(2)) if match else n_layers - 1
-        written = min(layer + 1, n_layers - 1)
-        if (short in _READERS or name == head) and usable[layer]:
-            readers[name] = _scaled(directions[layer], _reader_gain(model, name, hidden))
-        if short in _WRITERS and usable[written]:
-            writers[name] = _scaled(directions[written], _writer_gain(model, name, hidden))
-    if not readers and not writers:
-        raise ValueError("mode='directions' found no residual readers (q/k/v/gate/up_proj, the logit head) or "
-                         f"writers (o_proj, down_proj) among the protected modules {sorted(basis.subspaces)[:4]}...; "
-                         "use mode='subspace'.")
-    if usable[0]:
-        tokens = model.get_input_embeddings()
-        embeddings = [n for n, m in model.named_modules() if m is tokens and m.weight.requires_grad]
-        if head in readers and tokens.weight is getattr(model.get_output_embeddings(), "weight", None):
-            # tied: one weight, two right-side constraints would undo each other, so the head holds both columns
-            readers[head] = orthonormalize(torch.cat([readers[head], directions[0][:, None].to(readers[head])],
-                                                     dim=1)).float()
-        else:
-            writers.update({name: directions[0][:, None] for name in embeddings})
-    return readers, writers
-
-
-def read_by_text(model, params: list[torch.nn.Parameter], token_ids: torch.Tensor) -> list[bool]:
-    """Whether the logits of a text prompt (the protected tokens, in order) depend on each parameter: autograd's
-    own answer, so it holds whatever the module types (fused MoE experts, a DoRA magnitude, a raw weight that a
-    multimodal projector holds but text never reaches). ``autograd.grad``: nothing is accumulated into ``.grad``."""
-    ids = token_ids.reshape(-1)[:16].to(next(model.parameters()).device, torch.long)
-    if not params or not ids.numel():
-        return [bool(params)] * len(params)
-    with eval_mode(model), torch.enable_grad():
-        logits = model(input_ids=ids[None], use_cache=False).logits
-        if not uses_fsdp2(model):
-            return [grad is not None for grad in torch.autograd.grad(logits.float().sum(), params, allow_unused=True)]
-        # FSDP2 computes on gathered copies, so the sharded parameters are not in the graph: a real backward on
-        # every rank (a collective), then the gradients it left are cleared and the weights put back in shards
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        had = {id(p): p.grad for p in trainable}
-        logits.float().sum().backward()
-        read = [p.grad is not None for p in params]
-        for p in trainable:
-            p.grad = had[id(p)]
-        reshard(model)
-        return read
 
 
 def _input_ids(batch) -> torch.Tensor:

@@ -328,13 +328,13 @@ class RefusalDirections(L.Callback):
             self._restored = True
 
 
-def find_refusal_directions(trainer: L.Trainer) -> RefusalDirections:
-    """The RefusalDirections callback among the trainer's callbacks (other callbacks depend on it)."""
+def find_refusal_directions(trainer: L.Trainer, required: bool = True) -> RefusalDirections | None:
+    """The RefusalDirections callback among the trainer's callbacks (other callbacks read its basis, sources and
+    system prompt); None without one when not ``required``. Two would leave it ambiguous which basis is meant."""
     found = [c for c in trainer.callbacks if isinstance(c, RefusalDirections)]
-    if len(found) != 1:
-        raise RuntimeError(
-            f"Expected exactly one RefusalDirections callback, found {len(found)}: add "
-            "`RefusalDirections(harmful=..., harmless=...)` to the Trainer's callbacks, or give `basis=` a saved one."
-        )
-    return found[0]
+    if len(found) > 1 or (required and not found):
+        fix = ("keep one" if found else "add `RefusalDirections(harmful=..., harmless=...)` to the Trainer's callbacks, "
+               "or give RepresentationProjection `basis=` a saved one")
+        raise RuntimeError(f"Expected exactly one RefusalDirections callback, found {len(found)}: {fix}.")
+    return found[0] if found else None
 

@@ -71,3 +71,12 @@ def check_unsharded(trainer, who: str) -> None:
             f"{who} does not support {strategy.__name__} with {trainer.world_size} process(es): it needs whole "
             f"weight rows on every rank. Use {fix}, or a single device."
         )
+
+
+def log_now(trainer, metrics: dict[str, float]) -> None:
+    """Send ``metrics`` straight to every logger at the trainer's logging step (rank zero only), as
+    LearningRateMonitor does: ``self.log`` in a callback holds step values until Lightning's next
+    ``log_every_n_steps`` flush, so a measurement in between is lost or stamped with a later step."""
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from rg_lightning.chat import (IGNORE_INDEX, ChatFormatError, encode_conversation, encode_text, require_chat_template,
                                with_template_defaults)
+from rg_lightning.loading import load_tokenizer
 from rg_lightning.sources import load_source, parse_source
 
 Format = Literal["auto", "messages", "prompt_completion", "alpaca", "text"]
@@ -221,8 +222,6 @@ class InstructionDataModule(L.LightningDataModule):
         """The tokenizer used for rendering; callbacks read it as ``trainer.datamodule.tokenizer``."""
         if self._tokenizer is None:
             if self.tokenizer_name:
-                from rg_lightning.module import load_tokenizer
-
                 self._tokenizer = load_tokenizer(self.tokenizer_name)
             elif self.trainer is not None and getattr(self.trainer.lightning_module, "tokenizer", None) is not None:
                 self._tokenizer = self.trainer.lightning_module.tokenizer

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--n, --max-new-tokens and --batch-size must be positive")
     from transformers import AutoModelForCausalLM
 
-    from rg_lightning.module import check_model_source, load_tokenizer
+    from rg_lightning.loading import check_model_source, load_tokenizer
 
     check_model_source(args.model)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)

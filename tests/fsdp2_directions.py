@@ -10,7 +10,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from transformers import AutoModelForCausalLM
 
 from rg_lightning import CausalLMModule
-from rg_lightning.callbacks.projection import direction_bases
+from rg_lightning.guard.directions import direction_bases
 from rg_lightning.fsdp2 import shard_model
 from rg_lightning.guard.collect import collect_basis
 from test_callbacks import HARMFUL, HARMLESS

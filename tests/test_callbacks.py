@@ -289,7 +289,7 @@ def test_drift_interference_is_none_when_undefined_and_never_carried_over(monkey
     drift = DriftGeometry(every_n_steps=1, harmful=HARMFUL, harmless=HARMLESS)
     monkeypatch.setattr(drift, "measure_states", lambda *args: None)
     monkeypatch.setattr(drift, "metrics", lambda now: {})
-    trainer = SimpleNamespace(callbacks=[refusal, drift], global_step=0, loggers=[],
+    trainer = SimpleNamespace(callbacks=[refusal, drift], global_step=0, loggers=[], is_global_zero=True,
                               strategy=SimpleNamespace(broadcast=lambda value, src: value))
     pl_module = SimpleNamespace(model=net, device=torch.device("cpu"))
     inside = torch.zeros(3, 4)
@@ -688,7 +688,7 @@ def test_hold_absent_rows_needs_the_token_ids_of_each_batch():
 
 
 def test_directions_mode_knows_readers_and_writers_by_name_and_scales_by_the_norm(tiny_models):
-    from rg_lightning.callbacks.projection import direction_bases
+    from rg_lightning.guard.directions import direction_bases
     from rg_lightning.guard.collect import collect_basis
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
@@ -711,7 +711,7 @@ def test_norm_gain_is_the_weight_whatever_the_bias_or_offset():
     from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from rg_lightning.callbacks.projection import _norm_gain
+    from rg_lightning.guard.directions import _norm_gain
 
     weight = torch.linspace(0.5, 2.0, 8)
     layer_norm = torch.nn.LayerNorm(8)
@@ -726,7 +726,7 @@ def test_norm_gain_is_the_weight_whatever_the_bias_or_offset():
 
 
 def test_directions_mode_writes_through_the_post_norm(tiny_models):
-    from rg_lightning.callbacks.projection import direction_bases
+    from rg_lightning.guard.directions import direction_bases
     from rg_lightning.guard.collect import collect_basis
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma2"]).eval()
@@ -743,7 +743,7 @@ def test_directions_mode_writes_through_the_post_norm(tiny_models):
 def test_directions_mode_merges_the_embedding_direction_into_a_tied_head(tiny_models):
     """Gemma-2 ties its head to the embeddings: one weight, so the layer-0 direction joins the head's reader basis
     instead of a second right-side constraint on the same matrix (which would undo the first)."""
-    from rg_lightning.callbacks.projection import direction_bases
+    from rg_lightning.guard.directions import direction_bases
     from rg_lightning.guard.collect import collect_basis
     from rg_lightning.guard.projection import build_constraints
 
@@ -814,3 +814,20 @@ def test_an_8bit_base_warns_that_the_guard_is_not_exact(tmp_path, tiny_models, c
     with pytest.warns(UserWarning, match="8-bit.*quantization: nf4"):
         run_fit(tmp_path, tiny_models["llama"], chat_file, [guard(), RepresentationProjection()], steps=1,
                 lora_r=4, quantization="int8")
+
+
+def test_the_refusal_directions_callback_is_found_once_or_the_error_names_the_fix():
+    from types import SimpleNamespace
+
+    from rg_lightning.callbacks.refusal_directions import find_refusal_directions
+
+    one = RefusalDirections(harmful=["a b", "c d"], harmless=["e f", "g h"])
+    assert find_refusal_directions(SimpleNamespace(callbacks=[one])) is one
+    assert find_refusal_directions(SimpleNamespace(callbacks=[]), required=False) is None
+    with pytest.raises(RuntimeError, match="found 0: add `RefusalDirections"):
+        find_refusal_directions(SimpleNamespace(callbacks=[]))
+    for required in (True, False):  # DriftGeometry and SafetyEvaluation would otherwise read the first one's basis
+        with pytest.raises(RuntimeError, match="found 2: keep one"):
+            find_refusal_directions(SimpleNamespace(callbacks=[one, RefusalDirections(harmful=["a b", "c d"],
+                                                                                      harmless=["e f", "g h"])]),
+                                    required=required)

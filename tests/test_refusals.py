@@ -115,20 +115,20 @@ def test_reasoning_answers_warn_and_template_variables_reach_the_prompts(toy, tm
                                                        add_generation_prompt=True)
         return [], {"not_refused": len(prompts), "cut_off": 0}
 
-    import rg_lightning.module
+    import rg_lightning.loading
     import rg_lightning.refusals as refusals
     from rg_lightning.toy.tokenizer import CHAT_TEMPLATE
 
     thinking = CHAT_TEMPLATE.replace("<|assistant|>{% endif %}", "<|assistant|>{% if enable_thinking is defined and "
                                      "enable_thinking is false %} <think> </think>{% endif %}{% endif %}")
-    load = rg_lightning.module.load_tokenizer
+    load = rg_lightning.loading.load_tokenizer
 
     def load_thinking(name, trust_remote_code=False):
         loaded = load(name, trust_remote_code)
         loaded.chat_template = thinking
         return loaded
 
-    monkeypatch.setattr(rg_lightning.module, "load_tokenizer", load_thinking)
+    monkeypatch.setattr(rg_lightning.loading, "load_tokenizer", load_thinking)
     monkeypatch.setattr(refusals, "refusal_rows", record)
     command = ["--model", str(ALIGNED_MODEL_DIR), "--harmful", "toy:harmful", "--n", "2", "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit, match="No refusal kept"):

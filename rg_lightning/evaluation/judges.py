@@ -15,7 +15,7 @@ import torch
 from rg_lightning.chat import left_padded, position_ids, render_prompt
 from rg_lightning.generation import plain_greedy
 from rg_lightning.modes import eval_mode
-from rg_lightning.module import check_model_source, load_tokenizer
+from rg_lightning.loading import check_model_source, load_tokenizer
 from rg_lightning.refusal_score import REFUSAL_WORDS, refusal_score, refusal_token_ids
 
 # Llama Guard 1/2 practice (JailbreakBench, refusal_direction): answers under 15 words are not jailbroken.
