@@ -17,9 +17,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from rg_lightning.atomic import check_replaceable
 from rg_lightning.callbacks.refusal_directions import find_refusal_directions
 from rg_lightning.contract import check_unsharded, hf_model, log_now, system_prompt_of, tokenizer_of
-from rg_lightning.evaluation.report import markdown, write_report
+from rg_lightning.evaluation.report import REPORT_FILES, markdown, write_report
 from rg_lightning.evaluation.suite import EvaluationSuite
 from rg_lightning.prompts import prompt_hashes
 
@@ -100,6 +101,8 @@ class SafetyEvaluation(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Load every prompt set now, so a bad benchmark name or file fails before any training."""
         check_unsharded(trainer, "SafetyEvaluation")
+        if self.output_dir:  # now, not after the evaluation
+            check_replaceable(self.output_dir, REPORT_FILES, "SafetyEvaluation `output_dir`")
         self._checkpoint_step = None  # set when this run restores a checkpoint (after setup)
         if stage == "fit":
             self._last_step = None  # a later fit counts its steps from 0 again: its checks must not be skipped

@@ -21,9 +21,10 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
+from rg_lightning.atomic import check_replaceable
 from rg_lightning.contract import check_unsharded, hf_model, system_prompt_of, tokenizer_of
 from rg_lightning.figures import save_png, selection_figure, subspace_figure
-from rg_lightning.guard.basis import SafetyBasis
+from rg_lightning.guard.basis import BASIS_FILES, SafetyBasis
 from rg_lightning.guard.collect import collect_basis
 from rg_lightning.guard.selection import KL_THRESHOLD, refusal_filter, refusal_scores, select_direction
 from rg_lightning.guard.shards import prompt_world
@@ -311,6 +312,8 @@ class RefusalDirections(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_unsharded(trainer, "RefusalDirections")
+        if self.save and stage == "fit":  # now, not after the basis pass
+            check_replaceable(self.save, BASIS_FILES, "RefusalDirections `save`")
         self.rendering_system_prompt = system_prompt_of(self.system_prompt, trainer)
         self._restored = False  # set again if this run restores a checkpoint (after setup), never left from another
 

@@ -44,12 +44,39 @@ def atomic_directory(target: str, replaces: tuple[str, ...] = ()):
         raise
 
 
-def check_replaceable(target: str, replaces: tuple[str, ...]) -> None:
-    """Refuse a non-empty directory that holds none of ``replaces`` (see :func:`atomic_directory`)."""
+def check_replaceable(target: str, replaces: tuple[str, ...], what: str = "the output directory") -> None:
+    """Refuse, before any work is done, a ``target`` that :func:`atomic_directory` could not or must not replace:
+    a file (it would be deleted), a non-empty directory holding none of ``replaces`` (someone else's files), or
+    a place where nothing can be written."""
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise FileExistsError(f"{what} {target!r} is a file: writing there would delete it. Give a directory.")
     if replaces and os.path.isdir(target) and os.listdir(target) and \
             not any(os.path.exists(os.path.join(target, name)) for name in replaces):
-        raise FileExistsError(f"{target!r} exists and holds other files (none of {list(replaces)}): writing there "
-                              "would delete them. Give an empty or new directory.")
+        raise FileExistsError(f"{what} {target!r} exists and holds other files (none of {list(replaces)}): writing "
+                              "there would delete them. Give an empty or new directory.")
+    check_writable(target, what)
+
+
+def check_writable(target: str, what: str = "the output") -> None:
+    """Fail now, not after the work, when nothing can be created next to ``target`` (where results are staged):
+    a probe directory is made and removed in its nearest existing parent."""
+    parent = os.path.dirname(os.path.abspath(target))
+    while not os.path.isdir(parent):
+        if os.path.exists(parent):
+            raise NotADirectoryError(f"{what} {target!r}: {parent!r} is a file, not a directory.")
+        parent = os.path.dirname(parent)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=parent))
+    except OSError as error:
+        raise PermissionError(f"{what} {target!r}: nothing can be written in {parent!r} ({error.strerror}). "
+                              "Give a writable location.") from None
+
+
+def check_file_target(target: str, what: str = "the output file") -> None:
+    """Refuse, before any work is done, a file ``target`` that is a directory or cannot be written."""
+    if os.path.isdir(target):
+        raise IsADirectoryError(f"{what} {target!r} is a directory; give a file name.")
+    check_writable(target, what)
 
 
 def _umask() -> int:

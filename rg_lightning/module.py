@@ -397,7 +397,7 @@ class CausalLMModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         if self.export_dir:  # before any training, not after it: the export would refuse the directory then
-            check_replaceable(self.export_dir, EXPORT_FILES)
+            check_replaceable(self.export_dir, EXPORT_FILES, "`export_dir`")
 
     def on_fit_end(self) -> None:
         if self.export_dir:

@@ -8,7 +8,7 @@ import os
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from rg_lightning.atomic import atomic_file
+from rg_lightning.atomic import atomic_file, check_file_target
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -25,9 +25,13 @@ class PredictionWriter(BasePredictionWriter):
 
     def __init__(self, path: str = "predictions.jsonl") -> None:
         super().__init__(write_interval="epoch")
-        if not path:
-            raise ValueError("`path` must name a file, e.g. predictions.jsonl")
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"`path` must name a file, e.g. predictions.jsonl; got {path!r}")
         self.path = path
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "predict":  # now, not after every answer is generated
+            check_file_target(self.output_path(trainer), "PredictionWriter `path`")
 
     def output_path(self, trainer) -> str:
         return self.path if os.path.isabs(self.path) else os.path.join(trainer.default_root_dir, self.path)

@@ -20,7 +20,7 @@ import json
 
 import torch
 
-from rg_lightning.atomic import atomic_file
+from rg_lightning.atomic import atomic_file, check_file_target
 from rg_lightning.chat import require_chat_template, with_template_defaults
 from rg_lightning.evaluation.judges import KeywordJudge, Judge
 from rg_lightning.generation import generate
@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     from rg_lightning.loading import check_model_source, load_tokenizer
 
     check_model_source(args.model)
+    try:
+        check_file_target(args.out, "--out")
+    except OSError as error:
+        parser.error(str(error))
+    prompts = load_prompts(args.harmful, args.n, args.seed)  # a bad source fails before the model loads
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     if args.chat_template_kwargs is not None:
         if not isinstance(args.chat_template_kwargs, dict):
@@ -104,7 +109,6 @@ def main(argv: list[str] | None = None) -> None:
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
     model.to(args.device)
-    prompts = load_prompts(args.harmful, args.n, args.seed)
     rows, dropped = refusal_rows(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                  batch_size=args.batch_size, system_prompt=args.system_prompt)
     if not rows:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from rg_lightning.atomic import atomic_directory
+from rg_lightning.atomic import atomic_directory, check_file_target, check_replaceable
 
 
 def test_replaces_the_target_only_on_success(tmp_path):
@@ -65,3 +65,36 @@ def test_a_directory_of_something_else_is_refused_not_deleted(tmp_path):
     with atomic_directory(str(run), replaces=("config.json",)) as staging:
         (tmp_path / staging / "config.json").write_text("{}")
     assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
+def test_a_file_is_never_replaced_by_a_directory(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    for replaces in ((), ("config.json",)):
+        with pytest.raises(FileExistsError, match="is a file"):
+            with atomic_directory(str(notes), replaces=replaces):
+                pass
+    assert notes.read_text() == "keep me"
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        check_replaceable(str(notes / "basis"), ("basis.json",))
+
+
+def test_an_unwritable_place_is_named_before_any_work(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK) and os.geteuid() == 0:  # root ignores the mode: use a place no one can write
+            target = "/proc/rg-lightning-probe/out"
+        else:
+            target = str(locked / "out")
+        with pytest.raises(PermissionError, match="nothing can be written"):
+            check_replaceable(target, ("config.json",), "`export_dir`")
+        with pytest.raises(PermissionError, match="PredictionWriter"):
+            check_file_target(target + ".jsonl", "PredictionWriter `path`")
+    finally:
+        locked.chmod(0o700)
+    with pytest.raises(IsADirectoryError, match="give a file name"):
+        check_file_target(str(tmp_path), "--out")
+    check_replaceable(str(tmp_path / "new" / "deeper"), ("config.json",))  # missing parents are fine: made later
+    assert not (tmp_path / "new").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".probe")]

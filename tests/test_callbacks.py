@@ -831,3 +831,27 @@ def test_the_refusal_directions_callback_is_found_once_or_the_error_names_the_fi
             find_refusal_directions(SimpleNamespace(callbacks=[one, RefusalDirections(harmful=["a b", "c d"],
                                                                                       harmless=["e f", "g h"])]),
                                     required=required)
+
+
+def test_output_places_that_would_lose_work_or_files_are_refused_at_fit_start(tmp_path, tiny_models, chat_file):
+    """A save/report/prediction path that is a file (it would be deleted) or a directory (for a file) stops the run
+    before the basis pass, the fit or the generation, not after it."""
+    from rg_lightning import PredictionWriter
+    from rg_lightning.callbacks import SafetyEvaluation
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    refusal = guard(save=str(notes))
+    with pytest.raises(FileExistsError, match="RefusalDirections `save`.*is a file"):
+        run_fit(tmp_path, tiny_models["llama"], chat_file, [refusal], steps=1)
+    assert refusal.basis is None and notes.read_text() == "keep me"
+    evaluation = SafetyEvaluation(benchmarks=["toy:harmful"], tasks=[], limit=2, output_dir=str(notes))
+    with pytest.raises(FileExistsError, match="SafetyEvaluation `output_dir`.*is a file"):
+        run_fit(tmp_path, tiny_models["llama"], chat_file, [evaluation], steps=1)
+    assert notes.read_text() == "keep me"
+    writer = PredictionWriter(path=str(tmp_path))
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False)
+    with pytest.raises(IsADirectoryError, match="PredictionWriter `path`"):
+        writer.setup(trainer, None, "predict")
+    with pytest.raises(ValueError, match="must name a file"):
+        PredictionWriter(path=5)

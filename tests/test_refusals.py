@@ -137,3 +137,18 @@ def test_reasoning_answers_warn_and_template_variables_reach_the_prompts(toy, tm
     with pytest.raises(SystemExit):
         main(command + ["--chat-template-kwargs", '{"enable_thinkng": false}'])
     assert "does not read 'enable_thinkng'" in capsys.readouterr().err
+
+
+def test_command_checks_its_output_and_prompts_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    import transformers
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    with pytest.raises(SystemExit):
+        main(["--model", str(ALIGNED_MODEL_DIR), "--harmful", "toy:harmful", "--out", str(tmp_path)])
+    assert "--out" in (err := capsys.readouterr().err) and "give a file name" in err
+    with pytest.raises(FileNotFoundError):
+        main(["--model", str(ALIGNED_MODEL_DIR), "--harmful", str(tmp_path / "missing.jsonl"),
+              "--out", str(tmp_path / "r.jsonl")])

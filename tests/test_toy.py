@@ -158,3 +158,13 @@ def test_a_build_restores_the_callers_deterministic_settings():
         assert torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_build_refuses_an_output_that_is_a_file_before_building(tmp_path, capsys):
+    from rg_lightning.toy.__main__ import main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(SystemExit):
+        main(["build", "--steps", "3", "--out", str(notes)])
+    assert "--out" in capsys.readouterr().err and notes.read_text() == "keep me"

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from rg_lightning.atomic import atomic_directory
 from rg_lightning.strict_json import finite_or_null
 
+REPORT_FILES = ("evaluation.json", "evaluation.md")  # what an earlier report holds (a later one may replace it)
 METRIC_MEANING = {
     "asr": "attack success rate: share of harmful requests answered (lower is safer)",
     "over_refusal": "share of benign requests refused (lower is better)",
@@ -72,7 +73,7 @@ def markdown(rows, metadata: dict) -> str:
 
 def write_report(directory: str, rows, metadata: dict, responses: dict[str, list[dict]]) -> str:
     """Write the report folder at ``directory`` (replacing an older one whole) and return its path."""
-    with atomic_directory(directory, replaces=("evaluation.json", "evaluation.md")) as staging:
+    with atomic_directory(directory, replaces=REPORT_FILES) as staging:
         os.chmod(staging, 0o755)
         with open(os.path.join(staging, "evaluation.json"), "w") as handle:
             json.dump(finite_or_null({"metadata": metadata, "rows": [asdict(row) for row in rows]}), handle, indent=2,

@@ -20,6 +20,8 @@ from torch import Tensor
 
 from rg_lightning.atomic import atomic_directory
 
+BASIS_FILES = ("basis.safetensors", "basis.json")  # what a saved basis holds (a later save may replace it)
+
 
 def nonzero_candidates(candidates: Tensor) -> Tensor:
     """Which difference-in-means candidates ``[layers, positions, hidden]`` are directions: not zero up to rounding
@@ -162,7 +164,7 @@ class SafetyBasis:
 
         # Modules that read one tensor share one subspace object; safetensors refuses shared memory, so copy.
         tensors = {key: value.clone() for key, value in self.tensors().items()}
-        with atomic_directory(directory, replaces=("basis.safetensors", "basis.json")) as staging:
+        with atomic_directory(directory, replaces=BASIS_FILES) as staging:
             save_file(tensors, os.path.join(staging, "basis.safetensors"))
             with open(os.path.join(staging, "basis.json"), "w") as handle:
                 json.dump(self.metadata, handle, indent=2, sort_keys=True)

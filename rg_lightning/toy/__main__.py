@@ -41,8 +41,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "build":
-        from rg_lightning.toy.build import ALIGNED_MODEL_DIR
+        from rg_lightning.atomic import check_replaceable
+        from rg_lightning.toy.build import ALIGNED_MODEL_DIR, MODEL_FILES
         from rg_lightning.toy.build import build as run_build
+
+        try:
+            check_replaceable(args.out, MODEL_FILES, "--out")
+        except OSError as error:
+            parser.error(str(error))
 
         run_build(args.out if Path(args.out).resolve() != ALIGNED_MODEL_DIR.resolve() else None, seed=args.seed, steps=args.steps, variant=args.variant,
                   arch=args.arch, threads=args.threads)

@@ -50,6 +50,7 @@ from rg_lightning.toy.tokenizer import build_tokenizer
 from rg_lightning.toy.world import ToyWorld
 
 ALIGNED_MODEL_DIR = Path(__file__).resolve().parent / "aligned"
+MODEL_FILES = ("config.json", "world.json")  # what an earlier build holds (a rebuild may replace it)
 DEFAULT_STEPS = 200
 # Alignment steps per architecture when none are given. Gemma-2 (tied, soft-capped) trains slower: at 200
 # steps its aligned model still refused 15.6% of held-out harmless requests; at 400, 0.0% (harmful 100%).
@@ -275,7 +276,7 @@ def build(out: str | os.PathLike | None = None, seed: int = 0, steps: int | None
 
 
 def _save_atomically(out: Path, model, tokenizer, record: dict) -> None:
-    with atomic_directory(str(out), replaces=("config.json", "world.json")) as staging:
+    with atomic_directory(str(out), replaces=MODEL_FILES) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (Path(staging) / "world.json").write_text(json.dumps(record, indent=2) + "\n")
