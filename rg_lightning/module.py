@@ -10,7 +10,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from rg_lightning.atomic import atomic_directory, check_replaceable
 from rg_lightning.chat import IGNORE_INDEX
@@ -353,12 +353,20 @@ class CausalLMModule(L.LightningModule):
         dist.all_gather_object(states, state)
         return states
 
+    def setup(self, stage: str) -> None:
+        self._resume_rng = None  # a checkpoint this run restores sets it after setup; one loaded for validate or
+        # test must not reseed a later fit
+
     def on_train_start(self) -> None:
         """A resumed fit takes up its process's random state where the checkpoint left it (after the data loader
         and everything before the first step drew theirs)."""
         states, self._resume_rng = self._resume_rng, None
-        if states:
-            state = states[self.global_rank] if len(states) == self.trainer.world_size else states[0]
+        if states and len(states) != self.trainer.world_size:
+            rank_zero_warn(f"The checkpoint holds the random states of {len(states)} processes and this run has "
+                           f"{self.trainer.world_size}: each process keeps its own seeded state, so dropout masks "
+                           "will not match those of an uninterrupted run.")
+        elif states:
+            state = states[self.global_rank]
             torch.set_rng_state(state["cpu"])
             if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(state["cuda"])

@@ -110,6 +110,45 @@ def test_resume_from_mid_fit_checkpoint_matches_uninterrupted(tmp_path, tiny_mod
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
+class FirstStepRandomState(L.Callback):
+    """The torch random state the first training step draws its dropout masks from."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not hasattr(self, "state"):
+            self.state = torch.get_rng_state()
+
+
+def test_a_checkpoints_random_state_reaches_only_the_fit_that_resumes_from_it(tmp_path, tiny_models, chat_file):
+    def data():
+        return InstructionDataModule(train=chat_file, val_fraction=0.5, batch_size=4)
+
+    def module():
+        return CausalLMModule(model=tiny_models["llama"], optimizer=adamw(), lora_r=4, lora_dropout=0.1)
+
+    L.seed_everything(0)
+    trainer(tmp_path, 1, enable_checkpointing=True, limit_val_batches=1,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)]).fit(module(), data())
+    saved = tmp_path / "ckpt" / "last.ckpt"
+    first_steps = []
+    for ckpt_path in (None, str(saved)):  # validate the model as it is, or from the checkpoint; then a new fit
+        reused, first_step = module(), FirstStepRandomState()
+        trainer(tmp_path, 1, limit_val_batches=1).validate(reused, data(), ckpt_path=ckpt_path)
+        L.seed_everything(1)
+        trainer(tmp_path, 1, callbacks=[first_step], limit_val_batches=0).fit(reused, data())
+        first_steps.append(first_step.state)
+    assert torch.equal(*first_steps)  # the validate run's checkpoint did not reseed the later fit
+
+    checkpoint = torch.load(saved, weights_only=True, map_location="cpu")
+    checkpoint["torch_rng_states"] = checkpoint["torch_rng_states"] * 2  # as saved by two processes
+    torch.save(checkpoint, tmp_path / "two.ckpt")
+    kept = FirstStepRandomState()
+    L.seed_everything(1)
+    with pytest.warns(UserWarning, match="random states of 2 processes and this run has 1"):
+        trainer(tmp_path, 2, callbacks=[kept], limit_val_batches=0).fit(module(), data(),
+                                                                        ckpt_path=str(tmp_path / "two.ckpt"))
+    assert not torch.equal(kept.state, checkpoint["torch_rng_states"][0]["cpu"])  # not one process's state for all
+
+
 def test_adapter_checkpoint_of_other_target_modules_is_refused(tmp_path, tiny_models, chat_file):
     L.seed_everything(0)
     module = CausalLMModule(model=tiny_models["llama"], optimizer=adamw(), lora_r=4, lora_target_modules=["q_proj"])
