@@ -47,7 +47,7 @@ from rg_lightning.guard.geometry import (
 from rg_lightning.guard.projection import canonical_name, subspace_energy
 from rg_lightning.guard.shards import is_sharded, local_rows, uses_fsdp2
 from rg_lightning.modes import eval_mode
-from rg_lightning.prompts import load_prompts, prompt_hashes
+from rg_lightning.prompts import check_prompt_source, load_prompts, prompt_hashes
 from rg_lightning.strict_json import finite_or_null
 from rg_lightning.refusal_score import refusal_score, refusal_token_ids
 
@@ -127,6 +127,9 @@ class DriftGeometry(L.Callback):
             raise ValueError("every_n_steps and batch_size must be >= 1 and n_probes >= 2")
         if warn_refusal_drop is not None and not 0.0 <= warn_refusal_drop <= 1.0:
             raise ValueError(f"warn_refusal_drop must be in [0, 1] (or None), got {warn_refusal_drop}")
+        for what, source in (("harmful", harmful), ("harmless", harmless)):
+            if source is not None:
+                check_prompt_source(source, what)
         self.every_n_steps, self.harmful, self.harmless = every_n_steps, harmful, harmless
         self.system_prompt = system_prompt
         self.n_probes, self.seed, self.figures = n_probes, seed, figures

@@ -27,6 +27,7 @@ several processes (flat shards that cut rows apart) and DeepSpeed are refused in
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Mapping
 from typing import Literal
@@ -102,6 +103,9 @@ class RepresentationProjection(L.Callback):
             raise ValueError(f"mode must be 'subspace' or 'directions', got {mode!r}")
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1] (1 exact, 0 off), got {strength}")
+        if basis is not None and not os.path.isdir(basis):
+            raise FileNotFoundError(f"No saved safety basis at {basis!r} (a directory with basis.safetensors and "
+                                    "basis.json); drop `basis` to use the RefusalDirections callback's.")
         self.mode, self.strength, self.basis_path = mode, strength, basis
         self.freeze_norms, self.protect_embeddings = freeze_norms, protect_embeddings
         if tail_reference_lr is not None and not tail_reference_lr > 0:
@@ -131,6 +135,12 @@ class RepresentationProjection(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_unsharded(trainer, "RepresentationProjection")
+        refusal = find_refusal_directions(trainer, required=False)
+        if self.basis_path and refusal is not None and not (
+                refusal.load and os.path.samefile(refusal.load, self.basis_path)):
+            rank_zero_warn("RepresentationProjection holds the basis loaded from `basis` while RefusalDirections "
+                           "measures (or loads) its own, which DriftGeometry and SafetyEvaluation read: drop one, or "
+                           "give RefusalDirections `load` the same directory.")
         self._restored_state = None  # a checkpoint this run restores sets it after setup; a validate/test run's must
         # not be taken by a later fit
 

@@ -29,7 +29,8 @@ from rg_lightning.guard.collect import collect_basis
 from rg_lightning.guard.selection import KL_THRESHOLD, refusal_filter, refusal_scores, select_direction
 from rg_lightning.guard.shards import prompt_world
 from rg_lightning.guard.subspace import UNIT_WEIGHT, basis_weights
-from rg_lightning.prompts import DEFAULT_HARMFUL, DEFAULT_HARMLESS, fingerprint, load_prompts, prompt_hashes
+from rg_lightning.prompts import (DEFAULT_HARMFUL, DEFAULT_HARMLESS, check_prompt_source, fingerprint, load_prompts,
+                                  prompt_hashes)
 
 
 class RefusalDirections(L.Callback):
@@ -124,6 +125,10 @@ class RefusalDirections(L.Callback):
             raise ValueError("answer_tokens must be >= 0 and batch_size >= 1")
         if load is not None and not os.path.isdir(load):
             raise FileNotFoundError(f"No saved safety basis at {load!r}; drop `load` to compute one.")
+        for what, source in (("harmful", harmful), ("harmless", harmless), ("val_harmful", val_harmful),
+                             ("val_harmless", val_harmless)):
+            if source is not None:
+                check_prompt_source(source, what)
         if isinstance(harmful, str) and harmful == harmless:
             raise ValueError("`harmful` and `harmless` name the same prompt source.")
         if n_val < 2:

@@ -18,6 +18,34 @@ DEFAULT_HARMFUL = "walledai/AdvBench"
 DEFAULT_HARMLESS = "tatsu-lab/alpaca"
 
 
+def check_prompt_source(source, what: str) -> None:
+    """Refuse now, before any model is loaded, a prompt source that ``load_prompts`` would refuse later: another
+    type, a list holding non-text, an unknown ``toy:`` set, a local file that does not exist. Hub ids are only
+    checked for their form (nothing is downloaded here)."""
+    if isinstance(source, (list, tuple)):
+        _strings(list(source), f"`{what}`")
+    elif not isinstance(source, str):
+        raise TypeError(f"`{what}` must be a list of prompts, a local file, a hub dataset id or toy:<harmful|harmless>, "
+                        f"got {type(source).__name__}")
+    elif source.startswith("toy:"):
+        *variant, kind = source.split(":")[1:]
+        if kind not in ("harmful", "harmless") or len(variant) > 1:
+            raise ValueError(f"`{what}`={source!r}: the miniature world's prompt sets are toy:harmful, toy:harmless "
+                             "and toy:<variant>:harmful / toy:<variant>:harmless")
+        if variant:
+            from rg_lightning.toy.world import ToyWorld
+
+            ToyWorld(variant[0])
+    elif source.endswith(".txt"):
+        if not os.path.isfile(os.path.expanduser(source)):
+            raise FileNotFoundError(f"`{what}`: prompt file {source!r} does not exist.")
+    else:
+        try:
+            parse_source(source)
+        except (ValueError, FileNotFoundError) as error:
+            raise type(error)(f"`{what}`: {error}") from None
+
+
 def load_prompts(source: str | list[str], n: int | None = None, seed: int = 0) -> list[str]:
     """Up to ``n`` prompts (a seeded sample when the source has more), as plain strings."""
     if isinstance(source, (list, tuple)):

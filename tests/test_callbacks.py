@@ -446,6 +446,38 @@ def test_bad_arguments_are_refused_early():
         RepresentationProjection(strength=2.0)
     with pytest.raises(ValueError, match="tail_reference_lr"):
         RepresentationProjection(tail_reference_lr=0.0)
+    with pytest.raises(FileNotFoundError, match="No saved safety basis"):
+        RepresentationProjection(basis="/nonexistent/basis")
+
+
+@pytest.mark.parametrize("source, error, message", [
+    ("/nonexistent/harmful.jsonl", FileNotFoundError, "`harmful`: Data file"),
+    ("/nonexistent/harmful.txt", FileNotFoundError, "`harmful`: prompt file"),
+    ("toy:nope", ValueError, "`harmful`='toy:nope'"),
+    ("toy:other:harmful", ValueError, "unknown variant"),
+    ({"a": 1}, TypeError, "`harmful` must be a list of prompts"),
+    (["a b", None], ValueError, "not text"),
+    ("not a source!", FileNotFoundError, "`harmful`: Data source"),
+], ids=["missing-file", "missing-txt", "unknown-toy-set", "unknown-toy-variant", "dict", "null-prompt", "neither"])
+def test_prompt_sources_are_checked_at_construction(source, error, message):
+    """Before any model loads or basis pass runs (they used to fail at fit start or after the basis pass)."""
+    with pytest.raises(error, match=message):
+        RefusalDirections(harmful=source)
+    with pytest.raises(error, match=message):
+        DriftGeometry(harmful=source)
+    with pytest.raises(error, match=message.replace("`harmful`", "`val_harmful`")):
+        RefusalDirections(val_harmful=source)
+
+
+def test_a_loaded_projection_basis_next_to_refusal_directions_warns(tmp_path, tiny_models, chat_file):
+    run_fit(tmp_path / "a", tiny_models["llama"], chat_file, [guard(save=str(tmp_path / "basis"))], steps=1)
+    with pytest.warns(UserWarning, match="holds the basis loaded from `basis` while RefusalDirections"):
+        run_fit(tmp_path / "b", tiny_models["llama"], chat_file,
+                [guard(), RepresentationProjection(basis=str(tmp_path / "basis"))], steps=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*holds the basis loaded")
+        run_fit(tmp_path / "c", tiny_models["llama"], chat_file,
+                [guard(load=str(tmp_path / "basis")), RepresentationProjection(basis=str(tmp_path / "basis"))], steps=1)
 
 
 @pytest.mark.parametrize(
