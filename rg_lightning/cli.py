@@ -31,11 +31,31 @@ class RefusalGuardCLI(LightningCLI):
             **kwargs,
         )
 
+    def instantiate_classes(self) -> None:
+        """A constructor's refusal of a configured value (``batch_size: 0``, a missing prompt file) ends the command
+        with that message, naming the key, instead of under jsonargparse's traceback of its type checks."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, OSError) as error:
+            self.parser.error(f"the configuration was refused: {constructor_errors(error)}")
+
     def _parse_ckpt_path(self) -> None:
         """The config and the command line decide the module's arguments, also with ``--ckpt_path``. LightningCLI
         would overwrite them with the hyperparameters saved in the checkpoint, explicit flags included: another
         machine's model path, the first run's ``export_dir`` (which a resumed run's export would then replace).
         ``CausalLMModule.on_load_checkpoint`` checks that the checkpoint's adapters fit the module."""
+
+
+def constructor_errors(error: Exception) -> str:
+    """The constructor's own message in a jsonargparse error, which lists one error per type the value could have
+    had (for an optional class: the class's, then "Expected a <class 'NoneType'>"; for a callback: the class's,
+    then the other forms a callback may be given in)."""
+    text = str(error)
+    if "Errors:" not in text:
+        return text
+    listed = [line.strip()[2:] for line in text.split("Errors:", 1)[1].splitlines() if line.strip().startswith("- ")]
+    own = [line for line in listed if not line.startswith("Expected a <class 'NoneType'>")]
+    return (own or listed or [text])[0]
 
 
 def other_lightning_command():

@@ -75,6 +75,18 @@ def test_predict_writes_every_answer_in_prompt_order(tmp_path, tiny_models, chat
     assert seen and set(seen) == {("write a poem .", 3)}  # the data's system prompt, the module's answer length
 
 
+@pytest.mark.parametrize("override, message", [
+    (["--data.batch_size", "0"], "batch_size must be positive, got 0"),
+    (["--trainer.callbacks.every_n_steps", "0"], "every_n_steps and batch_size must be >= 1"),
+], ids=["data", "callback"])
+def test_a_refused_value_ends_the_command_with_the_constructors_message(override, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", str(ROOT / "experiments" / "tiny.yaml"), *override])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"error: the configuration was refused: {message}" in err
+    assert "Traceback" not in err and "Expected a <class 'NoneType'>" not in err
+
+
 def test_bad_yaml_key_names_the_key(tmp_path, tiny_models, chat_file, capsys):
     config = write_config(tmp_path, tiny_models["llama"], chat_file, **{"model.init_args.lora_rank": 4})
     with pytest.raises(SystemExit):
