@@ -74,6 +74,8 @@ class SafetyEvaluation(L.Callback):
     ) -> None:
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be positive or None, got {every_n_steps}.")
+        if fit_limit < 1:
+            raise ValueError(f"fit_limit must be positive (prompts per benchmark in the fast check), got {fit_limit}.")
         self.suite = EvaluationSuite(benchmarks, tasks, judges, limit=limit, max_new_tokens=max_new_tokens,
                                      task_max_new_tokens=task_max_new_tokens, batch_size=batch_size,
                                      system_prompt=system_prompt, seed=seed)

@@ -374,3 +374,19 @@ def test_the_report_is_strict_json(tmp_path):
     report = strict((tmp_path / "r" / "evaluation.json").read_text())
     assert report["rows"][0]["value"] is None and report["rows"][0]["categories"] == {"c": None}
     assert strict((tmp_path / "r" / "responses" / "b.jsonl").read_text()) == {"score": None}
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    ({"benchmarks": "advbench"}, ValueError, r"`benchmarks` must be a list, e.g. \['advbench'\]"),
+    ({"judges": "logit"}, ValueError, "`judges` must be a list"),
+    ({"benchmarks": [{"name": "mine", "path": "mine.jsonl", "kind": "weird"}]}, ValueError, "kind must be 'harmful'"),
+    ({"benchmarks": [{"name": "mine", "path": "/nonexistent/mine.jsonl", "kind": "harmful"}]}, FileNotFoundError,
+     "does not exist"),
+    ({"benchmarks": ["toy:harmful"], "task_max_new_tokens": -1}, ValueError, "task_max_new_tokens must be positive"),
+    ({"benchmarks": ["toy:harmful"], "every_n_steps": 1, "fit_limit": 0}, ValueError, "fit_limit must be positive"),
+], ids=["benchmarks-string", "judges-string", "unknown-kind", "missing-file", "task-tokens", "fit-limit"])
+def test_evaluation_settings_are_checked_at_construction(arguments, error, message):
+    """Before any fit or generation: these used to fail at validate/test time (after training) or read a string
+    letter by letter."""
+    with pytest.raises(error, match=message):
+        SafetyEvaluation(**{"tasks": [], **arguments})

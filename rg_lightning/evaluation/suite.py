@@ -17,12 +17,13 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
 from rg_lightning.chat import render_prompt
-from rg_lightning.evaluation.benchmarks import Benchmark, benchmark_names, load_benchmark
+from rg_lightning.evaluation.benchmarks import KINDS, Benchmark, benchmark_names, load_benchmark
 from rg_lightning.evaluation.judges import Judge, KeywordJudge, LogitRefusalJudge, make_judge
 from rg_lightning.evaluation.metrics import AttackSuccessRate, OverRefusalRate, RateMetric
 from rg_lightning.evaluation.tasks import UtilityTask, load_task, task_names
 from rg_lightning.generation import generate
 from rg_lightning.guard.shards import process_world, prompt_world
+from rg_lightning.sources import parse_source
 
 
 @dataclass
@@ -110,18 +111,28 @@ class EvaluationSuite:
         seed: int = 0,
         progress: bool = True,
     ) -> None:
+        for what, given in (("benchmarks", benchmarks), ("tasks", tasks), ("judges", judges)):
+            if isinstance(given, (str, dict)):  # one name where a list is meant would be read letter by letter
+                raise ValueError(f"`{what}` must be a list, e.g. [{given!r}], got {given!r}.")
         if not benchmarks and not tasks:
             raise ValueError("Give at least one benchmark or task to evaluate.")
+        if task_max_new_tokens is not None and task_max_new_tokens < 1:
+            raise ValueError(f"task_max_new_tokens must be positive or None (each task's own), got {task_max_new_tokens}.")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be positive or None, got {limit}.")
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be positive.")
         self.benchmark_entries = [_entry(item, BENCHMARK_KEYS) for item in benchmarks]
         self.task_entries = [_entry(item, TASK_KEYS) for item in tasks]
-        for entry in self.benchmark_entries:  # names are checked now, files and hub data in load()
+        for entry in self.benchmark_entries:  # names, kinds and local files now; hub data in load()
             if "kind" not in entry and entry["name"] not in benchmark_names():
                 raise ValueError(f"Unknown benchmark {entry['name']!r}; known: {', '.join(benchmark_names())}. "
                                  "Your own set needs `path` and `kind` (harmful or benign).")
+            if entry.get("kind") is not None and entry["kind"] not in KINDS:
+                raise ValueError(f"Benchmark {entry['name']!r}: kind must be 'harmful' (attack success) or 'benign' "
+                                 f"(over-refusal), got {entry['kind']!r}.")
+            if entry.get("path"):
+                parse_source(entry["path"])
         for entry in self.task_entries:
             if "source" not in entry and entry["name"] not in task_names():
                 raise ValueError(f"Unknown task {entry['name']!r}; known: {', '.join(task_names())}. "
