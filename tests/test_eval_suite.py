@@ -114,10 +114,14 @@ def test_validate_runs_the_full_suite_and_bad_names_fail_before_any_work(tmp_pat
     assert _rows(tmp_path / "r")[("toy:harmful", "logit_refusal_score")]["n"] == 6
     assert trainer.callback_metrics["safety/toy_harmful/logit_refusal_score/asr"] == 0.0
 
-    broken = SafetyEvaluation(benchmarks=["advbench=" + str(tmp_path / "missing.csv")], judges=["logit"])
+    with pytest.raises(FileNotFoundError, match="missing.csv"):  # a local file: at construction
+        SafetyEvaluation(benchmarks=["advbench=" + str(tmp_path / "missing.csv")], judges=["logit"])
+    (tmp_path / "gone.csv").write_text("goal\nx\n")  # loading (hub sets, files): at setup, before the model
+    broken = SafetyEvaluation(benchmarks=["advbench=" + str(tmp_path / "gone.csv")], judges=["logit"])
+    (tmp_path / "gone.csv").unlink()
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[broken])
     module = CausalLMModule(model=tiny_models["llama"])
-    with pytest.raises(FileNotFoundError, match="missing.csv"):
+    with pytest.raises(FileNotFoundError, match="gone.csv"):
         trainer.validate(module, ToyTaskDataModule(n_val=4, batch_size=4))
     assert module.model is None  # failed while loading prompt sets, before the model was even built
     with pytest.raises(ValueError, match="Unknown benchmark"):

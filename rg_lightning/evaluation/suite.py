@@ -124,15 +124,13 @@ class EvaluationSuite:
             raise ValueError("max_new_tokens and batch_size must be positive.")
         self.benchmark_entries = [_entry(item, BENCHMARK_KEYS) for item in benchmarks]
         self.task_entries = [_entry(item, TASK_KEYS) for item in tasks]
-        for entry in self.benchmark_entries:  # names, kinds and local files now; hub data in load()
+        for entry in self.benchmark_entries:  # names and kinds now; local files below, hub data in load()
             if "kind" not in entry and entry["name"] not in benchmark_names():
                 raise ValueError(f"Unknown benchmark {entry['name']!r}; known: {', '.join(benchmark_names())}. "
                                  "Your own set needs `path` and `kind` (harmful or benign).")
             if entry.get("kind") is not None and entry["kind"] not in KINDS:
                 raise ValueError(f"Benchmark {entry['name']!r}: kind must be 'harmful' (attack success) or 'benign' "
                                  f"(over-refusal), got {entry['kind']!r}.")
-            if entry.get("path"):
-                parse_source(entry["path"])
         for entry in self.task_entries:
             if "source" not in entry and entry["name"] not in task_names():
                 raise ValueError(f"Unknown task {entry['name']!r}; known: {', '.join(task_names())}. "
@@ -144,6 +142,9 @@ class EvaluationSuite:
                              "the logged metrics and the responses file, so one entry would overwrite the other. Give "
                              "each copy its own name, e.g. {name: harmbench_val, path: ..., kind: harmful, "
                              "prompt_column: Behavior}.")
+        for entry in self.benchmark_entries:  # a missing local file now, not after the fit
+            if entry.get("path"):
+                parse_source(entry["path"])
         self.judges = [_judge(judge) for judge in judges]
         judge_names = [judge.name for judge in self.judges]
         twice = sorted({name for name in judge_names if judge_names.count(name) > 1})
