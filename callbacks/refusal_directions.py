@@ -13,6 +13,7 @@ gathered measurements, and the basis is broadcast from rank zero, so every rank 
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import weakref
@@ -113,14 +114,21 @@ class RefusalDirections(L.Callback):
         ridge: float = 0.0,
         input_differences: bool = False,
     ) -> None:
-        if not ridge >= 0 or (ridge and centered):
-            raise ValueError(f"ridge must be >= 0 (and 0 with centered=True), got {ridge}")
+        if not 0 <= ridge < math.inf or (ridge and centered):
+            raise ValueError(f"ridge must be finite and >= 0 (and 0 with centered=True), got {ridge}")
         if n_prompts < 2:
             raise ValueError(f"n_prompts must be at least 2, got {n_prompts}")
         if rank is None and (energy is None or not 0.0 < energy <= 1.0):
             raise ValueError(f"energy must be in (0, 1] (or give `rank`), got {energy}")
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be positive, got {rank}")
+        if rank is not None and energy not in (None, 0.99):
+            rank_zero_warn(f"RefusalDirections: `rank` ({rank}) is given, so `energy` ({energy}) is not used.")
+        unused = [name for name, value in (("val_harmful", val_harmful), ("val_harmless", val_harmless),
+                                           ("kl_threshold", kl_threshold != KL_THRESHOLD), ("n_val", n_val != 32))
+                  if value and not select_direction]
+        if unused:
+            rank_zero_warn(f"RefusalDirections: {', '.join(unused)} only apply with select_direction=True.")
         if answer_tokens < 0 or batch_size < 1:
             raise ValueError("answer_tokens must be >= 0 and batch_size >= 1")
         if load is not None and not os.path.isdir(load):

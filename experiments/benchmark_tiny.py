@@ -144,8 +144,8 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
     callbacks = [report]
     if arm in GUARD_ARMS:
         prefix = f"toy:{variant}:" if variant != "default" else "toy:"
-        callbacks += [RefusalDirections(harmful=prefix + "harmful", harmless=prefix + "harmless", energy=energy,
-                                        rank=rank, n_prompts=n_prompts, centered=centered,
+        callbacks += [RefusalDirections(harmful=prefix + "harmful", harmless=prefix + "harmless",
+                                        energy=energy if rank is None else None, rank=rank, n_prompts=n_prompts, centered=centered,
                                         head_answer_only=head_answer_only, answer_tokens=answer_tokens, batch_size=32,
                                         seed=seed, ridge=ridge, input_differences=input_differences),
                       LeavingOut(list(leave_out), variant, mode="directions" if arm == "directions" else "subspace",

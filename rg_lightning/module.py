@@ -91,6 +91,13 @@ class CausalLMModule(L.LightningModule):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
         if lora_r < 0:
             raise ValueError(f"lora_r must be >= 0 (0 = full fine-tuning), got {lora_r}")
+        if lora_r and not lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be positive (the adapter's scale is lora_alpha / lora_r), got {lora_alpha}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if lora_r == 0 and (lora_alpha != 16.0 or lora_dropout or lora_target_modules != "all-linear"):
+            rank_zero_warn("lora_alpha, lora_dropout and lora_target_modules are set but lora_r is 0: this is full "
+                           "fine-tuning, without LoRA. Set lora_r > 0 for LoRA.")
         if quantization is not None and quantization not in ("nf4", "fp4", "int8"):
             raise ValueError(f"quantization must be nf4, fp4, int8 or null, got {quantization!r}")
         if lr_schedule is not None and lr_schedule not in ("linear", "cosine"):

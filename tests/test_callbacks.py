@@ -448,6 +448,12 @@ def test_bad_arguments_are_refused_early():
         RepresentationProjection(tail_reference_lr=0.0)
     with pytest.raises(FileNotFoundError, match="No saved safety basis"):
         RepresentationProjection(basis="/nonexistent/basis")
+    with pytest.raises(ValueError, match="ridge must be finite"):
+        RefusalDirections(ridge=float("inf"))
+    with pytest.warns(UserWarning, match=r"`rank` \(8\) is given, so `energy` \(0.5\) is not used"):
+        RefusalDirections(energy=0.5, rank=8)
+    with pytest.warns(UserWarning, match="val_harmful, kl_threshold only apply with select_direction=True"):
+        RefusalDirections(val_harmful=["a b", "c d"], kl_threshold=0.2)
 
 
 @pytest.mark.parametrize("source, error, message", [

@@ -315,6 +315,12 @@ def test_bad_model_inputs_name_the_fix(tmp_path, tiny_models):
         CausalLMModule(model=tiny_models["llama"], dtype="float8")
     with pytest.raises(RuntimeError, match="configure_model"):
         CausalLMModule(model=tiny_models["llama"]).generate(["hi"])
+    with pytest.raises(ValueError, match="lora_alpha must be positive"):
+        CausalLMModule(model=tiny_models["llama"], lora_r=4, lora_alpha=0)
+    with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\)"):
+        CausalLMModule(model=tiny_models["llama"], lora_r=4, lora_dropout=1.5)
+    with pytest.warns(UserWarning, match="lora_r is 0: this is full fine-tuning"):
+        CausalLMModule(model=tiny_models["llama"], lora_dropout=0.1, lora_target_modules=["q_proj"])
 
 
 def test_a_data_module_with_its_own_tokenizer_fits_with_a_logger(tmp_path, tiny_models, chat_file):
