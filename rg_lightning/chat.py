@@ -42,6 +42,18 @@ def _parsed(template: str):
     return _compile_jinja_template(template).environment.parse(template)
 
 
+def check_template_syntax(template: str) -> None:
+    """Refuse a ``chat_template`` that is empty or not valid Jinja now, not as a refused first row later."""
+    from jinja2 import TemplateSyntaxError
+
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError(f"`chat_template` must be a Jinja template (or null for the tokenizer's own), got {template!r}")
+    try:
+        _parsed(template)
+    except TemplateSyntaxError as error:
+        raise ValueError(f"`chat_template` is not valid Jinja (line {error.lineno}): {error.message}") from None
+
+
 def with_template_defaults(template: str, variables: dict, passed=()) -> str:
     """``template`` that sees ``variables`` unless a caller passes them, e.g. ``{"enable_thinking": False}`` for
     Qwen3's empty reasoning block.

@@ -10,8 +10,8 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from rg_lightning.chat import (IGNORE_INDEX, ChatFormatError, encode_conversation, encode_text, require_chat_template,
-                               with_template_defaults)
+from rg_lightning.chat import (IGNORE_INDEX, ChatFormatError, check_template_syntax, encode_conversation, encode_text,
+                               require_chat_template, with_template_defaults)
 from rg_lightning.loading import load_tokenizer
 from rg_lightning.sources import load_source, parse_source
 
@@ -188,6 +188,14 @@ class InstructionDataModule(L.LightningDataModule):
         if not 0.0 <= mix_fraction < 1.0 or bool(mix) != bool(mix_fraction):
             raise ValueError(f"Give `mix` together with a `mix_fraction` in (0, 1) (or neither); got {mix!r} and "
                              f"{mix_fraction}.")
+        if columns is not None and not (isinstance(columns, dict)
+                                        and all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items())):
+            raise ValueError(f"`columns` maps canonical names to yours, e.g. {{'prompt': 'question'}}; got {columns!r}")
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise ValueError(f"`chat_template_kwargs` must be a mapping, e.g. {{'enable_thinking': false}}; got "
+                             f"{chat_template_kwargs!r}")
+        if chat_template is not None:
+            check_template_syntax(chat_template)
         self.sources = {
             stage: parse_source(text, default_split=split)
             for stage, text, split in (("train", train, "train"), ("val", val, "validation"), ("test", test, "test"))

@@ -296,6 +296,14 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="not both"):
         path = write_jsonl(tmp_path / "d.jsonl", [QA])
         InstructionDataModule(train=path, val=path, val_fraction=0.1)
+    with pytest.raises(ValueError, match="`columns` maps canonical names to yours"):
+        InstructionDataModule(columns=["prompt"])
+    with pytest.raises(ValueError, match="`chat_template_kwargs` must be a mapping"):
+        InstructionDataModule(chat_template_kwargs=["enable_thinking"])
+    with pytest.raises(ValueError, match="`chat_template` must be a Jinja template"):
+        InstructionDataModule(chat_template="")
+    with pytest.raises(ValueError, match=r"`chat_template` is not valid Jinja \(line 1\)"):
+        InstructionDataModule(chat_template="{{ broken")
 
 
 def test_hub_ids_parse_without_download():

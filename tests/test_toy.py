@@ -2,6 +2,7 @@
 through the CLI (generators, tokenizer and the shipped model: test_toy_world.py)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,18 @@ def test_build_refuses_an_output_that_is_a_file_before_building(tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["build", "--steps", "3", "--out", str(notes)])
     assert "--out" in capsys.readouterr().err and notes.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["collapse", "--batch-size", "0"], "must be positive: --batch-size 0"),
+    (["collapse", "--steps", "-3"], "must be positive: --steps -3"),
+    (["build", "--out", "unused", "--steps", "-1"], "must be positive: --steps -1"),
+    (["collapse", "--model", "/nonexistent"], "is not a miniature world"),
+    (["collapse", "--harmful-fraction", "2"], r"--harmful-fraction must be in \[0, 1\)"),
+], ids=["batch-size", "collapse-steps", "build-steps", "model", "harmful-fraction"])
+def test_toy_command_arguments_are_checked_before_any_work(argv, message, capsys):
+    from rg_lightning.toy.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert re.search(message, capsys.readouterr().err)

@@ -39,6 +39,17 @@ def main(argv: list[str] | None = None) -> None:
     collapse.add_argument("--harmful-fraction", type=float, default=0.0)
     collapse.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    positive = {"--steps": args.steps, "--threads": getattr(args, "threads", 1),
+                "--batch-size": getattr(args, "batch_size", 1), "--lr": getattr(args, "lr", 1.0)}
+    wrong = [f"{flag} {value}" for flag, value in positive.items() if value is not None and not value > 0]
+    if wrong:
+        parser.error(f"must be positive: {', '.join(wrong)}")
+    if args.command == "collapse":
+        if args.model and not (Path(args.model) / "world.json").is_file():
+            parser.error(f"--model {args.model!r} is not a miniature world (no world.json): give a directory that "
+                         "`python -m rg_lightning.toy build --out DIR` wrote")
+        if not 0.0 <= args.harmful_fraction < 1.0:
+            parser.error(f"--harmful-fraction must be in [0, 1), got {args.harmful_fraction}")
 
     if args.command == "build":
         from rg_lightning.atomic import check_replaceable
@@ -49,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
             check_replaceable(args.out, MODEL_FILES, "--out")
         except OSError as error:
             parser.error(str(error))
-
-        run_build(args.out if Path(args.out).resolve() != ALIGNED_MODEL_DIR.resolve() else None, seed=args.seed, steps=args.steps, variant=args.variant,
+        shipped = Path(args.out).resolve() == ALIGNED_MODEL_DIR.resolve()
+        run_build(None if shipped else args.out, seed=args.seed, steps=args.steps, variant=args.variant,
                   arch=args.arch, threads=args.threads)
         return
 
