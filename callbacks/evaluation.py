@@ -76,6 +76,10 @@ class SafetyEvaluation(L.Callback):
             raise ValueError(f"every_n_steps must be positive or None, got {every_n_steps}.")
         if fit_limit < 1:
             raise ValueError(f"fit_limit must be positive (prompts per benchmark in the fast check), got {fit_limit}.")
+        if not (every_n_steps or on_validation) and (fit_benchmarks is not None or tuple(fit_judges) != ("logit",)
+                                                     or fit_limit != 32):
+            rank_zero_warn("SafetyEvaluation: fit_benchmarks, fit_judges and fit_limit set the fast check during fit, "
+                           "which runs only with every_n_steps or on_validation; neither is set.")
         self.suite = EvaluationSuite(benchmarks, tasks, judges, limit=limit, max_new_tokens=max_new_tokens,
                                      task_max_new_tokens=task_max_new_tokens, batch_size=batch_size,
                                      system_prompt=system_prompt, seed=seed)

@@ -394,3 +394,8 @@ def test_evaluation_settings_are_checked_at_construction(arguments, error, messa
     letter by letter."""
     with pytest.raises(error, match=message):
         SafetyEvaluation(**{"tasks": [], **arguments})
+
+
+def test_fast_check_settings_without_a_fast_check_warn():
+    with pytest.warns(UserWarning, match="runs only with every_n_steps or on_validation"):
+        SafetyEvaluation(benchmarks=["toy:harmful"], tasks=[], fit_limit=8)
