@@ -135,9 +135,8 @@ class RepresentationProjection(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_unsharded(trainer, "RepresentationProjection")
-        refusal = find_refusal_directions(trainer, required=False)
-        if self.basis_path and refusal is not None and not (
-                refusal.load and os.path.samefile(refusal.load, self.basis_path)):
+        refusal = find_refusal_directions(trainer, required=False) if self.basis_path else None
+        if refusal is not None and not (refusal.load and os.path.samefile(refusal.load, self.basis_path)):
             rank_zero_warn("RepresentationProjection holds the basis loaded from `basis` while RefusalDirections "
                            "measures (or loads) its own, which DriftGeometry and SafetyEvaluation read: drop one, or "
                            "give RefusalDirections `load` the same directory.")
