@@ -229,6 +229,10 @@ class DriftGeometry(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         check_unsharded(trainer, "DriftGeometry")
         self._restored = False  # set again if this run restores a checkpoint (after setup), never left from another
+        if stage == "fit":  # the sources borrowed from RefusalDirections (one that loads its basis never reads them)
+            harmful, harmless, _ = self._sources(trainer)
+            check_prompt_source(harmful, "harmful")
+            check_prompt_source(harmless, "harmless")
 
     def on_train_start(self, trainer, pl_module) -> None:
         model = hf_model(pl_module)

@@ -133,8 +133,10 @@ class RefusalDirections(L.Callback):
             raise ValueError("answer_tokens must be >= 0 and batch_size >= 1")
         if load is not None and not os.path.isdir(load):
             raise FileNotFoundError(f"No saved safety basis at {load!r}; drop `load` to compute one.")
-        for what, source in (("harmful", harmful), ("harmless", harmless), ("val_harmful", val_harmful),
-                             ("val_harmless", val_harmless)):
+        read = [] if load else [("harmful", harmful), ("harmless", harmless)]  # a loaded basis reads no prompts
+        if select_direction:
+            read += [("val_harmful", val_harmful), ("val_harmless", val_harmless)]
+        for what, source in read:
             if source is not None:
                 check_prompt_source(source, what)
         if isinstance(harmful, str) and harmful == harmless:

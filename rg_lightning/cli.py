@@ -7,6 +7,7 @@ package ships one), so installing rg-lightning takes nothing away.
 
 from __future__ import annotations
 
+import re
 import sys
 from importlib.metadata import entry_points
 
@@ -33,10 +34,11 @@ class RefusalGuardCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         """A constructor's refusal of a configured value (``batch_size: 0``, a missing prompt file) ends the command
-        with that message, naming the key, instead of under jsonargparse's traceback of its type checks."""
+        with that message and the class that refused it, instead of under jsonargparse's traceback of its type
+        checks. Other exceptions (a bug, not a value) keep their traceback."""
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError, OSError) as error:
+        except (ValueError, OSError) as error:
             self.parser.error(f"the configuration was refused: {constructor_errors(error)}")
 
     def _parse_ckpt_path(self) -> None:
@@ -55,7 +57,8 @@ def constructor_errors(error: Exception) -> str:
         return text
     listed = [line.strip()[2:] for line in text.split("Errors:", 1)[1].splitlines() if line.strip().startswith("- ")]
     own = [line for line in listed if not line.startswith("Expected a <class 'NoneType'>")]
-    return (own or listed or [text])[0]
+    refused = re.search(r"class_path='([\w.]+)'", text)
+    return (refused.group(1).rsplit(".", 1)[-1] + ": " if refused else "") + (own or listed or [text])[0]
 
 
 def other_lightning_command():

@@ -472,7 +472,8 @@ def test_prompt_sources_are_checked_at_construction(source, error, message):
     with pytest.raises(error, match=message):
         DriftGeometry(harmful=source)
     with pytest.raises(error, match=message.replace("`harmful`", "`val_harmful`")):
-        RefusalDirections(val_harmful=source)
+        RefusalDirections(val_harmful=source, select_direction=True)
+    RefusalDirections(harmful=source, load=str(HERE))  # a loaded basis reads no prompts: nothing to check
 
 
 def test_a_loaded_projection_basis_next_to_refusal_directions_warns(tmp_path, tiny_models, chat_file):

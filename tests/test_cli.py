@@ -76,8 +76,8 @@ def test_predict_writes_every_answer_in_prompt_order(tmp_path, tiny_models, chat
 
 
 @pytest.mark.parametrize("override, message", [
-    (["--data.batch_size", "0"], "batch_size must be positive, got 0"),
-    (["--trainer.callbacks.every_n_steps", "0"], "every_n_steps and batch_size must be >= 1"),
+    (["--data.batch_size", "0"], "ToyTaskDataModule: batch_size must be positive, got 0"),
+    (["--trainer.callbacks.every_n_steps", "0"], "DriftGeometry: every_n_steps and batch_size must be >= 1"),
 ], ids=["data", "callback"])
 def test_a_refused_value_ends_the_command_with_the_constructors_message(override, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -16,12 +16,12 @@ from rg_lightning.callbacks import DriftGeometry, RefusalDirections, Representat
 
 HERE = Path(__file__).resolve().parent
 CALLBACKS = [lambda: RefusalDirections(harmful=["a b", "c d"], harmless=["e f", "g h"]),
-             RepresentationProjection, DriftGeometry]
+             RepresentationProjection, lambda: DriftGeometry(harmful=["a b", "c d"], harmless=["e f", "g h"])]
 
 
 @pytest.mark.parametrize("make", CALLBACKS, ids=["RefusalDirections", "RepresentationProjection", "DriftGeometry"])
 def test_fsdp_over_two_processes_is_refused_naming_ddp(make):
-    trainer = SimpleNamespace(strategy=FSDPStrategy(), world_size=2)
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), world_size=2, callbacks=[])
     with pytest.raises(ValueError, match=r"FSDPStrategy with 2 process.*strategy='ddp'"):
         make().setup(trainer, None, "fit")
 
@@ -31,13 +31,13 @@ def test_fsdp_over_two_processes_is_refused_naming_ddp(make):
     (FSDPStrategy, 1), (DDPStrategy, 2),
     (lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), 2)])
 def test_whole_row_strategies_pass(make, strategy, world_size):
-    make().setup(SimpleNamespace(strategy=strategy(), world_size=world_size), None, "fit")
+    make().setup(SimpleNamespace(strategy=strategy(), world_size=world_size, callbacks=[]), None, "fit")
 
 
 @pytest.mark.parametrize("make", CALLBACKS, ids=["RefusalDirections", "RepresentationProjection", "DriftGeometry"])
 def test_tensor_parallelism_is_refused(make):
     with pytest.raises(ValueError, match="tensor_parallel_size=1"):
-        make().setup(SimpleNamespace(strategy=ModelParallelStrategy(), world_size=2), None, "fit")
+        make().setup(SimpleNamespace(strategy=ModelParallelStrategy(), world_size=2, callbacks=[]), None, "fit")
 
 
 def test_evaluation_follows_fsdp2_but_refuses_tensor_parallelism():

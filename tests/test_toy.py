@@ -175,8 +175,8 @@ def test_build_refuses_an_output_that_is_a_file_before_building(tmp_path, capsys
     (["collapse", "--batch-size", "0"], "must be positive: --batch-size 0"),
     (["collapse", "--steps", "-3"], "must be positive: --steps -3"),
     (["build", "--out", "unused", "--steps", "-1"], "must be positive: --steps -1"),
-    (["collapse", "--model", "/nonexistent"], "is not a miniature world"),
-    (["collapse", "--harmful-fraction", "2"], r"--harmful-fraction must be in \[0, 1\)"),
+    (["collapse", "--model", "/nonexistent"], "has no world.json to read the world variant from: give --variant"),
+    (["collapse", "--harmful-fraction", "2"], r"--harmful-fraction must be in \[0, 1\]"),
 ], ids=["batch-size", "collapse-steps", "build-steps", "model", "harmful-fraction"])
 def test_toy_command_arguments_are_checked_before_any_work(argv, message, capsys):
     from rg_lightning.toy.__main__ import main

@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     if wrong:
         parser.error(f"must be positive: {', '.join(wrong)}")
     if args.command == "collapse":
-        if args.model and not (Path(args.model) / "world.json").is_file():
-            parser.error(f"--model {args.model!r} is not a miniature world (no world.json): give a directory that "
-                         "`python -m rg_lightning.toy build --out DIR` wrote")
-        if not 0.0 <= args.harmful_fraction < 1.0:
-            parser.error(f"--harmful-fraction must be in [0, 1), got {args.harmful_fraction}")
+        if args.model and args.variant is None and not (Path(args.model) / "world.json").is_file():
+            parser.error(f"--model {args.model!r} has no world.json to read the world variant from: give --variant, "
+                         "or a directory that `python -m rg_lightning.toy build --out DIR` wrote")
+        if not 0.0 <= args.harmful_fraction <= 1.0:
+            parser.error(f"--harmful-fraction must be in [0, 1], got {args.harmful_fraction}")
 
     if args.command == "build":
         from rg_lightning.atomic import check_replaceable
