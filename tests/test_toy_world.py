@@ -245,3 +245,13 @@ def test_tiny_build_writes_a_loadable_directory(tmp_path):
     record = json.loads((out / "world.json").read_text())
     assert record["steps"] == 5 and record["seed"] == 1 and set(record["heldout_refusal"]) == {"harmful", "harmless"}
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no staging leftovers
+
+
+@pytest.mark.parametrize("task", ["benign", "sentiment", "arithmetic"])
+def test_task_validation_and_test_rows_never_overlap(task):
+    from rg_lightning.toy.data import ToyTaskDataModule
+
+    data = ToyTaskDataModule(task=task, n_val=128)
+    val, test = ([json.dumps(row, sort_keys=True) for row in data.load_rows(stage)] for stage in ("val", "test"))
+    half = ToyWorld().task_pool_size(task, "heldout") // 2
+    assert len(val) == min(128, half) and len(set(val)) == len(val) and not set(val) & set(test)

@@ -17,7 +17,8 @@ class ToyTaskDataModule(InstructionDataModule):
         refusal_fraction: Share of training rows that are harmful requests answered with a refusal (the
             safety-data mixing defence, a baseline for the guard).
         n_train: Training rows generated from the task's train split.
-        n_val: Validation and test rows generated from the task's held-out split.
+        n_val: Validation rows and test rows (each, at most half the task's held-out split: they come from
+            disjoint halves of it, so a test score never reuses a validation example).
         variant: World variant, ``default`` or ``alt``.
         batch_size: Samples per batch.
         max_length: Tokens per sample.
@@ -62,5 +63,7 @@ class ToyTaskDataModule(InstructionDataModule):
             rows = self.world.task_examples(self.task, "train", self.n_train, self.harmful_fraction, seed=self.seed,
                                             refusal_fraction=self.refusal_fraction)
         else:
-            rows = self.world.task_examples(self.task, "heldout", self.n_val, seed=self.seed + (stage == "test"))
+            size = self.world.task_pool_size(self.task, "heldout")
+            pool, half = self.world.task_examples(self.task, "heldout", size, seed=self.seed), size // 2
+            rows = pool[:min(self.n_val, half)] if stage == "val" else pool[half:half + min(self.n_val, size - half)]
         return datasets.Dataset.from_list(rows)

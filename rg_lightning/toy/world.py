@@ -357,6 +357,10 @@ class ToyWorld:
         rng.shuffle(examples)
         return examples
 
+    def task_pool_size(self, task: str, split: str) -> int:
+        """How many distinct examples a task split holds (``task_examples`` cycles beyond it)."""
+        return len(self._task_pairs(task, split))
+
     def _task_pairs(self, task: str, split: str) -> list[tuple[str, str]]:
         """Every (prompt, reference answer) of a task split, in canonical order."""
         if task == "benign":
