@@ -10,7 +10,10 @@
 Arms: ``plain`` fine-tuning; ``guarded`` (RefusalGuard, subspace mode); ``directions`` (the guard in directions
 mode); ``replay``: plain fine-tuning with ``--replay-fraction`` of the rows replaced by harmful requests of the
 basis prompts' split answered with a refusal (the published safety-data mixing defence, Bianchi et al. 2024),
-no guard; ``guarded-replay``: the guard on that data.
+no guard; ``guarded-replay``: the guard on that data; ``constrained-sft``: plain fine-tuning with Qi et al.'s
+token-wise constrained objective (ICLR 2025, "Safety alignment should be made more than just a few tokens deep"),
+a published fine-tuning-stage defence that needs only the aligned model as a frozen reference (see
+``ConstrainedSFT``).
 
 Every arm runs the recipe of experiments/tiny.yaml (AdamW lr 1e-3, batch 32, 150 steps), except that AdamW keeps
 its default weight decay 0.01 (tiny.yaml: 0), with which every committed result was measured (``--weight-decay``),
@@ -26,6 +29,7 @@ into ``--cache`` (``runs/worlds/<variant>-<arch>``) and reused while its ``world
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -38,6 +42,7 @@ import lightning as L
 import torch
 
 from rg_lightning import CausalLMModule
+from rg_lightning.chat import IGNORE_INDEX
 from rg_lightning.callbacks import RefusalDirections, RepresentationProjection
 from rg_lightning.contract import tokenizer_of
 from rg_lightning.guard.projection import RowFreeze
@@ -46,7 +51,7 @@ from rg_lightning.toy.build import ARCH_STEPS, ARCHITECTURES, BUILD_VERSION, TIE
 from rg_lightning.toy.data import ToyTaskDataModule
 from rg_lightning.toy.report import METRICS, AlignmentReport
 
-ARMS = ("plain", "guarded", "directions", "replay", "guarded-replay")
+ARMS = ("plain", "guarded", "directions", "replay", "guarded-replay", "constrained-sft")
 GUARD_ARMS = {"guarded", "directions", "guarded-replay"}  # arms that run RefusalGuard
 REPLAY_ARMS = ("replay", "guarded-replay")  # arms trained on data with refusal examples mixed in
 DEFAULT_REPLAY_FRACTION = 0.1  # the replay arm: share of training rows that are harmful requests answered with a refusal
@@ -131,6 +136,43 @@ class LeavingOut(RepresentationProjection):
         self.constraints.constraints = kept
 
 
+class ConstrainedSFT(CausalLMModule):
+    """Fine-tuning with the token-wise constrained objective of Qi et al. (ICLR 2025): per answer token t,
+    ``-(2 / beta_t) * log sigmoid(beta_t * (log p(y_t) - log p_aligned(y_t)))`` instead of ``-log p(y_t)``, with
+    the aligned model frozen as the reference. A large ``beta_t`` stops rewarding a token's probability once it
+    exceeds the aligned model's (the loss saturates), so the first answer tokens, where refusal is decided, stay
+    near the aligned distribution; a small one is close to cross-entropy. The paper's values: 0.5 for the first
+    answer token, 2 for tokens 2-5, 0.1 after."""
+
+    BETAS = (0.5, 2.0, 0.1)  # first answer token, tokens 2-5, the rest
+
+    def __init__(self, *args, betas: tuple[float, float, float] = BETAS, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if len(betas) != 3 or not all(beta > 0 for beta in betas):
+            raise ValueError(f"betas: three positive values (first token, tokens 2-5, the rest), got {betas}")
+        self.betas = tuple(betas)
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        object.__setattr__(self, "_reference", reference)  # not a submodule: neither trained nor checkpointed
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        targets = batch["labels"][:, 1:]
+        answer = targets != IGNORE_INDEX
+        index = targets.clamp_min(0)[..., None]
+        log_p = self.model(**inputs).logits[:, :-1].float().log_softmax(-1).gather(-1, index)[..., 0]
+        with torch.no_grad():
+            log_ref = self._reference(**inputs).logits[:, :-1].float().log_softmax(-1).gather(-1, index)[..., 0]
+        position = answer.cumsum(-1) - 1  # index of each target within its answer (one answer per toy row)
+        first, early, rest = self.betas
+        beta = torch.full_like(log_p, rest).masked_fill(position < 5, early).masked_fill(position == 0, first)
+        loss = (-(2 / beta) * torch.nn.functional.logsigmoid(beta * (log_p - log_ref)))[answer].mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+
 def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, variant: str, seed: int, steps: int,
             lr: float, energy: float, answer_tokens: int, project_gradients: bool = True,
             n_prompts: int = DEFAULT_N_PROMPTS, rank: int | None = None, centered: bool = DEFAULT_CENTERED,
@@ -138,7 +180,8 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
             tail_reference_lr: float | None = DEFAULT_TAIL_REFERENCE_LR,
             hold_absent_rows: bool = DEFAULT_HOLD_ABSENT_ROWS,
             input_differences: bool = DEFAULT_INPUT_DIFFERENCES,
-            replay_fraction: float = DEFAULT_REPLAY_FRACTION, weight_decay: float = DEFAULT_WEIGHT_DECAY) -> dict:
+            replay_fraction: float = DEFAULT_REPLAY_FRACTION, weight_decay: float = DEFAULT_WEIGHT_DECAY,
+            sft_betas: tuple[float, float, float] = ConstrainedSFT.BETAS) -> dict:
     L.seed_everything(seed)
     report = AlignmentReport(task=task, variant=variant)
     callbacks = [report]
@@ -151,8 +194,9 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
                       LeavingOut(list(leave_out), variant, mode="directions" if arm == "directions" else "subspace",
                                  project_gradients=project_gradients, tail_reference_lr=tail_reference_lr,
                                  hold_absent_rows=hold_absent_rows)]
-    module = CausalLMModule(model=model_dir, dtype="float32",
-                            optimizer=lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=weight_decay))
+    optimizer = lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=weight_decay)  # noqa: E731
+    module = (ConstrainedSFT(model=model_dir, dtype="float32", optimizer=optimizer, betas=sft_betas)
+              if arm == "constrained-sft" else CausalLMModule(model=model_dir, dtype="float32", optimizer=optimizer))
     data = ToyTaskDataModule(task=task, harmful_fraction=harmful_fraction, variant=variant, n_train=steps * 32,
                              seed=seed, refusal_fraction=replay_fraction if arm in REPLAY_ARMS else 0.0)
     with tempfile.TemporaryDirectory() as root:
@@ -244,6 +288,9 @@ def main() -> None:
     parser.add_argument("--replay-fraction", type=float, default=DEFAULT_REPLAY_FRACTION,
                         help="replay arm (the safety-data mixing defence, no guard): share of the training rows "
                              "that are harmful requests from the basis split answered with a refusal")
+    parser.add_argument("--sft-betas", type=float, nargs=3, default=list(ConstrainedSFT.BETAS),
+                        metavar=("FIRST", "EARLY", "REST"),
+                        help="constrained-sft arm: beta of the first answer token, tokens 2-5 and the rest (Qi et al.)")
     parser.add_argument("--answer-tokens", type=int, default=DEFAULT_ANSWER_TOKENS, help="RefusalDirections answer_tokens")
     parser.add_argument("--leave-out", nargs="+", default=[], choices=LEAVE_OUT,
                         help="screen: run the guard without these constraint groups (see LeavingOut)")
@@ -261,7 +308,7 @@ def main() -> None:
                                 args.energy, args.answer_tokens, not args.post_step_only, args.n_prompts, args.rank, args.centered,
                                 args.head_positions == "answer", args.ridge, args.leave_out,
                                 args.tail_reference_lr or None, args.hold_absent_rows, args.input_differences,
-                                args.replay_fraction, args.weight_decay))
+                                args.replay_fraction, args.weight_decay, tuple(args.sft_betas)))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
@@ -287,6 +334,9 @@ def main() -> None:
         name += (f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "") + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else "")
     name += f"_wd{args.weight_decay:g}" if args.weight_decay != DEFAULT_WEIGHT_DECAY else ""
     name += "_directions" if "directions" in args.arms else ""  # the direction-only arm ran
+    if "constrained-sft" in args.arms:  # Qi et al.'s objective ran; its betas when not the paper's
+        betas = tuple(args.sft_betas)
+        name += "_constrained-sft" + ("" if betas == ConstrainedSFT.BETAS else "-beta" + "-".join(f"{b:g}" for b in betas))
     # one suffix per replay arm: whether the guard ran on the mixed data is in the name
     name += "".join(f"_{arm}{args.replay_fraction:g}" for arm in REPLAY_ARMS if arm in args.arms)
     command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])

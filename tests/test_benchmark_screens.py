@@ -124,3 +124,38 @@ def test_a_cached_world_is_reused_only_when_it_is_the_build_asked_for(bench, tmp
     (world / "model.safetensors").unlink()
     bench.world_model("alt", "phi3", str(tmp_path))
     assert built == [str(world)] * 4  # each stale or incomplete record was rebuilt
+
+
+def test_constrained_sft_starts_as_cross_entropy(bench):
+    """Qi et al.'s objective at the aligned model: sigmoid(0) = 1/2 cancels its factor 2, so the gradient is
+    cross-entropy's over the answer tokens, whatever the betas; it departs only as the model leaves the reference."""
+    import torch
+
+    from rg_lightning.toy.data import ToyTaskDataModule
+
+    module = bench.ConstrainedSFT(model=str(ALIGNED_MODEL_DIR), dtype="float32", betas=(0.5, 2.0, 0.1))
+    module.configure_model()
+    data = ToyTaskDataModule(n_train=8, n_val=4, batch_size=8)
+    data._tokenizer = module.tokenizer  # what a Trainer would hand it
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    module.log = lambda *args, **kwargs: None
+
+    def gradients(loss):
+        module.model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in module.model.parameters() if p.grad is not None])
+
+    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    cross_entropy = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["labels"][:, 1:],
+                                                      ignore_index=-100)
+    expected = gradients(cross_entropy)
+    torch.testing.assert_close(gradients(module.training_step(batch, 0)), expected, atol=1e-6, rtol=1e-4)
+    with torch.no_grad():
+        module.model.lm_head.weight.mul_(1.5)  # away from the reference: the objective is no longer cross-entropy
+    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    moved = gradients(torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["labels"][:, 1:],
+                                                        ignore_index=-100))
+    assert not torch.allclose(gradients(module.training_step(batch, 0)), moved, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="three positive values"):
+        bench.ConstrainedSFT(model=str(ALIGNED_MODEL_DIR), betas=(0.5, 0.0, 0.1))
