@@ -119,26 +119,29 @@ def test_input_differences_hold_each_modules_harmful_minus_harmless_mean_input(t
     assert 0 <= head_columns <= 1  # at most the last position's difference
 
 
-def _worker(rank, world_size, store, model_dir, out):
+def _worker(rank, world_size, store, model_dir, out, options):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
         model, tokenizer = _load(model_dir)
         basis = collect_basis(model, tokenizer, HARMFUL[:2], HARMLESS[:2], energy=0.99, answer_tokens=2,
-                              max_statistics_gb=1e-9, input_differences=True)
+                              max_statistics_gb=1e-9, **options)
         out[rank] = {key: value.tolist() for key, value in basis.tensors().items()}
     finally:
         dist.destroy_process_group()
 
 
-def test_a_process_without_prompts_adds_nothing(tmp_path, tiny_models):
-    """Three processes, two prompts per set: the third process's shards are empty."""
+@pytest.mark.parametrize("options", [{"input_differences": True}, {"centered": True}],
+                         ids=["input-differences", "centered"])
+def test_a_process_without_prompts_adds_nothing(tmp_path, tiny_models, options):
+    """Three processes, two prompts per set: the third process's shards are empty. Centred subspaces need the
+    input sums reduced over processes too (each rank would centre with its own otherwise)."""
     out = mp.Manager().dict()
-    mp.start_processes(_worker, args=(3, str(tmp_path / "store"), tiny_models["llama"], out), nprocs=3,
+    mp.start_processes(_worker, args=(3, str(tmp_path / "store"), tiny_models["llama"], out, options), nprocs=3,
                        start_method="fork")
     model, tokenizer = _load(tiny_models["llama"])
     single = collect_basis(model, tokenizer, HARMFUL[:2], HARMLESS[:2], energy=0.99, answer_tokens=2,
-                           input_differences=True).tensors()
+                           **options).tensors()
     for rank in range(3):
         assert out[rank].keys() == single.keys()
         for key, value in single.items():
@@ -327,3 +330,24 @@ def test_a_shared_expert_reading_flattened_tokens_is_measured_and_held():
         torch.testing.assert_close(module(inputs)[prompts["attention_mask"].reshape(-1).bool()],
                                    before[prompts["attention_mask"].reshape(-1).bool()], atol=1e-4, rtol=0)
     handle.remove()
+
+
+def test_the_answer_only_head_holds_only_answer_positions(tiny_models):
+    """``head_answer_only``: the logit head's Gram counts the last prompt position and the answer tokens, at most
+    1 + answer_tokens directions per harmful prompt; every position would give it more."""
+    model, tokenizer = _load(tiny_models["llama"])
+    widths = {only: collect_basis(model, tokenizer, HARMFUL, HARMLESS, energy=1.0, answer_tokens=2,
+                                  head_answer_only=only).subspaces["lm_head"].shape[1] for only in (True, False)}
+    assert widths[True] <= len(HARMFUL) * (1 + 2) < widths[False]
+
+
+def test_a_suffix_that_tokenizes_into_another_count_inside_the_prompt_is_refused():
+    """No token straddles the boundary, but the suffix takes 3 tokens inside the prompt where it should take 2."""
+    from rg_lightning.guard.collect import check_post_instruction_tokens
+
+    def offsets(texts, **kwargs):
+        return {"offset_mapping": [[(0, 3), (3, 4), (4, 5), (5, 6)]]}
+
+    with pytest.raises(ValueError, match="does not tokenize apart"):
+        check_post_instruction_tokens(offsets, ["abcXYZ"], "XYZ", 2)
+    check_post_instruction_tokens(offsets, ["abcXYZ"], "XYZ", 3)

@@ -8,6 +8,9 @@ from torch import nn
 
 from rg_lightning.guard import (
     LinearConstraint,
+    LoraConstraint,
+    ParamFreeze,
+    RowFreeze,
     build_constraints,
     interference,
     orthonormalize,
@@ -442,8 +445,9 @@ def test_a_scaled_tail_damps_gradients_and_drift_alike_on_either_side(side):
     lin = nn.Linear(d, d, bias=False)
     con = LinearConstraint("lin", lin, basis, side=side)
 
-    def removed_shares():
-        """Share of a unit push along each eigenvector that apply_ and project_grad_ remove."""
+    def removed_shares(grad_strength=0.999999):
+        """Share of a unit push along each eigenvector that apply_ and project_grad_ remove (at strength 1 the
+        gradient gets a second, clean-up pass over the unit columns)."""
         u = q.float()
         w0 = lin.weight.detach().clone()
         push = torch.randn(d, d) if side == "right" else torch.randn(d, d)
@@ -455,7 +459,7 @@ def test_a_scaled_tail_damps_gradients_and_drift_alike_on_either_side(side):
         with torch.no_grad():
             lin.weight.copy_(w0)
         lin.weight.grad = push.clone()
-        con.project_grad_(strength=0.999999)  # one pass, so the clean-up of unit columns does not enter
+        con.project_grad_(strength=grad_strength)
         kept_grad = along(lin.weight.grad) / along(push)
         dim = 0 if side == "right" else 1
         return 1 - kept_update.mean(dim), 1 - kept_grad.mean(dim)
@@ -467,6 +471,8 @@ def test_a_scaled_tail_damps_gradients_and_drift_alike_on_either_side(side):
     torch.testing.assert_close(update[:4], expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(grad[:4], expected, atol=1e-4, rtol=0)
     assert (expected[2:] > c[2:] + 0.01).all()  # twice the rate pulls the tail back harder
+    _, grad = removed_shares(grad_strength=1.0)  # the clean-up pass leaves the damped tail as the first left it
+    torch.testing.assert_close(grad[:4], expected, atol=1e-4, rtol=0)
 
     other = LinearConstraint("lin", lin, weighted([10.0, 5.0, 2.0, 0.01, 0.0, 0.0, 0.0, 0.0]), side=side)
     con.load_state_dict(other.state_dict())
@@ -517,3 +523,55 @@ def test_a_bias_stepped_by_another_optimizer_is_restored_by_that_optimizers_hook
     lin.weight.grad, lin.bias.grad = torch.ones(4, 8), torch.ones(4)
     cs.project_grads_(params=biases)
     assert torch.equal(lin.weight.grad, torch.ones(4, 8)) and not lin.bias.grad.any()
+
+
+def test_strength_below_one_moves_each_held_part_that_share_of_the_way_back():
+    """``strength`` s: every constraint puts back the share s of the drift (a linear interpolation), also the
+    LoRA factor whose subspace spans every input (zeroed only at s = 1), embedding rows, norms and biases."""
+    torch.manual_seed(0)
+    a = nn.Linear(8, 4, bias=False)
+    a0 = a.weight.detach().clone()
+    lora = LoraConstraint("a", a, torch.eye(8), strength=0.5)
+    torch.testing.assert_close(a.weight.detach(), 0.5 * a0)
+    a.weight.grad = torch.ones(4, 8)
+    lora.project_grad_(0.5)
+    torch.testing.assert_close(a.weight.grad, torch.full((4, 8), 0.5))
+
+    emb = nn.Embedding(10, 4)
+    w0 = emb.weight.detach().clone()
+    rows = RowFreeze("emb", emb, torch.tensor([1, 3]))
+    with torch.no_grad():
+        emb.weight.add_(1.0)
+    rows.apply_(0.5)
+    torch.testing.assert_close(emb.weight.detach()[[1, 3]], w0[[1, 3]] + 0.5)
+    torch.testing.assert_close(emb.weight.detach()[0], w0[0] + 1.0)
+
+    norm = nn.LayerNorm(4)
+    n0 = norm.weight.detach().clone()
+    frozen = ParamFreeze("norm.weight", norm, "weight")
+    with torch.no_grad():
+        norm.weight.add_(1.0)
+    frozen.apply_(0.5)
+    torch.testing.assert_close(norm.weight.detach(), n0 + 0.5)
+
+    lin = nn.Linear(8, 4)
+    b0 = lin.bias.detach().clone()
+    held = LinearConstraint("lin", lin, torch.eye(8)[:, :2])
+    with torch.no_grad():
+        lin.bias.add_(1.0)
+    held.apply_(0.5)
+    torch.testing.assert_close(lin.bias.detach(), b0 + 0.5)
+
+
+def test_absent_rows_are_read_at_this_ranks_offset(monkeypatch):
+    """A rank holding rows 5.. of a row-sharded embedding gradient reads the batch's token mask from row 5 on."""
+    import rg_lightning.guard.projection as projection
+
+    weight = nn.Parameter(torch.zeros(10, 2))
+    weight.grad = torch.ones(10, 2)
+    shard = weight.grad[5:]
+    monkeypatch.setattr(projection, "local_rows", lambda t: (shard, 5) if t is weight.grad else (t, 0))
+    present = torch.zeros(10, dtype=torch.bool)
+    present[[1, 7]] = True  # token 1 in another rank's rows, token 7 in this one's
+    projection.hold_absent_rows_(weight, present)
+    assert shard[:, 0].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]

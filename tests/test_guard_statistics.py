@@ -104,6 +104,24 @@ def test_all_reduce_sums_over_processes(tmp_path):
         assert mean == pytest.approx([5 / 3, 5 / 3])
 
 
+def _mismatch_worker(rank, path, out):
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    acc = GramAccumulator()
+    acc.update("a" if rank == 0 else "b", torch.ones(1, 2))  # same shapes: a blind sum would add two modules
+    try:
+        acc.all_reduce_()
+        out[rank] = "reduced"
+    except ValueError as error:
+        out[rank] = str(error)
+    dist.destroy_process_group()
+
+
+def test_processes_holding_different_keys_are_refused_not_summed(tmp_path):
+    out = mp.Manager().dict()
+    mp.start_processes(_mismatch_worker, args=(str(tmp_path / "store"), out), nprocs=2, start_method="fork")
+    assert all("processes hold different keys" in out[rank] for rank in (0, 1))
+
+
 def test_all_reduce_is_a_no_op_without_distributed():
     acc = GramAccumulator()
     acc.update("m", torch.ones(1, 2))

@@ -223,3 +223,15 @@ def test_centered_subspace_of_centred_data_is_the_plain_one():
     gram = x.T @ x
     assert 0 < float(x.sum(0).norm()) < 1e-12
     torch.testing.assert_close(centered_subspace(gram, x.sum(0), 40, energy=0.9), top_subspace(gram, energy=0.9))
+
+
+def test_centered_subspace_never_takes_the_mean_twice():
+    """When the variance along the mean is the largest, the covariance's top direction is the mean itself: it
+    must be projected out before the variance directions are chosen, or k=2 gives one column."""
+    from rg_lightning.guard import centered_subspace
+
+    x = torch.tensor([[2.0, 0.1, 0.0], [2.0, -0.1, 0.0], [8.0, 0.1, 0.0], [8.0, -0.1, 0.0]], dtype=torch.float64)
+    for kwargs in ({"k": 2}, {"energy": 0.99}):
+        basis = centered_subspace(x.T @ x, x.sum(0), 4, **kwargs)
+        assert basis.shape == (3, 2), kwargs
+        torch.testing.assert_close(basis[:, 1].abs(), torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))

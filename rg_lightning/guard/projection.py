@@ -266,10 +266,10 @@ class LinearConstraint(_Constraint):
                 rows, g = slice(start, start + g.shape[0]), whole(grad)
             gc = _in_compute_dtype(g)
             # Twice ("twice is enough" re-orthogonalisation): one float32 pass leaves a rounding residue of
-            # ~1e-7·|G| inside span(U); the second cuts it to ~1e-14·|G|. It does not remove the float32 rounding
-            # of the same size outside span(U), which AdamW amplifies just as much where the true free gradient is
-            # ~0 (an audit measured the same free-direction drift with one or two passes); the committed results
-            # were measured with both passes.
+            # ~1e-7·|G| inside span(U) and the second removes most of what the first left, but the stored float32
+            # gradient keeps a residue of that order either way (audits measured 7e-7 against 1e-6 of |G|, and
+            # the same free-direction drift under AdamW with one or two passes). Kept because the committed
+            # results were measured with both passes.
             # A weighted basis (soft_subspace) damps its tail columns by c_i < 1 once; only its unit columns
             # get the second, clean-up pass (a second pass would damp the tail by 1 - (1 - c_i)^2).
             # A half-precision gradient gets one pass: storing it rounds it to ~4e-3·|G| anyway.
