@@ -4,19 +4,24 @@ Every ``every_n_steps`` optimizer steps it runs the model (no gradient) on fixed
 probe prompts and compares with the same probes at fit start, per layer as SafetyBasis counts them (the
 residual stream at each decoder block's input, last position): cosine between the current and
 initial refusal direction, the harmful-vs-harmless gap along the initial direction, Fisher separation,
-principal angles between the initial and current harmful-activation subspaces, linear CKA, the mean
+principal angles between the initial and current subspaces of the harmful probes' variation around their
+mean (the mean itself is what the direction metrics follow), linear CKA, the mean
 refusal score on harmful probes (and the share of them it would refuse, score > 0; a warning when that share
 falls by more than ``warn_refusal_drop``) and the KL of harmless next-token distributions against the initial
-model. It also measures interference: the share of the task gradient's energy inside the protected
-subspaces, right after backward (before any projection, whatever the callbacks' order). Works with or
-without RepresentationProjection. A metric with no defined value is None (null in the JSON, NaN in the
+model. It also measures interference: the share of the task gradient's energy inside the safety basis's
+subspaces (the ones ``subspace`` mode holds; with a damped tail, each direction weighted as the projection
+weighs it), right after backward (before any projection, whatever the callbacks' order). It is the same
+measure with ``mode="directions"`` or no projection at all, so runs compare. Works with or without
+RepresentationProjection. A metric with no defined value is None (null in the JSON, NaN in the
 loggers): the direction metrics where the initial direction is 0 (layer 0, the embeddings, when the last
-template token is the same for every prompt) and interference when the gradient in the subspaces' modules is 0
-or not finite.
+template token is the same for every prompt; the angles too, as the probes do not vary there) and
+interference when the gradient in the subspaces' modules is 0 or not finite. A diverged model (NaN or Inf
+states) gets NaN, the summary metrics included.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -42,7 +47,7 @@ from rg_lightning.guard.geometry import (
     pca_2d,
     principal_angles,
     projection_gap,
-    state_subspace,
+    spread_subspace,
 )
 from rg_lightning.guard.projection import canonical_name, subspace_energy
 from rg_lightning.guard.shards import is_sharded, local_rows, uses_fsdp2
@@ -58,7 +63,7 @@ def _defined(value: float) -> float | None:
 
 
 def _layer_metrics(h0: torch.Tensor, s0: torch.Tensor, h1: torch.Tensor, s1: torch.Tensor,
-                   subspace0: torch.Tensor) -> dict[str, float | None]:
+                   subspace0: torch.Tensor | None) -> dict[str, float | None]:
     """One layer's drift from its fit-start (``h0``, ``s0``) to its current harmful and harmless states.
 
     The direction metrics are None where either refusal direction is 0: there is no direction to compare. A
@@ -66,12 +71,24 @@ def _layer_metrics(h0: torch.Tensor, s0: torch.Tensor, h1: torch.Tensor, s1: tor
     if not (torch.isfinite(h1).all() and torch.isfinite(s1).all()):
         return dict.fromkeys(("cos", "gap", "fisher", "cka", "angle"), math.nan)
     direction0, direction1 = h0.mean(0) - s0.mean(0), h1.mean(0) - s1.mean(0)
-    angle = float(principal_angles(subspace0, state_subspace(h1, k=subspace0.shape[1])).max()) if h1.any() else None
+    subspace1 = None if subspace0 is None else spread_subspace(h1, k=subspace0.shape[1])
+    angle = None if subspace1 is None else float(principal_angles(subspace0, subspace1).max())
     metrics = {"cka": _defined(linear_cka(torch.cat([h0, s0]), torch.cat([h1, s1]))), "angle": angle}
     if not (direction0.any() and direction1.any()):
         return {"cos": None, "gap": None, "fisher": None, **metrics}
     return {"cos": cosine(direction1, direction0), "gap": projection_gap(h1, s1, direction0),
             "fisher": _defined(fisher_ratio(h1, s1, direction0)), **metrics}
+
+
+def probe_fingerprint(probes: dict) -> str:
+    """Hash of the encoded probes (token ids and padding): a resumed fit must measure the prompts, template and
+    system prompt its restored fit-start states were measured on, or every metric compares unlike with unlike."""
+    digest = hashlib.sha256()
+    for kind in sorted(probes):
+        for key in ("input_ids", "attention_mask"):
+            digest.update(f"{kind}/{key}/{tuple(probes[kind][key].shape)}".encode())
+            digest.update(probes[kind][key].to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _reading_weights(model: nn.Module, names) -> dict[str, list[torch.Tensor]]:
@@ -144,6 +161,7 @@ class DriftGeometry(L.Callback):
         self._steps_trained = 0  # optimizer steps of the fits so far, at their ends
         self._model = lambda: None  # weak reference to the model measured at fit start
         self._restored = False  # a checkpoint's state was loaded for this fit
+        self._restored_probes: str | None = None  # the fingerprint of the probes a restored state measured
 
     # -- probes ------------------------------------------------------------------------------------------------
     def _sources(self, trainer):
@@ -203,10 +221,11 @@ class DriftGeometry(L.Callback):
         return out
 
     # -- metrics -----------------------------------------------------------------------------------------------
-    def initial_subspaces(self) -> list[torch.Tensor]:
-        """Per layer, the span of 90% of the fit-start harmful states' energy (they never change: cached)."""
+    def initial_subspaces(self) -> list[torch.Tensor | None]:
+        """Per layer, the span of 90% of the fit-start harmful states' variance (None where they do not vary;
+        they never change: cached)."""
         if self._subspaces0 is None:
-            self._subspaces0 = [state_subspace(h, energy=0.9) for h in self.initial["harmful_states"]]
+            self._subspaces0 = [spread_subspace(h, energy=0.9) for h in self.initial["harmful_states"]]
         return self._subspaces0
 
     def metrics(self, now: dict[str, torch.Tensor]) -> dict:
@@ -219,9 +238,11 @@ class DriftGeometry(L.Callback):
         cosines = [layer["cos"] for layer in per_layer if layer["cos"] is not None]
         summary.update({
             "refusal_score": float(scores.mean()),
-            "refused_share": float((scores > 0).double().mean()),
+            # NaN scores compare False, which would read as "refuses none": a diverged model has no share
+            "refused_share": float((scores > 0).double().mean()) if torch.isfinite(scores).all() else math.nan,
             "harmless_kl": kl_divergence(first["harmless_logits"], now["harmless_logits"]),
-            "cos_min": min(cosines, default=None),
+            # min() with a NaN depends on the order (min([1.0, nan]) is 1.0): a diverged layer makes it NaN
+            "cos_min": math.nan if any(math.isnan(c) for c in cosines) else min(cosines, default=None),
         })
         return summary
 
@@ -243,6 +264,13 @@ class DriftGeometry(L.Callback):
             elif trainer.global_step + self._step_offset < self._steps_trained:
                 # the same model fitted again by a new Trainer (steps from 0): the count goes on from the last fit's end
                 self._step_offset = self._steps_trained - trainer.global_step
+        if self._restored and self._restored_probes is not None:
+            if probe_fingerprint(self._encode(trainer, pl_module)) != self._restored_probes:
+                raise ValueError(
+                    "DriftGeometry: the checkpoint's fit-start states were measured on other probes than this run "
+                    "encodes (other harmful/harmless sources, system_prompt, n_probes, seed or tokenizer), so "
+                    "every drift metric would compare different prompts. Resume with the settings of the run "
+                    "that saved it, or start a new fit.")
         self._restored, self._model = False, weakref.ref(model)
         if self.initial is None:  # resume restores the fit-start measurement instead
             # Rank zero's measurement for everyone: sharded forwards may round differently per rank.
@@ -320,8 +348,9 @@ class DriftGeometry(L.Callback):
     @rank_zero_only
     def _write(self, directory: str, final: dict) -> None:
         with atomic_file(os.path.join(directory, "drift_summary.json")) as handle:
-            json.dump(finite_or_null({"history": self.history, "final": self.metrics(final)}), handle, indent=2,
-                      allow_nan=False)
+            ranks = [None if basis is None else basis.shape[1] for basis in self.initial_subspaces()]
+            json.dump(finite_or_null({"history": self.history, "final": self.metrics(final),
+                                      "angle_subspace_ranks": ranks}), handle, indent=2, allow_nan=False)
         if self.figures:
             self._figures(directory, final)
 
@@ -358,7 +387,7 @@ class DriftGeometry(L.Callback):
         if self.initial is None:
             return {}
         return {"initial": self.initial, "history": self.history, "warned": self._warned, "layers": "block_inputs",
-                "step_offset": self._step_offset}
+                "step_offset": self._step_offset, "probes": probe_fingerprint(self._probes) if self._probes is not None else self._restored_probes}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:
@@ -370,4 +399,5 @@ class DriftGeometry(L.Callback):
         self.initial, self.history = state_dict["initial"], list(state_dict["history"])
         self._warned = bool(state_dict.get("warned", False))  # the refusal-drop warning is given once per run
         self._step_offset = int(state_dict.get("step_offset", 0))
+        self._restored_probes = state_dict.get("probes")  # checkpoints of earlier versions lack it: unchecked
         self._subspaces0, self._restored = None, True

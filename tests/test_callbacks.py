@@ -339,10 +339,11 @@ def test_drift_summary_is_strict_json(tmp_path, monkeypatch):
     drift = DriftGeometry(harmful=HARMFUL, harmless=HARMLESS, figures=False)
     drift.history = [{"step": 0, "fisher_layer1": float("inf"), "cka_layer0": float("nan"), "cos_layer0": None}]
     monkeypatch.setattr(drift, "metrics", lambda final: {"fisher_layer1": -float("inf"), "cos_min": 0.5})
+    monkeypatch.setattr(drift, "initial_subspaces", lambda: [None, torch.zeros(8, 3)])
     drift._write(str(tmp_path), None)
     summary = json.loads((tmp_path / "drift_summary.json").read_text(), parse_constant=pytest.fail)
     assert summary == {"history": [{"step": 0, "fisher_layer1": None, "cka_layer0": None, "cos_layer0": None}],
-                       "final": {"fisher_layer1": None, "cos_min": 0.5}}
+                       "final": {"fisher_layer1": None, "cos_min": 0.5}, "angle_subspace_ranks": [None, 3]}
 
 
 def test_drift_probes_are_rendered_with_the_basis_system_prompt():
@@ -806,6 +807,41 @@ def test_drift_of_a_diverged_model_reports_nan_instead_of_stopping():
     diverged = torch.full_like(h0, float("nan"))
     metrics = _layer_metrics(h0, s0, diverged, s0, state_subspace(h0, k=2))
     assert set(metrics) == {"cos", "gap", "fisher", "cka", "angle"} and all(math.isnan(v) for v in metrics.values())
+
+
+def test_drift_summary_metrics_of_a_diverged_layer_are_nan():
+    """min() over cosines with a NaN depends on the order (min([1.0, nan]) is 1.0), and NaN scores compare False:
+    a model whose deeper layers overflowed must not read as "no drift" and "refuses none"."""
+    generator = torch.Generator().manual_seed(0)
+    states = lambda: torch.randn(4, 6, 8, dtype=torch.float64, generator=generator)  # noqa: E731 [layers, n, d]
+    drift = DriftGeometry(harmful=HARMFUL, harmless=HARMLESS)
+    drift.initial = {"harmful_states": states(), "harmless_states": states(),
+                     "harmful_logits": torch.randn(6, 10, dtype=torch.float64), "harmless_logits": torch.randn(6, 10)}
+    drift._refusal_ids = [1]
+    now = {key: value.clone() for key, value in drift.initial.items()}
+    healthy = drift.metrics(now)
+    assert healthy["cos_min"] == pytest.approx(1.0) and 0.0 <= healthy["refused_share"] <= 1.0
+    now["harmful_states"][2:] = float("inf")
+    now["harmful_logits"][:] = float("nan")
+    diverged = drift.metrics(now)
+    assert diverged["cos_layer0"] == pytest.approx(1.0) and math.isnan(diverged["cos_layer3"])
+    assert math.isnan(diverged["cos_min"]) and math.isnan(diverged["refused_share"])
+
+
+def test_drift_resumed_with_other_probes_is_refused(tmp_path, tiny_models, chat_file):
+    """The restored fit-start states were measured on the checkpoint's probes: other probes would be compared
+    with them silently."""
+    def drift(**kwargs):
+        return DriftGeometry(every_n_steps=1, harmful=HARMFUL, harmless=HARMLESS, n_probes=3, figures=False, **kwargs)
+
+    run_fit(tmp_path / "a", tiny_models["llama"], chat_file, [drift()], steps=2, checkpoint_every=2)
+    checkpoint = str(next((tmp_path / "a").glob("*step=2.ckpt")))
+    resumed = drift()
+    run_fit(tmp_path / "b", tiny_models["llama"], chat_file, [resumed], steps=3, ckpt_path=checkpoint)
+    assert [r["step"] for r in resumed.history] == [0, 1, 2, 3]
+    for other in ({"seed": 8}, {"system_prompt": "be brief ."}):
+        with pytest.raises(ValueError, match="measured on other probes"):
+            run_fit(tmp_path / "c", tiny_models["llama"], chat_file, [drift(**other)], steps=3, ckpt_path=checkpoint)
 
 
 def test_drift_probes_are_not_the_prompts_the_basis_is_measured_on():

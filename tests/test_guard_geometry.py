@@ -14,6 +14,7 @@ from rg_lightning.guard import (
     pca_2d,
     principal_angles,
     projection_gap,
+    spread_subspace,
 )
 from rg_lightning.guard.geometry import state_subspace
 from rg_lightning.guard.subspace import top_subspace
@@ -69,6 +70,28 @@ def test_linear_cka():
     assert linear_cka(x, torch.randn(50, 8, generator=g)) < 0.5
     with pytest.raises(ValueError, match="same rows"):
         linear_cka(x, x[:10])
+    wide_x, wide_y = torch.randn(6, 40, generator=g).double(), torch.randn(6, 40, generator=g).double()
+    cx, cy = wide_x - wide_x.mean(0), wide_y - wide_y.mean(0)  # the d x d definition, d > n
+    definition = torch.linalg.matrix_norm(cy.T @ cx) ** 2 / (torch.linalg.matrix_norm(cx.T @ cx)
+                                                             * torch.linalg.matrix_norm(cy.T @ cy))
+    assert linear_cka(wide_x, wide_y) == pytest.approx(float(definition), rel=1e-12)
+
+
+def test_spread_subspace_sees_the_variation_the_mean_hides():
+    """States dominated by their mean: the uncentred 90% subspace is the mean direction alone, so moving all the
+    variation to new directions leaves it in place; the spread subspace turns by 90 degrees."""
+    g = torch.Generator().manual_seed(0)
+    mean = 50.0 * torch.eye(12, dtype=torch.float64)[0]
+    noise = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    before = mean + noise @ torch.eye(12, dtype=torch.float64)[1:4]
+    after = mean + noise @ torch.eye(12, dtype=torch.float64)[4:7]
+    uncentred = principal_angles(state_subspace(before, energy=0.9), state_subspace(after, energy=0.9))
+    assert state_subspace(before, energy=0.9).shape[1] == 1 and float(uncentred.max()) < 0.02  # ~1 degree
+    spread = spread_subspace(before, energy=0.9)
+    assert spread.shape[1] >= 2
+    angles = principal_angles(spread, spread_subspace(after, k=spread.shape[1]))
+    assert float(angles.max()) == pytest.approx(math.pi / 2)
+    assert spread_subspace(mean.expand(5, 12)) is None  # identical rows do not vary
 
 
 def test_kl_divergence():

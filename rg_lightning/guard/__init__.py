@@ -13,6 +13,7 @@ from .geometry import (
     pca_2d,
     principal_angles,
     projection_gap,
+    spread_subspace,
     state_subspace,
 )
 from .projection import (
@@ -61,6 +62,7 @@ __all__ = [
     "project_out",
     "project_out_left",
     "projection_gap",
+    "spread_subspace",
     "state_subspace",
     "top_subspace",
     "soft_subspace",
