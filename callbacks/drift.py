@@ -50,7 +50,7 @@ from rg_lightning.guard.geometry import (
     spread_subspace,
 )
 from rg_lightning.guard.projection import canonical_name, subspace_energy
-from rg_lightning.guard.shards import is_sharded, local_rows, uses_fsdp2
+from rg_lightning.guard.shards import holds_all_rows, local_rows, uses_fsdp2
 from rg_lightning.modes import eval_mode
 from rg_lightning.prompts import check_prompt_source, load_prompts, prompt_hashes
 from rg_lightning.strict_json import finite_or_null
@@ -301,7 +301,7 @@ class DriftGeometry(L.Callback):
                 if weight.grad is not None:
                     rows, _ = local_rows(weight.grad)  # never gathered: a large lm_head would cost GBs per rank
                     part = subspace_energy(rows, basis.to(rows.device)).to(energy.device)
-                    (sharded if is_sharded(weight.grad) else energy).add_(part)
+                    (energy if holds_all_rows(weight.grad) else sharded).add_(part)
         if uses_fsdp2(model):  # decided by the model, so every rank calls the reduce
             energy += trainer.strategy.reduce(sharded, reduce_op="sum")
         inside, total = energy.tolist()

@@ -134,3 +134,22 @@ def test_directions_mode_reads_norm_gains_of_a_sharded_model(tiny_models):
     result = subprocess.run([sys.executable, str(HERE / "fsdp2_directions.py"), tiny_models["gemma2"],
                              tiny_models["llama"], _free_port()], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_replicated_dtensors_hold_all_rows_and_row_shards_do_not():
+    """DriftGeometry sums row shards' gradient energy over ranks: a replicated tensor, whole on every rank, must be
+    counted once, not once per rank."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from rg_lightning.guard.shards import holds_all_rows
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        t = torch.randn(4, 3)
+        assert holds_all_rows(t) and holds_all_rows(distribute_tensor(t, mesh, [Replicate()]))
+        assert not holds_all_rows(distribute_tensor(t, mesh, [Shard(0)]))
+    finally:
+        dist.destroy_process_group()

@@ -25,6 +25,16 @@ def is_sharded(t: Tensor | None) -> bool:
     return kind is not None and isinstance(t, kind)
 
 
+def holds_all_rows(t: Tensor) -> bool:
+    """Whether this rank holds every row: a plain tensor, or a DTensor replicated on every rank (summing such a
+    tensor's per-rank shares over ranks would count it once per rank)."""
+    if not is_sharded(t):
+        return True
+    from torch.distributed.tensor import Replicate
+
+    return all(isinstance(p, Replicate) for p in t.placements)
+
+
 def whole(t: Tensor) -> Tensor:
     """The full tensor (gathered from every rank when sharded: a collective, so every rank must call it)."""
     return t.full_tensor() if is_sharded(t) else t
