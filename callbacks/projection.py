@@ -152,7 +152,8 @@ class RepresentationProjection(L.Callback):
             inputs, outputs = direction_bases(model, basis)
         ids = basis.protected_token_ids if self.protect_embeddings else None
         reshard(model)  # FSDP2: constraints must see (and LoRA's first projection write) the real shards
-        if self._restored_state is None and self.constraints is not None and self._model() is model:
+        earlier_fit = self._restored_state is None and self.constraints is not None and self._model() is model
+        if earlier_fit:
             # a later fit of the same model continues from the aligned model's anchors, not the drifted weights
             # (with strength < 1 or a damped tail the weights are not back at them); another model starts afresh
             self._restored_state = self.constraints.state_dict()
@@ -165,8 +166,18 @@ class RepresentationProjection(L.Callback):
                 "Resume from a checkpoint of a guarded run, or start from the aligned model.")
         self.constraints = build_constraints(model, inputs, output_bases=outputs, protected_token_ids=ids,
                                              strength=self.strength, freeze_norms=self.freeze_norms,
-                                             project_lora=not restoring)
+                                             project_lora=not restoring, measured_with_adapters=True)
         if restoring:  # resume: the anchors of the aligned model, not of the drifted one
+            if earlier_fit:  # weights frozen since the earlier fit need no constraint; newly trainable ones still
+                # fail below (anchoring them on the drifted weights would hold the fine-tuned model, not the aligned)
+                built = {c.key for c in self.constraints.constraints}
+                new = sorted(built - set(self._restored_state))
+                if new:
+                    raise ValueError(
+                        f"RepresentationProjection: {len(new)} constraints (e.g. {new[:3]}) are for weights that were "
+                        "frozen in this model's earlier fit, so only their fine-tuned values are left to anchor, not "
+                        "the aligned model's. Keep them frozen, or guard a fresh copy of the aligned model.")
+                self._restored_state = {k: v for k, v in self._restored_state.items() if k in built}
             self.constraints.load_state_dict(self._restored_state)
             self._restored_state = None
         if any(type(m).__name__ == "Linear8bitLt" for m in model.modules()):
@@ -185,10 +196,7 @@ class RepresentationProjection(L.Callback):
             f"{self.constraints.extra_memory_bytes() / max(weights, 1):.2%} of the weights"
         )
         self._groups = {}  # id(parameter) -> its optimizer's param group (filled by _hook)
-        optimized = [p for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]]
-        self._trained = {id(p) for p in optimized if p.requires_grad}
-        self._frozen = [p for p in optimized if not p.requires_grad]  # watched: unfreezing them is refused
-        self._n_optimized = len(optimized)
+        self._trained = self._stepped(trainer)
         embedding = model.get_input_embeddings().weight if self.hold_absent_rows else None
         self._embedding = embedding if embedding is not None and embedding.requires_grad else None
         self._present = None
@@ -200,6 +208,17 @@ class RepresentationProjection(L.Callback):
         created during the fit); returns them."""
         if optimizer not in self._hooked:
             params = [p for group in optimizer.param_groups for p in group["params"]]
+            if self.tail_reference_lr is not None and any(getattr(c, "has_tail", False)
+                                                          for c in self.constraints.constraints):
+                for group in optimizer.param_groups:
+                    try:
+                        float(group["lr"])
+                    except (KeyError, TypeError, ValueError):
+                        raise ValueError(
+                            f"RepresentationProjection: tail_reference_lr scales the damped tail's pull-back by the "
+                            f"learning rate, but {type(optimizer).__name__} has lr={group.get('lr')!r} in a "
+                            "parameter group (e.g. Adafactor's relative steps). Give it a numeric lr, or set "
+                            "tail_reference_lr: null (a fixed share per step).") from None
             self._hooked[optimizer] = params
             self._groups.update({id(p): group for group in optimizer.param_groups for p in group["params"]})
             self._hooks.append(optimizer.register_step_post_hook(
@@ -235,14 +254,18 @@ class RepresentationProjection(L.Callback):
         if self._embedding is not None:
             self._present = batch_token_mask(_input_ids(batch), self._embedding.shape[0], self._present)
 
+    @staticmethod
+    def _stepped(trainer) -> set[int]:
+        """The parameters the optimizers can step: in a param group and trainable."""
+        return {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups
+                for p in group["params"] if p.requires_grad}
+
     def _check_nothing_unfrozen(self, trainer, pl_module) -> None:
-        """The basis covers what was trainable at fit start; a weight unfrozen later (``BaseFinetuning``) would
-        train unconstrained, so it stops the run instead. Per step only a count and the frozen weights' flags are
-        read; the parameters are listed only when one of them changed."""
-        groups = [group for optimizer in trainer.optimizers for group in optimizer.param_groups]
-        if sum(len(g["params"]) for g in groups) == self._n_optimized and not any(p.requires_grad for p in self._frozen):
-            return
-        late = {id(p) for g in groups for p in g["params"] if p.requires_grad} - self._trained
+        """The basis covers what was trainable at fit start; a weight unfrozen later (``BaseFinetuning``, or a
+        staged schedule that freezes one layer, unfreezes another and rebuilds the optimizers) would train
+        unconstrained, so it stops the run instead. Compared as sets every step (a set of a few hundred ids): a
+        count would miss a swap."""
+        late = self._stepped(trainer) - self._trained
         if late:
             names = [n for n, p in pl_module.named_parameters() if id(p) in late]
             raise RuntimeError(f"RepresentationProjection: {len(late)} parameters became trainable after fit start "

@@ -226,6 +226,30 @@ def test_drift_geometry_goes_on_across_fits_of_one_model_and_starts_over_for_ano
     assert [r["step"] for r in drift.history] == [0, 2] and drift.initial is not first
 
 
+def test_a_later_fit_may_train_fewer_weights_but_not_ones_frozen_before(tmp_path, tiny_models, chat_file):
+    """Freezing a layer between fits only makes the run stricter; unfreezing one the earlier fit left frozen would
+    anchor it on the fine-tuned weights."""
+    projection = RepresentationProjection(strength=0.5)
+    module, trainer = run_fit(tmp_path, tiny_models["llama"], chat_file, [guard(), projection], steps=2)
+    anchors = {key: state["anchor"].clone() for key, state in projection.constraints.state_dict().items()
+               if "anchor" in state}
+
+    def fit_again():
+        L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False, default_root_dir=tmp_path,
+                  callbacks=trainer.callbacks).fit(module, InstructionDataModule(train=chat_file, batch_size=8))
+
+    module.model.model.layers[1].mlp.requires_grad_(False)
+    fit_again()
+    kept = {key: state["anchor"] for key, state in projection.constraints.state_dict().items() if "anchor" in state}
+    assert kept and not any("layers.1.mlp" in key for key in kept) and any("layers.1.mlp" in key for key in anchors)
+    for key, anchor in kept.items():
+        torch.testing.assert_close(anchor, anchors[key], atol=0, rtol=0)
+    module.model.model.layers[1].mlp.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen in this model's earlier fit"):
+        fit_again()
+
+
 def test_a_checkpoint_restored_for_validation_is_not_taken_by_the_next_fit(tmp_path, tiny_models, chat_file):
     """validate(ckpt_path=...) restores the callbacks' states too; a later fit of another model must measure its
     own basis and drift, not take the checkpoint's as if it were resuming."""

@@ -155,6 +155,23 @@ def test_peft_lora_keeps_protected_states_with_base_model_names():
             torch.testing.assert_close(c.param, project_out(c.param, c.basis).detach(), atol=1e-6, rtol=0)
 
 
+def test_an_adapter_that_already_moves_the_protected_outputs_is_refused_when_the_basis_saw_it():
+    """Measured with the adapter in place (RefusalDirections at fit start), A·U = 0 would remove B0·A0 from the
+    protected outputs instead of holding them; a guarded adapter (A·U = 0 up to rounding) goes on."""
+    from peft import LoraConfig, get_peft_model
+
+    bases = capture_bases(tiny("qwen2"), PROTECTED)
+    trained = get_peft_model(tiny("qwen2"), LoraConfig(r=4, target_modules=LINEARS, init_lora_weights=False))
+    with pytest.raises(ValueError, match="already changes this layer's output on the protected prompts"):
+        build_constraints(trained, bases, protected_token_ids=PROTECTED.flatten(), measured_with_adapters=True)
+    guarded = get_peft_model(tiny("qwen2"), LoraConfig(r=4, target_modules=LINEARS))
+    train(guarded, build_constraints(guarded, bases, protected_token_ids=PROTECTED.flatten()))
+    assert any(m.weight.abs().max() > 1e-3 for n, m in guarded.named_modules() if n.endswith("lora_B.default"))
+    before = forward(guarded, PROTECTED)
+    build_constraints(guarded, bases, protected_token_ids=PROTECTED.flatten(), measured_with_adapters=True)
+    assert max_rel_change(before, forward(guarded, PROTECTED)) < 1e-5
+
+
 def test_lora_inits_that_rewrite_the_base_weight_are_refused():
     from peft import LoraConfig, get_peft_model
 

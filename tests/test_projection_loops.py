@@ -51,7 +51,8 @@ def fit(module, chat_file, callbacks, steps=3, ckpt_path=None, **trainer_kwargs)
 
 
 def guard(**kwargs):
-    return RefusalDirections(harmful=HARMFUL, harmless=HARMLESS, energy=1.0, answer_tokens=0, **kwargs)
+    kwargs.setdefault("energy", 1.0)
+    return RefusalDirections(harmful=HARMFUL, harmless=HARMLESS, answer_tokens=0, **kwargs)
 
 
 def largest_anchor_error(projection) -> float:
@@ -108,3 +109,34 @@ def test_a_projection_added_only_on_resume_warns(tmp_path, tiny_models, chat_fil
     with pytest.warns(UserWarning, match="without the projection's state"):
         fit(module(), chat_file, [guard(), RepresentationProjection()], steps=3, default_root_dir=tmp_path,
             ckpt_path=str(next(tmp_path.glob("*step=2.ckpt"))))
+
+
+class SwapTrainedLayers(L.Callback):
+    """A staged schedule: after the first step layer 0's MLP is frozen, layer 1's unfrozen, optimizers rebuilt;
+    the count of trained parameters stays the same."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 1:
+            pl_module.model.model.layers[0].mlp.requires_grad_(False)
+            pl_module.model.model.layers[1].mlp.requires_grad_(True)
+            trainer.strategy.setup_optimizers(trainer)
+
+
+def test_a_swap_of_the_trained_weights_mid_fit_stops_the_run(tmp_path, tiny_models, chat_file):
+    module = CausalLMModule(model=tiny_models["llama"], optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    module.configure_model()
+    module.model.model.layers[1].mlp.requires_grad_(False)  # no basis for it: frozen when the guard measures
+    with pytest.raises(RuntimeError, match="3 parameters became trainable after fit start"):
+        fit(module, chat_file, [guard(), RepresentationProjection(), SwapTrainedLayers()], steps=3,
+            default_root_dir=tmp_path)
+
+
+def test_tail_reference_lr_with_an_optimizer_without_a_numeric_lr_names_the_fix(tmp_path, tiny_models, chat_file):
+    from transformers.optimization import Adafactor
+
+    module = CausalLMModule(model=tiny_models["llama"],
+                            optimizer=lambda p: Adafactor(p, lr=None, relative_step=True, scale_parameter=True))
+    with pytest.raises(ValueError, match="Adafactor has lr=None.*tail_reference_lr: null"):
+        fit(module, chat_file, [guard(energy=0.9, ridge=0.03), RepresentationProjection(tail_reference_lr=1e-3)], steps=1,
+            default_root_dir=tmp_path)
+    fit(module, chat_file, [guard(energy=0.9, ridge=0.03), RepresentationProjection()], steps=1, default_root_dir=tmp_path)

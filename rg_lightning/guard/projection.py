@@ -296,7 +296,9 @@ class LoraConstraint(LinearConstraint):
 
     Then ``ΔW_eff·U = scale·B·A·U = 0`` for any B (resp. Uᵀ·ΔW_eff = 0 for any A). The target is zero,
     so no anchor is stored; the matrix is projected once at construction (with ``strength``) so the
-    property holds from step 0, also for adapters whose B does not start at zero.
+    property holds from step 0: for an adapter whose B does not start at zero it hides ``B0·A0`` on the protected
+    inputs, which restores the model the bases were measured on only if they were measured without the adapter
+    (``build_constraints(measured_with_adapters=True)`` refuses such adapters).
     """
 
     _state = ("basis",)
@@ -554,12 +556,29 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")  # PEFT 
 
 def _check_lora_init(name: str, adapter: str, init) -> None:
     """PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA start the base at ``W0 − B0·A0``: ``A·U = 0`` would then hold
-    ``W_res·U``, not the aligned ``W0·U``. Inits that leave the base as it is are fine (``B0·A0`` = 0, or hidden by
-    ``A·U = 0``)."""
+    ``W_res·U``, not the aligned ``W0·U``. Inits that leave the base as it is are fine when ``B0·A0`` = 0
+    (:func:`_check_adapter_hidden`)."""
     if not (isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS)):
         return
     raise ValueError(f"{name} (adapter {adapter!r}): LoRA init {init!r} rewrites the base weight, so RefusalGuard "
                      "cannot hold the aligned outputs; use init_lora_weights=True (the default) or 'gaussian'.")
+
+
+def _check_adapter_hidden(name: str, adapter: str, a: Tensor, b: Tensor, basis: Tensor, side: str) -> None:
+    """The basis is measured on the model as it is, adapter included; ``A·U = 0`` (resp. ``Uᵀ·B = 0``) would remove
+    a non-zero ``B0·A0·U`` from the protected outputs instead of holding them. A guarded adapter's rounding residue
+    (~1e-7 of the product's scale) is not refused."""
+    a, b = whole(a.detach()).double(), whole(b.detach()).double()
+    basis = basis.double().to(a.device)
+    seen = b @ (a @ basis) if side == "right" else (basis.T @ b) @ a
+    scale = float(torch.linalg.matrix_norm(a) * torch.linalg.matrix_norm(b) * torch.linalg.matrix_norm(basis))
+    if float(torch.linalg.matrix_norm(seen)) > 1e-4 * scale:
+        raise ValueError(
+            f"{name} (adapter {adapter!r}): the adapter already changes this layer's output on the protected prompts "
+            "(B·A ≠ 0 on their inputs), and the guard holds them through A·U = 0 (resp. Uᵀ·B = 0), which would remove "
+            "that change instead of keeping it. Merge it into the base first (peft's merge_and_unload(), then a fresh "
+            "adapter), or start from an adapter with B = 0 (PEFT's default init); to go on with a guarded fit, "
+            "resume from its checkpoint.")
 
 
 def build_constraints(
@@ -571,6 +590,7 @@ def build_constraints(
     strength: float = 1.0,
     freeze_norms: bool = True,
     project_lora: bool = True,
+    measured_with_adapters: bool = False,
 ) -> ConstraintSet:
     """Constrain every trainable parameter that protected prompts read.
 
@@ -580,7 +600,11 @@ def build_constraints(
     LoRA layers and embeddings). ``protected_token_ids``: rows of the input token embedding to keep; any other
     trainable nn.Embedding (positions, a vision tower's) is held whole. ``freeze_norms``: restore every other trainable
     1-D parameter (norm weights, biases). ``project_lora``: project LoRA matrices onto their constraint now (a new
-    fit; not when the constraints' state is about to be restored). Frozen and bitsandbytes-quantized weights are
+    fit; not when the constraints' state is about to be restored). ``measured_with_adapters``: the bases were
+    measured on this model with its LoRA adapters in place (as RefusalDirections does at fit start), so an
+    adapter that already changes the protected outputs is refused: projecting it would remove that change, not
+    hold it (measured without the adapters, the projection restores what was measured). Frozen and
+    bitsandbytes-quantized weights are
     skipped and reported; trainable parameters left without any constraint are listed in ``.uncovered``.
     """
     output_bases = output_bases or {}
@@ -631,6 +655,8 @@ def build_constraints(
                     for part, side, basis in (("lora_A", "right", basis_for(bases, key, a.weight)),
                                               ("lora_B", "left", basis_for(output_bases, key, b.weight))):
                         if basis is not None:
+                            if project_lora and measured_with_adapters:
+                                _check_adapter_hidden(name, adapter, a.weight, b.weight, basis, side)
                             module = a if part == "lora_A" else b
                             constraints.append(LoraConstraint(
                                 f"{name}.{part}.{adapter}", module, basis, side=side, strength=strength,
