@@ -37,13 +37,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from rg_lightning.callbacks.refusal_directions import find_refusal_directions
+from rg_lightning.chat import require_chat_template, template_fingerprint
 from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.coverage import read_by_text
 from rg_lightning.guard.directions import direction_bases
 from rg_lightning.guard.projection import ConstraintSet, batch_token_mask, build_constraints, hold_absent_rows_
 from rg_lightning.guard.shards import reshard
-from rg_lightning.prompts import fingerprint
 
 
 def _input_ids(batch) -> torch.Tensor:
@@ -128,8 +128,9 @@ class RepresentationProjection(L.Callback):
             basis = SafetyBasis.load(self.basis_path)
             model = hf_model(pl_module)
             basis.check_compatible(model, str(getattr(model.config, "_name_or_path", "")))
-            template = tokenizer_of(trainer, pl_module).chat_template or ""
-            basis.check_rendering(fingerprint([template]), check_system_prompt=False)  # the system prompt is not ours
+            tokenizer = tokenizer_of(trainer, pl_module)
+            require_chat_template(tokenizer)
+            basis.check_rendering(template_fingerprint(tokenizer), check_system_prompt=False)  # (not our system prompt)
             return basis
         return find_refusal_directions(trainer).ensure_basis(trainer, pl_module)
 

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
 from rg_lightning.atomic import check_replaceable
+from rg_lightning.chat import require_chat_template, template_fingerprint
 from rg_lightning.contract import check_unsharded, hf_model, system_prompt_of, tokenizer_of
 from rg_lightning.figures import save_png, selection_figure, subspace_figure
 from rg_lightning.guard.basis import BASIS_FILES, SafetyBasis
@@ -175,8 +176,9 @@ class RefusalDirections(L.Callback):
         if self.load:
             basis = SafetyBasis.load(self.load)
             basis.check_compatible(model, model_id)
-            basis.check_rendering(fingerprint([tokenizer_of(trainer, pl_module).chat_template or ""]),
-                                  self.rendering_system_prompt)
+            tokenizer = tokenizer_of(trainer, pl_module)
+            require_chat_template(tokenizer)
+            basis.check_rendering(template_fingerprint(tokenizer), self.rendering_system_prompt)
             rank_zero_info(f"RefusalDirections: loaded the safety basis from {self.load}")
             self._warn_on_other_settings(basis)
         else:
@@ -224,8 +226,13 @@ class RefusalDirections(L.Callback):
 
     def _compute(self, trainer, pl_module, model, model_id: str) -> SafetyBasis:
         tokenizer = tokenizer_of(trainer, pl_module)
+        require_chat_template(tokenizer)  # before the filter renders anything
         harmful = load_prompts(self.harmful, self.n_prompts, self.seed)
         harmless = load_prompts(self.harmless, self.n_prompts, self.seed)
+        for kind, prompts, source in (("harmful", harmful, self.harmful), ("harmless", harmless, self.harmless)):
+            if len(prompts) < 2:
+                raise ValueError(f"RefusalDirections: the {kind} source {str(source)[:80]!r} gave {len(prompts)} "
+                                 "prompt(s); the means and subspaces need at least 2 (a few hundred recommended).")
         filtering = {"measured_prompt_hashes": prompt_hashes(harmful + harmless)}
         if self.filter_prompts:
             harmful, harmless, filtering["filtering"] = self._filter(model, tokenizer, harmful, harmless, "measured")
@@ -247,7 +254,7 @@ class RefusalDirections(L.Callback):
                 answer_tokens=self.answer_tokens, batch_size=self.batch_size, system_prompt=self.rendering_system_prompt,
                 progress=progress, max_statistics_gb=self.max_statistics_gb, centered=self.centered,
                 head_answer_only=self.head_answer_only, ridge=self.ridge, input_differences=self.input_differences,
-                metadata={"model_id": model_id, "chat_template_hash": fingerprint([tokenizer.chat_template or ""]),
+                metadata={"model_id": model_id, "chat_template_hash": template_fingerprint(tokenizer),
                           "harmful_hash": fingerprint(harmful), "harmless_hash": fingerprint(harmless),
                           "harmful_source": str(self.harmful)[:200], "harmless_source": str(self.harmless)[:200],
                           **filtering},

@@ -14,7 +14,8 @@ def atomic_directory(target: str, replaces: tuple[str, ...] = ()):
 
     An existing non-empty ``target`` is replaced only if it holds one of the files named in ``replaces`` (an
     earlier result of the same kind): a directory of something else (a run folder, the data) is refused, not
-    deleted."""
+    deleted. The staged files are flushed to disk before the swap; a crash between its two renames leaves the
+    previous contents in ``.old-*/previous`` next to ``target``."""
     check_replaceable(target, replaces)
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
@@ -22,6 +23,7 @@ def atomic_directory(target: str, replaces: tuple[str, ...] = ()):
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the result is an ordinary directory
     try:
         yield staging
+        _fsync_tree(staging)
         if os.path.exists(target):
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)
             previous = os.path.join(old, "previous")
@@ -39,9 +41,32 @@ def atomic_directory(target: str, replaces: tuple[str, ...] = ()):
             shutil.rmtree(old)
         else:
             os.replace(staging, target)
+        _fsync_directory(parent)  # the renames themselves
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _fsync_directory(path: str) -> None:
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:  # a platform that cannot open directories (Windows): the files' own fsync is what it has
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def _fsync_tree(root: str) -> None:
+    """Every file under ``root``, then every directory, on disk: a rename after a crash must not expose empty files."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_directory(directory)
 
 
 def check_replaceable(target: str, replaces: tuple[str, ...], what: str = "the output directory") -> None:

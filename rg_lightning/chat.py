@@ -30,6 +30,15 @@ def require_chat_template(tokenizer, chat_template: str | None = None) -> str:
     return template
 
 
+def template_fingerprint(tokenizer) -> str:
+    """A short hash of the tokenizer's chat template, which decides how the measured prompts were rendered (a
+    string, or named templates as a dict; "" when it has none)."""
+    from rg_lightning.prompts import fingerprint
+
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return fingerprint([template if isinstance(template, str) else json.dumps(template, sort_keys=True)])
+
+
 # Variables apply_chat_template passes on every call (besides the tokenizer's special tokens): a default for
 # one of them would never be used.
 _ALWAYS_PASSED = frozenset({"messages", "tools", "documents", "add_generation_prompt"})

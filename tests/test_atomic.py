@@ -53,6 +53,26 @@ def test_a_failed_swap_puts_the_previous_directory_back(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["basis"]
 
 
+def test_staged_files_are_on_disk_before_the_swap(tmp_path, monkeypatch):
+    """A crash right after the rename must not expose files the page cache had not written yet."""
+    synced, real_fsync, real_replace = set(), os.fsync, os.replace
+
+    def fsync(descriptor):
+        synced.add(os.path.realpath(f"/proc/self/fd/{descriptor}") if os.path.exists("/proc/self/fd") else descriptor)
+        real_fsync(descriptor)
+
+    def replace(src, dst):
+        if os.path.basename(src).startswith(".staging-"):
+            assert {os.path.realpath(os.path.join(src, "a.txt")), os.path.realpath(src)} <= synced
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with atomic_directory(str(tmp_path / "basis")) as staging:
+        (tmp_path / staging / "a.txt").write_text("first")
+    assert (tmp_path / "basis" / "a.txt").read_text() == "first"
+
+
 def test_a_directory_of_something_else_is_refused_not_deleted(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -517,8 +517,10 @@ def test_a_loaded_projection_basis_next_to_refusal_directions_warns(tmp_path, ti
     [
         (lambda: RefusalDirections(harmful=HARMFUL[:1], harmless=HARMLESS, answer_tokens=0), "at least 2"),
         (lambda: RefusalDirections(harmful=HARMFUL, harmless=list(reversed(HARMFUL)), answer_tokens=0), "identical"),
+        (lambda: RefusalDirections(harmful=[], harmless=HARMLESS, filter_prompts=True, answer_tokens=0),
+         "the harmful source .* gave 0 prompt"),
     ],
-    ids=["tiny-set", "harmful-equals-harmless"],
+    ids=["tiny-set", "harmful-equals-harmless", "empty-set-before-the-filter"],
 )
 def test_bad_prompt_sets(tmp_path, tiny_models, chat_file, refusal, message):
     with pytest.raises(ValueError, match=message):
@@ -954,3 +956,21 @@ def test_output_places_that_would_lose_work_or_files_are_refused_at_fit_start(tm
         writer.setup(trainer, None, "predict")
     with pytest.raises(ValueError, match="must name a file"):
         PredictionWriter(path=5)
+
+
+def test_named_chat_templates_are_fingerprinted_and_measured(tmp_path, tiny_models, chat_file):
+    """Some models ship named templates (a dict: ``default``, ``tool_use``); hashing one as a string failed."""
+    from rg_lightning.chat import template_fingerprint
+    from rg_lightning.prompts import fingerprint
+
+    module = CausalLMModule(model=tiny_models["llama"], optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    template = module.tokenizer.chat_template
+    assert template_fingerprint(module.tokenizer) == fingerprint([template])  # earlier saved bases still match
+    module.tokenizer.chat_template = {"default": template, "tool_use": template}
+    named = template_fingerprint(module.tokenizer)
+    assert named != fingerprint([template])
+    refusal = guard()
+    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[refusal, RepresentationProjection()]
+              ).fit(module, InstructionDataModule(train=chat_file, batch_size=8))
+    assert refusal.basis.metadata["chat_template_hash"] == named

@@ -32,6 +32,14 @@ def test_save_and_load_round_trip_bit_exact(tmp_path):
     ({"metadata": ["model_id"]}, "metadata must be a JSON object"),
     ({"metadata": {"selected": {"layer": "1", "position": -1}}}, "`selected` must be"),
     ({"metadata": {"selected": {"layer": 1}}}, "`selected` must be"),
+    ({"subspaces": {"up": torch.ones(8)}}, "subspace up must be a 2-D float"),
+    ({"subspaces": {"up": torch.ones(8, 2, dtype=torch.int8)}}, "subspace up must be a 2-D float"),
+    ({"harmful_means": torch.ones(2, 3, 8, dtype=torch.int64),
+      "harmless_means": torch.ones(2, 3, 8, dtype=torch.int64)}, "means must be floating point"),
+    ({"metadata": {"post_instruction_tokens": 7}}, "counts 7 post-instruction positions, its means hold 3"),
+    ({"metadata": {"subspace_dims": {"up": 5}}}, "other subspace widths than its tensors"),
+    ({"embedding_probe_ids": torch.tensor([1, 4])}, "embedding probe must be"),
+    ({"embedding_probe_ids": torch.tensor([1, 4]), "embedding_probe_rows": torch.ones(3, 8)}, "embedding probe must be"),
 ])
 def test_malformed_contents_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -58,3 +66,34 @@ def test_a_subspace_of_another_width_is_refused_before_any_constraint_is_built()
     with pytest.raises(ValueError, match="8-wide subspace for up, which reads 16 features"):
         _basis().check_compatible(model)
     _basis(subspaces={"up": torch.eye(16)[:, :2]}).check_compatible(model)
+
+
+def test_a_basis_of_another_model_with_the_same_shapes_is_refused_by_its_embedding_rows(tmp_path):
+    """Two runs of one architecture pass every shape and name check; the measured embedding rows tell them apart
+    (the same weights in bfloat16 pass)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from rg_lightning.guard.basis import embedding_probe
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(LlamaConfig(
+            vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1))
+
+    measured = model(0)
+    basis = SafetyBasis.load(_basis(protected_token_ids=torch.tensor([3, 9, 11]), subspaces={},
+                                    metadata={"model_id": "runs/a/model"},
+                                    **dict(zip(("embedding_probe_ids", "embedding_probe_rows"),
+                                               embedding_probe(measured, torch.tensor([3, 9, 11]))))
+                                    ).save(str(tmp_path / "basis")))
+    basis.check_compatible(measured, "runs/a/model")
+    basis.check_compatible(model(0).to(torch.bfloat16), "runs/b/model")
+    with pytest.raises(ValueError, match="measured on other weights: the input embeddings of 3 of its protected"):
+        basis.check_compatible(model(1), "runs/b/model")
+    too_few_rows = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1))
+    with pytest.raises(ValueError, match="protects token id 11, beyond this model's 10 embedding rows"):
+        basis.check_compatible(too_few_rows)
+    _basis().check_compatible(model(1))  # a basis saved before the probe existed: not checked

@@ -309,6 +309,10 @@ def test_a_shared_expert_reading_flattened_tokens_is_measured_and_held():
     basis = collect_basis(model, tokenizer, HARMFUL, HARMLESS, energy=1.0, answer_tokens=0)
     shared = [name for name in basis.subspaces if "shared_expert." in name]
     assert shared
+    with_differences = collect_basis(model, tokenizer, HARMFUL, HARMLESS, energy=0.5, answer_tokens=0,
+                                     input_differences=True)  # read row for row too (it mixed up features)
+    plain = collect_basis(model, tokenizer, HARMFUL, HARMLESS, energy=0.5, answer_tokens=0)
+    assert all(with_differences.subspaces[n].shape[1] >= plain.subspaces[n].shape[1] for n in shared)
     from rg_lightning.chat import render_prompt
 
     tokenizer.padding_side = "left"  # as the basis pass reads them

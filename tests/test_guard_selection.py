@@ -93,6 +93,24 @@ def test_batched_scores_do_not_depend_on_batching_or_padding(aligned):
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=0)
 
 
+def test_a_rank_without_prompts_runs_no_forward_and_still_gathers(aligned, monkeypatch):
+    """Fewer prompts than processes (a strict filter on many GPUs): the rank without any must not run a forward on
+    zero rows (a crash there hangs the others in the gather)."""
+    import rg_lightning.guard.selection as selection
+
+    model, tokenizer = aligned
+    assert selection.refusal_scores(model, tokenizer, []).shape == (0,)
+    alone = refusal_scores(model, tokenizer, HARMFUL[:2])
+    monkeypatch.setattr(selection, "prompt_world", lambda model: (2, 3))  # rank 2 of 3, two prompts: none here
+
+    def gather(gathered, mine):
+        assert mine == []
+        gathered[:] = [alone[:1].tolist(), alone[1:].tolist(), mine]
+
+    monkeypatch.setattr(selection.dist, "all_gather_object", gather)
+    torch.testing.assert_close(selection.refusal_scores(model, tokenizer, HARMFUL[:2]), alone, rtol=0, atol=0)
+
+
 def test_filter_falls_back_per_side_and_says_why():
     harmful, harmless = ["a", "b", "c"], ["d", "e", "f"]
     kept_harmful, kept_harmless, report = refusal_filter(

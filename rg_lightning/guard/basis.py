@@ -23,6 +23,30 @@ from rg_lightning.atomic import atomic_directory
 BASIS_FILES = ("basis.safetensors", "basis.json")  # what a saved basis holds (a later save may replace it)
 
 
+EMBEDDING_PROBE_ROWS = 8  # protected tokens whose embedding rows a basis keeps as its weights' fingerprint
+EMBEDDING_PROBE_TOLERANCE = 0.02  # relative change refused: bfloat16 rounding of the same weights is ~0.4%
+
+
+def _input_embedding_weight(model: torch.nn.Module) -> Tensor | None:
+    try:
+        weight = getattr(model.get_input_embeddings(), "weight", None)
+    except (AttributeError, NotImplementedError):
+        return None
+    return weight if isinstance(weight, Tensor) and weight.ndim == 2 else None
+
+
+def embedding_probe(model: torch.nn.Module, token_ids: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """The first :data:`EMBEDDING_PROBE_ROWS` protected tokens and their input-embedding rows (float32); none for a
+    row-sharded (FSDP2) embedding, which only a gather of the whole table could read."""
+    from rg_lightning.guard.shards import is_sharded
+
+    weight = _input_embedding_weight(model)
+    if weight is None or is_sharded(weight) or token_ids.numel() == 0:
+        return None, None
+    ids = token_ids[:EMBEDDING_PROBE_ROWS].long().cpu()
+    return ids, weight.detach()[ids.to(weight.device)].float().cpu()
+
+
 def nonzero_candidates(candidates: Tensor) -> Tensor:
     """Which difference-in-means candidates ``[layers, positions, hidden]`` are directions: not zero up to rounding
     (layer 0 reads the embeddings of the same template tokens in every prompt, so its two means coincide)."""
@@ -37,6 +61,10 @@ class SafetyBasis:
     subspaces: dict[str, Tensor]  # module name -> [in_features, k] orthonormal (or weighted: soft_subspace), float32
     protected_token_ids: Tensor  # 1-D int64
     metadata: dict = field(default_factory=dict)
+    # a few protected tokens' input-embedding rows as measured: ties the basis to these weights, not only to a
+    # model name (two runs of one architecture have the same shapes); None in bases saved before it existed
+    embedding_probe_ids: Tensor | None = None  # 1-D int64
+    embedding_probe_rows: Tensor | None = None  # [len(ids), hidden] float32
 
     def __post_init__(self) -> None:
         if self.harmful_means.shape != self.harmless_means.shape or self.harmful_means.dim() != 3:
@@ -50,6 +78,26 @@ class SafetyBasis:
                              f"{tuple(ids.shape)}; the file is damaged or not a RefusalGuard basis.")
         if not isinstance(self.metadata, dict):
             raise ValueError(f"SafetyBasis metadata must be a JSON object, got {type(self.metadata).__name__}.")
+        damaged = "; the file is damaged or not a RefusalGuard basis."
+        if not (self.harmful_means.is_floating_point() and self.harmless_means.is_floating_point()):
+            raise ValueError(f"SafetyBasis means must be floating point, got {self.harmful_means.dtype}{damaged}")
+        for name, subspace in self.subspaces.items():
+            if subspace.ndim != 2 or not subspace.is_floating_point():
+                raise ValueError(f"SafetyBasis subspace {name} must be a 2-D float [in_features, k], got "
+                                 f"{subspace.dtype} of shape {tuple(subspace.shape)}{damaged}")
+        positions, dims = self.metadata.get("post_instruction_tokens"), self.metadata.get("subspace_dims") or {}
+        if positions is not None and positions != self.harmful_means.shape[1]:
+            raise ValueError(f"SafetyBasis metadata counts {positions} post-instruction positions, its means hold "
+                             f"{self.harmful_means.shape[1]}{damaged}")
+        wrong = [name for name, k in dims.items() if name in self.subspaces and self.subspaces[name].shape[1] != k]
+        if wrong:
+            raise ValueError(f"SafetyBasis metadata gives other subspace widths than its tensors for {wrong[:3]}"
+                             f"{damaged}")
+        if (self.embedding_probe_ids is None) != (self.embedding_probe_rows is None) or (
+                self.embedding_probe_ids is not None
+                and (self.embedding_probe_ids.is_floating_point() or self.embedding_probe_ids.ndim != 1
+                     or tuple(self.embedding_probe_rows.shape) != (len(self.embedding_probe_ids), self.hidden_size))):
+            raise ValueError(f"SafetyBasis embedding probe must be 1-D token ids and their [ids, hidden] rows{damaged}")
         for name, tensor in {"harmful_means": self.harmful_means, "harmless_means": self.harmless_means,
                              **{f"subspace {k}": v for k, v in self.subspaces.items()}}.items():
             if not torch.isfinite(tensor).all():
@@ -113,7 +161,9 @@ class SafetyBasis:
             )
         layers = getattr(config, "num_hidden_layers", None)
         if layers is not None and layers != self.harmful_means.shape[0]:
-            raise ValueError(f"Safety basis covers {self.harmful_means.shape[0]} layers, the model has {layers}.")
+            raise ValueError(f"Safety basis covers {self.harmful_means.shape[0]} layers, the model has {layers}: it "
+                             f"was computed on another model ({self.metadata.get('model_id')!r}). Recompute it.")
+        self._check_embedding_probe(model)
         from rg_lightning.guard.projection import canonical_name  # (projection's constraints check them again)
 
         widths = {canonical_name(n): getattr(m, "in_features", None) for n, m in model.named_modules()}
@@ -127,6 +177,30 @@ class SafetyBasis:
             raise ValueError(
                 f"Safety basis was computed on {saved_id!r}, not on {model_id!r}; recompute it or pass the right file."
             )
+
+    def _check_embedding_probe(self, model: torch.nn.Module) -> None:
+        """Two models of one architecture (two seeds, two runs saved under the same name) pass every shape check:
+        compare a few protected tokens' embedding rows with the ones measured. Skipped for bases saved without
+        them, models without a plain input embedding, and row-sharded (FSDP2) embeddings."""
+        if self.embedding_probe_ids is None:
+            return
+        from rg_lightning.guard.shards import is_sharded
+
+        weight = _input_embedding_weight(model)
+        if weight is None or is_sharded(weight):
+            return
+        ids = self.embedding_probe_ids
+        if int(ids.max()) >= weight.shape[0]:
+            raise ValueError(f"Safety basis protects token id {int(ids.max())}, beyond this model's {weight.shape[0]} "
+                             "embedding rows: it was computed with another tokenizer and model. Recompute it.")
+        rows = weight.detach()[ids.to(weight.device)].double().cpu()
+        saved = self.embedding_probe_rows.double()
+        change = float((rows - saved).norm() / saved.norm().clamp_min(1e-12))
+        if change > EMBEDDING_PROBE_TOLERANCE:
+            raise ValueError(
+                f"Safety basis was measured on other weights: the input embeddings of {len(ids)} of its protected "
+                f"tokens differ from the measured ones by {change:.1%} (model id {self.metadata.get('model_id')!r}; "
+                "another model of the same architecture, or weights changed since). Recompute it for this model.")
 
     def check_rendering(self, chat_template_hash: str, system_prompt: str | None = None,
                         check_system_prompt: bool = True) -> None:
@@ -146,6 +220,8 @@ class SafetyBasis:
     def tensors(self) -> dict[str, Tensor]:
         out = {"harmful_means": self.harmful_means, "harmless_means": self.harmless_means,
                "protected_token_ids": self.protected_token_ids}
+        if self.embedding_probe_ids is not None:
+            out.update({"embedding_probe_ids": self.embedding_probe_ids, "embedding_probe_rows": self.embedding_probe_rows})
         out.update({f"subspace.{name}": basis for name, basis in self.subspaces.items()})
         return {key: value.detach().cpu().contiguous() for key, value in out.items()}
 
@@ -156,7 +232,7 @@ class SafetyBasis:
             raise ValueError(f"Safety basis is missing {sorted(missing)}; the file is not a RefusalGuard basis.")
         subspaces = {k[len("subspace."):]: v for k, v in tensors.items() if k.startswith("subspace.")}
         return cls(tensors["harmful_means"], tensors["harmless_means"], subspaces, tensors["protected_token_ids"],
-                   dict(metadata))
+                   dict(metadata), tensors.get("embedding_probe_ids"), tensors.get("embedding_probe_rows"))
 
     def save(self, directory: str) -> str:
         """Write ``basis.safetensors`` and ``basis.json`` atomically (staged, then renamed)."""

@@ -23,7 +23,7 @@ from torch import nn
 
 from rg_lightning.chat import left_padded, position_ids, render_prompt, require_chat_template
 from rg_lightning.generation import plain_greedy, stop_token_ids
-from rg_lightning.guard.basis import SafetyBasis
+from rg_lightning.guard.basis import SafetyBasis, embedding_probe
 from rg_lightning.guard.projection import canonical_name
 from rg_lightning.guard.shards import prompt_world
 from rg_lightning.guard.statistics import GramAccumulator, MeanAccumulator, capture_linear_inputs
@@ -197,10 +197,16 @@ class _PostInstructionMeans:
     """For :func:`capture_linear_inputs`: each module's input at every post-instruction position goes into
     ``means[(name, position)]`` (the columns just before ``prompt_width``; answers appended after it)."""
 
-    def __init__(self, means: MeanAccumulator, prompt_width: int, n_positions: int) -> None:
-        self.means, self.prompt_width, self.n_positions = means, prompt_width, n_positions
+    def __init__(self, means: MeanAccumulator, prompt_width: int, n_positions: int, tokens: tuple[int, int]) -> None:
+        self.means, self.prompt_width, self.n_positions, self.tokens = means, prompt_width, n_positions, tokens
 
     def update(self, name: str, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        if x.ndim == 2 and x.shape[0] == self.tokens[0] * self.tokens[1]:  # tokens read flattened (Qwen2-MoE's
+            x = x.reshape(*self.tokens, x.shape[-1])  # shared expert): row for row, [batch, seq, d] again
+        if tuple(x.shape[:2]) != tuple(self.tokens):
+            raise ValueError(f"{name} reads {tuple(x.shape[:-1])} rows, not the batch's {self.tokens} tokens (a routed "
+                             "MoE expert reads the tokens sent to it): its post-instruction inputs cannot be told "
+                             "apart. Use input_differences=False, or freeze it.")
         for position in range(self.n_positions):
             self.means.update((name, position), x[:, self.prompt_width - self.n_positions + position])
 
@@ -348,7 +354,8 @@ def collect_basis(
                     stack.enter_context(_capture(model, capture_names, first, mask, head, prompt_width))
                     if input_differences:
                         stack.enter_context(capture_linear_inputs(
-                            model, list(groups), _PostInstructionMeans(input_means[kind], prompt_width, n_positions)))
+                            model, list(groups), _PostInstructionMeans(input_means[kind], prompt_width, n_positions,
+                                                                    tuple(batch["input_ids"].shape))))
                     output = model(**batch, position_ids=positions, output_hidden_states=True)
                 hidden = output.hidden_states[:-1]  # inputs of every decoder block
                 for layer, states in enumerate(hidden):
@@ -405,5 +412,6 @@ def collect_basis(
                  "subspace_dims": {name: int(basis.shape[1]) for name, basis in subspaces.items()},
                  "statistics_passes": len(passes),
                  "system_prompt": system_prompt})
-    return SafetyBasis(stacked(means["harmful"]), stacked(means["harmless"]), subspaces,
-                       torch.tensor(sorted(token_ids), dtype=torch.long), meta)
+    protected = torch.tensor(sorted(token_ids), dtype=torch.long)
+    return SafetyBasis(stacked(means["harmful"]), stacked(means["harmless"]), subspaces, protected, meta,
+                       *embedding_probe(model, protected))

@@ -144,12 +144,15 @@ def refusal_scores(model: nn.Module, tokenizer, prompts: list[str], *, batch_siz
 
     Each process scores its shard (``prompts[rank::world]``) and the shards are all-gathered.
     """
+    if not prompts:
+        return torch.zeros(0, dtype=torch.float64)
     ids = refusal_ids or refusal_token_ids(tokenizer)
     encoded = encode_prompts(tokenizer, prompts, system_prompt)
     rank, world = prompt_world(model)
-    mine = torch.arange(rank, len(prompts), world)
+    mine = torch.arange(rank, len(prompts), world)  # empty on a rank beyond the prompt count: no forward there
     with _evaluating(model):
-        shard = [refusal_score(_last_logits(model, encoded, rows), ids).cpu() for rows in mine.split(batch_size)]
+        shard = [refusal_score(_last_logits(model, encoded, rows), ids).cpu()
+                 for rows in mine.split(batch_size) if rows.numel()]
     scores = torch.cat(shard) if shard else torch.zeros(0, dtype=torch.float64)
     if world == 1:
         return scores
@@ -172,6 +175,8 @@ def _candidate_means(model, encoded: dict[str, Tensor], n_candidates: int, batch
     device = next(model.parameters()).device
     sums = torch.zeros(n_candidates, dtype=torch.float64, device=device)
     for rows in torch.arange(rank, n_candidates * n_prompts, world).split(batch_size):
+        if not rows.numel():  # (split of an empty range gives one empty chunk)
+            continue
         candidate, prompt = rows // n_prompts, rows % n_prompts
         with intervene(candidate):
             logits = _last_logits(model, encoded, prompt)
