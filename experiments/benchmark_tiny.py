@@ -42,6 +42,7 @@ import lightning as L
 import torch
 
 from rg_lightning import CausalLMModule
+from rg_lightning.atomic import atomic_file
 from rg_lightning.chat import IGNORE_INDEX
 from rg_lightning.callbacks import RefusalDirections, RepresentationProjection
 from rg_lightning.contract import tokenizer_of
@@ -232,8 +233,10 @@ def world_model(variant: str, arch: str, cache: str) -> str:
 
 
 def mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f}"
+    """Mean ± sample standard deviation in percent; one run has no spread to show (not a measured 0)."""
+    if len(values) < 2:
+        return f"{100 * statistics.mean(values):.1f} (one run)"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
 def table(runs: list[dict], arms: list[str]) -> str:
@@ -361,11 +364,26 @@ def main() -> None:
                 + f"held-out data, greedy generation. Machine: {machine}. Total wall time "
                 f"{time.perf_counter() - start:.0f} s.\n")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, name + ".json"), "w") as handle:
+    path = os.path.join(args.out, name + ".json")
+    say_what_is_replaced(path, args)
+    with atomic_file(path) as handle:
         json.dump({"args": vars(args), "machine": machine, "runs": runs}, handle, indent=2)
-    with open(os.path.join(args.out, name + ".md"), "w") as handle:
+    with atomic_file(os.path.join(args.out, name + ".md")) as handle:
         handle.write(markdown)
     print(markdown)
+
+
+def say_what_is_replaced(path: str, args) -> None:
+    """The name carries the settings, not which of plain / guarded ran or the seeds: a run of other arms or seeds
+    replaces a file of the same name, so say so rather than lose a result silently."""
+    try:
+        with open(path) as handle:
+            earlier = json.load(handle)["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if (earlier.get("arms"), earlier.get("seeds")) != (args.arms, args.seeds):
+        print(f"note: replacing {path}, which held arms {earlier.get('arms')} seeds {earlier.get('seeds')}, with arms "
+              f"{args.arms} seeds {args.seeds} (write elsewhere with --out to keep both)", file=sys.stderr)
 
 
 if __name__ == "__main__":

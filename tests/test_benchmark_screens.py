@@ -101,6 +101,21 @@ def test_result_names_say_which_arms_trained_on_refusal_examples(bench, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == [suffix + ".json", suffix + ".md"]
 
 
+def test_a_run_of_other_arms_says_which_result_it_replaces_and_one_run_shows_no_spread(bench, monkeypatch, tmp_path,
+                                                                                        capsys):
+    def run_arm(arm, *args, **kwargs):
+        return {"arm": arm, "seed": 0, "seconds": 1.0, "before": dict.fromkeys(bench.METRICS, 1.0),
+                "after": dict.fromkeys(bench.METRICS, 0.5)}
+
+    monkeypatch.setattr(bench, "run_arm", run_arm)
+    for arms in (["guarded"], ["guarded"], ["plain", "guarded"]):
+        monkeypatch.setattr(sys, "argv", ["benchmark_tiny.py", "--seeds", "0", "--out", str(tmp_path), "--arms", *arms])
+        bench.main()
+    assert capsys.readouterr().err.count("note: replacing") == 1  # the same arms and seeds again: nothing lost
+    table = (tmp_path / "tiny_default_benign_energy0.9_head-answer_ridge0.03_batch-rows.md").read_text()
+    assert "50.0 (one run)" in table and "± 0.0" not in table
+
+
 def test_a_cached_world_is_reused_only_when_it_is_the_build_asked_for(bench, tmp_path, monkeypatch):
     import json
 
