@@ -48,9 +48,12 @@ class ResumableLoader(DataLoader):
     ``progress()``: batches of the current epoch whose training step ran, and whether the last of them ended the
     epoch (the trainer's count, not this loader's, which runs ahead by what the fetcher and the workers prefetch)."""
 
-    def __init__(self, *args, progress=None, **kwargs) -> None:
+    def __init__(self, *args, progress=None, resume: dict | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.progress, self._skip = progress, 0
+        # an init argument kept as an attribute, so the copy Lightning makes with a distributed sampler starts there too
+        self.progress, self.resume, self._skip = progress, resume, 0
+        if resume is not None:
+            self.load_state_dict(resume)
 
     def state_dict(self) -> dict:
         epoch = int(getattr(self.sampler, "epoch", 0))
@@ -219,6 +222,8 @@ class InstructionDataModule(L.LightningDataModule):
         self._mix_rows = None
         self._tokenizer = None
         self.datasets: dict[str, list[dict]] = {}
+        self._train_loader: ResumableLoader | None = None
+        self._pending_loader_state: dict | None = None  # a checkpoint's, for the next training loader
         self.prompts: list[str | list[dict]] = []
         # tokenizer=None means "the module's": not recording it keeps Lightning's merge of module and data
         # hyperparameters from seeing two different `tokenizer` values.
@@ -435,8 +440,20 @@ class InstructionDataModule(L.LightningDataModule):
                       generator=torch.Generator().manual_seed(self.seed))
         if not shuffle:
             return DataLoader(rows, **kwargs)
-        return ResumableLoader(rows, sampler=EpochSeededSampler(len(rows), self.seed), progress=self._batches_trained,
-                               **kwargs)
+        loader = ResumableLoader(rows, sampler=EpochSeededSampler(len(rows), self.seed), progress=self._batches_trained,
+                                 resume=self._pending_loader_state, **kwargs)
+        self._pending_loader_state, self._train_loader = None, loader
+        return loader
+
+    def state_dict(self) -> dict:
+        """The training loader's position, also kept here: Lightning hands a checkpoint's loader state only to a
+        loader built after it restores the loops, but a module that reads ``trainer.estimated_stepping_batches`` in
+        ``configure_optimizers`` (``lr_schedule``) makes the loader before that, and the resumed epoch would start
+        over. The data module's state is restored before ``configure_optimizers``."""
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending_loader_state = state_dict.get("train_loader")
 
     def _batches_trained(self) -> tuple[int, bool]:
         """Training batches of the current epoch whose step ran, and whether the epoch ended with the last of them

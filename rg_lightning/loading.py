@@ -25,9 +25,12 @@ def check_model_source(name: str, what: str = "model") -> None:
             raise FileNotFoundError(f"`{what}` directory {name!r} has no config.json; is it a Hugging Face model?")
         return
     if not _HUB_ID.match(name):
+        relative = "" if os.path.isabs(name) else (
+            f" A relative path is read from the current directory ({os.getcwd()}); the shipped experiments/*.yaml "
+            "are run from the repository root.")
         raise FileNotFoundError(
-            f"`{what}`={name!r} is not an existing directory nor a hub id ('owner/name'). Fix the path or use an id."
-        )
+            f"`{what}`={name!r} is not an existing directory nor a hub id ('owner/name'). Fix the path or use an "
+            f"id.{relative}")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):

@@ -481,8 +481,18 @@ class _RecordsBatches(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_a_resumed_fit_trains_on_exactly_the_batches_the_interrupted_one_had_left(tmp_path, workers):
+class _SizesItsSchedule(_RecordsBatches):
+    """As CausalLMModule with ``lr_schedule``: reading the step count builds the training loader before Lightning
+    restores the loops, so Lightning never hands that loader the checkpoint's position."""
+
+    def configure_optimizers(self):
+        assert self.trainer.estimated_stepping_batches > 0
+        return super().configure_optimizers()
+
+
+@pytest.mark.parametrize("workers, module_type", [(0, _RecordsBatches), (1, _RecordsBatches), (0, _SizesItsSchedule)],
+                         ids=["in-process", "worker", "sized-schedule"])
+def test_a_resumed_fit_trains_on_exactly_the_batches_the_interrupted_one_had_left(tmp_path, workers, module_type):
     """Mid-epoch (step 9 of 6-batch epochs) and at an epoch's end (step 6): the resumed fit sees what the straight
     one saw from there, neither repeating the epoch's first batches nor skipping its last ones. Workers draw their
     indices before Lightning sets the epoch, so the restored epoch must be set first."""
@@ -495,7 +505,7 @@ def test_a_resumed_fit_trains_on_exactly_the_batches_the_interrupted_one_had_lef
     def fit(epochs, ckpt_path=None, checkpoint=None, max_steps=-1):
         data = InstructionDataModule(train=str(path), batch_size=4, seed=3, num_workers=workers)
         data.tokenizer = make_tokenizer()
-        module = _RecordsBatches()
+        module = module_type()
         callbacks = [checkpoint] if checkpoint else []
         L.Trainer(max_epochs=epochs, max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                   enable_model_summary=False, enable_checkpointing=bool(checkpoint), callbacks=callbacks,
@@ -507,6 +517,23 @@ def test_a_resumed_fit_trains_on_exactly_the_batches_the_interrupted_one_had_lef
                                       filename="{step}"), max_steps=9)
     for step in (6, 9):
         assert fit(3, ckpt_path=str(tmp_path / "ckpt" / f"step={step}.ckpt")) == straight[step:], step
+
+
+def test_the_restored_position_survives_lightnings_distributed_copy_of_the_loader(tmp_path):
+    """Under DDP Lightning rebuilds the training loader with a distributed sampler from its init arguments: a
+    position restored through the data module must be one of them."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+    from lightning.pytorch.utilities.data import _update_dataloader
+
+    data = InstructionDataModule(train=str(write_jsonl(tmp_path / "rows.jsonl", [QA] * 24)), batch_size=4, seed=3)
+    data.tokenizer = make_tokenizer()
+    data.setup("fit")
+    data.load_state_dict({"train_loader": {"epoch": 2, "batches": 3}})
+    loader = data.train_dataloader()
+    copy = _update_dataloader(loader, DistributedSamplerWrapper(loader.sampler, num_replicas=2, rank=1,
+                                                                shuffle=False))
+    assert (copy._skip, loader.sampler.epoch) == (3, 2)
+    assert data.train_dataloader()._skip == 0  # the restored position is for the first loader only
 
 
 def test_template_errors_name_the_row_and_turns_keep_their_other_keys(tmp_path):

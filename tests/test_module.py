@@ -301,8 +301,10 @@ def test_generate_is_greedy_and_restores_state(tiny_models):
 
 
 def test_bad_model_inputs_name_the_fix(tmp_path, tiny_models):
-    with pytest.raises(FileNotFoundError, match="not an existing directory"):
+    with pytest.raises(FileNotFoundError, match=r"not an existing directory.*read from the current directory"):
         CausalLMModule(model="./models/does-not-exist")
+    with pytest.raises(FileNotFoundError, match=r"use an id\.$"):  # an absolute path: nothing about the directory
+        CausalLMModule(model=str(tmp_path / "does" / "not-exist"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         CausalLMModule(model=str(tmp_path / "empty"))
