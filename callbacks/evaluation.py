@@ -177,10 +177,10 @@ class SafetyEvaluation(L.Callback):
     def _full(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model, tokenizer = hf_model(pl_module), tokenizer_of(trainer, pl_module)
         benchmarks, tasks = self._loaded.get("full") or self.suite.load()
+        metadata = self.suite.metadata(model, tokenizer)  # before the long run: a failure here costs nothing
         self.rows = self.suite.run(model, tokenizer, benchmarks, tasks)
         for row in self.rows:
             pl_module.log(row.log_name, row.value, sync_dist=False)
-        metadata = self.suite.metadata(model, tokenizer)
         # `test`/`validate --ckpt_path` restore the weights but not the trainer's step (a fresh trainer's is 0, one
         # that has fitted keeps its own): the checkpoint's is the evaluated model's
         step = trainer.global_step if self._checkpoint_step is None else self._checkpoint_step

@@ -261,6 +261,34 @@ def test_generation_beyond_the_context_is_refused_with_the_fix(tiny_models, monk
         suite.run(model, tokenizer)
 
 
+def test_processes_get_whole_batches_so_every_prompt_keeps_its_padded_neighbours():
+    """Left padding changes low-precision logits (bf16 greedy answers moved when prompts were dealt out one by
+    one): each process takes whole batches of the suite's and its judges' sizes, as one process makes them."""
+    suite = EvaluationSuite(benchmarks=["toy:harmful"], judges=["keyword:jailbreakbench", "logit"], batch_size=6,
+                            progress=False)
+    suite.judges[1].batch_size = 4  # the logit judge scores in batches of its own
+    one_process = [list(range(n, min(n + 6, 41))) for n in range(0, 41, 6)]
+    for world in (1, 2, 3):
+        shards = []
+        for rank in range(world):
+            suite._split = (rank, world)
+            shards.append(suite._shard(41))
+            batches = [shards[-1][i:i + 6] for i in range(0, len(shards[-1]), 6)]
+            assert all(batch in one_process for batch in batches), (world, rank)
+            scored = [shards[-1][i:i + 4] for i in range(0, len(shards[-1]), 4)]
+            assert all(batch in [list(range(n, min(n + 4, 41))) for n in range(0, 41, 4)] for batch in scored)
+        assert sorted(i for shard in shards for i in shard) == list(range(41))
+
+
+def test_named_chat_templates_go_into_the_report_metadata(tiny_models):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    tokenizer.chat_template = {"default": tokenizer.chat_template, "tool_use": tokenizer.chat_template}
+    metadata = EvaluationSuite(benchmarks=["toy:harmful"], progress=False).metadata(model, tokenizer)
+    assert metadata["chat_template"]["default"] and len(metadata["chat_template_sha256"]) == 16
+    assert metadata["batch_size"] == 16
+
+
 def test_harm_judges_are_not_asked_about_benign_sets():
     """Llama Guard says "safe" to a refusal and to a helpful answer alike: it cannot measure over-refusal."""
     from rg_lightning.evaluation import Judge

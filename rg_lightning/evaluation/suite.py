@@ -1,14 +1,17 @@
 """EvaluationSuite: safety benchmarks × judges plus utility tasks, on one model, sharded across processes.
 
-Every process generates for its own slice of each prompt set (greedy, so the slicing cannot change an
-answer) and feeds sum/count metrics; ``compute()`` all-reduces them, so 2 processes report exactly what 1
-does. Responses are gathered to rank zero for the report. Under FSDP2 each forward gathers weights from every
-process, so there every process runs every prompt (``guard.shards.prompt_world``) and nothing is reduced.
+Every process generates for its own whole batches of each prompt set (batch ``b`` on process ``b % world``,
+so every prompt is padded alongside the same neighbours as in one process: left padding changes
+low-precision logits, and a round-robin of single prompts moved bf16 greedy answers) and feeds sum/count
+metrics; ``compute()`` all-reduces them, so 2 processes report what 1 does. Responses are gathered to rank
+zero for the report. Under FSDP2 each forward gathers weights from every process, so there every process
+runs every prompt (``guard.shards.prompt_world``) and nothing is reduced.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -185,15 +188,17 @@ class EvaluationSuite:
 
     def metadata(self, model, tokenizer) -> dict:
         """What changes the numbers: template, system prompt, decoding, judges."""
-        template = getattr(tokenizer, "chat_template", None) or ""
+        template = getattr(tokenizer, "chat_template", None) or ""  # a dict for named templates
+        text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
         return {
             "model": getattr(getattr(model, "config", None), "_name_or_path", None),
-            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
+            "chat_template_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
             "chat_template": template,
             "example_prompt": render_prompt(tokenizer, "<request>", system_prompt=self.system_prompt),
             "system_prompt": self.system_prompt,
             "decoding": "greedy",
             "max_new_tokens": self.max_new_tokens,
+            "batch_size": self.batch_size,  # low-precision answers depend on which prompts share a padded batch
             "task_max_new_tokens": self.task_max_new_tokens,  # None: each task's own (GSM8K 256, SST-2 8, ...)
             "judges": [judge.name for judge in self.judges],
             "limit": self.limit,
@@ -227,8 +232,12 @@ class EvaluationSuite:
 
     # -- internals ---------------------------------------------------------------------------------------
     def _shard(self, n: int) -> list[int]:
+        """This process's prompts: whole units of the batch sizes (the suite's and its judges'), unit ``u`` on
+        process ``u % world``, so each batch holds the prompts it holds in one process."""
         rank, world = self._split
-        return list(range(rank, n, world))
+        sizes = [getattr(judge, "batch_size", None) for judge in self.judges]
+        unit = math.lcm(self.batch_size, *(size for size in sizes if isinstance(size, int)))
+        return [i for start in range(rank * unit, n, world * unit) for i in range(start, min(start + unit, n))]
 
     def _gather(self, values: list, indices: list[int], total: int) -> list:
         """Every process's (index, value) pairs, put back in the original order (on every process)."""
