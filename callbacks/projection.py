@@ -187,6 +187,12 @@ class RepresentationProjection(L.Callback):
                 "layer's input activations, so the adapters' rounding-level residue flips roundings downstream and the "
                 "protected outputs move (measured: 9e-3 after 4 steps on a tiny Llama, against 1e-6 with nf4). Load "
                 "the base in 4-bit (`quantization: nf4`) for the exact guarantee.")
+        whole = self.constraints.held_whole()
+        if whole:
+            rank_zero_info(
+                f"RepresentationProjection: {len(whole)} modules read only directions the protected prompts span, so "
+                f"they are held whole and cannot learn (e.g. {whole[:3]}). A low-rank adapter written by hand is such a "
+                "module (its second factor reads r features): use PEFT LoRA, whose first factor the guard constrains.")
         if self.constraints.uncovered:
             self._check_uncovered(model, basis)
             rank_zero_info(f"RepresentationProjection: unconstrained trainable parameters: {self.constraints.uncovered}")

@@ -19,25 +19,40 @@ def hf_model(pl_module) -> torch.nn.Module:
         model = getter                       # is callable too, and calling it would run its forward
     else:
         model = getter() if callable(getter) else getattr(pl_module, "model", None)
-    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: measure the model itself, uncompiled
+    # (the measurement passes would spend the compiled training forward's recompile budget); same parameters
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config") or not all(
+            callable(getattr(model, name, None)) for name in ("generate", "get_input_embeddings")):
         raise TypeError(
-            f"{type(pl_module).__name__} does not expose a Hugging Face model: set `self.model` to the "
-            "PreTrainedModel (or PEFT model) in `__init__`/`configure_model`, or define `hf_model()`."
+            f"{type(pl_module).__name__} does not expose a Hugging Face model (a PreTrainedModel or PEFT model, with "
+            "`config`, `generate` and `get_input_embeddings`; a wrapper module of your own is not one): set "
+            "`self.model` to it in `__init__`/`configure_model`, or define `hf_model()` returning it."
         )
     return model
 
 
 def tokenizer_of(trainer, pl_module):
-    """The tokenizer of the module, else of the datamodule."""
-    tokenizer = getattr(pl_module, "tokenizer", None)
-    if tokenizer is None and trainer is not None:
-        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
-    if tokenizer is None:
+    """The tokenizer of the module, else of the datamodule; the datamodule's when only it has a chat template.
+    Two with different chat templates are refused: the callbacks must render prompts as the training rows are."""
+    from rg_lightning.chat import template_fingerprint
+
+    own = getattr(pl_module, "tokenizer", None)
+    data = getattr(getattr(trainer, "datamodule", None), "tokenizer", None) if trainer is not None else None
+    if own is None and data is None:
         raise TypeError(
             f"No tokenizer found: give {type(pl_module).__name__} a `tokenizer` attribute "
             "or use a datamodule with one."
         )
-    return tokenizer
+    if own is None or data is None or own is data or not getattr(data, "chat_template", None):
+        return own if own is not None else data
+    if not getattr(own, "chat_template", None):
+        return data
+    if template_fingerprint(own) != template_fingerprint(data):
+        raise ValueError(
+            f"{type(pl_module).__name__}.tokenizer and the datamodule's tokenizer carry different chat templates, so "
+            "the guard would measure prompts rendered otherwise than the training rows. Give both the same "
+            "`chat_template`, or drop one of the tokenizers.")
+    return own
 
 
 def system_prompt_of(given: str | None, trainer) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import copy
 import math
 from typing import Literal
@@ -84,6 +86,8 @@ class CausalLMModule(L.LightningModule):
         predict_max_new_tokens: int = 256,
     ) -> None:
         super().__init__()
+        model = os.fspath(model) if isinstance(model, os.PathLike) else model  # e.g. rg_lightning.toy.ALIGNED_MODEL_DIR
+        tokenizer = os.fspath(tokenizer) if isinstance(tokenizer, os.PathLike) else tokenizer
         check_model_source(model)
         if tokenizer is not None:
             check_model_source(tokenizer, "tokenizer")

@@ -140,3 +140,20 @@ def test_tail_reference_lr_with_an_optimizer_without_a_numeric_lr_names_the_fix(
         fit(module, chat_file, [guard(energy=0.9, ridge=0.03), RepresentationProjection(tail_reference_lr=1e-3)], steps=1,
             default_root_dir=tmp_path)
     fit(module, chat_file, [guard(energy=0.9, ridge=0.03), RepresentationProjection()], steps=1, default_root_dir=tmp_path)
+
+
+
+def test_modules_held_whole_are_named():
+    """A module whose every input direction the protected prompts span cannot learn (a hand-rolled adapter's
+    second factor reads only r features): the callback names them rather than let the run look slow."""
+    from rg_lightning.guard import build_constraints
+
+    net = torch.nn.ModuleDict({"adapter_b": torch.nn.Linear(2, 8), "wide": torch.nn.Linear(8, 8)})
+    constraints = build_constraints(net, {"adapter_b": torch.eye(2), "wide": torch.eye(8)[:, :3]})
+    assert constraints.held_whole() == ["adapter_b"]
+
+
+def test_a_model_directory_may_be_a_path(tiny_models):
+    from pathlib import Path
+
+    assert CausalLMModule(model=Path(tiny_models["llama"])).model_name == tiny_models["llama"]

@@ -526,6 +526,11 @@ class ConstraintSet:
         for key, c in mine.items():
             c.load_state_dict(state[key])
 
+    def held_whole(self) -> list[str]:
+        """Modules whose every input direction is held exactly: they cannot learn at all."""
+        return [c.name for c in self.constraints if isinstance(c, LinearConstraint) and c.side == "right"
+                and c._exact.shape[1] == c.basis.shape[0]]
+
     def extra_memory_bytes(self) -> int:
         """Bytes held by the stored tensors, counting a basis shared by several modules once."""
         storages = {}
