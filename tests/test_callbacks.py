@@ -308,6 +308,7 @@ def test_drift_interference_is_none_when_undefined_and_never_carried_over(monkey
 
     net = torch.nn.Module()
     net.proj, net.config = torch.nn.Linear(4, 3, bias=False), SimpleNamespace()
+    net.generate = net.get_input_embeddings = lambda *args, **kwargs: None  # what the contract asks of a model
     refusal = RefusalDirections(harmful=HARMFUL, harmless=HARMLESS)
     refusal.basis = SimpleNamespace(subspaces={"proj": torch.eye(4)[:, :2]})
     drift = DriftGeometry(every_n_steps=1, harmful=HARMFUL, harmless=HARMLESS)
