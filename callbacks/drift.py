@@ -387,7 +387,8 @@ class DriftGeometry(L.Callback):
         if self.initial is None:
             return {}
         return {"initial": self.initial, "history": self.history, "warned": self._warned, "layers": "block_inputs",
-                "step_offset": self._step_offset, "probes": probe_fingerprint(self._probes) if self._probes is not None else self._restored_probes}
+                "step_offset": self._step_offset,
+                "probes": self._restored_probes if self._probes is None else probe_fingerprint(self._probes)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:

@@ -215,22 +215,26 @@ class RepresentationProjection(L.Callback):
         created during the fit); returns them."""
         if optimizer not in self._hooked:
             params = [p for group in optimizer.param_groups for p in group["params"]]
-            if self.tail_reference_lr is not None and any(getattr(c, "has_tail", False)
-                                                          for c in self.constraints.constraints):
-                for group in optimizer.param_groups:
-                    try:
-                        float(group["lr"])
-                    except (KeyError, TypeError, ValueError):
-                        raise ValueError(
-                            f"RepresentationProjection: tail_reference_lr scales the damped tail's pull-back by the "
-                            f"learning rate, but {type(optimizer).__name__} has lr={group.get('lr')!r} in a "
-                            "parameter group (e.g. Adafactor's relative steps). Give it a numeric lr, or set "
-                            "tail_reference_lr: null (a fixed share per step).") from None
+            self._check_numeric_lr(optimizer)
             self._hooked[optimizer] = params
             self._groups.update({id(p): group for group in optimizer.param_groups for p in group["params"]})
             self._hooks.append(optimizer.register_step_post_hook(
                 lambda *_: self.constraints.apply_(params=params)))
         return self._hooked[optimizer]
+
+    def _check_numeric_lr(self, optimizer) -> None:
+        """``tail_reference_lr`` reads each group's learning rate at every step: refuse one without a number now."""
+        if self.tail_reference_lr is None or not any(getattr(c, "has_tail", False) for c in self.constraints.constraints):
+            return
+        for group in optimizer.param_groups:
+            try:
+                float(group["lr"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(
+                    f"RepresentationProjection: tail_reference_lr scales the damped tail's pull-back by the learning "
+                    f"rate, but {type(optimizer).__name__} has lr={group.get('lr')!r} in a parameter group (e.g. "
+                    "Adafactor's relative steps). Give it a numeric lr, or set tail_reference_lr: null (a fixed "
+                    "share per step).") from None
 
     def _check_uncovered(self, model, basis: SafetyBasis) -> None:
         """A trainable parameter with no constraint that protected prompts read would move the protected outputs

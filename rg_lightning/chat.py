@@ -12,6 +12,8 @@ import math
 
 from jinja2 import TemplateError
 
+from rg_lightning.prompts import fingerprint
+
 IGNORE_INDEX = -100
 
 
@@ -33,8 +35,6 @@ def require_chat_template(tokenizer, chat_template: str | None = None) -> str:
 def template_fingerprint(tokenizer) -> str:
     """A short hash of the tokenizer's chat template, which decides how the measured prompts were rendered (a
     string, or named templates as a dict; "" when it has none)."""
-    from rg_lightning.prompts import fingerprint
-
     template = getattr(tokenizer, "chat_template", None) or ""
     return fingerprint([template if isinstance(template, str) else json.dumps(template, sort_keys=True)])
 

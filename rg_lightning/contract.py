@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from rg_lightning.chat import template_fingerprint
+
 
 def hf_model(pl_module) -> torch.nn.Module:
     """The Hugging Face causal LM inside a LightningModule."""
@@ -34,8 +36,6 @@ def hf_model(pl_module) -> torch.nn.Module:
 def tokenizer_of(trainer, pl_module):
     """The tokenizer of the module, else of the datamodule; the datamodule's when only it has a chat template.
     Two with different chat templates are refused: the callbacks must render prompts as the training rows are."""
-    from rg_lightning.chat import template_fingerprint
-
     own = getattr(pl_module, "tokenizer", None)
     data = getattr(getattr(trainer, "datamodule", None), "tokenizer", None) if trainer is not None else None
     if own is None and data is None:

@@ -10,8 +10,6 @@ runs every prompt (``guard.shards.prompt_world``) and nothing is reduced.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -19,7 +17,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
-from rg_lightning.chat import render_prompt
+from rg_lightning.chat import render_prompt, template_fingerprint
 from rg_lightning.evaluation.benchmarks import KINDS, Benchmark, benchmark_names, load_benchmark
 from rg_lightning.evaluation.judges import Judge, KeywordJudge, LogitRefusalJudge, make_judge
 from rg_lightning.evaluation.metrics import AttackSuccessRate, OverRefusalRate, RateMetric
@@ -188,12 +186,10 @@ class EvaluationSuite:
 
     def metadata(self, model, tokenizer) -> dict:
         """What changes the numbers: template, system prompt, decoding, judges."""
-        template = getattr(tokenizer, "chat_template", None) or ""  # a dict for named templates
-        text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
         return {
             "model": getattr(getattr(model, "config", None), "_name_or_path", None),
-            "chat_template_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
-            "chat_template": template,
+            "chat_template_sha256": template_fingerprint(tokenizer),  # (the first 16 hex digits of its sha256)
+            "chat_template": getattr(tokenizer, "chat_template", None) or "",  # a dict for named templates
             "example_prompt": render_prompt(tokenizer, "<request>", system_prompt=self.system_prompt),
             "system_prompt": self.system_prompt,
             "decoding": "greedy",

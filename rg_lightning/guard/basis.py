@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from rg_lightning.atomic import atomic_directory
+from rg_lightning.guard.shards import is_sharded
 
 BASIS_FILES = ("basis.safetensors", "basis.json")  # what a saved basis holds (a later save may replace it)
 
@@ -38,8 +39,6 @@ def _input_embedding_weight(model: torch.nn.Module) -> Tensor | None:
 def embedding_probe(model: torch.nn.Module, token_ids: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """The first :data:`EMBEDDING_PROBE_ROWS` protected tokens and their input-embedding rows (float32); none for a
     row-sharded (FSDP2) embedding, which only a gather of the whole table could read."""
-    from rg_lightning.guard.shards import is_sharded
-
     weight = _input_embedding_weight(model)
     if weight is None or is_sharded(weight) or token_ids.numel() == 0:
         return None, None
@@ -184,8 +183,6 @@ class SafetyBasis:
         them, models without a plain input embedding, and row-sharded (FSDP2) embeddings."""
         if self.embedding_probe_ids is None:
             return
-        from rg_lightning.guard.shards import is_sharded
-
         weight = _input_embedding_weight(model)
         if weight is None or is_sharded(weight):
             return
