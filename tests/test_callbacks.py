@@ -73,6 +73,39 @@ def test_protected_outputs_do_not_move_while_the_task_learns(tmp_path, tiny_mode
 
 
 
+class WithReferenceAdapter(CausalLMModule):
+    """A user's module that keeps a second, inactive adapter next to the trained one (a reference, an earlier
+    task's), with B ≠ 0 so it does change the outputs it is switched on for."""
+
+    def configure_model(self):
+        from peft import LoraConfig
+
+        super().configure_model()
+        if "reference" not in self.model.peft_config:
+            self.model.add_adapter("reference", LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+
+
+def test_an_inactive_second_adapter_neither_stops_the_run_nor_changes(tmp_path, tiny_models, chat_file):
+    reference = CausalLMModule(model=tiny_models["llama"], lora_r=4)
+    reference.configure_model()
+    before = protected_forward(reference)
+    L.seed_everything(0)
+    module = WithReferenceAdapter(model=tiny_models["llama"], lora_r=4,
+                                  optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    module.configure_model()
+    frozen = {n: p.detach().clone() for n, p in module.model.named_parameters() if ".reference." in n}
+    assert frozen and any("lora_B" in n and p.abs().max() > 0 for n, p in frozen.items())
+    projection = RepresentationProjection()
+    L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[guard(), projection]).fit(
+        module, InstructionDataModule(train=chat_file, batch_size=8))
+    assert any(reason == "frozen adapter" for _, reason in projection.constraints.skipped)
+    for name, p in module.model.named_parameters():
+        if name in frozen:
+            torch.testing.assert_close(p.detach(), frozen[name], atol=0, rtol=0, msg=name)
+    torch.testing.assert_close(protected_forward(module), before, atol=2e-5, rtol=0)
+
+
 def test_trainable_parameters_the_guard_cannot_hold_stop_the_run(tmp_path, tiny_models, chat_file, monkeypatch):
     """DoRA rescales the weight (no exact constraint): its adapters would train unguarded while the run looks
     guarded. Refused by default, trained on request."""

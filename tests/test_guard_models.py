@@ -172,6 +172,27 @@ def test_an_adapter_that_already_moves_the_protected_outputs_is_refused_when_the
     assert max_rel_change(before, forward(guarded, PROTECTED)) < 1e-5
 
 
+def test_a_frozen_second_adapter_is_left_as_it_is():
+    """A reference or earlier-task adapter that does not train does not change in the fit: it is neither refused
+    as "already changing the protected outputs" nor rewritten onto the constraint; the trained one is held."""
+    from peft import LoraConfig, get_peft_model
+
+    for measured_with_adapters in (True, False):
+        model = get_peft_model(tiny("qwen2"), LoraConfig(r=4, target_modules=LINEARS))
+        model.add_adapter("reference", LoraConfig(r=4, target_modules=LINEARS, init_lora_weights=False))
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".reference" in n}
+        assert frozen and not any(p.requires_grad for n, p in model.named_parameters() if ".reference" in n)
+        assert any(v.abs().max() > 0 for n, v in frozen.items() if "lora_B" in n)
+        cs = build_constraints(model, capture_bases(model, PROTECTED), protected_token_ids=PROTECTED.flatten(),
+                               measured_with_adapters=measured_with_adapters)
+        assert sum(reason == "frozen adapter" for _, reason in cs.skipped) == 2 * len(LINEARS)
+        assert not any(".reference" in c.name for c in cs.constraints) and cs.uncovered == []
+        train(model, cs)
+        for name, p in model.named_parameters():
+            if name in frozen:
+                torch.testing.assert_close(p.detach(), frozen[name], atol=0, rtol=0, msg=name)
+
+
 def test_lora_inits_that_rewrite_the_base_weight_are_refused():
     from peft import LoraConfig, get_peft_model
 

@@ -608,9 +608,9 @@ def build_constraints(
     fit; not when the constraints' state is about to be restored). ``measured_with_adapters``: the bases were
     measured on this model with its LoRA adapters in place (as RefusalDirections does at fit start), so an
     adapter that already changes the protected outputs is refused: projecting it would remove that change, not
-    hold it (measured without the adapters, the projection restores what was measured). Frozen and
-    bitsandbytes-quantized weights are
-    skipped and reported; trainable parameters left without any constraint are listed in ``.uncovered``.
+    hold it (measured without the adapters, the projection restores what was measured). Frozen weights,
+    frozen or inactive adapters and bitsandbytes-quantized weights are skipped and reported; trainable
+    parameters left without any constraint are listed in ``.uncovered``.
     """
     output_bases = output_bases or {}
     lora_type = _lora_layer_type()
@@ -646,9 +646,15 @@ def build_constraints(
         wants = key in bases or key in output_bases
         if isinstance(m, lora_type):
             for adapter, a in m.lora_A.items():
-                _check_lora_init(name, adapter, getattr(peft_configs.get(adapter), "init_lora_weights", True))
                 b = m.lora_B[adapter]
                 lora_parts.update((id(a), id(b)))
+                if not (a.weight.requires_grad or b.weight.requires_grad):
+                    # an inactive or frozen adapter (a reference, an earlier task's) does not change in this fit:
+                    # nothing to hold, and rewriting it would change the model instead of keeping it
+                    if wants:
+                        skipped.append((f"{name}.{adapter}", "frozen adapter"))
+                    continue
+                _check_lora_init(name, adapter, getattr(peft_configs.get(adapter), "init_lora_weights", True))
                 if not wants:
                     if a.weight.requires_grad:
                         skipped.append((f"{name}.lora_A.{adapter}", "no basis given"))
