@@ -41,6 +41,16 @@ class EpochSeededSampler(torch.utils.data.Sampler):
         return self.size
 
 
+class StartPosition:
+    """Where a training loader's first iterator starts (a checkpoint's loader state, or None): one object shared by
+    the loader and the copy Lightning makes of it with a distributed sampler (an init argument kept as an attribute),
+    and settable until that iterator draws its first batch, because a strategy that restores the checkpoint after
+    ``configure_optimizers`` (FSDP, ModelParallel) hands the position over after the loader and its iterator exist."""
+
+    def __init__(self, state: dict | None = None) -> None:
+        self.state, self.started = state, False
+
+
 class ResumableLoader(DataLoader):
     """The training loader. Lightning saves its ``state_dict`` with every checkpoint (the epoch, and how many of its
     batches the training steps consumed) and a resumed fit goes on with the next batch of that epoch's order; a
@@ -48,12 +58,11 @@ class ResumableLoader(DataLoader):
     ``progress()``: batches of the current epoch whose training step ran, and whether the last of them ended the
     epoch (the trainer's count, not this loader's, which runs ahead by what the fetcher and the workers prefetch)."""
 
-    def __init__(self, *args, progress=None, resume: dict | None = None, **kwargs) -> None:
+    def __init__(self, *args, progress=None, resume: StartPosition | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # an init argument kept as an attribute, so the copy Lightning makes with a distributed sampler starts there too
-        self.progress, self.resume, self._skip = progress, resume, 0
-        if resume is not None:
-            self.load_state_dict(resume)
+        self.progress, self.resume = progress, resume if resume is not None else StartPosition()
+        if self.resume.state is not None:
+            self.load_state_dict(self.resume.state)
 
     def state_dict(self) -> dict:
         epoch = int(getattr(self.sampler, "epoch", 0))
@@ -65,15 +74,36 @@ class ResumableLoader(DataLoader):
         # the epoch now, before the first iterator: workers draw their indices as soon as it exists, before
         # Lightning sets the epoch
         _set_sampler_epoch(self, state["epoch"])
-        self._skip = state["batches"]
+        self.resume.state = state
 
     def __iter__(self):
+        return _StartsAtFirstBatch(self)
+
+    def _iterator_from_position(self):
+        """The real iterator, made at the first batch: the position and the sampler's epoch are final by then."""
+        state, self.resume.state, self.resume.started = self.resume.state, None, True
+        if state is not None:
+            _set_sampler_epoch(self, state["epoch"])
         iterator = super().__iter__()
-        skip, self._skip = self._skip, 0
-        for _ in range(skip):  # the batches the checkpointed run already trained on
+        for _ in range(state["batches"] if state is not None else 0):  # those the checkpointed run trained on
             if next(iterator, _END) is _END:
                 break
         return iterator
+
+
+class _StartsAtFirstBatch:
+    """An iterator that makes the loader's real one (workers included) when its first batch is asked for."""
+
+    def __init__(self, loader: ResumableLoader) -> None:
+        self._loader, self._iterator = loader, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._iterator is None:
+            self._iterator = self._loader._iterator_from_position()
+        return next(self._iterator)
 
 
 _END = object()
@@ -441,7 +471,7 @@ class InstructionDataModule(L.LightningDataModule):
         if not shuffle:
             return DataLoader(rows, **kwargs)
         loader = ResumableLoader(rows, sampler=EpochSeededSampler(len(rows), self.seed), progress=self._batches_trained,
-                                 resume=self._pending_loader_state, **kwargs)
+                                 resume=StartPosition(self._pending_loader_state), **kwargs)
         self._pending_loader_state, self._train_loader = None, loader
         return loader
 
@@ -449,11 +479,18 @@ class InstructionDataModule(L.LightningDataModule):
         """The training loader's position, also kept here: Lightning hands a checkpoint's loader state only to a
         loader built after it restores the loops, but a module that reads ``trainer.estimated_stepping_batches`` in
         ``configure_optimizers`` (``lr_schedule``) makes the loader before that, and the resumed epoch would start
-        over. The data module's state is restored before ``configure_optimizers``."""
+        over. The data module's state is restored before ``configure_optimizers`` (the next loader starts there) or,
+        under strategies that restore after it (FSDP, ModelParallel), before the loader's first batch."""
         return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._pending_loader_state = state_dict.get("train_loader")
+        state = state_dict.get("train_loader")
+        if state is not None and self._train_loader is not None and not self._train_loader.resume.started:
+            # restored after the loader was made (FSDP / ModelParallel restore after `configure_optimizers`, which
+            # built it for `estimated_stepping_batches`): that loader, not yet drawn from, starts there
+            self._train_loader.load_state_dict(state)
+        else:
+            self._pending_loader_state = state
 
     def _batches_trained(self) -> tuple[int, bool]:
         """Training batches of the current epoch whose step ran, and whether the epoch ended with the last of them

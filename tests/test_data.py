@@ -519,6 +519,24 @@ def test_a_resumed_fit_trains_on_exactly_the_batches_the_interrupted_one_had_lef
         assert fit(3, ckpt_path=str(tmp_path / "ckpt" / f"step={step}.ckpt")) == straight[step:], step
 
 
+def test_a_strategy_that_restores_after_configure_optimizers_resumes_at_the_same_batch(tmp_path):
+    """ModelParallelStrategy restores the checkpoint after ``configure_optimizers``, which already built the loader
+    and its iterator for ``estimated_stepping_batches``: the position must still reach it before its first batch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    result = subprocess.run([sys.executable, str(here / "fsdp2_loader_position.py"), str(tmp_path)], cwd=here,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    straight = seen.pop("straight")
+    assert len(straight) == 12 and sorted(seen) == ["3", "6", "9"]
+    for step, resumed in seen.items():
+        assert resumed == straight[int(step):], step
+
+
 def test_the_restored_position_survives_lightnings_distributed_copy_of_the_loader(tmp_path):
     """Under DDP Lightning rebuilds the training loader with a distributed sampler from its init arguments: a
     position restored through the data module must be one of them."""
@@ -532,8 +550,8 @@ def test_the_restored_position_survives_lightnings_distributed_copy_of_the_loade
     loader = data.train_dataloader()
     copy = _update_dataloader(loader, DistributedSamplerWrapper(loader.sampler, num_replicas=2, rank=1,
                                                                 shuffle=False))
-    assert (copy._skip, loader.sampler.epoch) == (3, 2)
-    assert data.train_dataloader()._skip == 0  # the restored position is for the first loader only
+    assert (copy.resume.state["batches"], loader.sampler.epoch) == (3, 2)
+    assert data.train_dataloader().resume.state is None  # the restored position is for the first loader only
 
 
 def test_template_errors_name_the_row_and_turns_keep_their_other_keys(tmp_path):
