@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import weakref
 
 import lightning as L
@@ -118,7 +119,8 @@ def _safety_basis(trainer):
 
 
 class DriftGeometry(L.Callback):
-    """Logs drift metrics every ``every_n_steps`` and writes ``drift_summary.json`` and figures at fit end.
+    """Logs drift metrics every ``every_n_steps`` and writes ``drift_summary.json`` and figures at fit end
+    (``drift`` being the default ``name``).
 
     Args:
         every_n_steps: Measurement cadence in optimizer steps.
@@ -135,13 +137,18 @@ class DriftGeometry(L.Callback):
         warn_refusal_drop: Warn (once) when the share of harmful probes the model would refuse (logit
             refusal score > 0) falls more than this below its value at fit start; ``None``: never.
         batch_size: Probe prompts per forward pass (each holds every layer's hidden states).
+        name: Prefix of the logged metrics (``drift/...``) and the files (``drift_summary.json``, ...); give each
+            of several DriftGeometry callbacks (other probe sets) its own, which also keeps their checkpointed
+            states apart.
     """
 
     def __init__(self, every_n_steps: int = 25, harmful=None, harmless=None, system_prompt: str | None = None,
                  n_probes: int = 32, seed: int = 7, figures: bool = True,
-                 warn_refusal_drop: float | None = 0.1, batch_size: int = 16) -> None:
+                 warn_refusal_drop: float | None = 0.1, batch_size: int = 16, name: str = "drift") -> None:
         if every_n_steps < 1 or n_probes < 2 or batch_size < 1:
             raise ValueError("every_n_steps and batch_size must be >= 1 and n_probes >= 2")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"name must be letters, digits, '_', '.' or '-' (a metric prefix and file name), got {name!r}")
         if warn_refusal_drop is not None and not 0.0 <= warn_refusal_drop <= 1.0:
             raise ValueError(f"warn_refusal_drop must be in [0, 1] (or None), got {warn_refusal_drop}")
         for what, source in (("harmful", harmful), ("harmless", harmless)):
@@ -151,7 +158,7 @@ class DriftGeometry(L.Callback):
         self.system_prompt = system_prompt
         self.n_probes, self.seed, self.figures = n_probes, seed, figures
         self.warn_refusal_drop, self._warned = warn_refusal_drop, False
-        self.batch_size = batch_size
+        self.batch_size, self.name = batch_size, name
         self.initial: dict[str, torch.Tensor] | None = None
         self._subspaces0: list[torch.Tensor] | None = None  # of self.initial, computed once
         self.history: list[dict] = []
@@ -320,7 +327,7 @@ class DriftGeometry(L.Callback):
         self.history.append(record)
         self._check_refusal(record)
         # undefined values (None) logged as NaN; per-layer metrics other than the cosines stay in the summary
-        log_now(trainer, {f"drift/{k}": math.nan if v is None else float(v) for k, v in record.items()
+        log_now(trainer, {f"{self.name}/{k}": math.nan if v is None else float(v) for k, v in record.items()
                           if k != "step" and ("_layer" not in k or k.startswith("cos_"))})
 
     def _check_refusal(self, record: dict) -> None:
@@ -347,7 +354,7 @@ class DriftGeometry(L.Callback):
 
     @rank_zero_only
     def _write(self, directory: str, final: dict) -> None:
-        with atomic_file(os.path.join(directory, "drift_summary.json")) as handle:
+        with atomic_file(os.path.join(directory, f"{self.name}_summary.json")) as handle:
             ranks = [None if basis is None else basis.shape[1] for basis in self.initial_subspaces()]
             json.dump(finite_or_null({"history": self.history, "final": self.metrics(final),
                                       "angle_subspace_ranks": ranks}), handle, indent=2, allow_nan=False)
@@ -369,7 +376,7 @@ class DriftGeometry(L.Callback):
             share = axes[1].twinx()
             share.plot(steps, [100 * r["refused_share"] for r in self.history], color="tab:gray", linestyle="--")
             share.set(ylabel="refused (score > 0), % (dashed)", ylim=(-5, 105))
-        save_png(fig, os.path.join(directory, "drift_curves.png"))
+        save_png(fig, os.path.join(directory, f"{self.name}_curves.png"))
         layer = layers // 2
         fig, axes = new_figure(2, 10, 4.5, sharex=True, sharey=True)
         together = torch.cat([self.initial["harmful_states"][layer], self.initial["harmless_states"][layer],
@@ -381,7 +388,12 @@ class DriftGeometry(L.Callback):
             axis.scatter(*points[offset + n:offset + n + m].T, s=10, c="tab:blue", label="harmless")
             axis.set(title=f"Layer {layer}, {title}")
             axis.legend()
-        save_png(fig, os.path.join(directory, "activations_pca.png"))
+        save_png(fig, os.path.join(directory, f"{self.name}_activations_pca.png"))
+
+    @property
+    def state_key(self) -> str:
+        # the default name keeps the plain class name, the key of checkpoints written before `name` existed
+        return super().state_key if self.name == "drift" else self._generate_state_key(name=self.name)
 
     def state_dict(self) -> dict:
         if self.initial is None:

@@ -233,6 +233,31 @@ def test_crash_then_resume_restores_every_callback(tmp_path, tiny_models, chat_f
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
+def test_two_drift_trackers_keep_their_own_files_and_checkpointed_states(tmp_path, tiny_models, chat_file):
+    """Other probe sets under another `name`: Lightning accepts the pair (distinct state keys), and each resumes
+    its own history and fit-start states and writes its own summary."""
+    def callbacks():
+        return [DriftGeometry(every_n_steps=1, harmful=HARMFUL, harmless=HARMLESS, figures=False),
+                DriftGeometry(every_n_steps=2, harmful=HARMFUL[:3], harmless=HARMLESS[:3], figures=False,
+                              name="drift_short")]
+
+    first = callbacks()
+    run_fit(tmp_path / "crashed", tiny_models["llama"], chat_file, first, steps=2, checkpoint_every=2)
+    second = callbacks()
+    run_fit(tmp_path / "resumed", tiny_models["llama"], chat_file, second, steps=4,
+            ckpt_path=str(next((tmp_path / "crashed").glob("*step=2.ckpt"))))
+    for before, after in zip(first, second):
+        assert torch.equal(before.initial["harmful_states"], after.initial["harmful_states"])
+    assert [second[0].initial["harmful_states"].shape[1], second[1].initial["harmful_states"].shape[1]] == [5, 3]
+    assert [r["step"] for r in second[0].history] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in second[1].history] == [0, 2, 4]
+    for name, steps in (("drift", [0, 1, 2, 3, 4]), ("drift_short", [0, 2, 4])):
+        summary = json.loads((tmp_path / "resumed" / f"{name}_summary.json").read_text())
+        assert [r["step"] for r in summary["history"]] == steps
+    with pytest.raises(ValueError, match="name must be letters"):
+        DriftGeometry(name="drift/short")
+
+
 def test_drift_geometry_alone_logs_and_writes_summary_and_figures(tmp_path, tiny_models, chat_file):
     drift = DriftGeometry(every_n_steps=2, harmful=HARMFUL, harmless=HARMLESS)
     run_fit(tmp_path, tiny_models["llama"], chat_file, [drift], steps=4)
@@ -242,7 +267,7 @@ def test_drift_geometry_alone_logs_and_writes_summary_and_figures(tmp_path, tiny
     assert summary["history"][0]["cos_layer0"] is None  # the embeddings: the same last template token for all
     assert summary["final"]["cos_min"] < 1.0 and summary["final"]["harmless_kl"] > 0
     assert all(0.0 <= r["refused_share"] <= 1.0 for r in summary["history"])
-    assert (tmp_path / "drift_curves.png").stat().st_size > 0 and (tmp_path / "activations_pca.png").exists()
+    assert (tmp_path / "drift_curves.png").stat().st_size > 0 and (tmp_path / "drift_activations_pca.png").exists()
 
 
 def test_drift_geometry_goes_on_across_fits_of_one_model_and_starts_over_for_another(tmp_path, tiny_models,
