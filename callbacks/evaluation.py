@@ -110,8 +110,6 @@ class SafetyEvaluation(L.Callback):
         if self.output_dir:  # now, not after the evaluation
             check_replaceable(self.output_dir, REPORT_FILES, "SafetyEvaluation `output_dir`")
         self._checkpoint_step = None  # set when this run restores a checkpoint (after setup)
-        if stage == "fit":
-            self._last_step = None  # a later fit counts its steps from 0 again: its checks must not be skipped
         for suite in (self.suite, self.fit_suite):
             if suite is not None:
                 suite.system_prompt = system_prompt_of(self.system_prompt, trainer)
@@ -197,6 +195,11 @@ class SafetyEvaluation(L.Callback):
                        + markdown(self.rows, metadata).split("\n\n")[0] + "\n")
 
     # -- fast subset during fit ----------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        # the step the fit starts at has no new update to check: step 0, or a resumed checkpoint's, whose check ran
+        # before it was saved (micro-batches of gradient accumulation end there with the step count unchanged)
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if not self.every_n_steps or step == self._last_step or step % self.every_n_steps:

@@ -344,6 +344,25 @@ def test_the_fast_check_keeps_to_fit_limit_and_runs_in_every_fit():
                   limit_val_batches=0, callbacks=[evaluation]).fit(module, ToyTaskDataModule(n_train=8, batch_size=4))
     assert checked == [2, 2]
 
+def test_the_fast_check_runs_once_per_step_with_gradient_accumulation_and_after_resume(tmp_path):
+    """Micro-batches end with the step count unchanged: neither step 0 (no update yet) nor, after a resume, the
+    checkpoint's step (its check ran before the checkpoint was saved) is checked again."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_steps, ckpt_path=None):
+        evaluation = SafetyEvaluation(benchmarks=["toy:harmful"], judges=["logit"], every_n_steps=2, fit_limit=4)
+        checked = []
+        evaluation._fast_metrics = lambda trainer, module: checked.append(trainer.global_step) or {}
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+        L.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=2, logger=False,
+                  enable_progress_bar=False, limit_val_batches=0, callbacks=[evaluation, checkpoint]).fit(
+            OwnModule(), ToyTaskDataModule(n_train=16, batch_size=4), ckpt_path=ckpt_path)
+        return checked
+
+    assert fit(2) == [2]
+    assert fit(6, ckpt_path=str(tmp_path / "step=2.ckpt")) == [4, 6]
+
+
 def _real_prompt_report(tmp_path, limit):
     """A tiny random Llama with a long context (real prompts are long) and the word-level test tokenizer."""
     tokenizer = make_tokenizer()
