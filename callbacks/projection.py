@@ -10,7 +10,9 @@ With ``project_gradients`` (default) the same constraints are also applied to th
 per-coordinate scaling never turns the protected part of a gradient into steps in free directions
 (see ``guard.projection``; measured: it is what lets a high-energy subspace keep the task learnable).
 The hook sits on the optimizer itself (``register_step_post_hook``), so gradient accumulation, clipping and
-AMP (a skipped step never reaches the hook) need no special handling; manual optimization works the same (the
+AMP need no special handling (a step the loss scaler skips never reaches the hook, except with an optimizer that
+takes the scaler's inf check itself, e.g. ``AdamW(fused=True)``: its unchanged weights are corrected again, a
+no-op at ``strength`` 1 and one more partial pull-back below it); manual optimization works the same (the
 corrections run outside autocast), each optimizer's hook corrects only the parameters it steps (several
 optimizers pull a damped tail or ``strength`` < 1 back once per step), and an optimizer created during the fit
 gets its hook before its first step.
