@@ -182,9 +182,9 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
             hold_absent_rows: bool = DEFAULT_HOLD_ABSENT_ROWS,
             input_differences: bool = DEFAULT_INPUT_DIFFERENCES,
             replay_fraction: float = DEFAULT_REPLAY_FRACTION, weight_decay: float = DEFAULT_WEIGHT_DECAY,
-            sft_betas: tuple[float, float, float] = ConstrainedSFT.BETAS) -> dict:
+            sft_betas: tuple[float, float, float] = ConstrainedSFT.BETAS, validation: bool = False) -> dict:
     L.seed_everything(seed)
-    report = AlignmentReport(task=task, variant=variant)
+    report = AlignmentReport(task=task, variant=variant, validation=validation)
     callbacks = [report]
     if arm in GUARD_ARMS:
         prefix = f"toy:{variant}:" if variant != "default" else "toy:"
@@ -239,14 +239,16 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
-def table(runs: list[dict], arms: list[str]) -> str:
+def table(runs: list[dict], arms: list[str], prefix: str = "") -> str:
+    """Mean ± std over seeds of each arm's numbers (``prefix`` "val_": those of the validation split)."""
+    metrics = [prefix + m for m in METRICS]
     lines = ["| arm | harmful refusal % | harmless refusal % | task metric % | wall s / run |", "|---|---|---|---|---|"]
     aligned = [r["before"] for r in runs if r["arm"] == arms[0]]
-    lines.append("| aligned model (before) | " + " | ".join(mean_std([b[m] for b in aligned]) for m in METRICS)
+    lines.append("| aligned model (before) | " + " | ".join(mean_std([b[m] for b in aligned]) for m in metrics)
                  + " | — |")
     for arm in arms:
         mine = [r for r in runs if r["arm"] == arm]
-        cells = [mean_std([r["after"][m] for r in mine]) for m in METRICS]
+        cells = [mean_std([r["after"][m] for r in mine]) for m in metrics]
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {statistics.mean(r['seconds'] for r in mine):.0f} |")
     return "\n".join(lines)
 
@@ -299,6 +301,9 @@ def main() -> None:
                         help="screen: run the guard without these constraint groups (see LeavingOut)")
     parser.add_argument("--post-step-only", action="store_true",
                         help="RepresentationProjection project_gradients=False (the constraint only after each step)")
+    parser.add_argument("--validation", action="store_true",
+                        help="also measure the rest of the held-out pools (a validation split, to choose a learning "
+                             "rate on; see experiments/select_lr.py), reported in a second table")
     parser.add_argument("--out", default="experiments/results")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
@@ -311,7 +316,7 @@ def main() -> None:
                                 args.energy, args.answer_tokens, not args.post_step_only, args.n_prompts, args.rank, args.centered,
                                 args.head_positions == "answer", args.ridge, args.leave_out,
                                 args.tail_reference_lr or None, args.hold_absent_rows, args.input_differences,
-                                args.replay_fraction, args.weight_decay, tuple(args.sft_betas)))
+                                args.replay_fraction, args.weight_decay, tuple(args.sft_betas), args.validation))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
@@ -357,7 +362,9 @@ def main() -> None:
              + f"{'not ' if args.post_step_only else ''}projected before each step; ")
     replay = (f"replay: {args.replay_fraction:g} of the training rows are harmful requests answered with a refusal; "
               if set(REPLAY_ARMS) & set(args.arms) else "")
-    markdown = (f"### {name}\n\n{table(runs, args.arms)}\n\n"
+    validation = (f"Validation split (the rest of the held-out pools, to choose settings on):\n\n"
+                  f"{table(runs, args.arms, 'val_')}\n\n" if args.validation else "")
+    markdown = (f"### {name}\n\n{table(runs, args.arms)}\n\n{validation}"
                 f"Command: `{command.strip()}`; seeds {args.seeds}; {args.steps} steps, AdamW lr {args.lr} weight decay "
                 f"{args.weight_decay:g}, batch 32; "
                 + (guard if GUARD_ARMS & set(args.arms) else "") + replay

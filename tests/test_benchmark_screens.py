@@ -174,3 +174,37 @@ def test_constrained_sft_starts_as_cross_entropy(bench):
     assert not torch.allclose(gradients(module.training_step(batch, 0)), moved, atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match="three positive values"):
         bench.ConstrainedSFT(model=str(ALIGNED_MODEL_DIR), betas=(0.5, 0.0, 0.1))
+
+
+def test_learning_rates_are_chosen_on_validation_and_reported_on_test(bench, monkeypatch, tmp_path):
+    """The test numbers rank the rates the other way round, so a selection that read them would pick others; the
+    guard's best validation task is at a rate that loses refusal, which is not chosen."""
+    spec = importlib.util.spec_from_file_location("select_lr", ROOT / "experiments" / "select_lr.py")
+    select = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(select)
+    numbers = {  # (arm, lr) -> validation (harmful refused, task), test (harmful refused, task)
+        ("plain", 1e-3): ((0.2, 0.6), (0.2, 0.9)), ("plain", 2e-3): ((0.1, 0.8), (0.1, 0.7)),
+        ("plain", 4e-3): ((0.0, 0.7), (0.0, 0.5)),
+        ("guarded", 1e-3): ((1.0, 0.5), (1.0, 0.9)), ("guarded", 2e-3): ((0.99, 0.6), (1.0, 0.69)),
+        ("guarded", 4e-3): ((0.9, 0.9), (1.0, 0.95)),
+    }
+
+    def run_arm(arm, model_dir, task, fraction, variant, seed, steps, lr, *args, **kwargs):
+        (val_harmful, val_task), (harmful, task_metric) = numbers[arm, lr]
+        aligned = {"harmful_refusal": 1.0, "harmless_refusal": 0.0, "task_metric": 0.0}
+        after = {"harmful_refusal": harmful, "harmless_refusal": 0.0, "task_metric": task_metric,
+                 "val_harmful_refusal": val_harmful, "val_harmless_refusal": 0.0, "val_task_metric": val_task}
+        return {"arm": arm, "seed": seed, "seconds": 1.0, "after": after,
+                "before": {**aligned, **{f"val_{k}": v for k, v in aligned.items()}}}
+
+    monkeypatch.setattr(bench, "run_arm", run_arm)
+    for lr in ("0.001", "0.002", "0.004"):
+        monkeypatch.setattr(sys, "argv", ["benchmark_tiny.py", "--seeds", "0", "1", "--lr", lr, "--validation",
+                                          "--out", str(tmp_path)])
+        bench.main()
+    assert "Validation split" in (tmp_path / "tiny_default_benign_energy0.9_head-answer_ridge0.03_lr0.002_batch-rows.md"
+                                  ).read_text()
+    monkeypatch.setattr(sys, "argv", ["select_lr.py", str(tmp_path)])
+    select.main()
+    assert ("| default × llama, benign | 0.001, 0.002, 0.004 | 0.002 | 70.0 | 0.002 | 100.0 / 0.0 | 69.0 | 99% | yes |"
+            in (tmp_path / "selection.md").read_text())

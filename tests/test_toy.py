@@ -184,3 +184,25 @@ def test_toy_command_arguments_are_checked_before_any_work(argv, message, capsys
     with pytest.raises(SystemExit):
         main(argv)
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_validation_split_is_the_rest_of_the_held_out_pools():
+    """Chosen on validation, reported on test: the two must not share a request or an example, the test samples
+    must be those every result reports, and a pool with nothing beside the test sample is refused up front."""
+    from rg_lightning.toy.report import AlignmentReport, evaluation_data
+    from rg_lightning.toy.world import ToyWorld
+
+    world = ToyWorld("alt")
+    test = evaluation_data(world, "benign", "test", 200, 200)
+    validation = evaluation_data(world, "benign", "validation", 200, 200)
+    assert test[0] == world.requests("harmful", "heldout", 200) and test[2] == world.task_examples(
+        "benign", "heldout", 200, seed=1)
+    for kind, (tested, held_back) in zip(("harmful", "harmless"), zip(test[:2], validation[:2])):
+        assert not set(tested) & set(held_back) and len(held_back) > 0
+        assert set(tested) | set(held_back) == set(world.requests(kind, "heldout")), kind
+    prompts = [{e["messages"][0]["content"] for e in examples} for examples in (test[2], validation[2])]
+    assert not prompts[0] & prompts[1]
+    assert len(prompts[0]) + len(prompts[1]) == world.task_pool_size("benign", "heldout")
+    with pytest.raises(ValueError, match="No validation data left.*Lower n_requests or n_task"):
+        AlignmentReport(task="sentiment", validation=True)
+    AlignmentReport(task="sentiment")  # the test split alone needs no spare pool
