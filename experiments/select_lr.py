@@ -92,7 +92,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [row(key, by_lr) for key, by_lr in sorted(worlds.items())]
     text = ("Learning rates chosen on the validation split (means over seeds), test numbers at the chosen rates "
-            f"(means over seeds):\n\n" + "\n".join(lines) + "\n")
+            "(means over seeds):\n\n" + "\n".join(lines) + "\n")
     with atomic_file(os.path.join(directory, "selection.md")) as handle:
         handle.write(text)
     print(text)
