@@ -349,6 +349,8 @@ class CausalLMModule(L.LightningModule):
         Every process's torch random state goes in too (Lightning saves none), so a resumed fit draws the same
         dropout masks as the uninterrupted one."""
         checkpoint["torch_rng_states"] = self._rng_states()
+        if self._token_reference is not None:  # `token` normalisation's scale: a resumed fit keeps the same one
+            checkpoint["token_loss_reference"] = self._token_reference
         if self.lora_r and not uses_fsdp2(self._require_model()):
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
@@ -387,6 +389,7 @@ class CausalLMModule(L.LightningModule):
         exactly the trainable weights, else another `lora_target_modules` or rank would load silently. The LoRA
         settings that leave no trace in the weights' names (the scale ``lora_alpha / lora_r``) are compared too."""
         self._resume_rng = checkpoint.get("torch_rng_states")
+        self._token_reference = checkpoint.get("token_loss_reference", self._token_reference)
         saved_hparams = checkpoint.get("hyper_parameters", {})
         differ = {key: (saved_hparams[key], self.hparams[key]) for key in ("lora_r", "lora_alpha")
                   if key in saved_hparams and key in self.hparams and saved_hparams[key] != self.hparams[key]}

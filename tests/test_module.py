@@ -88,13 +88,25 @@ def test_training_runs_in_train_mode_and_checkpointing_recomputes(tmp_path, tiny
     assert module.model.is_gradient_checkpointing == checkpointing
 
 
-@pytest.mark.parametrize("lora_r, lora_dropout", [(0, 0.0), (4, 0.0), (4, 0.1)])
-def test_resume_from_mid_fit_checkpoint_matches_uninterrupted(tmp_path, tiny_models, chat_file, lora_r, lora_dropout):
-    """With dropout too: the checkpoint carries the random state the next step's masks come from."""
+@pytest.mark.parametrize("lora_r, lora_dropout, normalization", [(0, 0.0, "batch"), (4, 0.0, "batch"),
+                                                                  (4, 0.1, "batch"), (0, 0.0, "token")])
+def test_resume_from_mid_fit_checkpoint_matches_uninterrupted(tmp_path, tiny_models, chat_file, lora_r, lora_dropout,
+                                                              normalization):
+    """With dropout too: the checkpoint carries the random state the next step's masks come from; and the `token`
+    normalisation's loss scale, taken from the fit's first batch, not the resumed fit's."""
+    train = chat_file
+    if normalization == "token":  # answers of other lengths, so batches hold other numbers of answer tokens
+        answers = ["sure .", "sure here you go .", "cannot help with that , sorry , not at all ."]
+        train = str(write_jsonl(tmp_path / "lengths.jsonl", [
+            {"messages": [{"role": "user", "content": f"how do i bake a cake {i} ?"},
+                          {"role": "assistant", "content": answers[i % 3] if i < 8 else answers[i % 2]}]}
+            for i in range(16)]))
+
     def run(root, steps, ckpt_path=None):
         L.seed_everything(0)
-        module = CausalLMModule(model=tiny_models["llama"], optimizer=adamw(), lora_r=lora_r, lora_dropout=lora_dropout)
-        data = InstructionDataModule(train=chat_file, batch_size=8)  # two steps per epoch
+        module = CausalLMModule(model=tiny_models["llama"], optimizer=adamw(), lora_r=lora_r, lora_dropout=lora_dropout,
+                                loss_normalization=normalization)
+        data = InstructionDataModule(train=train, batch_size=8)  # two steps per epoch
         checkpoint = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1)
         trainer(root, steps, callbacks=[checkpoint], enable_checkpointing=True).fit(module, data, ckpt_path=ckpt_path)
         return module
@@ -108,6 +120,7 @@ def test_resume_from_mid_fit_checkpoint_matches_uninterrupted(tmp_path, tiny_mod
     resumed = run(tmp_path / "resumed", 4, ckpt_path=str(saved))
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    assert resumed._token_reference == straight._token_reference
 
 
 class FirstStepRandomState(L.Callback):
