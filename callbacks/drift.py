@@ -337,7 +337,7 @@ class DriftGeometry(L.Callback):
         if now < start - self.warn_refusal_drop:
             self._warned = True
             rank_zero_warn(
-                f"DriftGeometry: at step {record['step']} the model would refuse {now:.0%} of the harmful probes "
+                f"DriftGeometry ({self.name}): at step {record['step']} the model would refuse {now:.0%} of the harmful probes "
                 f"(logit refusal score > 0), against {start:.0%} at fit start. With RepresentationProjection, "
                 "protect more (RefusalDirections energy or ridge), lower the learning rate or set "
                 "tail_reference_lr; without it, this is the drift the guard exists to stop."

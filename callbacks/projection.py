@@ -44,7 +44,8 @@ from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.coverage import read_by_text
 from rg_lightning.guard.directions import direction_bases
-from rg_lightning.guard.projection import ConstraintSet, batch_token_mask, build_constraints, hold_absent_rows_
+from rg_lightning.guard.projection import (ConstraintSet, batch_token_mask, build_constraints, frozen_adapter_keys,
+                                          hold_absent_rows_)
 from rg_lightning.guard.shards import reshard
 
 
@@ -181,6 +182,11 @@ class RepresentationProjection(L.Callback):
                         "frozen in this model's earlier fit, so only their fine-tuned values are left to anchor, not "
                         "the aligned model's. Keep them frozen, or guard a fresh copy of the aligned model.")
                 self._restored_state = {k: v for k, v in self._restored_state.items() if k in built}
+            stale = set(frozen_adapter_keys(self.constraints, self._restored_state))
+            if stale:
+                rank_zero_info(f"RepresentationProjection: the checkpoint holds the constraints of {len(stale)} adapter "
+                               f"matrices that do not train in this fit (e.g. {sorted(stale)[:2]}); they are dropped.")
+                self._restored_state = {k: v for k, v in self._restored_state.items() if k not in stale}
             self.constraints.load_state_dict(self._restored_state)
             self._restored_state = None
         if any(type(m).__name__ == "Linear8bitLt" for m in model.modules()):

@@ -306,6 +306,8 @@ class InstructionDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.install_chat_template()
+        if stage == "fit":  # a fit's loader position comes from its own checkpoint, restored after this, or none
+            self._train_loader, self._pending_loader_state = None, None
         if stage == "predict":
             if "test" not in self.available_stages():
                 raise RuntimeError("`predict` answers the prompts of the test data: pass `test=` to the data module.")

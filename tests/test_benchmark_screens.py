@@ -178,7 +178,8 @@ def test_constrained_sft_starts_as_cross_entropy(bench):
 
 def test_learning_rates_are_chosen_on_validation_and_reported_on_test(bench, monkeypatch, tmp_path):
     """The test numbers rank the rates the other way round, so a selection that read them would pick others; the
-    guard's best validation task is at a rate that loses refusal, which is not chosen."""
+    guard's best validation task is at a rate that loses refusal, which is not chosen; a result of other guard
+    settings is not one of the rates compared."""
     spec = importlib.util.spec_from_file_location("select_lr", ROOT / "experiments" / "select_lr.py")
     select = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(select)
@@ -202,9 +203,13 @@ def test_learning_rates_are_chosen_on_validation_and_reported_on_test(bench, mon
         monkeypatch.setattr(sys, "argv", ["benchmark_tiny.py", "--seeds", "0", "1", "--lr", lr, "--validation",
                                           "--out", str(tmp_path)])
         bench.main()
+    monkeypatch.setattr(sys, "argv", ["benchmark_tiny.py", "--seeds", "0", "1", "--lr", "0.004", "--energy", "0.98",
+                                      "--validation", "--out", str(tmp_path)])
+    bench.main()  # other guard settings: compared with nothing but themselves
     assert "Validation split" in (tmp_path / "tiny_default_benign_energy0.9_head-answer_ridge0.03_lr0.002_batch-rows.md"
                                   ).read_text()
     monkeypatch.setattr(sys, "argv", ["select_lr.py", str(tmp_path)])
     select.main()
     assert ("| default × llama, benign | 0.001, 0.002, 0.004 | 0.002 | 70.0 | 0.002 | 100.0 / 0.0 | 69.0 | 99% | yes |"
             in (tmp_path / "selection.md").read_text())
+    assert "| default × llama, benign | 0.004 | 0.004 |" in (tmp_path / "selection.md").read_text()

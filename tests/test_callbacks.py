@@ -106,6 +106,30 @@ def test_an_inactive_second_adapter_neither_stops_the_run_nor_changes(tmp_path, 
     torch.testing.assert_close(protected_forward(module), before, atol=2e-5, rtol=0)
 
 
+def test_a_checkpoint_that_constrained_an_inactive_adapter_resumes(tmp_path, tiny_models, chat_file):
+    """Earlier versions constrained inactive adapters too: their states in a checkpoint are dropped on resume."""
+    def fit(steps, ckpt_path=None):
+        L.seed_everything(0)
+        module = WithReferenceAdapter(model=tiny_models["llama"], lora_r=4,
+                                      optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+        L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=tmp_path,
+                  callbacks=[guard(), RepresentationProjection(), checkpoint]).fit(
+            module, InstructionDataModule(train=chat_file, batch_size=8), ckpt_path=ckpt_path)
+        return module
+
+    fit(2)
+    saved = torch.load(tmp_path / "step=2.ckpt", weights_only=False)  # this test's own file
+    state = saved["callbacks"]["RepresentationProjection"]["constraints"]
+    default = [key for key in state if key.startswith("lora") and key.endswith(".lora_A.default")]
+    assert default
+    state.update({key.replace(".default", ".reference"): state[key] for key in default})  # as they were written
+    torch.save(saved, tmp_path / "earlier.ckpt")
+    resumed = fit(4, ckpt_path=str(tmp_path / "earlier.ckpt"))
+    torch.testing.assert_close(protected_forward(resumed), protected_forward(fit(0)), atol=2e-5, rtol=0)
+
+
 def test_trainable_parameters_the_guard_cannot_hold_stop_the_run(tmp_path, tiny_models, chat_file, monkeypatch):
     """DoRA rescales the weight (no exact constraint): its adapters would train unguarded while the run looks
     guarded. Refused by default, trained on request."""

@@ -519,6 +519,41 @@ def test_a_resumed_fit_trains_on_exactly_the_batches_the_interrupted_one_had_lef
         assert fit(3, ckpt_path=str(tmp_path / "ckpt" / f"step={step}.ckpt")) == straight[step:], step
 
 
+def test_a_fits_position_comes_from_its_own_checkpoint_only(tmp_path):
+    """A loader built before the fit (by hand, or by an earlier fit that never drew a batch) must not take the
+    checkpoint's position away from the one the fit builds; a position restored for `validate` (from its
+    checkpoint) must not reach a later fit that starts fresh."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": f"{w} {v} ?", "completion": f"sure {w} ."}
+                                                 for w in ("cake", "bomb", "story", "poem")
+                                                 for v in ("bake", "cook", "make", "build", "tell", "write")])
+
+    def fit(data, ckpt_path=None, checkpoint=None, max_steps=-1):
+        module = _SizesItsSchedule()
+        L.Trainer(max_epochs=2, max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=bool(checkpoint),
+                  callbacks=[checkpoint] if checkpoint else [], default_root_dir=tmp_path).fit(
+            module, data, ckpt_path=ckpt_path)
+        return module.seen
+
+    def data():
+        module = InstructionDataModule(train=str(path), batch_size=4, seed=3)
+        module.tokenizer = make_tokenizer()
+        return module
+
+    straight = fit(data())
+    fit(data(), checkpoint=ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1,
+                                           filename="{step}"), max_steps=9)
+    built_early = data()
+    built_early.setup("fit")
+    assert len(built_early.train_dataloader()) == 6
+    assert fit(built_early, ckpt_path=str(tmp_path / "ckpt" / "step=9.ckpt")) == straight[9:]
+    validated = data()
+    validated.load_state_dict({"train_loader": {"epoch": 1, "batches": 3}})  # as `validate(ckpt_path=...)` does
+    assert fit(validated) == straight
+
+
 def test_a_strategy_that_restores_after_configure_optimizers_resumes_at_the_same_batch(tmp_path):
     """ModelParallelStrategy restores the checkpoint after ``configure_optimizers``, which already built the loader
     and its iterator for ``estimated_stepping_batches``: the position must still reach it before its first batch."""

@@ -586,6 +586,22 @@ def _check_adapter_hidden(name: str, adapter: str, a: Tensor, b: Tensor, basis: 
             "resume from its checkpoint.")
 
 
+FROZEN_ADAPTER = "frozen adapter"  # the reason a LoRA adapter that does not train is skipped
+
+
+def frozen_adapter_keys(constraints: ConstraintSet, keys) -> list[str]:
+    """Those of ``keys`` (constraint state keys) that are of an adapter ``constraints`` skipped as frozen: earlier
+    versions constrained inactive adapters too, so their checkpoints hold such states."""
+    frozen = {name for name, reason in constraints.skipped if reason == FROZEN_ADAPTER}
+    found = []
+    for key in keys:
+        kind, _, name = key.partition(":")
+        module, part, adapter = (name.rsplit(".", 2) + ["", ""])[:3]
+        if kind.startswith("lora") and part in ("lora_A", "lora_B") and f"{module}.{adapter}" in frozen:
+            found.append(key)
+    return found
+
+
 def build_constraints(
     model: nn.Module,
     bases: dict[str, Tensor],
@@ -646,15 +662,15 @@ def build_constraints(
         wants = key in bases or key in output_bases
         if isinstance(m, lora_type):
             for adapter, a in m.lora_A.items():
+                _check_lora_init(name, adapter, getattr(peft_configs.get(adapter), "init_lora_weights", True))
                 b = m.lora_B[adapter]
                 lora_parts.update((id(a), id(b)))
                 if not (a.weight.requires_grad or b.weight.requires_grad):
                     # an inactive or frozen adapter (a reference, an earlier task's) does not change in this fit:
                     # nothing to hold, and rewriting it would change the model instead of keeping it
                     if wants:
-                        skipped.append((f"{name}.{adapter}", "frozen adapter"))
+                        skipped.append((f"{name}.{adapter}", FROZEN_ADAPTER))
                     continue
-                _check_lora_init(name, adapter, getattr(peft_configs.get(adapter), "init_lora_weights", True))
                 if not wants:
                     if a.weight.requires_grad:
                         skipped.append((f"{name}.lora_A.{adapter}", "no basis given"))
