@@ -348,7 +348,8 @@ def main() -> None:
     # one suffix per replay arm: whether the guard ran on the mixed data is in the name
     name += "".join(f"_{arm}{args.replay_fraction:g}" for arm in REPLAY_ARMS if arm in args.arms)
     command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    machine = (f"{platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} CPU cores, "
+               f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
                f"1-min load average {load_start:.1f} at start / {os.getloadavg()[0]:.1f} at end")
     guard = ("guard: " + (f"rank {args.rank}" if args.rank is not None else f"energy {args.energy}")
              + (" (centered)" if args.centered else "") + (f", ridge {args.ridge:g}" if args.ridge else "")

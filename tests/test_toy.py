@@ -26,6 +26,7 @@ def test_build_command_is_deterministic_and_loadable(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     record = json.loads((tmp_path / "a" / "world.json").read_text())
     assert record["steps"] == 3 and record["threads"] == 2
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_a_build_uses_exactly_its_thread_count_whatever_the_callers():

@@ -269,6 +269,8 @@ def build(out: str | os.PathLike | None = None, seed: int = 0, steps: int | None
         "heldout_refusal": rates,
         "heldout_sizes": {kind: len(world.requests(kind, "heldout")) for kind in ("harmful", "harmless")},
         "train_seconds": round(train_seconds, 1), "torch": torch.__version__, "threads": threads,
+        # the CPU kernels' vector width: builds on machines with another one differ in rounding, then in weights
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     _save_atomically(out, model, tokenizer, record)
     log(f"saved to {out}; total {time.perf_counter() - start:.1f}s")
