@@ -592,14 +592,9 @@ FROZEN_ADAPTER = "frozen adapter"  # the reason a LoRA adapter that does not tra
 def frozen_adapter_keys(constraints: ConstraintSet, keys) -> list[str]:
     """Those of ``keys`` (constraint state keys) that are of an adapter ``constraints`` skipped as frozen: earlier
     versions constrained inactive adapters too, so their checkpoints hold such states."""
-    frozen = {name for name, reason in constraints.skipped if reason == FROZEN_ADAPTER}
-    found = []
-    for key in keys:
-        kind, _, name = key.partition(":")
-        module, part, adapter = (name.rsplit(".", 2) + ["", ""])[:3]
-        if kind.startswith("lora") and part in ("lora_A", "lora_B") and f"{module}.{adapter}" in frozen:
-            found.append(key)
-    return found
+    frozen = [name.rsplit(".", 1) for name, reason in constraints.skipped if reason == FROZEN_ADAPTER]
+    names = {f"{module}.{part}.{adapter}" for module, adapter in frozen for part in ("lora_A", "lora_B")}
+    return [key for key in keys if key.partition(":")[2] in names]  # a key is "<kind>:<constraint name>"
 
 
 def build_constraints(
