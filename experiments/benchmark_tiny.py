@@ -22,8 +22,12 @@ held-out harmful refusal, held-out harmless refusal and the task metric by greed
 ``<out>/<name>.json`` and ``<out>/<name>.md`` (mean ± std over seeds, wall time, machine).
 
 A world is a variant (templates, vocabulary) times an architecture. The default world (``default`` x
-``llama``) uses the shipped aligned model; any other is built once by ``python -m rg_lightning.toy build``
-into ``--cache`` (``runs/worlds/<variant>-<arch>``) and reused while its ``world.json`` matches.
+``llama``) uses the shipped aligned model, every other one its built weights shipped in
+``experiments/worlds/<variant>-<arch>`` (:data:`SHIPPED_WORLDS`): a build's weights depend on the machine's
+floating-point kernels, while fine-tuning a given model gives the same results across machines, so shipped
+weights make every result reproducible. ``--build-worlds`` ignores them and builds each world once by
+``python -m rg_lightning.toy build`` into ``--cache`` (``runs/worlds/<variant>-<arch>``), reused while its
+``world.json`` matches: this machine's own builds, worlds no setting was chosen on.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ DEFAULT_TAIL_REFERENCE_LR = 1e-3  # experiments/tiny.yaml (RepresentationProject
 DEFAULT_HOLD_ABSENT_ROWS = True  # experiments/tiny.yaml (RepresentationProjection hold_absent_rows)
 DEFAULT_INPUT_DIFFERENCES = False  # experiments/tiny.yaml (RefusalDirections input_differences)
 WORLD_THREADS = 1  # every non-shipped world in experiments/results was built with one thread (see toy.build.THREADS)
+SHIPPED_WORLDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worlds")  # <variant>-<arch>/ each
 DEFAULT_ANSWER_TOKENS = 0  # experiments/tiny.yaml (RefusalDirections answer_tokens); likewise
 
 
@@ -210,10 +215,19 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
     return {"arm": arm, "seed": seed, "before": report.before, "after": report.after, "seconds": seconds}
 
 
-def world_model(variant: str, arch: str, cache: str) -> str:
-    """Directory of the aligned model of a world: the shipped one, or a cached build (built on demand)."""
+def world_model(variant: str, arch: str, cache: str, shipped: str | None = SHIPPED_WORLDS) -> str:
+    """Directory of the aligned model of a world: the shipped one (``shipped=None``: none but the package's
+    default world), or a cached build (built on demand)."""
     if (variant, arch) == ("default", "llama"):
         return str(ALIGNED_MODEL_DIR)
+    if shipped is not None:
+        directory = os.path.join(shipped, f"{variant}-{arch}")
+        if os.path.isfile(os.path.join(directory, "model.safetensors")):
+            built = json.load(open(os.path.join(directory, "world.json")))
+            if (built.get("variant"), built.get("arch")) != (variant, arch):
+                raise ValueError(f"{directory} holds the {built.get('variant')!r}/{built.get('arch')!r} world, "
+                                 f"not {variant!r}/{arch!r}: restore it (git checkout) or pass --build-worlds")
+            return directory
     directory = os.path.join(cache, f"{variant}-{arch}")
     record = os.path.join(directory, "world.json")
     if os.path.isfile(record):
@@ -230,6 +244,18 @@ def world_model(variant: str, arch: str, cache: str) -> str:
 
     build(directory, variant=variant, arch=arch, threads=WORLD_THREADS)
     return directory
+
+
+def describe_world(model_dir: str) -> str:
+    """Which aligned model a result fine-tuned, and on what its build ran (a build differs between machines)."""
+    shown = os.path.relpath(model_dir)
+    shown = os.path.basename(os.path.abspath(model_dir)) if shown.startswith("..") else shown  # no machine paths
+    try:
+        built = json.load(open(os.path.join(model_dir, "world.json")))
+    except (OSError, ValueError):
+        return shown
+    return (f"{shown} (built with {built.get('threads', 2)} thread(s), torch {built.get('torch', '?')}, "
+            f"CPU capability {built.get('cpu_capability', 'not recorded')})")
 
 
 def mean_std(values: list[float]) -> str:
@@ -260,7 +286,11 @@ def main() -> None:
     parser.add_argument("--variant", default="default", choices=("default", "alt"))
     parser.add_argument("--arch", default="llama", choices=sorted(ARCHITECTURES), help="architecture family")
     parser.add_argument("--model", default=None, help="aligned model directory (default: the world's, see above)")
-    parser.add_argument("--cache", default="runs/worlds", help="where non-shipped aligned models are built")
+    parser.add_argument("--cache", default="runs/worlds",
+                        help="where aligned models are built (a world without shipped weights, or --build-worlds)")
+    parser.add_argument("--build-worlds", action="store_true",
+                        help="build the world on this machine (into --cache) instead of using its shipped weights: "
+                             "a build differs from machine to machine, so this is a world no setting was chosen on")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=["plain", "guarded"], choices=ARMS)
@@ -308,7 +338,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     start, load_start = time.perf_counter(), os.getloadavg()[0]
-    model_dir = args.model or world_model(args.variant, args.arch, args.cache)
+    model_dir = args.model or world_model(args.variant, args.arch, args.cache,
+                                          shipped=None if args.build_worlds else SHIPPED_WORLDS)
     runs = []
     for seed in args.seeds:
         for arm in args.arms:
@@ -361,6 +392,7 @@ def main() -> None:
              + (", harmful-minus-harmless input means held" if args.input_differences else "")
              + f", {args.n_prompts} prompts, answer tokens {args.answer_tokens}, gradients "
              + f"{'not ' if args.post_step_only else ''}projected before each step; ")
+    aligned = describe_world(model_dir)
     replay = (f"replay: {args.replay_fraction:g} of the training rows are harmful requests answered with a refusal; "
               if set(REPLAY_ARMS) & set(args.arms) else "")
     validation = (f"Validation split (the rest of the held-out pools, to choose settings on):\n\n"
@@ -369,13 +401,13 @@ def main() -> None:
                 f"Command: `{command.strip()}`; seeds {args.seeds}; {args.steps} steps, AdamW lr {args.lr} weight decay "
                 f"{args.weight_decay:g}, batch 32; "
                 + (guard if GUARD_ARMS & set(args.arms) else "") + replay
-                + f"held-out data, greedy generation. Machine: {machine}. Total wall time "
+                + f"held-out data, greedy generation. Aligned model: {aligned}. Machine: {machine}. Total wall time "
                 f"{time.perf_counter() - start:.0f} s.\n")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, name + ".json")
     say_what_is_replaced(path, args)
     with atomic_file(path) as handle:
-        json.dump({"args": vars(args), "machine": machine, "runs": runs}, handle, indent=2)
+        json.dump({"args": vars(args), "machine": machine, "aligned_model": aligned, "runs": runs}, handle, indent=2)
     with atomic_file(os.path.join(args.out, name + ".md")) as handle:
         handle.write(markdown)
     print(markdown)

@@ -131,14 +131,48 @@ def test_a_cached_world_is_reused_only_when_it_is_the_build_asked_for(bench, tmp
               "seed": 0, "build_version": bench.BUILD_VERSION, "torch": torch.__version__}
     (world / "world.json").write_text(json.dumps(record))
     (world / "model.safetensors").write_bytes(b"")
-    assert bench.world_model("alt", "phi3", str(tmp_path)) == str(world) and not built
+    assert bench.world_model("alt", "phi3", str(tmp_path), shipped=None) == str(world) and not built
     for change in ({"seed": 7}, {"build_version": 1}, {"torch": "1.0"}):
         (world / "world.json").write_text(json.dumps({**record, **change}))
-        bench.world_model("alt", "phi3", str(tmp_path))
+        bench.world_model("alt", "phi3", str(tmp_path), shipped=None)
     (world / "world.json").write_text(json.dumps(record))
     (world / "model.safetensors").unlink()
-    bench.world_model("alt", "phi3", str(tmp_path))
+    bench.world_model("alt", "phi3", str(tmp_path), shipped=None)
     assert built == [str(world)] * 4  # each stale or incomplete record was rebuilt
+
+
+def test_shipped_weights_are_used_unless_the_world_is_to_be_built_here(bench, tmp_path, monkeypatch):
+    """A shipped world is read as it is (whatever torch or machine built it); --build-worlds builds into the
+    cache instead; a shipped directory holding another world is refused, naming the fix."""
+    import json
+
+    import rg_lightning.toy.build
+
+    built = []
+    monkeypatch.setattr(rg_lightning.toy.build, "build", lambda directory, **kwargs: built.append(directory))
+    shipped = tmp_path / "shipped" / "alt-qwen3"
+    shipped.mkdir(parents=True)
+    (shipped / "world.json").write_text(json.dumps({"variant": "alt", "arch": "qwen3", "torch": "1.0"}))
+    (shipped / "model.safetensors").write_bytes(b"")
+    cache = tmp_path / "cache"
+    assert bench.world_model("alt", "qwen3", str(cache), shipped=str(tmp_path / "shipped")) == str(shipped)
+    assert not built
+    assert bench.world_model("alt", "qwen3", str(cache), shipped=None) == str(cache / "alt-qwen3")
+    assert bench.world_model("alt", "gemma3", str(cache), shipped=str(tmp_path / "shipped")) == str(cache / "alt-gemma3")
+    assert built == [str(cache / "alt-qwen3"), str(cache / "alt-gemma3")]
+    (shipped / "world.json").write_text(json.dumps({"variant": "default", "arch": "qwen3"}))
+    with pytest.raises(ValueError, match="--build-worlds"):
+        bench.world_model("alt", "qwen3", str(cache), shipped=str(tmp_path / "shipped"))
+    assert bench.world_model("default", "llama", str(cache)) == str(ALIGNED_MODEL_DIR)
+
+
+def test_results_name_the_aligned_model_and_its_build(bench, tmp_path):
+    assert "aligned (built with 2 thread(s), torch 2.13.0" in bench.describe_world(str(ALIGNED_MODEL_DIR))
+    world = tmp_path / "w"
+    world.mkdir()
+    (world / "world.json").write_text('{"threads": 1, "torch": "2.13.0+cpu", "cpu_capability": "AVX512"}')
+    assert bench.describe_world(str(world)).endswith("w (built with 1 thread(s), torch 2.13.0+cpu, CPU capability AVX512)")
+    assert str(tmp_path) not in bench.describe_world(str(world))
 
 
 def test_constrained_sft_starts_as_cross_entropy(bench):
