@@ -215,12 +215,13 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
     return {"arm": arm, "seed": seed, "before": report.before, "after": report.after, "seconds": seconds}
 
 
-def world_model(variant: str, arch: str, cache: str, shipped: str | None = SHIPPED_WORLDS) -> str:
+def world_model(variant: str, arch: str, cache: str, shipped: str | None = SHIPPED_WORLDS, seed: int = 0) -> str:
     """Directory of the aligned model of a world: the shipped one (``shipped=None``: none but the package's
-    default world), or a cached build (built on demand)."""
-    if (variant, arch) == ("default", "llama"):
+    default world), or a cached build (built on demand). A build ``seed`` other than 0 (another initialisation
+    and draw of alignment data) is never shipped: it gives an aligned model no setting was chosen on."""
+    if seed == 0 and (variant, arch) == ("default", "llama"):
         return str(ALIGNED_MODEL_DIR)
-    if shipped is not None:
+    if shipped is not None and seed == 0:
         directory = os.path.join(shipped, f"{variant}-{arch}")
         if os.path.isfile(os.path.join(directory, "model.safetensors")):
             built = json.load(open(os.path.join(directory, "world.json")))
@@ -228,7 +229,7 @@ def world_model(variant: str, arch: str, cache: str, shipped: str | None = SHIPP
                 raise ValueError(f"{directory} holds the {built.get('variant')!r}/{built.get('arch')!r} world, "
                                  f"not {variant!r}/{arch!r}: restore it (git checkout) or pass --build-worlds")
             return directory
-    directory = os.path.join(cache, f"{variant}-{arch}")
+    directory = os.path.join(cache, f"{variant}-{arch}" + (f"-seed{seed}" if seed else ""))
     record = os.path.join(directory, "world.json")
     if os.path.isfile(record):
         built = json.load(open(record))
@@ -236,13 +237,13 @@ def world_model(variant: str, arch: str, cache: str, shipped: str | None = SHIPP
         # one whose weights are missing
         if ((built.get("variant"), built.get("arch", "llama"), built.get("steps"), built.get("threads"),
              built.get("seed"), built.get("build_version"), built.get("torch"))
-                == (variant, arch, ARCH_STEPS[arch], WORLD_THREADS, 0, BUILD_VERSION, torch.__version__)
+                == (variant, arch, ARCH_STEPS[arch], WORLD_THREADS, seed, BUILD_VERSION, torch.__version__)
                 and bool(built.get("vocabulary_examples")) == (arch in TIED_ARCHITECTURES)
                 and os.path.isfile(os.path.join(directory, "model.safetensors"))):
             return directory
     from rg_lightning.toy.build import build
 
-    build(directory, variant=variant, arch=arch, threads=WORLD_THREADS)
+    build(directory, variant=variant, arch=arch, threads=WORLD_THREADS, seed=seed)
     return directory
 
 
@@ -288,6 +289,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="aligned model directory (default: the world's, see above)")
     parser.add_argument("--cache", default="runs/worlds",
                         help="where aligned models are built (a world without shipped weights, or --build-worlds)")
+    parser.add_argument("--world-seed", type=int, default=0,
+                        help="build seed of the aligned model (0: the shipped worlds; another: a new aligned model of "
+                             "the same world, built into --cache, on which no setting was chosen)")
     parser.add_argument("--build-worlds", action="store_true",
                         help="build the world on this machine (into --cache) instead of using its shipped weights: "
                              "a build differs from machine to machine, so this is a world no setting was chosen on")
@@ -339,7 +343,7 @@ def main() -> None:
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     model_dir = args.model or world_model(args.variant, args.arch, args.cache,
-                                          shipped=None if args.build_worlds else SHIPPED_WORLDS)
+                                          shipped=None if args.build_worlds else SHIPPED_WORLDS, seed=args.world_seed)
     runs = []
     for seed in args.seeds:
         for arm in args.arms:
@@ -351,7 +355,8 @@ def main() -> None:
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
-    name = f"tiny_{world}_{args.task}" + (f"_attack{args.harmful_fraction:g}" if args.harmful_fraction else "")
+    name = f"tiny_{world}" + (f"-seed{args.world_seed}" if args.world_seed else "") + f"_{args.task}"
+    name += f"_attack{args.harmful_fraction:g}" if args.harmful_fraction else ""
     if GUARD_ARMS & set(args.arms):  # the guard's settings, when a guarded arm ran
         # energy and ridge are always in the name (results of earlier defaults keep their meaning); the rest only
         # when they differ from experiments/tiny.yaml.

@@ -149,7 +149,9 @@ def test_shipped_weights_are_used_unless_the_world_is_to_be_built_here(bench, tm
     import rg_lightning.toy.build
 
     built = []
-    monkeypatch.setattr(rg_lightning.toy.build, "build", lambda directory, **kwargs: built.append(directory))
+    monkeypatch.setattr(rg_lightning.toy.build, "build",
+                        lambda directory, **kwargs: built.append(directory) or seeds.append(kwargs["seed"]))
+    seeds = []
     shipped = tmp_path / "shipped" / "alt-qwen3"
     shipped.mkdir(parents=True)
     (shipped / "world.json").write_text(json.dumps({"variant": "alt", "arch": "qwen3", "torch": "1.0"}))
@@ -159,7 +161,12 @@ def test_shipped_weights_are_used_unless_the_world_is_to_be_built_here(bench, tm
     assert not built
     assert bench.world_model("alt", "qwen3", str(cache), shipped=None) == str(cache / "alt-qwen3")
     assert bench.world_model("alt", "gemma3", str(cache), shipped=str(tmp_path / "shipped")) == str(cache / "alt-gemma3")
-    assert built == [str(cache / "alt-qwen3"), str(cache / "alt-gemma3")]
+    # another build seed is a new aligned model, never a shipped one, the package's default world included
+    assert bench.world_model("alt", "qwen3", str(cache), shipped=str(tmp_path / "shipped"), seed=1) == str(
+        cache / "alt-qwen3-seed1")
+    assert bench.world_model("default", "llama", str(cache), seed=2) == str(cache / "default-llama-seed2")
+    assert built == [str(cache / n) for n in ("alt-qwen3", "alt-gemma3", "alt-qwen3-seed1", "default-llama-seed2")]
+    assert seeds == [0, 0, 1, 2]
     (shipped / "world.json").write_text(json.dumps({"variant": "default", "arch": "qwen3"}))
     with pytest.raises(ValueError, match="--build-worlds"):
         bench.world_model("alt", "qwen3", str(cache), shipped=str(tmp_path / "shipped"))
