@@ -163,7 +163,10 @@ class DriftGeometry(L.Callback):
         self._subspaces0: list[torch.Tensor] | None = None  # of self.initial, computed once
         self.history: list[dict] = []
         self._probes: dict | None = None
-        self._interference: dict[int, float | None] = {}  # measured at step -> value, until recorded
+        self._interference: tuple[int, float | None] | None = None  # (batch it was measured in, value)
+        self._batches = 0  # training batches begun in this fit (keys an interference measurement to its batch)
+        self._batch_start_step = 0  # global_step when the current batch began
+        self._steps_per_batch = 0  # the most optimizer steps one batch has taken (manual optimization: several)
         self._step_offset = 0  # a later fit of the same model counts its steps on from the earlier fits'
         self._steps_trained = 0  # optimizer steps of the fits so far, at their ends
         self._model = lambda: None  # weak reference to the model measured at fit start
@@ -294,7 +297,7 @@ class DriftGeometry(L.Callback):
         its value is the one kept; AMP's loss scale cancels in the ratio. None when there is no energy to
         share (LoRA's first step: B = 0, so lora_A gets an exact 0 gradient) or the gradient is not finite
         (an fp16 overflow step, skipped by the scaler)."""
-        if (trainer.global_step + 1) % self.every_n_steps:
+        if not self._batch_may_end_at_a_record(trainer, pl_module):
             return
         safety_basis = _safety_basis(trainer)
         if safety_basis is None:
@@ -313,16 +316,29 @@ class DriftGeometry(L.Callback):
             energy += trainer.strategy.reduce(sharded, reduce_op="sum")
         inside, total = energy.tolist()
         usable = math.isfinite(inside) and math.isfinite(total) and total > 0
-        self._interference = {trainer.global_step + 1: inside / total if usable else None}
+        self._interference = (self._batches, inside / total if usable else None)
+
+    def _batch_may_end_at_a_record(self, trainer, pl_module) -> bool:
+        """Whether the steps this batch can still take reach a multiple of ``every_n_steps``: one under automatic
+        optimization, as many as the optimizers (or as a batch has taken before) under manual optimization,
+        where one backward may be followed by several optimizers' steps, each counted by ``global_step``."""
+        steps = 1 if pl_module.automatic_optimization else max(1, len(trainer.optimizers), self._steps_per_batch)
+        return any((trainer.global_step + k) % self.every_n_steps == 0 for k in range(1, steps + 1))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batches += 1
+        self._batch_start_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        self._steps_per_batch = max(self._steps_per_batch, step - self._batch_start_step)
         if (step == 0 or step % self.every_n_steps
                 or (self.history and self.history[-1]["step"] == step + self._step_offset)):
             return
         record = {"step": step + self._step_offset, **self.metrics(self.measure_states(trainer, pl_module))}
-        if step in self._interference:
-            record["interference"] = self._interference.pop(step)
+        if self._interference is not None and self._interference[0] == self._batches:  # this batch's gradient
+            record["interference"] = self._interference[1]
+            self._interference = None
         record = trainer.strategy.broadcast(record, src=0)  # the same numbers on every rank, logged and kept
         self.history.append(record)
         self._check_refusal(record)

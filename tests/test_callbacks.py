@@ -398,11 +398,12 @@ def test_drift_interference_is_none_when_undefined_and_never_carried_over(monkey
     monkeypatch.setattr(drift, "metrics", lambda now: {})
     trainer = SimpleNamespace(callbacks=[refusal, drift], global_step=0, loggers=[], is_global_zero=True,
                               strategy=SimpleNamespace(broadcast=lambda value, src: value))
-    pl_module = SimpleNamespace(model=net, device=torch.device("cpu"))
+    pl_module = SimpleNamespace(model=net, device=torch.device("cpu"), automatic_optimization=True)
     inside = torch.zeros(3, 4)
     inside[:, :2] = 1.0
     for grad in (inside, torch.full((3, 4), float("inf")), torch.zeros(3, 4)):
         net.proj.weight.grad = grad
+        drift.on_train_batch_start(trainer, pl_module, None, 0)
         drift.on_after_backward(trainer, pl_module)
         trainer.global_step += 1
         drift.on_train_batch_end(trainer, pl_module, None, None, 0)

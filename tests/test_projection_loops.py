@@ -157,3 +157,16 @@ def test_a_model_directory_may_be_a_path(tiny_models):
     from pathlib import Path
 
     assert CausalLMModule(model=Path(tiny_models["llama"])).model_name == tiny_models["llama"]
+
+
+def test_drift_measures_interference_when_a_batch_steps_two_optimizers(tmp_path, tiny_models, chat_file):
+    """Manual optimization stepping two optimizers after one backward: a batch moves global_step by 2, and every
+    drift record still carries the interference of the gradient that batch's backward produced."""
+    from rg_lightning.callbacks import DriftGeometry
+
+    drift = DriftGeometry(every_n_steps=2, harmful=HARMFUL, harmless=HARMLESS, n_probes=4, figures=False)
+    fit(ManualModule(tiny_models["llama"], optimizers=2), chat_file, [guard(), drift], steps=-1, max_epochs=1,
+        default_root_dir=tmp_path)
+    records = [r for r in drift.history if r["step"] > 0]
+    assert [r["step"] for r in records] == [2, 4]  # two batches
+    assert all(r.get("interference") is not None and 0 < r["interference"] < 1 for r in records), records
