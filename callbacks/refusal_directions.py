@@ -79,9 +79,10 @@ class RefusalDirections(L.Callback):
             ``p`` is the direction's share of the module's input energy (``guard.subspace.soft_subspace``).
             The hard cutoff leaves ~1% of each module's input energy free; on Gemma-2 the small output changes
             it allows compound over the layers and flip the first answer token. Miniature worlds, 3 seeds:
-            energy 0.9 + ridge 0.03 (experiments/tiny.yaml) kept 98-100% of held-out harmful requests refused
-            on 11 of the 12 miniature worlds, 93.2% on the twelfth (energy 0.99, ridge 0: 74.5-100% on four
-            of them); README, Results. Costs more anchor memory (tail columns).
+            energy 0.9 + ridge 0.03 (experiments/tiny.yaml) kept >= 99.7% of held-out harmful requests refused
+            on 11 of the 12 shipped miniature worlds, 93.8% on the twelfth, and at three times the steps
+            >= 99.3% on 22 of 24 worlds, where ridge 0 kept refusal on 3 of 24 (README, Results). The tail is
+            also part of the guard's task cost. Costs more anchor memory (tail columns).
         input_differences: Also hold exactly, in each module's subspace, the difference between its mean
             input on harmful and on harmless prompts at every post-instruction position (at most one column
             per position on top of the energy cutoff or ``rank``, ``guard.subspace.extend_basis``; the logit
