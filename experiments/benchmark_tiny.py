@@ -142,6 +142,26 @@ class LeavingOut(RepresentationProjection):
         self.constraints.constraints = kept
 
 
+class Trajectory(AlignmentReport):
+    """The report's held-out numbers also every ``every`` optimizer steps of the fit (``--every``): how refusal and
+    the task move during training, not only where they end. Greedy generation on the same samples, in eval mode,
+    then back to training: the fit itself is unchanged (same final numbers as a run without it)."""
+
+    def __init__(self, every: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if every < 1:
+            raise ValueError(f"every must be a positive number of steps, got {every}")
+        self.every, self.points = every, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every or (self.points and self.points[-1]["step"] == step) or step >= trainer.max_steps:
+            return  # the last step is the report's own "after"
+        training = pl_module.training
+        self.points.append({"step": step, **self._measure(trainer, pl_module)})
+        pl_module.train(training)
+
+
 class ConstrainedSFT(CausalLMModule):
     """Fine-tuning with the token-wise constrained objective of Qi et al. (ICLR 2025): per answer token t,
     ``-(2 / beta_t) * log sigmoid(beta_t * (log p(y_t) - log p_aligned(y_t)))`` instead of ``-log p(y_t)``, with
@@ -187,9 +207,11 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
             hold_absent_rows: bool = DEFAULT_HOLD_ABSENT_ROWS,
             input_differences: bool = DEFAULT_INPUT_DIFFERENCES,
             replay_fraction: float = DEFAULT_REPLAY_FRACTION, weight_decay: float = DEFAULT_WEIGHT_DECAY,
-            sft_betas: tuple[float, float, float] = ConstrainedSFT.BETAS, validation: bool = False) -> dict:
+            sft_betas: tuple[float, float, float] = ConstrainedSFT.BETAS, validation: bool = False,
+            every: int = 0) -> dict:
     L.seed_everything(seed)
-    report = AlignmentReport(task=task, variant=variant, validation=validation)
+    report = (Trajectory(every, task=task, variant=variant, validation=validation) if every
+              else AlignmentReport(task=task, variant=variant, validation=validation))
     callbacks = [report]
     if arm in GUARD_ARMS:
         prefix = f"toy:{variant}:" if variant != "default" else "toy:"
@@ -212,7 +234,10 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
         start = time.perf_counter()
         trainer.fit(module, data)
         seconds = time.perf_counter() - start
-    return {"arm": arm, "seed": seed, "before": report.before, "after": report.after, "seconds": seconds}
+    result = {"arm": arm, "seed": seed, "before": report.before, "after": report.after, "seconds": seconds}
+    if every:
+        result["trajectory"] = report.points + [{"step": steps, **report.after}]
+    return result
 
 
 def world_model(variant: str, arch: str, cache: str, shipped: str | None = SHIPPED_WORLDS, seed: int = 0) -> str:
@@ -280,6 +305,17 @@ def table(runs: list[dict], arms: list[str], prefix: str = "") -> str:
     return "\n".join(lines)
 
 
+def trajectory_table(runs: list[dict], arms: list[str]) -> str:
+    """Mean ± std over seeds at each measured step (``--every``): one row per arm and step."""
+    lines = ["| arm | step | harmful refusal % | harmless refusal % | task metric % |", "|---|---|---|---|---|"]
+    for arm in arms:
+        mine = [r["trajectory"] for r in runs if r["arm"] == arm]
+        for i, point in enumerate(mine[0]):
+            cells = [mean_std([t[i][m] for t in mine]) for m in METRICS]
+            lines.append(f"| {arm} | {point['step']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="benign", choices=("benign", "sentiment", "arithmetic"))
@@ -338,6 +374,9 @@ def main() -> None:
     parser.add_argument("--validation", action="store_true",
                         help="also measure the rest of the held-out pools (a validation split, to choose a learning "
                              "rate on; see experiments/select_lr.py), reported in a second table")
+    parser.add_argument("--every", type=int, default=0,
+                        help="also measure the held-out numbers every this many optimizer steps (a trajectory, "
+                             "in the results and a second table; slower: each point generates on every sample)")
     parser.add_argument("--out", default="experiments/results")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
@@ -351,7 +390,8 @@ def main() -> None:
                                 args.energy, args.answer_tokens, not args.post_step_only, args.n_prompts, args.rank, args.centered,
                                 args.head_positions == "answer", args.ridge, args.leave_out,
                                 args.tail_reference_lr or None, args.hold_absent_rows, args.input_differences,
-                                args.replay_fraction, args.weight_decay, tuple(args.sft_betas), args.validation))
+                                args.replay_fraction, args.weight_decay, tuple(args.sft_betas), args.validation,
+                                args.every))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
@@ -377,6 +417,7 @@ def main() -> None:
     else:
         name += (f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "") + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else "")
     name += f"_wd{args.weight_decay:g}" if args.weight_decay != DEFAULT_WEIGHT_DECAY else ""
+    name += f"_every{args.every}" if args.every else ""  # same final numbers, plus the trajectory
     name += "_directions" if "directions" in args.arms else ""  # the direction-only arm ran
     if "constrained-sft" in args.arms:  # Qi et al.'s objective ran; its betas when not the paper's
         betas = tuple(args.sft_betas)
@@ -402,7 +443,9 @@ def main() -> None:
               if set(REPLAY_ARMS) & set(args.arms) else "")
     validation = (f"Validation split (the rest of the held-out pools, to choose settings on):\n\n"
                   f"{table(runs, args.arms, 'val_')}\n\n" if args.validation else "")
-    markdown = (f"### {name}\n\n{table(runs, args.arms)}\n\n{validation}"
+    trajectory = (f"During training (every {args.every} steps):\n\n{trajectory_table(runs, args.arms)}\n\n"
+                  if args.every else "")
+    markdown = (f"### {name}\n\n{table(runs, args.arms)}\n\n{validation}{trajectory}"
                 f"Command: `{command.strip()}`; seeds {args.seeds}; {args.steps} steps, AdamW lr {args.lr} weight decay "
                 f"{args.weight_decay:g}, batch 32; "
                 + (guard if GUARD_ARMS & set(args.arms) else "") + replay

@@ -254,3 +254,33 @@ def test_learning_rates_are_chosen_on_validation_and_reported_on_test(bench, mon
     assert ("| default × llama, benign | 0.001, 0.002, 0.004 | 0.002 | 70.0 | 0.002 | 100.0 / 0.0 | 69.0 | 99% | yes |"
             in (tmp_path / "selection.md").read_text())
     assert "| default × llama, benign | 0.004 | 0.004 |" in (tmp_path / "selection.md").read_text()
+
+
+def test_a_trajectory_is_measured_during_the_fit_without_changing_it(bench, monkeypatch, tmp_path):
+    """``--every N`` adds the held-out numbers every N steps; the final ones are those of a run without it."""
+    args = ("plain", str(ALIGNED_MODEL_DIR), "benign", 0.0, "default", 0, 4, 1e-2, 0.9, 0)
+    monkeypatch.setattr(bench, "AlignmentReport", _Smaller(bench.AlignmentReport))
+    monkeypatch.setattr(bench, "Trajectory", _Smaller(bench.Trajectory))
+    without = bench.run_arm(*args)
+    measured = bench.run_arm(*args, every=2)
+    assert measured["after"] == without["after"] and measured["before"] == without["before"]
+    steps = [point["step"] for point in measured["trajectory"]]
+    assert steps == [2, 4] and measured["trajectory"][-1] == {"step": 4, **without["after"]}
+    assert measured["trajectory"][0] != measured["trajectory"][1]  # lr 1e-2: the model moves between the points
+    with pytest.raises(ValueError, match="every"):
+        bench.Trajectory(0)
+
+    monkeypatch.setattr(bench, "run_arm", lambda *a, **k: measured)
+    monkeypatch.setattr(sys, "argv", ["benchmark_tiny.py", "--seeds", "0", "--arms", "plain", "--steps", "4",
+                                      "--every", "2", "--out", str(tmp_path)])
+    bench.main()
+    table = (tmp_path / "tiny_default_benign_steps4_every2.md").read_text()
+    assert "During training (every 2 steps)" in table and "| plain | 2 |" in table and "| plain | 4 |" in table
+
+
+def _Smaller(report):
+    """The report on 16 requests and examples of each kind: the same code, a quicker test."""
+    class Smaller(report):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "n_requests": 16, "n_task": 16})
+    return Smaller
