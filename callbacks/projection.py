@@ -29,6 +29,7 @@ several processes (flat shards that cut rows apart) and DeepSpeed are refused in
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from collections.abc import Mapping
@@ -79,6 +80,13 @@ class RepresentationProjection(L.Callback):
             scaled by the parameter group's current learning rate over this one, so the drift the tail
             allows does not grow with the learning rate (or shrink with a decaying schedule). ``None``:
             the same pull-back share at every step, whatever the learning rate.
+        tail_early_steps, tail_early_scale: Only for a basis with a damped tail: during the first
+            ``tail_early_steps`` optimizer steps the tail pulls back ``tail_early_scale`` times as hard as built
+            (on top of ``tail_reference_lr``'s scaling), i.e. as a tail built with ``ridge / tail_early_scale``.
+            Why: the drift a damped tail allows follows the push of the task's gradient, which is strongest while
+            the task is being learnt; refusal fell most in the first 50 steps and recovered once the task was
+            learnt (README, "How loose a tail"). A loose tail (large ``ridge``) held tight early keeps refusal
+            through that phase and leaves the task more room after. 0 (default): as built throughout.
         hold_absent_rows: Each optimizer step moves only the input-embedding rows of tokens that occur in
             its batch (the others' gradients are zeroed; under DDP, in any rank's batch). AdamW's momentum still
             moves rows seen in earlier batches and its weight decay shrinks every row, so keep weight decay 0. With a tied head the
@@ -99,6 +107,8 @@ class RepresentationProjection(L.Callback):
         protect_embeddings: bool = True,
         project_gradients: bool = True,
         tail_reference_lr: float | None = None,
+        tail_early_steps: int = 0,
+        tail_early_scale: float = 1.0,
         hold_absent_rows: bool = False,
         allow_unconstrained: bool = False,
     ) -> None:
@@ -114,6 +124,12 @@ class RepresentationProjection(L.Callback):
         if tail_reference_lr is not None and not tail_reference_lr > 0:
             raise ValueError(f"tail_reference_lr must be > 0 (or None), got {tail_reference_lr}")
         self.project_gradients, self.tail_reference_lr = project_gradients, tail_reference_lr
+        if isinstance(tail_early_steps, bool) or not isinstance(tail_early_steps, int) or tail_early_steps < 0:
+            raise ValueError(f"tail_early_steps must be an int >= 0, got {tail_early_steps!r}")
+        if not 0 < tail_early_scale < math.inf:
+            raise ValueError(f"tail_early_scale must be a finite number > 0, got {tail_early_scale}")
+        self.tail_early_steps, self.tail_early_scale = tail_early_steps, tail_early_scale
+        self._early = False  # in the first tail_early_steps optimizer steps (set before each step)
         self.hold_absent_rows = hold_absent_rows
         self.allow_unconstrained = allow_unconstrained
         self.constraints: ConstraintSet | None = None
@@ -195,6 +211,9 @@ class RepresentationProjection(L.Callback):
                 "layer's input activations, so the adapters' rounding-level residue flips roundings downstream and the "
                 "protected outputs move (measured: 9e-3 after 4 steps on a tiny Llama, against 1e-6 with nf4). Load "
                 "the base in 4-bit (`quantization: nf4`) for the exact guarantee.")
+        if self.tail_early_steps and not any(getattr(c, "has_tail", False) for c in self.constraints.constraints):
+            raise ValueError("RepresentationProjection: tail_early_steps tightens the damped tail, but the basis has "
+                             "none. Give RefusalDirections a ridge > 0, or set tail_early_steps: 0.")
         whole = self.constraints.held_whole()
         if whole:
             rank_zero_info(
@@ -265,9 +284,11 @@ class RepresentationProjection(L.Callback):
                 "train them unguarded.")
 
     def _tail_scale(self, param) -> float:
-        """Current learning rate of the parameter's group over ``tail_reference_lr`` (1 if it has none)."""
+        """The pull-back rate relative to the built one: the parameter group's current learning rate over
+        ``tail_reference_lr`` (1 without one), times ``tail_early_scale`` during the first ``tail_early_steps``."""
         group = self._groups.get(id(param))
-        return 1.0 if group is None else float(group["lr"]) / self.tail_reference_lr
+        by_lr = 1.0 if group is None or self.tail_reference_lr is None else float(group["lr"]) / self.tail_reference_lr
+        return by_lr * (self.tail_early_scale if self._early else 1.0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._embedding is not None:
@@ -301,8 +322,10 @@ class RepresentationProjection(L.Callback):
             present = trainer.strategy.reduce(self._present.to(self._embedding.device, torch.int32), reduce_op="sum")
             hold_absent_rows_(self._embedding, present > 0)
             self._present = None
-        if self.tail_reference_lr is not None:  # before the gradients and the step-post hook use the tails
-            self.constraints.scale_tails(self._tail_scale)
+        # the step count, not a counter of ours: the same on every rank and right after a resume
+        self._early = trainer.global_step < self.tail_early_steps
+        if self.tail_reference_lr is not None or self.tail_early_steps:  # before the gradients and the step-post
+            self.constraints.scale_tails(self._tail_scale)  # hook use the tails
         if self.project_gradients:
             self.constraints.project_grads_(params=params)
 

@@ -208,7 +208,7 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
             input_differences: bool = DEFAULT_INPUT_DIFFERENCES,
             replay_fraction: float = DEFAULT_REPLAY_FRACTION, weight_decay: float = DEFAULT_WEIGHT_DECAY,
             sft_betas: tuple[float, float, float] = ConstrainedSFT.BETAS, validation: bool = False,
-            every: int = 0) -> dict:
+            every: int = 0, tail_early: tuple[int, float] = (0, 1.0)) -> dict:
     L.seed_everything(seed)
     report = (Trajectory(every, task=task, variant=variant, validation=validation) if every
               else AlignmentReport(task=task, variant=variant, validation=validation))
@@ -221,6 +221,7 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
                                         seed=seed, ridge=ridge, input_differences=input_differences),
                       LeavingOut(list(leave_out), variant, mode="directions" if arm == "directions" else "subspace",
                                  project_gradients=project_gradients, tail_reference_lr=tail_reference_lr,
+                                 tail_early_steps=tail_early[0], tail_early_scale=tail_early[1],
                                  hold_absent_rows=hold_absent_rows)]
     optimizer = lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=weight_decay)  # noqa: E731
     module = (ConstrainedSFT(model=model_dir, dtype="float32", optimizer=optimizer, betas=sft_betas)
@@ -352,6 +353,9 @@ def main() -> None:
     parser.add_argument("--tail-reference-lr", type=float, default=DEFAULT_TAIL_REFERENCE_LR,
                         help="RepresentationProjection tail_reference_lr: the damped tail's pull-back scales with "
                              "lr / this (0: the same share at every step, whatever the learning rate)")
+    parser.add_argument("--tail-early", type=float, nargs=2, default=[0, 1.0], metavar=("STEPS", "SCALE"),
+                        help="RepresentationProjection tail_early_steps and tail_early_scale: the damped tail pulls "
+                             "back SCALE times as hard for the first STEPS optimizer steps (as ridge / SCALE)")
     parser.add_argument("--hold-absent-rows", type=lambda v: v.lower() in ("1", "true", "yes"),
                         default=DEFAULT_HOLD_ABSENT_ROWS,
                         help="RepresentationProjection hold_absent_rows (true/false): a step moves only the "
@@ -379,6 +383,8 @@ def main() -> None:
                              "in the results and a second table; slower: each point generates on every sample)")
     parser.add_argument("--out", default="experiments/results")
     args = parser.parse_args()
+    if not (float(args.tail_early[0]).is_integer() and args.tail_early[0] >= 0):
+        parser.error(f"--tail-early STEPS must be a whole number of steps >= 0, got {args.tail_early[0]:g}")
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     model_dir = args.model or world_model(args.variant, args.arch, args.cache,
@@ -391,7 +397,7 @@ def main() -> None:
                                 args.head_positions == "answer", args.ridge, args.leave_out,
                                 args.tail_reference_lr or None, args.hold_absent_rows, args.input_differences,
                                 args.replay_fraction, args.weight_decay, tuple(args.sft_betas), args.validation,
-                                args.every))
+                                args.every, (int(args.tail_early[0]), args.tail_early[1])))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
@@ -410,6 +416,8 @@ def main() -> None:
         name += (f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "") + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else "")
         if args.ridge and args.tail_reference_lr != DEFAULT_TAIL_REFERENCE_LR:  # only a damped tail is scaled
             name += f"_tailref{args.tail_reference_lr:g}" if args.tail_reference_lr else "_fixed-tail"
+        if args.tail_early[0]:
+            name += f"_early{int(args.tail_early[0])}x{args.tail_early[1]:g}"
         name += (f"_prompts{args.n_prompts}" if args.n_prompts != DEFAULT_N_PROMPTS else "") + ("_poststep" if args.post_step_only else "")
         name += "_batch-rows" if args.hold_absent_rows else ""  # files without it: every row moved (the earlier default)
         name += (("_differences" if args.input_differences else "_no-differences")
@@ -432,6 +440,8 @@ def main() -> None:
              + (" (centered)" if args.centered else "") + (f", ridge {args.ridge:g}" if args.ridge else "")
              + ((f", tail pull-back scaled by lr / {args.tail_reference_lr:g}" if args.tail_reference_lr
                  else ", tail pull-back fixed per step") if args.ridge else "")
+             + (f", tail pulled back {args.tail_early[1]:g}x as hard for the first {int(args.tail_early[0])} steps"
+                if args.tail_early[0] else "")
              + f", logit head protected at {args.head_positions} positions"
              + (f", without {', '.join(args.leave_out)}" if args.leave_out else "")
              + (", embedding rows of tokens absent from the batch held" if args.hold_absent_rows else "")

@@ -284,3 +284,26 @@ def _Smaller(report):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **{**kwargs, "n_requests": 16, "n_task": 16})
     return Smaller
+
+
+def test_an_early_tail_is_passed_to_the_guard_named_in_the_results_and_whole_steps_only(bench, monkeypatch,
+                                                                                        tmp_path):
+    seen = []
+
+    def run_arm(arm, *args, **kwargs):
+        seen.append(args[-1])
+        return {"arm": arm, "seed": 0, "seconds": 1.0, "before": dict.fromkeys(bench.METRICS, 1.0),
+                "after": dict.fromkeys(bench.METRICS, 0.5)}
+
+    monkeypatch.setattr(bench, "run_arm", run_arm)
+    argv = ["benchmark_tiny.py", "--seeds", "0", "--arms", "guarded", "--out", str(tmp_path), "--ridge", "0.3"]
+    monkeypatch.setattr(sys, "argv", argv + ["--tail-early", "150", "10"])
+    bench.main()
+    assert seen == [(150, 10.0)]
+    name = "tiny_default_benign_energy0.9_head-answer_ridge0.3_early150x10_batch-rows"
+    assert "10x as hard for the first 150 steps" in (tmp_path / f"{name}.md").read_text()
+    monkeypatch.setattr(sys, "argv", argv + ["--tail-early", "2.5", "10"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    projection = bench.LeavingOut([], "default", tail_early_steps=150, tail_early_scale=10.0)
+    assert (projection.tail_early_steps, projection.tail_early_scale) == (150, 10.0)

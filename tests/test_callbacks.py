@@ -555,6 +555,12 @@ def test_bad_arguments_are_refused_early():
         RepresentationProjection(strength=2.0)
     with pytest.raises(ValueError, match="tail_reference_lr"):
         RepresentationProjection(tail_reference_lr=0.0)
+    with pytest.raises(ValueError, match="tail_early_steps"):
+        RepresentationProjection(tail_early_steps=-1)
+    with pytest.raises(ValueError, match="tail_early_steps"):
+        RepresentationProjection(tail_early_steps=2.5)
+    with pytest.raises(ValueError, match="tail_early_scale"):
+        RepresentationProjection(tail_early_scale=0.0)
     with pytest.raises(FileNotFoundError, match="No saved safety basis"):
         RepresentationProjection(basis="/nonexistent/basis")
     with pytest.raises(ValueError, match="ridge must be finite"):
@@ -804,6 +810,35 @@ def test_tail_reference_lr_scales_the_damped_tail_by_the_learning_rate(tmp_path,
     assert tails
     for c in tails:
         torch.testing.assert_close(c._tail_gain, tail_gain(c._of_basis()[0], 2.0))
+
+
+def test_tail_early_steps_tighten_the_tail_for_those_steps_only_and_resume_where_they_were(tmp_path, tiny_models,
+                                                                                        chat_file):
+    """Early for all 4 steps at scale 2 = the tail pulled back at twice the rate throughout (``tail_reference_lr``
+    at half the lr), bit for bit; early for 2 of 4 steps differs from both and ends at the built rate; a crash at
+    step 2 resumes into the remaining steps at the built rate, exactly as the uninterrupted run."""
+    def fit(name, projection, **kwargs):
+        module, _ = run_fit(tmp_path / name, tiny_models["llama"], chat_file,
+                            [guard(energy=0.9, ridge=0.03), projection], **kwargs)
+        return torch.cat([p.detach().flatten() for p in module.model.parameters()])
+
+    doubled = fit("doubled", RepresentationProjection(tail_reference_lr=5e-3))
+    built = fit("built", RepresentationProjection())
+    assert torch.equal(fit("all-early", RepresentationProjection(tail_early_steps=4, tail_early_scale=2.0)), doubled)
+    half = RepresentationProjection(tail_early_steps=2, tail_early_scale=2.0)
+    half_early = fit("half", half)
+    assert not torch.allclose(half_early, doubled, atol=1e-6) and not torch.allclose(half_early, built, atol=1e-6)
+    assert all(c._tail_gain is None for c in half.constraints.constraints if getattr(c, "has_tail", False))
+    fit("crashed", RepresentationProjection(tail_early_steps=2, tail_early_scale=2.0), steps=2, checkpoint_every=2)
+    resumed = fit("resumed", RepresentationProjection(tail_early_steps=2, tail_early_scale=2.0),
+                  ckpt_path=str(next((tmp_path / "crashed").glob("*step=2.ckpt"))))
+    torch.testing.assert_close(resumed, half_early, rtol=0, atol=1e-6)
+
+
+def test_tail_early_steps_without_a_damped_tail_names_the_fix(tmp_path, tiny_models, chat_file):
+    with pytest.raises(ValueError, match="RefusalDirections a ridge > 0"):
+        run_fit(tmp_path, tiny_models["llama"], chat_file,
+                [guard(energy=0.9), RepresentationProjection(tail_early_steps=2, tail_early_scale=4.0)], steps=1)
 
 
 def test_hold_absent_rows_keeps_unused_words_of_a_tied_model_in_place(tmp_path, tiny_models, chat_file):
