@@ -213,7 +213,7 @@ class RepresentationProjection(L.Callback):
                 "layer's input activations, so the adapters' rounding-level residue flips roundings downstream and the "
                 "protected outputs move (measured: 9e-3 after 4 steps on a tiny Llama, against 1e-6 with nf4). Load "
                 "the base in 4-bit (`quantization: nf4`) for the exact guarantee.")
-        if self.tail_early_steps and not any(getattr(c, "has_tail", False) for c in self.constraints.constraints):
+        if self.tail_early_steps and not self.constraints.has_tail:
             raise ValueError("RepresentationProjection: tail_early_steps tightens the damped tail, but the basis has "
                              "none. Give RefusalDirections a ridge > 0, or set tail_early_steps: 0.")
         whole = self.constraints.held_whole()
@@ -253,7 +253,7 @@ class RepresentationProjection(L.Callback):
 
     def _check_numeric_lr(self, optimizer) -> None:
         """``tail_reference_lr`` reads each group's learning rate at every step: refuse one without a number now."""
-        if self.tail_reference_lr is None or not any(getattr(c, "has_tail", False) for c in self.constraints.constraints):
+        if self.tail_reference_lr is None or not self.constraints.has_tail:
             return
         for group in optimizer.param_groups:
             try:

@@ -385,6 +385,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (float(args.tail_early[0]).is_integer() and args.tail_early[0] >= 0):
         parser.error(f"--tail-early STEPS must be a whole number of steps >= 0, got {args.tail_early[0]:g}")
+    tail_early = (int(args.tail_early[0]), args.tail_early[1])
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     model_dir = args.model or world_model(args.variant, args.arch, args.cache,
@@ -397,7 +398,7 @@ def main() -> None:
                                 args.head_positions == "answer", args.ridge, args.leave_out,
                                 args.tail_reference_lr or None, args.hold_absent_rows, args.input_differences,
                                 args.replay_fraction, args.weight_decay, tuple(args.sft_betas), args.validation,
-                                args.every, (int(args.tail_early[0]), args.tail_early[1])))
+                                args.every, tail_early))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
@@ -416,8 +417,8 @@ def main() -> None:
         name += (f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "") + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else "")
         if args.ridge and args.tail_reference_lr != DEFAULT_TAIL_REFERENCE_LR:  # only a damped tail is scaled
             name += f"_tailref{args.tail_reference_lr:g}" if args.tail_reference_lr else "_fixed-tail"
-        if args.tail_early[0]:
-            name += f"_early{int(args.tail_early[0])}x{args.tail_early[1]:g}"
+        if tail_early[0]:
+            name += f"_early{tail_early[0]}x{tail_early[1]:g}"
         name += (f"_prompts{args.n_prompts}" if args.n_prompts != DEFAULT_N_PROMPTS else "") + ("_poststep" if args.post_step_only else "")
         name += "_batch-rows" if args.hold_absent_rows else ""  # files without it: every row moved (the earlier default)
         name += (("_differences" if args.input_differences else "_no-differences")
@@ -440,8 +441,8 @@ def main() -> None:
              + (" (centered)" if args.centered else "") + (f", ridge {args.ridge:g}" if args.ridge else "")
              + ((f", tail pull-back scaled by lr / {args.tail_reference_lr:g}" if args.tail_reference_lr
                  else ", tail pull-back fixed per step") if args.ridge else "")
-             + (f", tail pulled back {args.tail_early[1]:g}x as hard for the first {int(args.tail_early[0])} steps"
-                if args.tail_early[0] else "")
+             + (f", tail pulled back {tail_early[1]:g}x as hard for the first {tail_early[0]} steps"
+                if tail_early[0] else "")
              + f", logit head protected at {args.head_positions} positions"
              + (f", without {', '.join(args.leave_out)}" if args.leave_out else "")
              + (", embedding rows of tokens absent from the batch held" if args.hold_absent_rows else "")

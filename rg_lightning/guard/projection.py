@@ -508,12 +508,19 @@ class ConstraintSet:
                 else:
                     c.project_grad_(s, weight=weight, bias=bias)
 
+    def _tails(self) -> list[LinearConstraint]:
+        return [c for c in self.constraints if isinstance(c, LinearConstraint) and c.has_tail]
+
+    @property
+    def has_tail(self) -> bool:
+        """Whether any constraint carries a damped tail (a basis built with ``ridge`` > 0)."""
+        return bool(self._tails())
+
     def scale_tails(self, scale_of) -> None:
         """Give every damped tail the pull-back rate ``scale_of(parameter)`` times the one it was built with
         (see :func:`~rg_lightning.guard.subspace.tail_gain`); constraints without a tail are untouched."""
-        for c in self.constraints:
-            if isinstance(c, LinearConstraint) and c.has_tail:
-                c.scale_tail(scale_of(c.param))
+        for c in self._tails():
+            c.scale_tail(scale_of(c.param))
 
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
         return {c.key: c.state_dict() for c in self.constraints}
