@@ -92,6 +92,12 @@ class RefusalDirections(L.Callback):
             head with ``head_answer_only``: the last position only): the energy cutoff ranks directions by how
             much of the inputs they carry, not by whether they tell harmful from harmless, and on the
             miniature worlds leaves a quarter to all of that difference's norm outside the held columns.
+        request_weight: Weight, from 0 to 1, of each harmful prompt's positions before the post-instruction
+            template (the request itself, a system prompt, the template's opening) in the statistics; the
+            post-instruction positions, where the model decides to refuse, and the answer tokens weigh 1. Below 1
+            the held directions favour what the modules read there and the request's own directions are held
+            more loosely (in the damped tail, their shares scaled by the weight): the task, which reads and
+            copies the request's words, keeps more room. Not with ``centered``.
     """
 
     def __init__(
@@ -118,9 +124,12 @@ class RefusalDirections(L.Callback):
         head_answer_only: bool = True,
         ridge: float = 0.0,
         input_differences: bool = False,
+        request_weight: float = 1.0,
     ) -> None:
         if not 0 <= ridge < math.inf or (ridge and centered):
             raise ValueError(f"ridge must be finite and >= 0 (and 0 with centered=True), got {ridge}")
+        if not 0 <= request_weight <= 1 or (request_weight != 1 and centered):
+            raise ValueError(f"request_weight must be in [0, 1] (and 1 with centered=True), got {request_weight}")
         if n_prompts < 2:
             raise ValueError(f"n_prompts must be at least 2, got {n_prompts}")
         if rank is None and (energy is None or not 0.0 < energy <= 1.0):
@@ -161,7 +170,7 @@ class RefusalDirections(L.Callback):
         self.val_harmful, self.val_harmless, self.kl_threshold = val_harmful, val_harmless, kl_threshold
         self.max_statistics_gb = max_statistics_gb
         self.centered, self.head_answer_only, self.ridge = centered, head_answer_only, ridge
-        self.input_differences = input_differences
+        self.input_differences, self.request_weight = input_differences, request_weight
         self.basis: SafetyBasis | None = None
         self._model = lambda: None  # weak reference to the model the basis belongs to
         self._restored = False  # the basis came from a checkpoint: it belongs to the model being resumed
@@ -219,7 +228,8 @@ class RefusalDirections(L.Callback):
         so a sweep over e.g. ``energy`` with ``load=`` set does not silently reuse one basis."""
         mine = {"energy": self.energy, "rank": self.rank, "ridge": self.ridge, "centered": self.centered,
                 "answer_tokens": self.answer_tokens, "head_answer_only": self.head_answer_only,
-                "input_differences": self.input_differences, "n_harmful": self.n_prompts}
+                "input_differences": self.input_differences, "request_weight": self.request_weight,
+                "n_harmful": self.n_prompts}
         saved = basis.metadata
         differ = {key: (saved[key], value) for key, value in mine.items()
                   if key in saved and saved[key] != value and not (key == "n_harmful" and saved[key] < value)}
@@ -258,6 +268,7 @@ class RefusalDirections(L.Callback):
                 answer_tokens=self.answer_tokens, batch_size=self.batch_size, system_prompt=self.rendering_system_prompt,
                 progress=progress, max_statistics_gb=self.max_statistics_gb, centered=self.centered,
                 head_answer_only=self.head_answer_only, ridge=self.ridge, input_differences=self.input_differences,
+                request_weight=self.request_weight,
                 metadata={"model_id": model_id, "chat_template_hash": template_fingerprint(tokenizer),
                           "harmful_hash": fingerprint(harmful), "harmless_hash": fingerprint(harmless),
                           "harmful_source": str(self.harmful)[:200], "harmless_source": str(self.harmless)[:200],

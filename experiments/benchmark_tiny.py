@@ -70,6 +70,7 @@ DEFAULT_RIDGE = 0.03  # experiments/tiny.yaml (RefusalDirections ridge)
 DEFAULT_TAIL_REFERENCE_LR = 1e-3  # experiments/tiny.yaml (RepresentationProjection tail_reference_lr)
 DEFAULT_HOLD_ABSENT_ROWS = True  # experiments/tiny.yaml (RepresentationProjection hold_absent_rows)
 DEFAULT_INPUT_DIFFERENCES = False  # experiments/tiny.yaml (RefusalDirections input_differences)
+DEFAULT_REQUEST_WEIGHT = 1.0  # experiments/tiny.yaml (RefusalDirections request_weight)
 WORLD_THREADS = 1  # every non-shipped world in experiments/results was built with one thread (see toy.build.THREADS)
 SHIPPED_WORLDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worlds")  # <variant>-<arch>/ each
 DEFAULT_ANSWER_TOKENS = 0  # experiments/tiny.yaml (RefusalDirections answer_tokens); likewise
@@ -208,7 +209,8 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
             input_differences: bool = DEFAULT_INPUT_DIFFERENCES,
             replay_fraction: float = DEFAULT_REPLAY_FRACTION, weight_decay: float = DEFAULT_WEIGHT_DECAY,
             sft_betas: tuple[float, float, float] = ConstrainedSFT.BETAS, validation: bool = False,
-            every: int = 0, tail_early: tuple[int, float] = (0, 1.0)) -> dict:
+            every: int = 0, tail_early: tuple[int, float] = (0, 1.0),
+            request_weight: float = DEFAULT_REQUEST_WEIGHT) -> dict:
     L.seed_everything(seed)
     report = (Trajectory(every, task=task, variant=variant, validation=validation) if every
               else AlignmentReport(task=task, variant=variant, validation=validation))
@@ -218,7 +220,8 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
         callbacks += [RefusalDirections(harmful=prefix + "harmful", harmless=prefix + "harmless",
                                         energy=energy if rank is None else None, rank=rank, n_prompts=n_prompts, centered=centered,
                                         head_answer_only=head_answer_only, answer_tokens=answer_tokens, batch_size=32,
-                                        seed=seed, ridge=ridge, input_differences=input_differences),
+                                        seed=seed, ridge=ridge, input_differences=input_differences,
+                                        request_weight=request_weight),
                       LeavingOut(list(leave_out), variant, mode="directions" if arm == "directions" else "subspace",
                                  project_gradients=project_gradients, tail_reference_lr=tail_reference_lr,
                                  tail_early_steps=tail_early[0], tail_early_scale=tail_early[1],
@@ -364,6 +367,9 @@ def main() -> None:
                         default=DEFAULT_INPUT_DIFFERENCES,
                         help="RefusalDirections input_differences (true/false): each module also holds its "
                              "harmful-minus-harmless mean input at the post-instruction positions")
+    parser.add_argument("--request-weight", type=float, default=DEFAULT_REQUEST_WEIGHT,
+                        help="RefusalDirections request_weight: weight of the prompt positions before the "
+                             "post-instruction template in the statistics (1: every position alike)")
     parser.add_argument("--replay-fraction", type=float, default=DEFAULT_REPLAY_FRACTION,
                         help="replay arm (the safety-data mixing defence, no guard): share of the training rows "
                              "that are harmful requests from the basis split answered with a refusal")
@@ -398,7 +404,7 @@ def main() -> None:
                                 args.head_positions == "answer", args.ridge, args.leave_out,
                                 args.tail_reference_lr or None, args.hold_absent_rows, args.input_differences,
                                 args.replay_fraction, args.weight_decay, tuple(args.sft_betas), args.validation,
-                                args.every, tail_early))
+                                args.every, tail_early, args.request_weight))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
@@ -412,6 +418,7 @@ def main() -> None:
         name += "_head-answer" if args.head_positions == "answer" else ""  # files without it: every position
         name += (("_centered" if args.centered else "_uncentered") if args.centered != DEFAULT_CENTERED else "")
         name += (f"_ridge{args.ridge:g}" if args.ridge else "")  # files without it: hard cutoff
+        name += (f"_request{args.request_weight:g}" if args.request_weight != 1 else "")  # without it: weight 1
         name += (f"_answer{args.answer_tokens}" if args.answer_tokens != DEFAULT_ANSWER_TOKENS else "")
         name += "".join(f"_no-{group}" for group in args.leave_out)
         name += (f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "") + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else "")
@@ -447,6 +454,7 @@ def main() -> None:
              + (f", without {', '.join(args.leave_out)}" if args.leave_out else "")
              + (", embedding rows of tokens absent from the batch held" if args.hold_absent_rows else "")
              + (", harmful-minus-harmless input means held" if args.input_differences else "")
+             + (f", request positions weighted {args.request_weight:g}" if args.request_weight != 1 else "")
              + f", {args.n_prompts} prompts, answer tokens {args.answer_tokens}, gradients "
              + f"{'not ' if args.post_step_only else ''}projected before each step; ")
     aligned = describe_world(model_dir)

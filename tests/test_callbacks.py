@@ -565,6 +565,10 @@ def test_bad_arguments_are_refused_early():
         RepresentationProjection(basis="/nonexistent/basis")
     with pytest.raises(ValueError, match="ridge must be finite"):
         RefusalDirections(ridge=float("inf"))
+    with pytest.raises(ValueError, match=r"request_weight must be in \[0, 1\]"):
+        RefusalDirections(request_weight=1.5)
+    with pytest.raises(ValueError, match="and 1 with centered=True"):
+        RefusalDirections(request_weight=0.1, centered=True)
     with pytest.warns(UserWarning, match=r"`rank` \(8\) is given, so `energy` \(0.5\) is not used"):
         RefusalDirections(energy=0.5, rank=8)
     with pytest.warns(UserWarning, match="val_harmful, kl_threshold only apply with select_direction=True"):
@@ -1015,9 +1019,10 @@ def test_a_loaded_basis_measured_with_other_settings_warns(tmp_path, tiny_models
         warnings.simplefilter("error", UserWarning)  # the same settings: nothing to say
         warnings.filterwarnings("ignore", message="(?!RefusalDirections: the loaded basis)")
         run_fit(tmp_path / "b", tiny_models["llama"], chat_file, [guard(load=str(tmp_path / "basis"))], steps=1)
-    with pytest.warns(UserWarning, match=r"other settings: energy 1.0 \(yours: 0.5\), ridge 0.0 \(yours: 0.03\)"):
+    with pytest.warns(UserWarning, match=r"other settings: energy 1.0 \(yours: 0.5\), ridge 0.0 \(yours: 0.03\), "
+                                         r"request_weight 1.0 \(yours: 0.1\)"):
         run_fit(tmp_path / "c", tiny_models["llama"], chat_file,
-                [guard(load=str(tmp_path / "basis"), energy=0.5, ridge=0.03)], steps=1)
+                [guard(load=str(tmp_path / "basis"), energy=0.5, ridge=0.03, request_weight=0.1)], steps=1)
 
 
 def test_drift_state_with_the_earlier_layer_count_is_refused():

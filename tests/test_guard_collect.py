@@ -345,6 +345,50 @@ def test_the_answer_only_head_holds_only_answer_positions(tiny_models):
     assert widths[True] <= len(HARMFUL) * (1 + 2) < widths[False]
 
 
+def test_request_weight_zero_holds_what_modules_read_where_the_model_decides(tiny_models):
+    """``request_weight=0`` (energy 1, no tail): every module's subspace spans exactly its inputs at the
+    post-instruction positions and on the answer tokens, measured with the test's own hooks, and leaves most of
+    the request positions' inputs outside; weight 1 spans those too. Weights outside [0, 1] are refused."""
+    from rg_lightning.chat import render_prompt
+    from rg_lightning.guard.collect import post_instruction_length
+
+    model, tokenizer = _load(tiny_models["llama"])
+    kwargs = dict(energy=1.0, answer_tokens=0, batch_size=3)
+    decisive = collect_basis(model, tokenizer, HARMFUL, HARMLESS, request_weight=0.0, **kwargs)
+    everywhere = collect_basis(model, tokenizer, HARMFUL, HARMLESS, **kwargs)
+    assert decisive.metadata["request_weight"] == 0.0 and everywhere.metadata["request_weight"] == 1.0
+    n_positions = post_instruction_length(tokenizer)
+    modules, seen = dict(model.named_modules()), {}
+    hooks = [modules[name].register_forward_pre_hook(
+        lambda module, args, name=name: seen.__setitem__(name, args[0].double()))
+        for name in decisive.subspaces if name != "lm_head"]
+    tokenizer.padding_side = "left"
+    batch = tokenizer([render_prompt(tokenizer, p) for p in HARMFUL], return_tensors="pt", padding=True,
+                      add_special_tokens=False)
+    with torch.no_grad():
+        model(**batch)
+    for hook in hooks:
+        hook.remove()
+    request = batch["attention_mask"].bool().clone()
+    request[:, -n_positions:] = False
+
+    def outside(basis, rows):  # share of the rows' norm outside the basis's span
+        basis = basis.double()
+        return float(torch.linalg.norm(rows - rows @ basis @ basis.T) / torch.linalg.norm(rows))
+
+    for name, inputs in seen.items():
+        post = inputs[:, -n_positions:].reshape(-1, inputs.shape[-1])
+        assert outside(decisive.subspaces[name], post) < 1e-5, name
+        assert outside(everywhere.subspaces[name], inputs[request]) < 1e-5, name
+        assert decisive.subspaces[name].shape[1] <= post.shape[0] < everywhere.subspaces[name].shape[1], name
+    assert max(outside(decisive.subspaces[name], inputs[request]) for name, inputs in seen.items()) > 0.3
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="request_weight"):
+            collect_basis(model, tokenizer, HARMFUL, HARMLESS, request_weight=bad, **kwargs)
+    with pytest.raises(ValueError, match="request_weight"):
+        collect_basis(model, tokenizer, HARMFUL, HARMLESS, request_weight=0.5, centered=True, **kwargs)
+
+
 def test_a_suffix_that_tokenizes_into_another_count_inside_the_prompt_is_refused():
     """No token straddles the boundary, but the suffix takes 3 tokens inside the prompt where it should take 2."""
     from rg_lightning.guard.collect import check_post_instruction_tokens

@@ -38,6 +38,28 @@ def test_gram_without_mask_uses_every_row_and_rejects_bad_mask():
     torch.testing.assert_close(flat.state()["m"], rows.T @ rows)
 
 
+def test_a_weighted_mask_weighs_each_rows_outer_product():
+    """A float mask is a weight per row: Σ w x xᵀ over the rows with w > 0, counted as rows; weights of 1 are the
+    boolean mask; a negative weight is refused."""
+    weighted, unit, boolean = GramAccumulator(), GramAccumulator(), GramAccumulator()
+    g = torch.Generator().manual_seed(1)
+    expected, rows = torch.zeros(6, 6, dtype=torch.float64), 0
+    for x, mask in _batches():
+        weights = mask * torch.rand(mask.shape, generator=g)
+        weighted.update("m", x, weights)
+        unit.update("m", x, mask.double())
+        boolean.update("m", x, mask)
+        flat, w = x.reshape(-1, 6).double(), weights.reshape(-1).double()
+        expected += (flat * w[:, None]).T @ flat
+        rows += int((w > 0).sum())
+    torch.testing.assert_close(weighted.state()["m"], expected)
+    assert weighted.counts["m"] == rows
+    torch.testing.assert_close(unit.state()["m"], boolean.state()["m"])
+    assert unit.counts["m"] == boolean.counts["m"]
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        weighted.update("m", x, -mask.double())
+
+
 def test_mean_accumulator_per_key():
     acc = MeanAccumulator()
     rows = {}

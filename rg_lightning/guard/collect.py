@@ -178,14 +178,20 @@ def output_head_name(model: nn.Module, names: list[str]) -> str | None:
 
 @contextlib.contextmanager
 def _capture(model: nn.Module, names: list[str], grams: GramAccumulator, mask: torch.Tensor, head: str | None,
-             prompt_width: int):
+             prompt_width: int, request_end: int, request_weight: float):
     """Capture every module's inputs at every unmasked position, except the logit head's: only where logits
     are generated from (the last prompt position and the appended answer), the only positions whose logits
     decide what the model says. The head's inputs at earlier prompt positions predict the prompt's own next
     words, which nothing reads; protecting them only constrains the task (measured: see
-    ``RefusalDirections(head_answer_only=...)``)."""
+    ``RefusalDirections(head_answer_only=...)``). The rows before column ``request_end`` (the request and the
+    template's opening) weigh ``request_weight`` in every Gram matrix; the post-instruction positions and the
+    answer weigh 1."""
+    weights = mask
+    if request_weight != 1.0:
+        weights = mask.to(torch.float64)
+        weights[:, :request_end] *= request_weight
     with contextlib.ExitStack() as stack:
-        stack.enter_context(capture_linear_inputs(model, [n for n in names if n != head], grams, mask))
+        stack.enter_context(capture_linear_inputs(model, [n for n in names if n != head], grams, weights))
         if head in names:
             answer = mask.clone()
             answer[:, : prompt_width - 1] = False
@@ -246,6 +252,7 @@ def collect_basis(
     head_answer_only: bool = True,
     ridge: float = 0.0,
     input_differences: bool = False,
+    request_weight: float = 1.0,
 ) -> SafetyBasis:
     """Measure the aligned model once and return its SafetyBasis (identical on every rank).
 
@@ -264,11 +271,18 @@ def collect_basis(
     (:func:`extend_basis`; the head, with ``head_answer_only``, at the last prompt position only): the part of
     what the module reads that tells the two apart. The energy cutoff alone leaves a quarter to all of that
     difference's norm outside the held columns (per module, energy 0.9, miniature worlds).
+    ``request_weight`` (0 to 1): the weight of each prompt's positions before the post-instruction template
+    (the request, a system prompt, the template's opening) in every Gram matrix; the post-instruction
+    positions, where the model decides to refuse, and the answer tokens weigh 1. Below 1 the energy cutoff
+    and the tail's shares favour what the modules read there, and the request's own directions are held more
+    loosely (through the tail, their shares scaled by the weight; not with ``centered``).
     """
     if max_statistics_gb is not None and not max_statistics_gb > 0:
         raise ValueError(f"max_statistics_gb must be positive or None, got {max_statistics_gb}.")
     if not ridge >= 0 or (ridge and centered):
         raise ValueError(f"ridge must be >= 0 (and 0 with centered=True), got {ridge}")
+    if not 0 <= request_weight <= 1 or (request_weight != 1 and centered):
+        raise ValueError(f"request_weight must be in [0, 1] (and 1 with centered=True), got {request_weight}")
     if len(harmful) < 2 or len(harmless) < 2:
         raise ValueError(f"Need at least 2 harmful and 2 harmless prompts, got {len(harmful)} and {len(harmless)}.")
     if set(harmful) == set(harmless):
@@ -351,7 +365,8 @@ def collect_basis(
                 positions = position_ids(batch["attention_mask"])
                 capture_names = passes[0] if kind == "harmful" and passes else []
                 with contextlib.ExitStack() as stack:
-                    stack.enter_context(_capture(model, capture_names, first, mask, head, prompt_width))
+                    stack.enter_context(_capture(model, capture_names, first, mask, head, prompt_width,
+                                                 prompt_width - n_positions, request_weight))
                     if input_differences:
                         stack.enter_context(capture_linear_inputs(
                             model, list(groups), _PostInstructionMeans(input_means[kind], prompt_width, n_positions,
@@ -387,7 +402,8 @@ def collect_basis(
             grams = _grams(centered)
             for batch, positions, prompt_width in harmful_batches:
                 mask = batch["attention_mask"].bool()
-                with _capture(model, names_in_pass, grams, mask, head, prompt_width):
+                with _capture(model, names_in_pass, grams, mask, head, prompt_width, prompt_width - n_positions,
+                              request_weight):
                     model(**batch, position_ids=positions)
                 if progress is not None:
                     progress("statistics", batch["input_ids"].shape[0])
@@ -407,6 +423,7 @@ def collect_basis(
     meta.update({"n_harmful": len(harmful), "n_harmless": len(harmless), "post_instruction_tokens": n_positions,
                  "energy": energy, "rank": rank, "centered": centered, "ridge": ridge,
                  "input_differences": input_differences, "head_answer_only": head is not None,
+                 "request_weight": request_weight,
                  "answer_tokens": answer_tokens, "modules": [name for name in names if name in subspaces],
                  "modules_not_read": unread,
                  "subspace_dims": {name: int(basis.shape[1]) for name, basis in subspaces.items()},

@@ -70,11 +70,20 @@ class _SumAccumulator:
 
 
 class GramAccumulator(_SumAccumulator):
-    """Per-module second moment Σ x xᵀ of inputs; its top eigenvectors span the protected subspace."""
+    """Per-module second moment Σ x xᵀ of inputs; its top eigenvectors span the protected subspace.
+
+    A floating-point ``mask`` weighs each row: Σ w x xᵀ over the rows with w > 0 (counted as rows)."""
 
     def update(self, name: str, x: Tensor, mask: Tensor | None = None) -> None:
-        rows = _rows(x, mask)
-        self._add(name, rows.T @ rows, rows.shape[0])
+        if mask is None or not mask.is_floating_point():
+            rows = _rows(x, mask)
+            self._add(name, rows.T @ rows, rows.shape[0])
+            return
+        if not bool((mask >= 0).all()):
+            raise ValueError("row weights must be >= 0")
+        rows = _rows(x, mask > 0)
+        weights = mask.reshape(-1)[mask.reshape(-1) > 0].to(device=rows.device, dtype=rows.dtype)
+        self._add(name, (rows * weights[:, None]).T @ rows, rows.shape[0])
 
     def state(self) -> dict[str, Tensor]:
         """Unnormalised Σ x xᵀ (float64) per name; counts are in ``self.counts``."""
