@@ -97,7 +97,10 @@ class RefusalDirections(L.Callback):
             post-instruction positions, where the model decides to refuse, and the answer tokens weigh 1. Below 1
             the held directions favour what the modules read there and the request's own directions are held
             more loosely (in the damped tail, their shares scaled by the weight): the task, which reads and
-            copies the request's words, keeps more room. Not with ``centered``.
+            copies the request's words, keeps more room. Miniature worlds, 3 seeds: 0.1 raised the task on 9 of
+            12 shipped worlds at 150 steps and refusal where it was short, but met the goals on no more of them;
+            0.03 and 0.01 lost refusal on worlds whose refusal reads the request (README, Results). Not with
+            ``centered``.
     """
 
     def __init__(
