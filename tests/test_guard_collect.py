@@ -25,6 +25,25 @@ def _assert_same(one, other):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def _module_inputs(model, tokenizer, names, prompts):
+    """Each named module's float64 input on the rendered, left-padded ``prompts`` (the test's own hooks), and the batch."""
+    from rg_lightning.chat import render_prompt
+
+    modules, seen = dict(model.named_modules()), {}
+    hooks = [modules[name].register_forward_pre_hook(
+        lambda module, args, name=name: seen.__setitem__(name, args[0].double())) for name in names]
+    tokenizer.padding_side = "left"
+    batch = tokenizer([render_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                      add_special_tokens=False)
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen, batch
+
+
 def test_passes_pack_modules_in_order_within_the_budget():
     widths = {"q": 4, "o": 4, "up": 4, "down": 16}  # Grams: 128, 128, 128, 2048 bytes
     assert statistics_passes(widths, None) == [["q", "o", "up", "down"]]
@@ -75,7 +94,6 @@ def test_input_differences_hold_each_modules_harmful_minus_harmless_mean_input(t
     """Every subspace's unit columns span the module's mean input difference at each post-instruction position
     (the head's at the last one), measured here with hooks of the test's own on the bare prompts (the basis
     pass appends answers); without the option they do not."""
-    from rg_lightning.chat import render_prompt
     from rg_lightning.guard import basis_weights
     from rg_lightning.guard.collect import post_instruction_length
 
@@ -85,21 +103,10 @@ def test_input_differences_hold_each_modules_harmful_minus_harmless_mean_input(t
     plain = collect_basis(model, tokenizer, HARMFUL, HARMLESS, **kwargs)
     assert held.metadata["input_differences"] and not plain.metadata["input_differences"]
     n_positions = post_instruction_length(tokenizer)
-    modules = dict(model.named_modules())
 
     def post_instruction_inputs(prompts):
-        seen = {}
-        hooks = [modules[name].register_forward_pre_hook(
-            lambda module, args, name=name: seen.__setitem__(name, args[0][:, -n_positions:].double()))
-            for name in held.subspaces]
-        tokenizer.padding_side = "left"
-        batch = tokenizer([render_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
-                          add_special_tokens=False)
-        with torch.no_grad():
-            model(**batch)
-        for hook in hooks:
-            hook.remove()
-        return seen
+        inputs, _ = _module_inputs(model, tokenizer, list(held.subspaces), prompts)
+        return {name: x[:, -n_positions:] for name, x in inputs.items()}
 
     harmful, harmless = post_instruction_inputs(HARMFUL), post_instruction_inputs(HARMLESS)
     missed = 0.0
@@ -349,7 +356,6 @@ def test_request_weight_zero_holds_what_modules_read_where_the_model_decides(tin
     """``request_weight=0`` (energy 1, no tail): every module's subspace spans exactly its inputs at the
     post-instruction positions and on the answer tokens, measured with the test's own hooks, and leaves most of
     the request positions' inputs outside; weight 1 spans those too. Weights outside [0, 1] are refused."""
-    from rg_lightning.chat import render_prompt
     from rg_lightning.guard.collect import post_instruction_length
 
     model, tokenizer = _load(tiny_models["llama"])
@@ -358,17 +364,7 @@ def test_request_weight_zero_holds_what_modules_read_where_the_model_decides(tin
     everywhere = collect_basis(model, tokenizer, HARMFUL, HARMLESS, **kwargs)
     assert decisive.metadata["request_weight"] == 0.0 and everywhere.metadata["request_weight"] == 1.0
     n_positions = post_instruction_length(tokenizer)
-    modules, seen = dict(model.named_modules()), {}
-    hooks = [modules[name].register_forward_pre_hook(
-        lambda module, args, name=name: seen.__setitem__(name, args[0].double()))
-        for name in decisive.subspaces if name != "lm_head"]
-    tokenizer.padding_side = "left"
-    batch = tokenizer([render_prompt(tokenizer, p) for p in HARMFUL], return_tensors="pt", padding=True,
-                      add_special_tokens=False)
-    with torch.no_grad():
-        model(**batch)
-    for hook in hooks:
-        hook.remove()
+    seen, batch = _module_inputs(model, tokenizer, [n for n in decisive.subspaces if n != "lm_head"], HARMFUL)
     request = batch["attention_mask"].bool().clone()
     request[:, -n_positions:] = False
 
