@@ -58,6 +58,11 @@ def test_a_weighted_mask_weighs_each_rows_outer_product():
     assert unit.counts["m"] == boolean.counts["m"]
     with pytest.raises(ValueError, match="weights must be >= 0"):
         weighted.update("m", x, -mask.double())
+    flat, rows_weights = GramAccumulator(), torch.tensor([[0.5, 0.0, 1.0], [0.0, 2.0, 0.25]])
+    x = torch.randn(2, 3, 4)
+    flat.update("m", x.reshape(6, 4), rows_weights)  # read flattened (an MoE's shared expert): row for row
+    rows, w = x.reshape(6, 4).double(), rows_weights.reshape(-1).double()
+    torch.testing.assert_close(flat.state()["m"], (rows * w[:, None]).T @ rows)
 
 
 def test_mean_accumulator_per_key():
