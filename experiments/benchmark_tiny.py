@@ -404,7 +404,7 @@ def main() -> None:
                                 args.head_positions == "answer", args.ridge, args.leave_out,
                                 args.tail_reference_lr or None, args.hold_absent_rows, args.input_differences,
                                 args.replay_fraction, args.weight_decay, tuple(args.sft_betas), args.validation,
-                                args.every, tail_early, args.request_weight))
+                                args.every, tail_early, request_weight=args.request_weight))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"

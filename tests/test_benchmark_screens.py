@@ -307,3 +307,24 @@ def test_an_early_tail_is_passed_to_the_guard_named_in_the_results_and_whole_ste
         bench.main()
     projection = bench.LeavingOut([], "default", tail_early_steps=150, tail_early_scale=10.0)
     assert (projection.tail_early_steps, projection.tail_early_scale) == (150, 10.0)
+
+
+def test_a_request_weight_is_passed_to_the_guard_and_named_in_the_results(bench, monkeypatch, tmp_path):
+    seen = []
+
+    def run_arm(arm, *args, **kwargs):
+        seen.append(kwargs.get("request_weight"))
+        return {"arm": arm, "seed": 0, "seconds": 1.0, "before": dict.fromkeys(bench.METRICS, 1.0),
+                "after": dict.fromkeys(bench.METRICS, 0.5)}
+
+    monkeypatch.setattr(bench, "run_arm", run_arm)
+    argv = ["benchmark_tiny.py", "--seeds", "0", "--arms", "guarded", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv + ["--request-weight", "0.1"])
+    bench.main()
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    assert seen == [0.1, 1.0]
+    name = "tiny_default_benign_energy0.9_head-answer_ridge0.03_request0.1_batch-rows"
+    assert "request positions weighted 0.1" in (tmp_path / f"{name}.md").read_text()
+    assert "request positions" not in (tmp_path / "tiny_default_benign_energy0.9_head-answer_ridge0.03_batch-rows.md"
+                                       ).read_text()
