@@ -178,18 +178,18 @@ def output_head_name(model: nn.Module, names: list[str]) -> str | None:
 
 @contextlib.contextmanager
 def _capture(model: nn.Module, names: list[str], grams: GramAccumulator, mask: torch.Tensor, head: str | None,
-             prompt_width: int, request_end: int, request_weight: float):
+             prompt_width: int, n_positions: int, request_weight: float):
     """Capture every module's inputs at every unmasked position, except the logit head's: only where logits
     are generated from (the last prompt position and the appended answer), the only positions whose logits
     decide what the model says. The head's inputs at earlier prompt positions predict the prompt's own next
     words, which nothing reads; protecting them only constrains the task (measured: see
-    ``RefusalDirections(head_answer_only=...)``). The rows before column ``request_end`` (the request and the
-    template's opening) weigh ``request_weight`` in every Gram matrix; the post-instruction positions and the
-    answer weigh 1."""
+    ``RefusalDirections(head_answer_only=...)``). The rows before the ``n_positions`` post-instruction columns
+    (the request and the template's opening) weigh ``request_weight`` in every Gram matrix; the post-instruction
+    positions and the answer weigh 1."""
     weights = mask
     if request_weight != 1.0:
         weights = mask.to(torch.float64)
-        weights[:, :request_end] *= request_weight
+        weights[:, : prompt_width - n_positions] *= request_weight
     with contextlib.ExitStack() as stack:
         stack.enter_context(capture_linear_inputs(model, [n for n in names if n != head], grams, weights))
         if head in names:
@@ -365,8 +365,8 @@ def collect_basis(
                 positions = position_ids(batch["attention_mask"])
                 capture_names = passes[0] if kind == "harmful" and passes else []
                 with contextlib.ExitStack() as stack:
-                    stack.enter_context(_capture(model, capture_names, first, mask, head, prompt_width,
-                                                 prompt_width - n_positions, request_weight))
+                    stack.enter_context(_capture(model, capture_names, first, mask, head, prompt_width, n_positions,
+                                                 request_weight))
                     if input_differences:
                         stack.enter_context(capture_linear_inputs(
                             model, list(groups), _PostInstructionMeans(input_means[kind], prompt_width, n_positions,
@@ -402,8 +402,7 @@ def collect_basis(
             grams = _grams(centered)
             for batch, positions, prompt_width in harmful_batches:
                 mask = batch["attention_mask"].bool()
-                with _capture(model, names_in_pass, grams, mask, head, prompt_width, prompt_width - n_positions,
-                              request_weight):
+                with _capture(model, names_in_pass, grams, mask, head, prompt_width, n_positions, request_weight):
                     model(**batch, position_ids=positions)
                 if progress is not None:
                     progress("statistics", batch["input_ids"].shape[0])

@@ -81,8 +81,9 @@ class GramAccumulator(_SumAccumulator):
             return
         if not bool((mask >= 0).all()):
             raise ValueError("row weights must be >= 0")
-        rows = _rows(x, mask > 0)
-        weights = mask.reshape(-1)[mask.reshape(-1) > 0].to(device=rows.device, dtype=rows.dtype)
+        kept = mask > 0
+        rows = _rows(x, kept)
+        weights = mask[kept].to(device=rows.device, dtype=rows.dtype)  # row-major, as _rows keeps them
         self._add(name, (rows * weights[:, None]).T @ rows, rows.shape[0])
 
     def state(self) -> dict[str, Tensor]:
