@@ -1,0 +1,88 @@
+"""experiments/goals.py: the goal counts the README reports, computed from benchmark result files."""
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = "energy0.9_head-answer_ridge0.03_batch-rows"
+
+
+@pytest.fixture(scope="module")
+def goals():
+    spec = importlib.util.spec_from_file_location("goals", ROOT / "experiments" / "goals.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _runs(arm, after, before=(1.0, 0.0, 0.0)):
+    keys = ("harmful_refusal", "harmless_refusal", "task_metric")
+    return [{"arm": arm, "seed": seed, "before": dict(zip(keys, before)), "after": dict(zip(keys, after))}
+            for seed in (0, 1, 2)]
+
+
+def _write(directory, arch, runs, settings=SETTINGS, **args):
+    world = "default" if arch == "llama" else f"default_{arch}"
+    name = f"tiny_{world}_benign_{settings}" if settings else f"tiny_{world}_benign"
+    args = {"variant": "default", "arch": arch, "task": "benign", "harmful_fraction": 0.0, "steps": 150, "lr": 1e-3,
+            "weight_decay": 0.01, "seeds": [0, 1, 2], "model": None, **args}
+    directory.mkdir(exist_ok=True)
+    (directory / f"{name}.json").write_text(json.dumps({"args": args, "runs": runs}))
+
+
+def test_each_goal_is_checked_and_plain_comes_from_the_same_world(goals, tmp_path):
+    plain = _runs("plain", (0.0, 0.0, 0.80))
+    _write(tmp_path, "llama", plain + _runs("guarded", (0.99, 0.0, 0.78)))  # 97.5% of plain: every goal
+    _write(tmp_path, "qwen3", plain + _runs("guarded", (1.0, 0.0, 0.77)))  # 96% of plain
+    _write(tmp_path, "gemma2", plain + _runs("guarded", (1.0, 0.03, 0.80)))  # harmless refusal +3 points
+    _write(tmp_path, "phi3", plain + _runs("guarded", (0.97, 0.0, 0.80)))  # harmful refusal -3 points
+    _write(tmp_path, "olmo2", _runs("plain", (0.75, 0.0, 0.80)) + _runs("guarded", (1.0, 0.0, 0.80)))  # plain keeps
+    # gemma3: plain in another file of the same world, steps and seeds; one with other steps must not be taken
+    _write(tmp_path, "gemma3", _runs("guarded", (1.0, 0.0, 0.80)))
+    _write(tmp_path / "plain", "gemma3", _runs("plain", (0.0, 0.0, 0.40)), settings="steps450", steps=450)
+    _write(tmp_path / "plain", "gemma3", _runs("plain", (0.0, 0.0, 0.80)), settings="")
+    text = goals.table([("guard", str(tmp_path), SETTINGS)], plain_directories=(str(tmp_path / "plain"),))
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines()[2:]}
+    assert rows["default × Llama"].endswith("| 99.0 / 78.0 (98%) |")
+    assert rows["default × Qwen3"].endswith("(96%) ✗ |")
+    assert rows["default × Gemma-2"].endswith("(100%), harmless 3.0 ✗ |")
+    assert rows["default × Phi-3"].endswith("97.0 / 80.0 (100%) ✗ |")
+    assert rows["default × OLMo-2"].endswith(", plain kept refusal ✗ |")
+    assert rows["default × Gemma-3"].endswith("| 100.0 / 80.0 (100%) |")
+    assert rows["**goals**"] == "| **goals** | **2 of 6** |"
+    assert list(rows)[:6] == ["default × Llama", "default × Gemma-2", "default × Qwen3", "default × Phi-3",
+                              "default × Gemma-3", "default × OLMo-2"]
+
+
+def test_a_world_without_plain_runs_is_no_goal(goals, tmp_path):
+    _write(tmp_path, "llama", _runs("guarded", (1.0, 0.0, 0.80)))
+    _write(tmp_path, "qwen3", _runs("plain", (0.0, 0.0, 0.80)), settings="", lr=2e-3)  # another learning rate
+    text = goals.table([("guard", str(tmp_path), SETTINGS)])
+    assert "100.0 / 80.0 (no plain run)" in text and "**0 of 1**" in text
+
+
+def test_bad_columns_name_the_form(goals, tmp_path):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"\[LABEL=\]DIR:SETTINGS"):
+        goals.parse_column("experiments/results/shipped_worlds")
+    assert goals.parse_column("w=1=dir:x") == ("w=1", "dir", "x")
+    assert goals.parse_column("dir:x") == ("x", "dir", "x")
+    with pytest.raises(SystemExit, match="No benchmark_tiny.py results"):
+        goals.table([("x", str(tmp_path), SETTINGS)])
+    _write(tmp_path, "llama", _runs("guarded", (1.0, 0.0, 0.80)))
+    with pytest.raises(SystemExit, match="ends in _other"):
+        goals.table([("x", str(tmp_path), "other")])
+
+
+def test_the_readme_counts_are_what_the_committed_results_give(goals):
+    """The shipped worlds at tiny.yaml's 150 steps and at 450, and the seed-1 builds, as the README says."""
+    shipped, seed1 = ROOT / "experiments/results/shipped_worlds", ROOT / "experiments/results/world_seed1"
+    text = goals.table([("150", str(shipped), SETTINGS), ("450", str(shipped), "energy0.9_head-answer_ridge0.03"
+                                                                              "_steps450_batch-rows"),
+                        ("seed 1", str(seed1), SETTINGS)])
+    assert text.splitlines()[-1] == "| **goals** | **9 of 12** | **4 of 12** | **7 of 12** |"
+    readme = (ROOT / "README.md").read_text()
+    assert "150 steps on 9 of the 12 shipped miniature worlds" in readme and "on 7 of 12\nnew aligned models" in readme
