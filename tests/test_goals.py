@@ -58,6 +58,13 @@ def test_each_goal_is_checked_and_plain_comes_from_the_same_world(goals, tmp_pat
                               "default × Gemma-3", "default × OLMo-2"]
 
 
+def test_the_figure_draws_the_same_grid(goals, tmp_path):
+    _write(tmp_path, "llama", _runs("plain", (0.0, 0.0, 0.80)) + _runs("guarded", (1.0, 0.0, 0.80)))
+    goals.main([f"guard={tmp_path}:{SETTINGS}", "--figure", str(tmp_path / "fig" / "goals.png")])
+    assert (tmp_path / "fig" / "goals.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [path.name for path in (tmp_path / "fig").iterdir()] == ["goals.png"]  # staged, then renamed
+
+
 def test_a_world_without_plain_runs_is_no_goal(goals, tmp_path):
     _write(tmp_path, "llama", _runs("guarded", (1.0, 0.0, 0.80)))
     _write(tmp_path, "qwen3", _runs("plain", (0.0, 0.0, 0.80)), settings="", lr=2e-3)  # another learning rate
@@ -75,6 +82,9 @@ def test_bad_columns_name_the_form(goals, tmp_path):
     _write(tmp_path, "llama", _runs("guarded", (1.0, 0.0, 0.80)))
     with pytest.raises(SystemExit, match="ends in _other"):
         goals.table([("x", str(tmp_path), "other")])
+    _write(tmp_path, "llama", _runs("guarded", (1.0, 0.0, 0.80)), settings="x_" + SETTINGS)  # another world seed
+    with pytest.raises(SystemExit, match="Two results of default × llama"):
+        goals.table([("x", str(tmp_path), SETTINGS)])
 
 
 def test_the_readme_counts_are_what_the_committed_results_give(goals):
