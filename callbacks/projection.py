@@ -85,10 +85,10 @@ class RepresentationProjection(L.Callback):
             (on top of ``tail_reference_lr``'s scaling), i.e. as a tail built with ``ridge / tail_early_scale``.
             Why: the drift a damped tail allows follows the push of the task's gradient, which is strongest while
             the task is being learnt; refusal fell most in the first 50 steps and recovered once the task was
-            learnt (experiments/results/README.md, "How loose a tail"). A loose tail (large ``ridge``) held tight early keeps refusal
-            through that phase and leaves the task more room after (miniature worlds, 450 steps: more refusal
-            than the loose tail alone and more task than a tight one, but goals on no more worlds). 0 (default):
-            as built throughout.
+            learnt (experiments/results/README.md, "How loose a tail"). A loose tail (large ``ridge``) held
+            tight early keeps refusal through that phase and leaves the task more room after (miniature
+            worlds, 450 steps: more refusal than the loose tail alone and more task than a tight one, but
+            goals on no more worlds). 0 (default): as built throughout.
         hold_absent_rows: Each optimizer step moves only the input-embedding rows of tokens that occur in
             its batch (the others' gradients are zeroed; under DDP, in any rank's batch). AdamW's momentum still
             moves rows seen in earlier batches and its weight decay shrinks every row, so keep weight decay 0. With a tied head the

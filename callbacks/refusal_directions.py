@@ -81,11 +81,12 @@ class RefusalDirections(L.Callback):
             it allows compound over the layers and flip the first answer token. Miniature worlds, 3 seeds:
             energy 0.9 + ridge 0.03 (experiments/tiny.yaml) kept >= 99.7% of held-out harmful requests refused
             on 11 of the 12 shipped miniature worlds, 93.8% on the twelfth, and at three times the steps
-            >= 99.3% on 22 of 24 worlds, where ridge 0 kept refusal on 3 of 24 (experiments/results/README.md). The tail is
-            also part of the guard's task cost. A larger ridge loosens it: the drift it allows grows with ridge
-            and with the push of the task's gradient, so refusal dips most while the task is being learnt and
-            recovers after (ridge 0.3: goals on 7 of 12 shipped worlds at three times the steps, 5 of 12 at
-            tiny.yaml's; 0.03: 4 and 9). Costs more anchor memory (tail columns).
+            >= 99.3% on 22 of 24 worlds, where ridge 0 kept refusal on 3 of 24
+            (experiments/results/README.md). The tail is also part of the guard's task cost. A larger ridge
+            loosens it: the drift it allows grows with ridge and with the push of the task's gradient, so
+            refusal dips most while the task is being learnt and recovers after (ridge 0.3: goals on 7 of 12
+            shipped worlds at three times the steps, 5 of 12 at tiny.yaml's; 0.03: 4 and 9). Costs more anchor
+            memory (tail columns).
         input_differences: Also hold exactly, in each module's subspace, the difference between its mean
             input on harmful and on harmless prompts at every post-instruction position (at most one column
             per position on top of the energy cutoff or ``rank``, ``guard.subspace.extend_basis``; the logit
@@ -99,8 +100,8 @@ class RefusalDirections(L.Callback):
             more loosely (in the damped tail, their shares scaled by the weight): the task, which reads and
             copies the request's words, keeps more room. Miniature worlds, 3 seeds: 0.1 raised the task on 9 of
             12 shipped worlds at 150 steps and refusal where it was short, but met the goals on no more of them;
-            0.03 and 0.01 lost refusal on worlds whose refusal reads the request (experiments/results/README.md). Not with
-            ``centered``.
+            0.03 and 0.01 lost refusal on worlds whose refusal reads the request
+            (experiments/results/README.md). Not with ``centered``.
     """
 
     def __init__(

@@ -183,7 +183,8 @@ class InstructionDataModule(L.LightningDataModule):
         mix: Rows mixed into the training data, same forms as ``train`` in any chat format (detected from its
             columns; ``columns`` does not apply): e.g. harmful requests answered with refusals, the
             safety-data mixing defence. On the miniature worlds RefusalGuard on such data (10% of the rows) kept
-            both refusal goals on all 12 worlds; the data alone refused harmless requests on four (experiments/results/README.md).
+            both refusal goals on all 12 worlds; the data alone refused harmless requests on four
+            (experiments/results/README.md).
         mix_fraction: Share of the training rows (after the validation split) drawn from ``mix``, added to
             the user's rows (none dropped); ``mix`` is cycled through in a seeded order when it is smaller.
     """

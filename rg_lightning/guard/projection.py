@@ -420,7 +420,8 @@ def hold_absent_rows_(embedding: nn.Parameter, present: Tensor) -> None:
     """Zero the gradient rows of the tokens not in ``present`` (a ``[vocab]`` bool mask), so the step moves
     only the rows of tokens its batch contains. Why: with a tied head the output softmax sends a gradient to
     every row, AdamW normalises it to a full-size step, and words the task never uses drift in meaning
-    (see the held-out Gemma-3 world in experiments/results/README.md). A rank holding some rows zeroes those."""
+    (see the held-out Gemma-3 world in experiments/results/README.md). A rank holding some rows zeroes
+    those."""
     if embedding.grad is None:
         return
     grad, start = local_rows(embedding.grad)
