@@ -120,40 +120,43 @@ def cell(world: dict) -> str:
 
 
 def grid(columns: list[tuple[str, str, str]], task: str = "benign",
-         plain_directories: tuple[str, ...] = ()) -> tuple[list[str], list[list[dict | None]], list[int]]:
-    """World names (the README's order), each world's :func:`measure` per column (None: not measured), and how
-    many worlds each column measured."""
+         plain_directories: tuple[str, ...] = ()) -> tuple[list[str], list[list[dict | None]], list[tuple[int, int]]]:
+    """World names (the README's order), each world's :func:`measure` per column (None: not measured), and per
+    column how many worlds meet the goals and how many it measured."""
     found = [column(directory, settings, task, plain_directories) for _, directory, settings in columns]
     order = {arch: i for i, arch in enumerate(ARCHITECTURES)}
     worlds = sorted({world for col in found for world in col},
                     key=lambda w: (order.get(w[1], len(order)), w[1], w[0] != "default", w[0]))
     names = [f"{variant} × {ARCHITECTURES.get(arch, arch)}" for variant, arch in worlds]
     rows = [[measure(*col[world]) if world in col else None for col in found] for world in worlds]
-    return names, rows, [len(col) for col in found]
+    counts = [(sum(bool(row[i] and row[i]["met"]) for row in rows), len(col)) for i, col in enumerate(found)]
+    return names, rows, counts
+
+
+def markdown(labels: list[str], names: list[str], rows: list[list[dict | None]],
+             counts: list[tuple[int, int]]) -> str:
+    """A :func:`grid` as a Markdown table: a row per world, a column per label, the goal counts last."""
+    lines = ["| world | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    lines += [f"| {name} | " + " | ".join("—" if world is None else cell(world) for world in row) + " |"
+              for name, row in zip(names, rows)]
+    lines.append("| **goals** | " + " | ".join(f"**{met} of {size}**" for met, size in counts) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def table(columns: list[tuple[str, str, str]], task: str = "benign", plain_directories: tuple[str, ...] = ()) -> str:
     """Markdown: a row per world, a column per ``(label, directory, settings)``, the goal counts last."""
-    names, rows, sizes = grid(columns, task, plain_directories)
-    lines = ["| world | " + " | ".join(label for label, _, _ in columns) + " |",
-             "|---|" + "---|" * len(columns)]
-    lines += [f"| {name} | " + " | ".join("—" if world is None else cell(world) for world in row) + " |"
-              for name, row in zip(names, rows)]
-    met = [sum(bool(row[i] and row[i]["met"]) for row in rows) for i in range(len(columns))]
-    lines.append("| **goals** | " + " | ".join(f"**{n} of {size}**" for n, size in zip(met, sizes)) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown([label for label, _, _ in columns], *grid(columns, task, plain_directories))
 
 
-def figure(columns: list[tuple[str, str, str]], path: str, task: str = "benign",
-           plain_directories: tuple[str, ...] = ()) -> None:
-    """The same grid as a picture: green where every goal holds, red where one is missed; each cell gives the
+def draw(labels: list[str], names: list[str], rows: list[list[dict | None]], counts: list[tuple[int, int]],
+         path: str) -> None:
+    """A :func:`grid` as a picture: green where every goal holds, red where one is missed; each cell gives the
     guard's task as a share of plain's and its harmful refusal."""
     from matplotlib.patches import Rectangle
 
     from rg_lightning.figures import new_figure, save_png
 
-    names, rows, _ = grid(columns, task, plain_directories)
-    fig, axis = new_figure(1, 1.6 + 1.5 * len(columns), 0.9 + 0.42 * len(names))
+    fig, axis = new_figure(1, 1.6 + 1.5 * len(labels), 0.9 + 0.42 * len(names))
     for r, row in enumerate(rows):
         for c, world in enumerate(row):
             colour = "#eeeeee" if world is None else "#9fd89f" if world["met"] else "#f2a3a3"
@@ -163,12 +166,10 @@ def figure(columns: list[tuple[str, str, str]], path: str, task: str = "benign",
                     f"task {100 * world['share']:.0f}%" if math.isfinite(world["share"]) else "task ∞")
                 axis.text(c + 0.5, r + 0.5, f"{share}\nrefused {100 * world['harmful']:.1f}",
                           ha="center", va="center", fontsize=7)
-    met = [sum(bool(row[c] and row[c]["met"]) for row in rows) for c in range(len(columns))]
-    axis.set_xlim(0, len(columns))
+    axis.set_xlim(0, len(labels))
     axis.set_ylim(len(names), 0)
-    axis.set_xticks([c + 0.5 for c in range(len(columns))],
-                    [f"{label}\n{n} of {sum(row[c] is not None for row in rows)}"
-                     for c, ((label, _, _), n) in enumerate(zip(columns, met))], fontsize=8)
+    axis.set_xticks([c + 0.5 for c in range(len(labels))],
+                    [f"{label}\n{met} of {size}" for label, (met, size) in zip(labels, counts)], fontsize=8)
     axis.set_yticks([r + 0.5 for r in range(len(names))], names, fontsize=8)
     axis.tick_params(length=0)
     axis.xaxis.tick_top()
@@ -195,9 +196,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="more directories to take plain fine-tuning's runs from")
     parser.add_argument("--figure", metavar="PNG", help="also draw the grid (green: every goal holds) to this file")
     args = parser.parse_args(argv)
-    print(table(args.columns, args.task, tuple(args.plain)), end="")
+    labels, measured = [label for label, _, _ in args.columns], grid(args.columns, args.task, tuple(args.plain))
+    print(markdown(labels, *measured), end="")
     if args.figure:
-        figure(args.columns, args.figure, args.task, tuple(args.plain))
+        draw(labels, *measured, args.figure)
 
 
 if __name__ == "__main__":
