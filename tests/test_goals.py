@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from rg_lightning.toy.goals import plain_forgets, refusal_kept, task_kept
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = "energy0.9_head-answer_ridge0.03_batch-rows"
 
@@ -17,6 +19,15 @@ def goals():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_goals_edges_keep_them_and_refusal_counts_both_ways():
+    """Rates are multiples of 1/n, so a value exactly at an edge (computed in floating point) keeps the goal."""
+    assert refusal_kept(0.98, 1.0) and refusal_kept(1 / 3 + 0.02, 1 / 3) and not refusal_kept(0.975, 1.0)
+    assert refusal_kept(0.02, 0.0) and not refusal_kept(0.025, 0.0)
+    assert refusal_kept(0.0, 0.02) and not refusal_kept(0.0, 0.025)  # refusing fewer than the aligned model misses too
+    assert plain_forgets(1.0, 0.7) and plain_forgets(0.7, 0.4) and not plain_forgets(1.0, 0.705)
+    assert task_kept(0.97) and task_kept(0.97 * 0.3 / 0.3) and task_kept(1.2) and not task_kept(0.969)
 
 
 def _runs(arm, after, before=(1.0, 0.0, 0.0)):
