@@ -1019,6 +1019,11 @@ def test_a_loaded_basis_measured_with_other_settings_warns(tmp_path, tiny_models
         warnings.simplefilter("error", UserWarning)  # the same settings: nothing to say
         warnings.filterwarnings("ignore", message="(?!RefusalDirections: the loaded basis)")
         run_fit(tmp_path / "b", tiny_models["llama"], chat_file, [guard(load=str(tmp_path / "basis"))], steps=1)
+        # a fixed rank (the energy is not used) and LoRA (a frozen head, so none protected) are the same settings too
+        run_fit(tmp_path / "d", tiny_models["llama"], chat_file, [guard(rank=2, save=str(tmp_path / "rank"))],
+                steps=1, lora_r=4)
+        run_fit(tmp_path / "e", tiny_models["llama"], chat_file, [guard(rank=2, load=str(tmp_path / "rank"))],
+                steps=1, lora_r=4)
     with pytest.warns(UserWarning, match=r"other settings: energy 1.0 \(yours: 0.5\), ridge 0.0 \(yours: 0.03\), "
                                          r"request_weight 1.0 \(yours: 0.1\)"):
         run_fit(tmp_path / "c", tiny_models["llama"], chat_file,

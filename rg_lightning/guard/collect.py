@@ -421,7 +421,7 @@ def collect_basis(
     meta = dict(metadata or {})
     meta.update({"n_harmful": len(harmful), "n_harmless": len(harmless), "post_instruction_tokens": n_positions,
                  "energy": energy, "rank": rank, "centered": centered, "ridge": ridge,
-                 "input_differences": input_differences, "head_answer_only": head is not None,
+                 "input_differences": input_differences, "head_answer_only": head_answer_only,
                  "request_weight": request_weight,
                  "answer_tokens": answer_tokens, "modules": [name for name in names if name in subspaces],
                  "modules_not_read": unread,
