@@ -25,6 +25,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config
 
+from rg_lightning.atomic import atomic_file, check_file_target
 from rg_lightning.chat import left_padded
 from rg_lightning.guard.collect import collect_basis, protected_modules
 from rg_lightning.guard.projection import build_constraints
@@ -193,6 +194,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=None, help="fixed subspace dimension instead of --energy")
     parser.add_argument("--out", default="experiments/results/cost.json")
     args = parser.parse_args()
+    check_file_target(args.out, "--out")  # before minutes of measuring
     energy = None if args.rank else args.energy
     rows = [row for f in args.families
             for row in measure(f, args.size, args.device, args.steps, args.batch, args.length, energy, args.rank)]
@@ -213,7 +215,7 @@ def main() -> None:
               f"{r['basis_seconds'] - r['decomposition_seconds'] - r['gram_seconds']:.2f} "
               f"({r['plain_forward_seconds']:.2f}) | {dims[0]}-{dims[-1]} |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as handle:
+    with atomic_file(args.out) as handle:
         json.dump({"args": {k: v for k, v in vars(args).items() if k != "out"}, "machine": machine,
                    "torch": torch.__version__, "rows": rows}, handle, indent=2)
 

@@ -244,6 +244,11 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
     return result
 
 
+def _read_json(path: str):
+    with open(path) as handle:
+        return json.load(handle)
+
+
 def world_model(variant: str, arch: str, cache: str, shipped: str | None = SHIPPED_WORLDS, seed: int = 0) -> str:
     """Directory of the aligned model of a world: the shipped one (``shipped=None``: none but the package's
     default world), or a cached build (built on demand). A build ``seed`` other than 0 (another initialisation
@@ -253,7 +258,7 @@ def world_model(variant: str, arch: str, cache: str, shipped: str | None = SHIPP
     if shipped is not None and seed == 0:
         directory = os.path.join(shipped, f"{variant}-{arch}")
         if os.path.isfile(os.path.join(directory, "model.safetensors")):
-            built = json.load(open(os.path.join(directory, "world.json")))
+            built = _read_json(os.path.join(directory, "world.json"))
             if (built.get("variant"), built.get("arch")) != (variant, arch):
                 raise ValueError(f"{directory} holds the {built.get('variant')!r}/{built.get('arch')!r} world, "
                                  f"not {variant!r}/{arch!r}: restore it (git checkout) or pass --build-worlds")
@@ -261,7 +266,7 @@ def world_model(variant: str, arch: str, cache: str, shipped: str | None = SHIPP
     directory = os.path.join(cache, f"{variant}-{arch}" + (f"-seed{seed}" if seed else ""))
     record = os.path.join(directory, "world.json")
     if os.path.isfile(record):
-        built = json.load(open(record))
+        built = _read_json(record)
         # everything a build depends on: a record of another seed, recipe version or torch is rebuilt, as is
         # one whose weights are missing
         if ((built.get("variant"), built.get("arch", "llama"), built.get("steps"), built.get("threads"),
@@ -281,7 +286,7 @@ def describe_world(model_dir: str) -> str:
     shown = os.path.relpath(model_dir)
     shown = os.path.basename(os.path.abspath(model_dir)) if shown.startswith("..") else shown  # no machine paths
     try:
-        built = json.load(open(os.path.join(model_dir, "world.json")))
+        built = _read_json(os.path.join(model_dir, "world.json"))
     except (OSError, ValueError):
         return shown
     return (f"{shown} (built with {built.get('threads', 2)} thread(s), torch {built.get('torch', '?')}, "

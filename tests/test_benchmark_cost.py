@@ -23,3 +23,10 @@ def test_cost_benchmark_reports_every_measure(tmp_path):
         assert r["decomposition_seconds"] > 0 and r["gram_seconds"] > 0
         assert r["decomposition_seconds"] + r["gram_seconds"] < r["basis_seconds"]
     assert "| llama (tiny) | full |" in run.stdout
+
+
+def test_an_output_that_cannot_be_written_stops_the_benchmark_before_it_measures(tmp_path):
+    run = subprocess.run([sys.executable, str(EXPERIMENTS / "benchmark_cost.py"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0 and "is a directory; give a file name" in run.stderr
+    assert "| llama" not in run.stdout  # nothing was measured

@@ -120,7 +120,7 @@ def test_a_checkpoint_that_constrained_an_inactive_adapter_resumes(tmp_path, tin
         return module
 
     fit(2)
-    saved = torch.load(tmp_path / "step=2.ckpt", weights_only=False)  # this test's own file
+    saved = torch.load(tmp_path / "step=2.ckpt", weights_only=True)
     state = saved["callbacks"]["RepresentationProjection"]["constraints"]
     default = [key for key in state if key.startswith("lora") and key.endswith(".lora_A.default")]
     assert default

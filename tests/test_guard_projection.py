@@ -197,7 +197,7 @@ def test_state_dict_roundtrip_restores_the_original_anchors():
     torch.save(cs.state_dict(), buffer)
     resumed = build_constraints(net, bases)
     assert _max_rel_change(net, probes, before) > 1e-2
-    resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
     resumed.apply_()
     assert _max_rel_change(net, probes, before) < 1e-5
     with pytest.raises(ValueError, match="constraint set mismatch"):

@@ -296,7 +296,7 @@ def test_two_processes_score_and_select_like_one(tmp_path, aligned, aligned_basi
     # Forked workers share the loaded model and skip re-importing torch and transformers.
     mp.start_processes(_sharded_run, args=(2, str(tmp_path / "init"), out, model, tokenizer, aligned_basis.candidates),
                        nprocs=2, start_method="fork")
-    ranks = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
+    ranks = [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(2)]
     assert torch.equal(ranks[0]["scores"], ranks[1]["scores"])
     assert ranks[0]["selection"] == ranks[1]["selection"]
     single = select_direction(model, tokenizer, aligned_basis.candidates, VAL_HARMFUL[:7], VAL_HARMLESS[:5])

@@ -139,7 +139,7 @@ class LinearConstraint(_Constraint):
     float16/bfloat16 weights (``precision: bf16-true``) are corrected with products in their own dtype and
     the error against the float32 anchor taken in float32: they hold the anchor up to their own rounding,
     and the correction runs on tensor cores instead of as float32 products on a float32 copy of ``W``.
-    Other weights are corrected in float32.
+    float64 weights are corrected in float64, all others in float32.
     """
 
     _state = ("basis", "anchor", "bias")
@@ -267,7 +267,7 @@ class LinearConstraint(_Constraint):
             gc = _in_compute_dtype(g)
             # Twice ("twice is enough" re-orthogonalisation): one float32 pass leaves a rounding residue of
             # ~1e-7·|G| inside span(U) and the second removes most of what the first left, but the stored float32
-            # gradient keeps a residue of that order either way (audits measured 7e-7 against 1e-6 of |G|, and
+            # gradient keeps a residue of that order either way (measured: 7e-7 against 1e-6 of |G|, and
             # the same free-direction drift under AdamW with one or two passes). Kept because the committed
             # results were measured with both passes.
             # A weighted basis (soft_subspace) damps its tail columns by c_i < 1 once; only its unit columns
