@@ -10,8 +10,7 @@ import pytest
 import torch
 from ddp_metrics import SHARDS
 
-from rg_lightning.evaluation.metrics import (AnswerAccuracy, AttackSuccessRate, ExactMatch, OverRefusalRate,
-                                             RateMetric, RefusalRate)
+from rg_lightning.evaluation.metrics import AnswerAccuracy, AttackSuccessRate, OverRefusalRate, RateMetric, RefusalRate
 
 HERE = Path(__file__).parent
 
@@ -42,15 +41,15 @@ def test_reset_forgets_and_empty_is_nan():
 
 def test_non_binary_values_are_refused():
     with pytest.raises(ValueError, match="bools or 0/1"):
-        ExactMatch().update([0.5, 1.0])
+        RefusalRate().update([0.5, 1.0])
     with pytest.raises(ValueError, match="bools or 0/1"):
         AnswerAccuracy().update(torch.tensor([2]))
 
 
 def test_named_rates_say_which_way_is_better():
     assert issubclass(OverRefusalRate, RateMetric)
-    assert [cls.higher_is_better for cls in (AttackSuccessRate, RefusalRate, OverRefusalRate, AnswerAccuracy,
-                                             ExactMatch)] == [False, True, False, True, True]
+    assert [cls.higher_is_better for cls in (AttackSuccessRate, RefusalRate, OverRefusalRate, AnswerAccuracy)] == [
+        False, True, False, True]
 
 
 def test_two_processes_with_uneven_shards_equal_one(tmp_path):

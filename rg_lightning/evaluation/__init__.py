@@ -16,7 +16,6 @@ from rg_lightning.evaluation.judges import (
 from rg_lightning.evaluation.metrics import (
     AnswerAccuracy,
     AttackSuccessRate,
-    ExactMatch,
     OverRefusalRate,
     RateMetric,
     RefusalRate,
@@ -26,7 +25,7 @@ from rg_lightning.evaluation.suite import EvaluationSuite, Row
 from rg_lightning.evaluation.tasks import UtilityTask, load_task, task_names
 
 __all__ = [
-    "AnswerAccuracy", "AttackSuccessRate", "Benchmark", "EvaluationSuite", "ExactMatch", "HarmBenchJudge", "Judge",
-    "KeywordJudge", "LlamaGuardJudge", "LogitRefusalJudge", "OverRefusalRate", "RateMetric", "RefusalRate", "Row",
+    "AnswerAccuracy", "AttackSuccessRate", "Benchmark", "EvaluationSuite", "HarmBenchJudge", "Judge", "KeywordJudge",
+    "LlamaGuardJudge", "LogitRefusalJudge", "OverRefusalRate", "RateMetric", "RefusalRate", "Row",
     "UtilityTask", "benchmark_names", "load_benchmark", "load_task", "make_judge", "task_names", "write_report",
 ]

@@ -61,9 +61,3 @@ class AnswerAccuracy(RateMetric):
     """Share of task answers judged correct (e.g. GSM8K final number)."""
 
     higher_is_better = True
-
-
-class ExactMatch(RateMetric):
-    """Share of answers equal to the reference string."""
-
-    higher_is_better = True

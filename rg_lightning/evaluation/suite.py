@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from rg_lightning.chat import render_prompt, template_fingerprint
 from rg_lightning.evaluation.benchmarks import KINDS, Benchmark, benchmark_names, load_benchmark
 from rg_lightning.evaluation.judges import Judge, KeywordJudge, LogitRefusalJudge, make_judge
-from rg_lightning.evaluation.metrics import AttackSuccessRate, OverRefusalRate, RateMetric
+from rg_lightning.evaluation.metrics import AnswerAccuracy, AttackSuccessRate, OverRefusalRate
 from rg_lightning.evaluation.tasks import UtilityTask, load_task, task_names
 from rg_lightning.generation import generate
 from rg_lightning.guard.shards import process_world, prompt_world
@@ -354,7 +354,7 @@ class EvaluationSuite:
         max_new_tokens = self.task_max_new_tokens or task.max_new_tokens
         responses = self._generate(model, tokenizer, prompts, max_new_tokens, task.name)
         correct = [bool(task.score(r, task.references[i])) for r, i in zip(responses, mine)]
-        metric = self._metric(RateMetric, device)
+        metric = self._metric(AnswerAccuracy, device)
         metric.update(torch.tensor(correct, dtype=torch.bool, device=device))
         self.responses[task.name] = [
             {"prompt": p, "reference": ref, "response": r, "correct": c}
