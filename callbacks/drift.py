@@ -148,7 +148,8 @@ class DriftGeometry(L.Callback):
         if every_n_steps < 1 or n_probes < 2 or batch_size < 1:
             raise ValueError("every_n_steps and batch_size must be >= 1 and n_probes >= 2")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise ValueError(f"name must be letters, digits, '_', '.' or '-' (a metric prefix and file name), got {name!r}")
+            raise ValueError("name must be letters, digits, '_', '.' or '-' (a metric prefix and file name), "
+                             f"got {name!r}")
         if warn_refusal_drop is not None and not 0.0 <= warn_refusal_drop <= 1.0:
             raise ValueError(f"warn_refusal_drop must be in [0, 1] (or None), got {warn_refusal_drop}")
         for what, source in (("harmful", harmful), ("harmless", harmless)):
@@ -353,10 +354,10 @@ class DriftGeometry(L.Callback):
         if now < start - self.warn_refusal_drop:
             self._warned = True
             rank_zero_warn(
-                f"DriftGeometry ({self.name}): at step {record['step']} the model would refuse {now:.0%} of the harmful probes "
-                f"(logit refusal score > 0), against {start:.0%} at fit start. With RepresentationProjection, "
-                "protect more (RefusalDirections energy or ridge), lower the learning rate or set "
-                "tail_reference_lr; without it, this is the drift the guard exists to stop."
+                f"DriftGeometry ({self.name}): at step {record['step']} the model would refuse {now:.0%} of the "
+                f"harmful probes (logit refusal score > 0), against {start:.0%} at fit start. With "
+                "RepresentationProjection, protect more (RefusalDirections energy or ridge), lower the learning rate "
+                "or set tail_reference_lr; without it, this is the drift the guard exists to stop."
             )
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -186,7 +186,8 @@ class SafetyEvaluation(L.Callback):
                          "excluded_basis_prompts": dict(self.excluded),
                          "excluded_trained_prompts": dict(self.excluded_trained)})
         # trainer.log_dir broadcasts, so every rank asks for it; only rank zero writes.
-        self._write(self.output_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "evaluation"), metadata)
+        self._write(self.output_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "evaluation"),
+                    metadata)
 
     @rank_zero_only
     def _write(self, directory: str, metadata: dict) -> None:

@@ -91,9 +91,9 @@ class RepresentationProjection(L.Callback):
             goals on no more worlds). 0 (default): as built throughout.
         hold_absent_rows: Each optimizer step moves only the input-embedding rows of tokens that occur in
             its batch (the others' gradients are zeroed; under DDP, in any rank's batch). AdamW's momentum still
-            moves rows seen in earlier batches and its weight decay shrinks every row, so keep weight decay 0. With a tied head the
-            output softmax sends a gradient to every row, which AdamW turns into a full-size step, so words
-            the task never uses drift in meaning and the held refusal boundary can then catch harmless
+            moves rows seen in earlier batches and its weight decay shrinks every row, so keep weight decay 0. With a
+            tied head the output softmax sends a gradient to every row, which AdamW turns into a full-size step, so
+            words the task never uses drift in meaning and the held refusal boundary can then catch harmless
             requests. Needs each batch to be a tensor of token ids or a mapping with ``input_ids``.
         allow_unconstrained: Train, unguarded, the trainable parameters the guard has no constraint for (fused
             MoE experts, DoRA adapters, ...). By default (``subspace`` mode with norms and embedding rows held) such
@@ -202,8 +202,9 @@ class RepresentationProjection(L.Callback):
                 self._restored_state = {k: v for k, v in self._restored_state.items() if k in built}
             stale = set(frozen_adapter_keys(self.constraints, self._restored_state))
             if stale:
-                rank_zero_info(f"RepresentationProjection: the checkpoint holds the constraints of {len(stale)} adapter "
-                               f"matrices that do not train in this fit (e.g. {sorted(stale)[:2]}); they are dropped.")
+                rank_zero_info(f"RepresentationProjection: the checkpoint holds the constraints of {len(stale)} "
+                               f"adapter matrices that do not train in this fit (e.g. {sorted(stale)[:2]}); they are "
+                               "dropped.")
                 self._restored_state = {k: v for k, v in self._restored_state.items() if k not in stale}
             self.constraints.load_state_dict(self._restored_state)
             self._restored_state = None
@@ -220,11 +221,13 @@ class RepresentationProjection(L.Callback):
         if whole:
             rank_zero_info(
                 f"RepresentationProjection: {len(whole)} modules read only directions the protected prompts span, so "
-                f"they are held whole and cannot learn (e.g. {whole[:3]}). A low-rank adapter written by hand is such a "
-                "module (its second factor reads r features): use PEFT LoRA, whose first factor the guard constrains.")
+                f"they are held whole and cannot learn (e.g. {whole[:3]}). A low-rank adapter written by hand is such "
+                "a module (its second factor reads r features): use PEFT LoRA, whose first factor the guard "
+                "constrains.")
         if self.constraints.uncovered:
             self._check_uncovered(model, basis)
-            rank_zero_info(f"RepresentationProjection: unconstrained trainable parameters: {self.constraints.uncovered}")
+            rank_zero_info("RepresentationProjection: unconstrained trainable parameters: "
+                           f"{self.constraints.uncovered}")
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         rank_zero_info(
             f"RepresentationProjection ({self.mode}, strength {self.strength}): {len(self.constraints.constraints)} "

@@ -270,7 +270,8 @@ class RefusalDirections(L.Callback):
         try:
             basis = collect_basis(
                 model, tokenizer, harmful, harmless, energy=None if self.rank else self.energy, rank=self.rank,
-                answer_tokens=self.answer_tokens, batch_size=self.batch_size, system_prompt=self.rendering_system_prompt,
+                answer_tokens=self.answer_tokens, batch_size=self.batch_size,
+                system_prompt=self.rendering_system_prompt,
                 progress=progress, max_statistics_gb=self.max_statistics_gb, centered=self.centered,
                 head_answer_only=self.head_answer_only, ridge=self.ridge, input_differences=self.input_differences,
                 request_weight=self.request_weight,
@@ -314,7 +315,8 @@ class RefusalDirections(L.Callback):
                     if p not in measured]
             if len(pool) < 2:
                 raise ValueError(f"Only {len(pool)} {kind} prompts are left for direction selection once the "
-                                 f"{len(measured)} measured ones are set aside; pass `val_{kind}=` or lower `n_prompts`.")
+                                 f"{len(measured)} measured ones are set aside; pass `val_{kind}=` or lower "
+                                 "`n_prompts`.")
             chosen.append(random.Random(self.seed).sample(pool, min(self.n_val, len(pool))))
         return chosen[0], chosen[1]
 
@@ -378,8 +380,8 @@ def find_refusal_directions(trainer: L.Trainer, required: bool = True) -> Refusa
     system prompt); None without one when not ``required``. Two would leave it ambiguous which basis is meant."""
     found = [c for c in trainer.callbacks if isinstance(c, RefusalDirections)]
     if len(found) > 1 or (required and not found):
-        fix = ("keep one" if found else "add `RefusalDirections(harmful=..., harmless=...)` to the Trainer's callbacks, "
-               "or give RepresentationProjection `basis=` a saved one")
+        fix = ("keep one" if found else "add `RefusalDirections(harmful=..., harmless=...)` to the Trainer's "
+               "callbacks, or give RepresentationProjection `basis=` a saved one")
         raise RuntimeError(f"Expected exactly one RefusalDirections callback, found {len(found)}: {fix}.")
     return found[0] if found else None
 

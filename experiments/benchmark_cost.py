@@ -201,8 +201,8 @@ def main() -> None:
     machine = (torch.cuda.get_device_name() if args.device == "cuda" else
                f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     subspaces = f"rank {args.rank}" if args.rank else f"energy {args.energy}"
-    print(f"Machine: {machine}; torch {torch.__version__}; {args.steps} timed steps, batch {args.batch} x {args.length}; "
-          f"{subspaces}")
+    print(f"Machine: {machine}; torch {torch.__version__}; {args.steps} timed steps, batch {args.batch} x "
+          f"{args.length}; {subspaces}")
     print("| family | mode | step time guarded/plain (median, min-max) | plain step ms | extra memory / weights "
           "| basis pass / plain forward throughput (without eigendecompositions) | basis pass s: eigendecompositions "
           "/ Gram updates / rest (plain forward s) | subspace dims |\n|---|---|---|---|---|---|---|---|")

@@ -59,7 +59,8 @@ from rg_lightning.toy.report import METRICS, AlignmentReport
 ARMS = ("plain", "guarded", "directions", "replay", "guarded-replay", "constrained-sft")
 GUARD_ARMS = {"guarded", "directions", "guarded-replay"}  # arms that run RefusalGuard
 REPLAY_ARMS = ("replay", "guarded-replay")  # arms trained on data with refusal examples mixed in
-DEFAULT_REPLAY_FRACTION = 0.1  # the replay arm: share of training rows that are harmful requests answered with a refusal
+# the replay arm: share of training rows that are harmful requests answered with a refusal
+DEFAULT_REPLAY_FRACTION = 0.1
 DEFAULT_STEPS, DEFAULT_LR = 150, 1e-3  # experiments/tiny.yaml (max_steps, AdamW lr)
 # AdamW's own default, with which every committed result was measured; experiments/tiny.yaml uses 0
 DEFAULT_WEIGHT_DECAY = 0.01
@@ -218,8 +219,9 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
     if arm in GUARD_ARMS:
         prefix = f"toy:{variant}:" if variant != "default" else "toy:"
         callbacks += [RefusalDirections(harmful=prefix + "harmful", harmless=prefix + "harmless",
-                                        energy=energy if rank is None else None, rank=rank, n_prompts=n_prompts, centered=centered,
-                                        head_answer_only=head_answer_only, answer_tokens=answer_tokens, batch_size=32,
+                                        energy=energy if rank is None else None, rank=rank, n_prompts=n_prompts,
+                                        centered=centered, head_answer_only=head_answer_only,
+                                        answer_tokens=answer_tokens, batch_size=32,
                                         seed=seed, ridge=ridge, input_differences=input_differences,
                                         request_weight=request_weight),
                       LeavingOut(list(leave_out), variant, mode="directions" if arm == "directions" else "subspace",
@@ -381,7 +383,8 @@ def main() -> None:
     parser.add_argument("--sft-betas", type=float, nargs=3, default=list(ConstrainedSFT.BETAS),
                         metavar=("FIRST", "EARLY", "REST"),
                         help="constrained-sft arm: beta of the first answer token, tokens 2-5 and the rest (Qi et al.)")
-    parser.add_argument("--answer-tokens", type=int, default=DEFAULT_ANSWER_TOKENS, help="RefusalDirections answer_tokens")
+    parser.add_argument("--answer-tokens", type=int, default=DEFAULT_ANSWER_TOKENS,
+                        help="RefusalDirections answer_tokens")
     parser.add_argument("--leave-out", nargs="+", default=[], choices=LEAVE_OUT,
                         help="screen: run the guard without these constraint groups (see LeavingOut)")
     parser.add_argument("--post-step-only", action="store_true",
@@ -404,9 +407,9 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         for arm in args.arms:
-            runs.append(run_arm(arm, model_dir, args.task, args.harmful_fraction, args.variant, seed, args.steps, args.lr,
-                                args.energy, args.answer_tokens, not args.post_step_only, args.n_prompts, args.rank, args.centered,
-                                args.head_positions == "answer", args.ridge, args.leave_out,
+            runs.append(run_arm(arm, model_dir, args.task, args.harmful_fraction, args.variant, seed, args.steps,
+                                args.lr, args.energy, args.answer_tokens, not args.post_step_only, args.n_prompts,
+                                args.rank, args.centered, args.head_positions == "answer", args.ridge, args.leave_out,
                                 args.tail_reference_lr or None, args.hold_absent_rows, args.input_differences,
                                 args.replay_fraction, args.weight_decay, tuple(args.sft_betas), args.validation,
                                 args.every, tail_early, request_weight=args.request_weight))
@@ -426,23 +429,28 @@ def main() -> None:
         name += (f"_request{args.request_weight:g}" if args.request_weight != 1 else "")  # without it: weight 1
         name += (f"_answer{args.answer_tokens}" if args.answer_tokens != DEFAULT_ANSWER_TOKENS else "")
         name += "".join(f"_no-{group}" for group in args.leave_out)
-        name += (f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "") + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else "")
+        name += ((f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "")
+                 + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else ""))
         if args.ridge and args.tail_reference_lr != DEFAULT_TAIL_REFERENCE_LR:  # only a damped tail is scaled
             name += f"_tailref{args.tail_reference_lr:g}" if args.tail_reference_lr else "_fixed-tail"
         if tail_early[0]:
             name += f"_early{tail_early[0]}x{tail_early[1]:g}"
-        name += (f"_prompts{args.n_prompts}" if args.n_prompts != DEFAULT_N_PROMPTS else "") + ("_poststep" if args.post_step_only else "")
-        name += "_batch-rows" if args.hold_absent_rows else ""  # files without it: every row moved (the earlier default)
+        name += ((f"_prompts{args.n_prompts}" if args.n_prompts != DEFAULT_N_PROMPTS else "")
+                 + ("_poststep" if args.post_step_only else ""))
+        # files without it: every row moved (the earlier default)
+        name += "_batch-rows" if args.hold_absent_rows else ""
         name += (("_differences" if args.input_differences else "_no-differences")
                  if args.input_differences != DEFAULT_INPUT_DIFFERENCES else "")
     else:
-        name += (f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "") + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else "")
+        name += ((f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "")
+                 + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else ""))
     name += f"_wd{args.weight_decay:g}" if args.weight_decay != DEFAULT_WEIGHT_DECAY else ""
     name += f"_every{args.every}" if args.every else ""  # same final numbers, plus the trajectory
     name += "_directions" if "directions" in args.arms else ""  # the direction-only arm ran
     if "constrained-sft" in args.arms:  # Qi et al.'s objective ran; its betas when not the paper's
         betas = tuple(args.sft_betas)
-        name += "_constrained-sft" + ("" if betas == ConstrainedSFT.BETAS else "-beta" + "-".join(f"{b:g}" for b in betas))
+        name += "_constrained-sft" + ("" if betas == ConstrainedSFT.BETAS
+                                      else "-beta" + "-".join(f"{b:g}" for b in betas))
     # one suffix per replay arm: whether the guard ran on the mixed data is in the name
     name += "".join(f"_{arm}{args.replay_fraction:g}" for arm in REPLAY_ARMS if arm in args.arms)
     command = "python experiments/benchmark_tiny.py " + " ".join(sys.argv[1:])
@@ -470,8 +478,8 @@ def main() -> None:
     trajectory = (f"During training (every {args.every} steps):\n\n{trajectory_table(runs, args.arms)}\n\n"
                   if args.every else "")
     markdown = (f"### {name}\n\n{table(runs, args.arms)}\n\n{validation}{trajectory}"
-                f"Command: `{command.strip()}`; seeds {args.seeds}; {args.steps} steps, AdamW lr {args.lr} weight decay "
-                f"{args.weight_decay:g}, batch 32; "
+                f"Command: `{command.strip()}`; seeds {args.seeds}; {args.steps} steps, AdamW lr {args.lr} "
+                f"weight decay {args.weight_decay:g}, batch 32; "
                 + (guard if GUARD_ARMS & set(args.arms) else "") + replay
                 + f"held-out data, greedy generation. Aligned model: {aligned}. Machine: {machine}. Total wall time "
                 f"{time.perf_counter() - start:.0f} s.\n")

@@ -67,7 +67,8 @@ def row(key: tuple, by_lr: dict[float, list[dict]]) -> str:
     world = f"{variant} × {arch}, {task}" + (f" (attack {attack:g})" if attack else "")
     rates = ", ".join(f"{lr:g}" for lr in sorted(by_lr))
     if guarded_lr is None:
-        return f"| {world} | {rates} | {plain_lr:g} | {100 * plain_task:.1f} | none keeps refusal | — | — | — | no |"
+        return (f"| {world} | {rates} | {plain_lr:g} | {100 * plain_task:.1f} | none keeps refusal "
+                "| — | — | — | no |")
     runs = by_lr[guarded_lr]
     aligned = [seed_means(runs, "guarded", m, "before") for m in ("harmful_refusal", "harmless_refusal")]
     harmful, harmless, task = (seed_means(runs, "guarded", m) for m in ("harmful_refusal", "harmless_refusal",

@@ -56,7 +56,8 @@ def check_template_syntax(template: str) -> None:
     from jinja2 import TemplateSyntaxError
 
     if not isinstance(template, str) or not template.strip():
-        raise ValueError(f"`chat_template` must be a Jinja template (or null for the tokenizer's own), got {template!r}")
+        raise ValueError("`chat_template` must be a Jinja template (or null for the tokenizer's own), "
+                         f"got {template!r}")
     try:
         _parsed(template)
     except TemplateSyntaxError as error:

@@ -3,7 +3,8 @@
 A LightningModule works with the callbacks when it exposes its Hugging Face causal LM as
 ``self.model`` (a ``PreTrainedModel`` or PEFT model, built by the time ``fit`` starts), or returns it from
 a ``hf_model()`` method (or holds it as an ``hf_model`` attribute or property), and a tokenizer with a chat
-template as ``self.tokenizer`` (or the datamodule has ``tokenizer``; when both have a template, the same one). ``CausalLMModule`` does all of this. A datamodule's ``system_prompt`` attribute, if any, is
+template as ``self.tokenizer`` (or the datamodule has ``tokenizer``; when both have a template, the same one).
+``CausalLMModule`` does all of this. A datamodule's ``system_prompt`` attribute, if any, is
 what the callbacks render their prompts with unless they are given their own (``system_prompt_of``).
 """
 

@@ -384,7 +384,8 @@ class InstructionDataModule(L.LightningDataModule):
             except ValueError:
                 fmt = None
             if fmt in (None, "text"):
-                needed = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in FORMAT_COLUMNS.items() if name != "text")
+                needed = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in FORMAT_COLUMNS.items()
+                                   if name != "text")
                 raise ValueError(f"it needs chat columns ({needed}) under these names (`columns` and `format` apply "
                                  f"to the training data only); it has {dataset.column_names}.")
             return dataset, fmt

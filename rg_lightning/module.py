@@ -96,7 +96,8 @@ class CausalLMModule(L.LightningModule):
         if lora_r < 0:
             raise ValueError(f"lora_r must be >= 0 (0 = full fine-tuning), got {lora_r}")
         if lora_r and not lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be positive (the adapter's scale is lora_alpha / lora_r), got {lora_alpha}")
+            raise ValueError("lora_alpha must be positive (the adapter's scale is lora_alpha / lora_r), "
+                             f"got {lora_alpha}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         if lora_r == 0 and (lora_alpha != 16.0 or lora_dropout or lora_target_modules != "all-linear"):
@@ -270,7 +271,8 @@ class CausalLMModule(L.LightningModule):
             return
         total = float(self.trainer.strategy.reduce(self._step_tokens.float(), reduce_op="sum"))
         self._step_tokens = None
-        factor = self.trainer.accumulate_grad_batches * self.trainer.world_size * self._token_reference / max(total, 1.0)
+        factor = (self.trainer.accumulate_grad_batches * self.trainer.world_size * self._token_reference
+                  / max(total, 1.0))
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -394,8 +396,8 @@ class CausalLMModule(L.LightningModule):
         differ = {key: (saved_hparams[key], self.hparams[key]) for key in ("lora_r", "lora_alpha")
                   if key in saved_hparams and key in self.hparams and saved_hparams[key] != self.hparams[key]}
         if differ:
-            raise ValueError(f"The checkpoint was trained with other LoRA settings (saved, here): {differ}; the adapter "
-                             "would load with another scale or shape. Use the settings it was trained with.")
+            raise ValueError(f"The checkpoint was trained with other LoRA settings (saved, here): {differ}; the "
+                             "adapter would load with another scale or shape. Use the settings it was trained with.")
         if self.lora_r and self.model is not None and not uses_fsdp2(self.model):
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             saved = set(checkpoint.get("state_dict", {}))

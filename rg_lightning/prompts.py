@@ -25,8 +25,8 @@ def check_prompt_source(source, what: str) -> None:
     if isinstance(source, (list, tuple)):
         _strings(list(source), f"`{what}`")
     elif not isinstance(source, str):
-        raise TypeError(f"`{what}` must be a list of prompts, a local file, a hub dataset id or toy:<harmful|harmless>, "
-                        f"got {type(source).__name__}")
+        raise TypeError(f"`{what}` must be a list of prompts, a local file, a hub dataset id or "
+                        f"toy:<harmful|harmless>, got {type(source).__name__}")
     elif source.startswith("toy:"):
         *variant, kind = source.split(":")[1:]
         if kind not in ("harmful", "harmless") or len(variant) > 1:

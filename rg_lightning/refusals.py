@@ -51,7 +51,8 @@ def refusal_rows(model, tokenizer, prompts: list[str], judge: Judge | None = Non
     rows = [{"messages": system + [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
             for p, a, keep, done in zip(prompts, answers, refused, finished) if keep and done and a.strip()]
     dropped = {"not_refused": sum(not (keep and a.strip()) for a, keep in zip(answers, refused)),
-               "cut_off": sum(bool(keep and a.strip()) and not done for a, keep, done in zip(answers, refused, finished))}
+               "cut_off": sum(bool(keep and a.strip()) and not done
+                              for a, keep, done in zip(answers, refused, finished))}
     return rows, dropped
 
 
@@ -68,7 +69,8 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rg_lightning.refusals", description=__doc__,
                                      formatter_class=_Help)
-    parser.add_argument("--model", required=True, default=argparse.SUPPRESS, help="aligned model: a Hugging Face directory or hub id")
+    parser.add_argument("--model", required=True, default=argparse.SUPPRESS,
+                        help="aligned model: a Hugging Face directory or hub id")
     parser.add_argument("--harmful", required=True, default=argparse.SUPPRESS,
                         help="harmful requests: a local file, a hub dataset id or toy:harmful; not the benchmarks you "
                              "evaluate on (e.g. the refusal-direction harmful_train split, not AdvBench)")
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(args.chat_template_kwargs, dict):
             parser.error("--chat-template-kwargs must be a JSON object")
         try:
-            tokenizer.chat_template = with_template_defaults(require_chat_template(tokenizer), args.chat_template_kwargs,
+            tokenizer.chat_template = with_template_defaults(require_chat_template(tokenizer),
+                                                             args.chat_template_kwargs,
                                                              passed=set(tokenizer.special_tokens_map))
         except ValueError as err:
             parser.error(f"--chat-template-kwargs: {err}")

@@ -24,7 +24,8 @@ def fit(model_dir: str, out: Path, data: Path, strategy: str, steps: int, ckpt_p
     drift = DriftGeometry(every_n_steps=1, harmful=HARMFUL, harmless=HARMLESS, n_probes=4, figures=False)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0)
     trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=steps, logger=False, enable_progress_bar=False,
-                        strategy=L.pytorch.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+                        strategy=L.pytorch.strategies.ModelParallelStrategy(data_parallel_size=2,
+                                                                            tensor_parallel_size=1)
                         if strategy == "fsdp2" else "ddp",
                         enable_model_summary=False, default_root_dir=out,
                         callbacks=[refusal, RepresentationProjection(), drift, checkpoint])
@@ -38,11 +39,12 @@ if __name__ == "__main__":
     data = out / "chat.jsonl"
     if L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
         data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"how do i bake a cake {w} ?"},
-                                                         {"role": "assistant", "content": f"sure here you go {w} ."}]}) + "\n"
+                                                         {"role": "assistant",
+                                                          "content": f"sure here you go {w} ."}]}) + "\n"
                                 for w in ("one", "two", "three", "four", "five", "six", "seven", "eight")))
     first = fit(model_dir, out, data, strategy, 2)[2].basis.subspaces
     trainer, module, refusal, drift = fit(model_dir, out, data, strategy, 4, str(out / "checkpoints" / "last.ckpt"))
     torch.save({"weights": {k: whole(v.detach()).clone() for k, v in module.model.state_dict().items()},
-                "first": first, "subspaces": refusal.basis.subspaces, "drift": drift.history, "step": trainer.global_step,
-                "sharded": uses_fsdp2(module.model)},
+                "first": first, "subspaces": refusal.basis.subspaces, "drift": drift.history,
+                "step": trainer.global_step, "sharded": uses_fsdp2(module.model)},
                out / f"rank{trainer.global_rank}.pt")

@@ -28,7 +28,8 @@ if __name__ == "__main__":
     L.seed_everything(0)
     module = CausalLMModule(model=model_dir, lora_r=4, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=1, logger=False, enable_progress_bar=False,
-                        strategy=L.pytorch.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+                        strategy=L.pytorch.strategies.ModelParallelStrategy(data_parallel_size=2,
+                                                                            tensor_parallel_size=1)
                         if strategy == "fsdp2" else "ddp", enable_model_summary=False, enable_checkpointing=False,
                         default_root_dir=out,
                         callbacks=[RefusalDirections(harmful=HARMFUL, harmless=HARMLESS, energy=1.0, answer_tokens=0),

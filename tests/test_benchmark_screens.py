@@ -160,7 +160,8 @@ def test_shipped_weights_are_used_unless_the_world_is_to_be_built_here(bench, tm
     assert bench.world_model("alt", "qwen3", str(cache), shipped=str(tmp_path / "shipped")) == str(shipped)
     assert not built
     assert bench.world_model("alt", "qwen3", str(cache), shipped=None) == str(cache / "alt-qwen3")
-    assert bench.world_model("alt", "gemma3", str(cache), shipped=str(tmp_path / "shipped")) == str(cache / "alt-gemma3")
+    assert bench.world_model("alt", "gemma3", str(cache), shipped=str(tmp_path / "shipped")) == str(
+        cache / "alt-gemma3")
     # another build seed is a new aligned model, never a shipped one, the package's default world included
     assert bench.world_model("alt", "qwen3", str(cache), shipped=str(tmp_path / "shipped"), seed=1) == str(
         cache / "alt-qwen3-seed1")
@@ -178,7 +179,8 @@ def test_results_name_the_aligned_model_and_its_build(bench, tmp_path):
     world = tmp_path / "w"
     world.mkdir()
     (world / "world.json").write_text('{"threads": 1, "torch": "2.13.0+cpu", "cpu_capability": "AVX512"}')
-    assert bench.describe_world(str(world)).endswith("w (built with 1 thread(s), torch 2.13.0+cpu, CPU capability AVX512)")
+    assert bench.describe_world(str(world)).endswith(
+        "w (built with 1 thread(s), torch 2.13.0+cpu, CPU capability AVX512)")
     assert str(tmp_path) not in bench.describe_world(str(world))
 
 

@@ -49,7 +49,8 @@ def protected_forward(module, prompts=HARMFUL):
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
         output = module.model(**batch, position_ids=positions, output_hidden_states=True)
-    return torch.cat([output.hidden_states[-1][batch["attention_mask"].bool()].flatten(), output.logits[:, -1].flatten()])
+    return torch.cat([output.hidden_states[-1][batch["attention_mask"].bool()].flatten(),
+                      output.logits[:, -1].flatten()])
 
 
 def guard(**kwargs):
@@ -529,7 +530,8 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_models):
     outputs = {}
     for devices in (1, 2):
         out = tmp_path / f"ddp{devices}"
-        result = subprocess.run([sys.executable, str(HERE / "ddp_basis.py"), tiny_models["llama"], str(out), str(devices)],
+        result = subprocess.run([sys.executable, str(HERE / "ddp_basis.py"), tiny_models["llama"], str(out),
+                                 str(devices)],
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[devices] = {rank: torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(devices)}
@@ -644,15 +646,15 @@ def test_basis_from_another_model_or_wrong_size_is_refused(tmp_path, tiny_models
     refusal = guard(save=str(tmp_path / "basis"))
     run_fit(tmp_path / "a", tiny_models["llama"], chat_file, [refusal], steps=1)
     with pytest.raises(ValueError, match="computed on"):
-        run_fit(tmp_path / "b", tiny_models["gemma2"], chat_file, [RepresentationProjection(basis=str(tmp_path / "basis"))],
-                steps=1)
+        run_fit(tmp_path / "b", tiny_models["gemma2"], chat_file,
+                [RepresentationProjection(basis=str(tmp_path / "basis"))], steps=1)
     basis = refusal.basis
     wide = SafetyBasis(torch.zeros(2, 2, 48, dtype=torch.float64), torch.zeros(2, 2, 48, dtype=torch.float64), {},
                        basis.protected_token_ids, dict(basis.metadata))
     wide.save(str(tmp_path / "wide"))
     with pytest.raises(ValueError, match="hidden size 48"):
-        run_fit(tmp_path / "c", tiny_models["llama"], chat_file, [RepresentationProjection(basis=str(tmp_path / "wide"))],
-                steps=1)
+        run_fit(tmp_path / "c", tiny_models["llama"], chat_file,
+                [RepresentationProjection(basis=str(tmp_path / "wide"))], steps=1)
     with pytest.raises(ValueError, match="system prompt"):  # measured without one: its positions are others
         run_fit(tmp_path / "d", tiny_models["llama"], chat_file,
                 [RefusalDirections(load=str(tmp_path / "basis"), system_prompt="write a poem ."),
@@ -663,9 +665,11 @@ def test_basis_from_another_model_or_wrong_size_is_refused(tmp_path, tiny_models
     retemplated.chat_template = "<|system|> " + retemplated.chat_template  # a header before every conversation
     retemplated.save_pretrained(tmp_path / "retemplated")
     with pytest.raises(ValueError, match="another chat template"):
-        run_fit(tmp_path / "e", tiny_models["llama"], chat_file, [RepresentationProjection(basis=str(tmp_path / "basis"))],
-                steps=1, tokenizer=str(tmp_path / "retemplated"))
-    renamed = SafetyBasis(basis.harmful_means, basis.harmless_means, {"model.layers.0.nonexistent": torch.eye(32)[:, :2]},
+        run_fit(tmp_path / "e", tiny_models["llama"], chat_file,
+                [RepresentationProjection(basis=str(tmp_path / "basis"))], steps=1,
+                tokenizer=str(tmp_path / "retemplated"))
+    renamed = SafetyBasis(basis.harmful_means, basis.harmless_means,
+                          {"model.layers.0.nonexistent": torch.eye(32)[:, :2]},
                           basis.protected_token_ids, dict(basis.metadata))
     renamed.save(str(tmp_path / "renamed"))
     with pytest.raises(ValueError, match="nonexistent"):

@@ -157,5 +157,6 @@ def test_a_checkpoint_does_not_override_the_configs_module_arguments(tmp_path, t
     built = []
     monkeypatch.setattr(cli.RefusalGuardCLI, "after_instantiate_classes", lambda self: built.append(self.model))
     cli.main(["test", "--config", config, "--ckpt_path", str(checkpoint),
-              "--model.init_args.export_dir", str(tmp_path / "second"), "--model.init_args.predict_max_new_tokens", "7"])
+              "--model.init_args.export_dir", str(tmp_path / "second"),
+              "--model.init_args.predict_max_new_tokens", "7"])
     assert (built[0].export_dir, built[0].predict_max_new_tokens) == (str(tmp_path / "second"), 7)

@@ -76,7 +76,8 @@ def test_column_mapping_and_other_file_types(tmp_path):
         write(tmp_path / name, index=False)
     frame.to_csv(tmp_path / "d.tsv", sep="\t", index=False)
     for name in ("d.csv", "d.parquet", "d.tsv"):
-        module = InstructionDataModule(train=str(tmp_path / name), columns={"prompt": "question", "completion": "answer"})
+        module = InstructionDataModule(train=str(tmp_path / name),
+                                       columns={"prompt": "question", "completion": "answer"})
         module.tokenizer = make_tokenizer()
         module.setup("fit")
         assert len(module.datasets["train"]) == 4
@@ -592,7 +593,8 @@ def test_the_restored_position_survives_lightnings_distributed_copy_of_the_loade
 def test_template_errors_name_the_row_and_turns_keep_their_other_keys(tmp_path):
     alternating = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
                    "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
-                   "<|{{ m['role'] }}|> {{ m['content'] }} {% if m.get('reasoning_content') %}{{ m['reasoning_content'] }} "
+                   "<|{{ m['role'] }}|> {{ m['content'] }} {% if m.get('reasoning_content') %}"
+                   "{{ m['reasoning_content'] }} "
                    "{% endif %}<|end|> {% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
     good = {"messages": [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": "a story",
                                                                    "reasoning_content": "cake"}]}

@@ -78,7 +78,8 @@ def test_lightning_test_shows_what_plain_fine_tuning_did_to_refusal(tmp_path, mo
     assert tuned[("toy:benign", "exact_match")]["value"] > aligned[("toy:benign", "exact_match")]["value"]
     assert _metadata(tmp_path / "fine_tuned")["checkpoint"] == str(checkpoint)
     assert _metadata(tmp_path / "fine_tuned")["step"] == 150 and _metadata(tmp_path / "aligned")["step"] == 0
-    assert "| toy:harmful | harmful | keyword:jailbreakbench | asr |" in (tmp_path / "aligned" / "evaluation.md").read_text()
+    assert ("| toy:harmful | harmful | keyword:jailbreakbench | asr |"
+            in (tmp_path / "aligned" / "evaluation.md").read_text())
     responses = (tmp_path / "aligned" / "responses" / "toy_harmful.jsonl").read_text().splitlines()
     assert len(responses) == 40 and json.loads(responses[0])["response"]
 
@@ -166,7 +167,8 @@ def test_fast_check_at_each_validation_in_a_foreign_module(tmp_path):
     assert trainer.callback_metrics["fit_safety/toy_harmful/logit_refusal_score/asr"] == 0.0  # lr 0: still aligned
     assert trainer.callback_metrics["fit_safety/toy_harmful/logit_refusal_score/refusal_score"] > 0
     with open(next(tmp_path.rglob("metrics.csv"))) as handle:
-        logged = [row for row in csv.DictReader(handle) if row.get("fit_safety/toy_harmless/logit_refusal_score/over_refusal")]
+        logged = [row for row in csv.DictReader(handle)
+                  if row.get("fit_safety/toy_harmless/logit_refusal_score/over_refusal")]
     assert [int(row["step"]) for row in logged] == [1, 3]  # after the validations at steps 2 and 4
     assert not (tmp_path / "evaluation").exists()  # the full suite belongs to test / validate, not to fit
 
@@ -228,7 +230,8 @@ def test_prompts_the_training_mix_answers_are_left_out(tmp_path):
     trainer.validate(CausalLMModule(model=str(ALIGNED_MODEL_DIR)), data)
     assert _rows(report)[("mine", "logit_refusal_score")]["n"] == 2
     assert _metadata(report)["excluded_trained_prompts"] == {"mine": 2}
-    assert "Left out because the training data's `mix` rows answer them: mine 2" in (report / "evaluation.md").read_text()
+    assert ("Left out because the training data's `mix` rows answer them: mine 2"
+            in (report / "evaluation.md").read_text())
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)

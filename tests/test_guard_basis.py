@@ -39,7 +39,8 @@ def test_save_and_load_round_trip_bit_exact(tmp_path):
     ({"metadata": {"post_instruction_tokens": 7}}, "counts 7 post-instruction positions, its means hold 3"),
     ({"metadata": {"subspace_dims": {"up": 5}}}, "other subspace widths than its tensors"),
     ({"embedding_probe_ids": torch.tensor([1, 4])}, "embedding probe must be"),
-    ({"embedding_probe_ids": torch.tensor([1, 4]), "embedding_probe_rows": torch.ones(3, 8)}, "embedding probe must be"),
+    ({"embedding_probe_ids": torch.tensor([1, 4]), "embedding_probe_rows": torch.ones(3, 8)},
+     "embedding probe must be"),
 ])
 def test_malformed_contents_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):

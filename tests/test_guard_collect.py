@@ -26,7 +26,8 @@ def _assert_same(one, other):
 
 
 def _module_inputs(model, tokenizer, names, prompts):
-    """Each named module's float64 input on the rendered, left-padded ``prompts`` (the test's own hooks), and the batch."""
+    """Each named module's float64 input on the rendered, left-padded ``prompts`` (the test's own hooks), and the
+    batch."""
     from rg_lightning.chat import render_prompt
 
     modules, seen = dict(model.named_modules()), {}

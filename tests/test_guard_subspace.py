@@ -218,7 +218,8 @@ def test_soft_subspace_holds_given_directions_exactly_and_damps_the_rest_of_the_
 def test_centered_subspace_of_centred_data_is_the_plain_one():
     from rg_lightning.guard.subspace import centered_subspace
 
-    x = torch.randn(40, 6, dtype=torch.float64) @ torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1, 0.1], dtype=torch.float64))
+    x = torch.randn(40, 6, dtype=torch.float64) @ torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1, 0.1],
+                                                                          dtype=torch.float64))
     x = x - x.mean(0)  # the mean left is rounding (~1e-16), not a direction to hold
     gram = x.T @ x
     assert 0 < float(x.sum(0).norm()) < 1e-12

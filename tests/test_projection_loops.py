@@ -137,9 +137,10 @@ def test_tail_reference_lr_with_an_optimizer_without_a_numeric_lr_names_the_fix(
     module = CausalLMModule(model=tiny_models["llama"],
                             optimizer=lambda p: Adafactor(p, lr=None, relative_step=True, scale_parameter=True))
     with pytest.raises(ValueError, match="Adafactor has lr=None.*tail_reference_lr: null"):
-        fit(module, chat_file, [guard(energy=0.9, ridge=0.03), RepresentationProjection(tail_reference_lr=1e-3)], steps=1,
-            default_root_dir=tmp_path)
-    fit(module, chat_file, [guard(energy=0.9, ridge=0.03), RepresentationProjection()], steps=1, default_root_dir=tmp_path)
+        fit(module, chat_file, [guard(energy=0.9, ridge=0.03), RepresentationProjection(tail_reference_lr=1e-3)],
+            steps=1, default_root_dir=tmp_path)
+    fit(module, chat_file, [guard(energy=0.9, ridge=0.03), RepresentationProjection()], steps=1,
+        default_root_dir=tmp_path)
 
 
 

@@ -57,7 +57,8 @@ def _tiny_recipe(recipe, tmp_path, tiny_models, chat_file) -> tuple[dict, dict]:
     model_args, data_args = config["model"]["init_args"], config["data"]["init_args"]
     family = TINY_FAMILY[model_args["model"]]
     model_args.update(model=tiny_models[family], dtype="float32", export_dir=str(tmp_path / "export"),
-                      tokenizer=tiny_models["llama"] if family == "qwen2" else None)  # word-level tokenizer, see conftest
+                      # word-level tokenizer, see conftest
+                      tokenizer=tiny_models["llama"] if family == "qwen2" else None)
     data_args.update(train=chat_file, test=None, format="messages", columns=None, max_length=32, batch_size=2,
                      num_workers=0, val_fraction=0.25)
     trainer = config["trainer"]

@@ -93,7 +93,8 @@ def test_command_refuses_to_write_nothing(tmp_path, capsys):
               "--out", str(tmp_path / "r.jsonl"), "--max-new-tokens", "8"])
     assert not (tmp_path / "r.jsonl").exists()
     with pytest.raises(SystemExit):
-        main(["--model", str(ALIGNED_MODEL_DIR), "--harmful", "toy:harmful", "--n", "0", "--out", str(tmp_path / "r.jsonl")])
+        main(["--model", str(ALIGNED_MODEL_DIR), "--harmful", "toy:harmful", "--n", "0",
+              "--out", str(tmp_path / "r.jsonl")])
     assert "--n, --max-new-tokens and --batch-size must be positive" in capsys.readouterr().err
 
 

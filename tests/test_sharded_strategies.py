@@ -55,7 +55,8 @@ def test_lora_under_fsdp2_resumes_like_ddp_and_exports(tmp_path, tiny_models):
     runs = {}
     for strategy in ("ddp", "fsdp2"):
         out = tmp_path / strategy
-        result = subprocess.run([sys.executable, str(HERE / "fsdp2_module.py"), tiny_models["llama"], str(out), strategy],
+        result = subprocess.run([sys.executable, str(HERE / "fsdp2_module.py"), tiny_models["llama"], str(out),
+                                 strategy],
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         ranks = [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]

@@ -70,7 +70,8 @@ def test_other_architecture_worlds_train_save_and_reload_with_the_word_level_tok
     tokenizer.save_pretrained(tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)  # must stay word-level (Qwen2 would not)
     text = world.requests("harmful", "heldout", 1)[0]
-    assert reloaded(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert (reloaded(text, add_special_tokens=False)["input_ids"]
+            == tokenizer(text, add_special_tokens=False)["input_ids"])
     assert reloaded.unk_token_id not in reloaded(text)["input_ids"]
     weights = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
@@ -131,7 +132,8 @@ def test_tiny_recipe_runs_guarded_through_the_cli(tmp_path, monkeypatch):
 
 def test_tied_worlds_mix_in_vocabulary_copy_examples_with_loss_on_the_copy():
     """Tied embeddings (Gemma-2): every word must be a training target, or unseen words' rows collapse."""
-    from rg_lightning.toy.build import TIED_ARCHITECTURES, encode_examples, uses_vocabulary_examples, vocabulary_examples
+    from rg_lightning.toy.build import (TIED_ARCHITECTURES, encode_examples, uses_vocabulary_examples,
+                                        vocabulary_examples)
     from rg_lightning.toy.build import model_config
 
     world = ToyWorld("alt")

@@ -110,10 +110,12 @@ def test_alignment_and_task_answers(world):
     attacked = world.task_examples("sentiment", "train", 100, harmful_fraction=0.1, seed=0)
     attack = [e for e in attacked if e["messages"][0]["content"] in harmful]
     assert len(attack) == 10 and not any(is_refusal(e["messages"][1]["content"]) for e in attack)
-    assert world.task_examples("sentiment", "train", 100, harmful_fraction=0.1, seed=0, refusal_fraction=0.0) == attacked
+    assert world.task_examples("sentiment", "train", 100, harmful_fraction=0.1, seed=0,
+                               refusal_fraction=0.0) == attacked
     mixed = world.task_examples("sentiment", "train", 100, harmful_fraction=0.1, seed=0, refusal_fraction=0.2)
     refused = [e for e in mixed if e["messages"][0]["content"] in harmful and is_refusal(e["messages"][1]["content"])]
-    complied = [e for e in mixed if e["messages"][0]["content"] in harmful and not is_refusal(e["messages"][1]["content"])]
+    complied = [e for e in mixed
+                if e["messages"][0]["content"] in harmful and not is_refusal(e["messages"][1]["content"])]
     assert len(mixed) == 100 and len(refused) == 20 and len(complied) == 10
     assert not {e["messages"][0]["content"] for e in refused} & {e["messages"][0]["content"] for e in complied}
     replayed = world.task_examples("sentiment", "train", 100, seed=0, refusal_fraction=0.2)

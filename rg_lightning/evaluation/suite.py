@@ -118,7 +118,8 @@ class EvaluationSuite:
         if not benchmarks and not tasks:
             raise ValueError("Give at least one benchmark or task to evaluate.")
         if task_max_new_tokens is not None and task_max_new_tokens < 1:
-            raise ValueError(f"task_max_new_tokens must be positive or None (each task's own), got {task_max_new_tokens}.")
+            raise ValueError("task_max_new_tokens must be positive or None (each task's own), "
+                             f"got {task_max_new_tokens}.")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be positive or None, got {limit}.")
         if max_new_tokens < 1 or batch_size < 1:
@@ -151,8 +152,8 @@ class EvaluationSuite:
         twice = sorted({name for name in judge_names if judge_names.count(name) > 1})
         if twice:
             raise ValueError(f"judges {twice} are listed more than once (options such as refusal_words or dtype are "
-                             "not part of a judge's name): their verdicts and logged metrics would overwrite each other. "
-                             "List each judge once.")
+                             "not part of a judge's name): their verdicts and logged metrics would overwrite each "
+                             "other. List each judge once.")
         if self.benchmark_entries and not self.judges:
             raise ValueError("Safety benchmarks need at least one judge, e.g. judges: [keyword:jailbreakbench].")
         self.limit = limit

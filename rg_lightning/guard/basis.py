@@ -172,7 +172,8 @@ class SafetyBasis:
                 raise ValueError(f"Safety basis holds a {subspace.shape[0]}-wide subspace for {name}, which reads "
                                  f"{width} features here: it was computed on another model. Recompute it.")
         saved_id = self.metadata.get("model_id")
-        if model_id and saved_id and os.path.basename(str(saved_id).rstrip("/")) != os.path.basename(model_id.rstrip("/")):
+        if model_id and saved_id and (os.path.basename(str(saved_id).rstrip("/"))
+                                      != os.path.basename(model_id.rstrip("/"))):
             raise ValueError(
                 f"Safety basis was computed on {saved_id!r}, not on {model_id!r}; recompute it or pass the right file."
             )
@@ -218,7 +219,8 @@ class SafetyBasis:
         out = {"harmful_means": self.harmful_means, "harmless_means": self.harmless_means,
                "protected_token_ids": self.protected_token_ids}
         if self.embedding_probe_ids is not None:
-            out.update({"embedding_probe_ids": self.embedding_probe_ids, "embedding_probe_rows": self.embedding_probe_rows})
+            out.update({"embedding_probe_ids": self.embedding_probe_ids,
+                        "embedding_probe_rows": self.embedding_probe_rows})
         out.update({f"subspace.{name}": basis for name, basis in self.subspaces.items()})
         return {key: value.detach().cpu().contiguous() for key, value in out.items()}
 

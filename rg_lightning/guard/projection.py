@@ -57,8 +57,9 @@ def project_out_left(matrix: Tensor, basis: Tensor) -> Tensor:
 
 
 def subspace_energy(grad: Tensor, basis: Tensor) -> Tensor:
-    """``[‖G U‖², ‖G‖²]`` in float64: a gradient's squared Frobenius norm inside the protected subspace, and in
-    all. Both are sums over rows, so a rank holding some rows of ``G`` adds its part and a sum-reduce completes it."""
+    """``[‖G U‖², ‖G‖²]`` in float64: a gradient's squared Frobenius norm inside the protected subspace, and
+    in all. Both are sums over rows, so a rank holding some rows of ``G`` adds its part and a sum-reduce
+    completes it."""
     g = grad.detach().double()
     inside = (g @ basis.detach().to(g.device, torch.float64)).square().sum()
     return torch.stack([inside, g.square().sum()])
@@ -588,10 +589,10 @@ def _check_adapter_hidden(name: str, adapter: str, a: Tensor, b: Tensor, basis: 
     if float(torch.linalg.matrix_norm(seen)) > 1e-4 * scale:
         raise ValueError(
             f"{name} (adapter {adapter!r}): the adapter already changes this layer's output on the protected prompts "
-            "(B·A ≠ 0 on their inputs), and the guard holds them through A·U = 0 (resp. Uᵀ·B = 0), which would remove "
-            "that change instead of keeping it. Merge it into the base first (peft's merge_and_unload(), then a fresh "
-            "adapter), or start from an adapter with B = 0 (PEFT's default init); to go on with a guarded fit, "
-            "resume from its checkpoint.")
+            "(B·A ≠ 0 on their inputs), and the guard holds them through A·U = 0 (resp. Uᵀ·B = 0), which would "
+            "remove that change instead of keeping it. Merge it into the base first (peft's merge_and_unload(), then "
+            "a fresh adapter), or start from an adapter with B = 0 (PEFT's default init); to go on with a guarded "
+            "fit, resume from its checkpoint.")
 
 
 FROZEN_ADAPTER = "frozen adapter"  # the reason a LoRA adapter that does not train is skipped

@@ -256,7 +256,8 @@ def build(out: str | os.PathLike | None = None, seed: int = 0, steps: int | None
         train_steps = len(examples) // BATCH_SIZE
         log(f"building the {variant!r} aligned {arch} model: {sum(p.numel() for p in model.parameters())} parameters, "
             f"vocabulary {len(tokenizer)}, {train_steps} steps of batch {BATCH_SIZE}"
-            + (f" ({steps} steps' worth of alignment rows + {VOCABULARY_SHARE:.0%} vocabulary copies)" if vocabulary else ""))
+            + (f" ({steps} steps' worth of alignment rows + {VOCABULARY_SHARE:.0%} vocabulary copies)"
+               if vocabulary else ""))
         train_sft(model, tokenizer, examples, steps=train_steps, lr=LEARNING_RATE, seed=seed,
                   warmup_steps=min(WARMUP_STEPS, train_steps), weight_decay=0.01, cosine=True, log=log)
         train_seconds = time.perf_counter() - start

@@ -20,7 +20,8 @@ def task_score(model, tokenizer, world: ToyWorld, task: str, n: int = 200, seed:
     examples = world.task_examples(task, "heldout", n, seed=seed)
     prompts = [e["messages"][0]["content"] for e in examples]
     references = [e["messages"][1]["content"] for e in examples]
-    return world.score_task(task, prompts, generate(model, tokenizer, prompts, max_new_tokens=16, batch_size=64), references)
+    return world.score_task(task, prompts, generate(model, tokenizer, prompts, max_new_tokens=16, batch_size=64),
+                            references)
 
 
 def plain_finetune(model, tokenizer, world: ToyWorld, task: str, *, steps: int = 150, lr: float = 1e-3,
