@@ -230,10 +230,10 @@ class RefusalDirections(L.Callback):
     def _warn_on_other_settings(self, basis: SafetyBasis) -> None:
         """A loaded basis was measured with its own settings, which win over this callback's: say where they differ,
         so a sweep over e.g. ``energy`` with ``load=`` set does not silently reuse one basis."""
-        mine = {"energy": None if self.rank else self.energy, "rank": self.rank, "ridge": self.ridge,  # (as measured)
-                "centered": self.centered,
-                "answer_tokens": self.answer_tokens, "head_answer_only": self.head_answer_only,
-                "input_differences": self.input_differences, "request_weight": self.request_weight,
+        # as _compute passes them: a fixed rank measures without an energy
+        mine = {"energy": None if self.rank else self.energy, "rank": self.rank, "ridge": self.ridge,
+                "centered": self.centered, "answer_tokens": self.answer_tokens,
+                "head_answer_only": self.head_answer_only, "input_differences": self.input_differences, "request_weight": self.request_weight,
                 "n_harmful": self.n_prompts}
         saved = basis.metadata
         differ = {key: (saved[key], value) for key, value in mine.items()
