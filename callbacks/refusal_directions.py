@@ -233,8 +233,8 @@ class RefusalDirections(L.Callback):
         # as _compute passes them: a fixed rank measures without an energy
         mine = {"energy": None if self.rank else self.energy, "rank": self.rank, "ridge": self.ridge,
                 "centered": self.centered, "answer_tokens": self.answer_tokens,
-                "head_answer_only": self.head_answer_only, "input_differences": self.input_differences, "request_weight": self.request_weight,
-                "n_harmful": self.n_prompts}
+                "head_answer_only": self.head_answer_only, "input_differences": self.input_differences,
+                "request_weight": self.request_weight, "n_harmful": self.n_prompts}
         saved = basis.metadata
         differ = {key: (saved[key], value) for key, value in mine.items()
                   if key in saved and saved[key] != value and not (key == "n_harmful" and saved[key] < value)}
