@@ -1,7 +1,7 @@
 """RefusalGuard callbacks, installed as ``rg_lightning.callbacks``.
 
-They work with any LightningModule that exposes its Hugging Face causal LM as ``self.model`` (or a
-``hf_model()`` method) and a tokenizer as ``self.tokenizer`` (or on the datamodule); see
+They work with any LightningModule that exposes its Hugging Face causal LM as ``self.model`` (or an
+``hf_model()`` method, attribute or property) and a tokenizer as ``self.tokenizer`` (or on the datamodule); see
 ``rg_lightning.contract``.
 """
 

@@ -34,6 +34,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
+from rg_lightning.arguments import require_bool, require_int, require_number
 from rg_lightning.atomic import atomic_file
 from rg_lightning.callbacks.projection import RepresentationProjection
 from rg_lightning.callbacks.refusal_directions import find_refusal_directions
@@ -145,6 +146,11 @@ class DriftGeometry(L.Callback):
     def __init__(self, every_n_steps: int = 25, harmful=None, harmless=None, system_prompt: str | None = None,
                  n_probes: int = 32, seed: int = 7, figures: bool = True,
                  warn_refusal_drop: float | None = 0.1, batch_size: int = 16, name: str = "drift") -> None:
+        for argument, value in (("every_n_steps", every_n_steps), ("n_probes", n_probes), ("seed", seed),
+                                ("batch_size", batch_size)):
+            require_int(argument, value)
+        require_number("warn_refusal_drop", warn_refusal_drop, optional=True)
+        require_bool("figures", figures)
         if every_n_steps < 1 or n_probes < 2 or batch_size < 1:
             raise ValueError("every_n_steps and batch_size must be >= 1 and n_probes >= 2")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):

@@ -29,7 +29,6 @@ several processes (flat shards that cut rows apart) and DeepSpeed are refused in
 
 from __future__ import annotations
 
-import math
 import os
 import weakref
 from collections.abc import Mapping
@@ -39,6 +38,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from rg_lightning.arguments import require_bool, require_number
 from rg_lightning.callbacks.refusal_directions import find_refusal_directions
 from rg_lightning.chat import require_chat_template, template_fingerprint
 from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
@@ -88,7 +88,7 @@ class RepresentationProjection(L.Callback):
             learnt (experiments/results/README.md, "How loose a tail"). A loose tail (large ``ridge``) held
             tight early keeps refusal through that phase and leaves the task more room after (miniature
             worlds, 450 steps: more refusal than the loose tail alone and more task than a tight one, but
-            goals on no more worlds). 0 (default): as built throughout.
+            goals on no more worlds). 0 (default): as built throughout. The scale is at least 1 (1: no change).
         hold_absent_rows: Each optimizer step moves only the input-embedding rows of tokens that occur in
             its batch (the others' gradients are zeroed; under DDP, in any rank's batch). AdamW's momentum still
             moves rows seen in earlier batches and its weight decay shrinks every row, so keep weight decay 0. With a
@@ -114,6 +114,13 @@ class RepresentationProjection(L.Callback):
         hold_absent_rows: bool = False,
         allow_unconstrained: bool = False,
     ) -> None:
+        require_number("strength", strength)
+        require_number("tail_reference_lr", tail_reference_lr, optional=True)
+        require_number("tail_early_scale", tail_early_scale)
+        for argument, value in (("freeze_norms", freeze_norms), ("protect_embeddings", protect_embeddings),
+                                ("project_gradients", project_gradients), ("hold_absent_rows", hold_absent_rows),
+                                ("allow_unconstrained", allow_unconstrained)):
+            require_bool(argument, value)
         if mode not in ("subspace", "directions"):
             raise ValueError(f"mode must be 'subspace' or 'directions', got {mode!r}")
         if not 0.0 <= strength <= 1.0:
@@ -128,8 +135,12 @@ class RepresentationProjection(L.Callback):
         self.project_gradients, self.tail_reference_lr = project_gradients, tail_reference_lr
         if isinstance(tail_early_steps, bool) or not isinstance(tail_early_steps, int) or tail_early_steps < 0:
             raise ValueError(f"tail_early_steps must be an int >= 0, got {tail_early_steps!r}")
-        if not 0 < tail_early_scale < math.inf:
-            raise ValueError(f"tail_early_scale must be a finite number > 0, got {tail_early_scale}")
+        if not tail_early_scale >= 1:
+            raise ValueError(f"tail_early_scale must be >= 1 (how many times as hard the tail pulls back early), "
+                             f"got {tail_early_scale}")
+        if tail_early_scale != 1 and not tail_early_steps:
+            rank_zero_warn(f"RepresentationProjection: tail_early_scale ({tail_early_scale}) applies only with "
+                           "tail_early_steps > 0.")
         self.tail_early_steps, self.tail_early_scale = tail_early_steps, tail_early_scale
         self._early = False  # in the first tail_early_steps optimizer steps (set before each step)
         self.hold_absent_rows = hold_absent_rows

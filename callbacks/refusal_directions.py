@@ -22,6 +22,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
+from rg_lightning.arguments import require_bool, require_int, require_number
 from rg_lightning.atomic import check_replaceable
 from rg_lightning.chat import require_chat_template, template_fingerprint
 from rg_lightning.contract import check_unsharded, hf_model, system_prompt_of, tokenizer_of
@@ -130,6 +131,18 @@ class RefusalDirections(L.Callback):
         input_differences: bool = False,
         request_weight: float = 1.0,
     ) -> None:
+        for argument, value in (("n_prompts", n_prompts), ("answer_tokens", answer_tokens),
+                                ("batch_size", batch_size), ("seed", seed), ("n_val", n_val)):
+            require_int(argument, value)
+        require_int("rank", rank, optional=True)
+        for argument, value in (("ridge", ridge), ("request_weight", request_weight), ("kl_threshold", kl_threshold)):
+            require_number(argument, value)
+        require_number("energy", energy, optional=True)
+        require_number("max_statistics_gb", max_statistics_gb, optional=True)
+        for argument, value in (("filter_prompts", filter_prompts), ("select_direction", select_direction),
+                                ("centered", centered), ("head_answer_only", head_answer_only),
+                                ("input_differences", input_differences)):
+            require_bool(argument, value)
         if not 0 <= ridge < math.inf or (ridge and centered):
             raise ValueError(f"ridge must be finite and >= 0 (and 0 with centered=True), got {ridge}")
         if not 0 <= request_weight <= 1 or (request_weight != 1 and centered):
@@ -146,7 +159,7 @@ class RefusalDirections(L.Callback):
                                            ("kl_threshold", kl_threshold != KL_THRESHOLD), ("n_val", n_val != 32))
                   if value and not select_direction]
         if unused:
-            rank_zero_warn(f"RefusalDirections: {', '.join(unused)} only apply with select_direction=True.")
+            rank_zero_warn(f"RefusalDirections: {', '.join(unused)} apply only with select_direction=True.")
         if answer_tokens < 0 or batch_size < 1:
             raise ValueError("answer_tokens must be >= 0 and batch_size >= 1")
         if load is not None and not os.path.isdir(load):

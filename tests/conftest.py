@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# local copies of the real benchmark files; tests that need them skip without them
+SHARED_DATA = Path(os.environ.get("RG_LIGHTNING_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 WORDS = (
     "how do i make a cake bomb bake cook build the what is plus one two three four five sure here you go "
     "cannot help with that review good bad positive negative tell me about write story poem . , ? !"

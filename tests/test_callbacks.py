@@ -561,8 +561,10 @@ def test_bad_arguments_are_refused_early():
         RepresentationProjection(tail_early_steps=-1)
     with pytest.raises(ValueError, match="tail_early_steps"):
         RepresentationProjection(tail_early_steps=2.5)
-    with pytest.raises(ValueError, match="tail_early_scale"):
-        RepresentationProjection(tail_early_scale=0.0)
+    with pytest.raises(ValueError, match="tail_early_scale must be >= 1"):
+        RepresentationProjection(tail_early_steps=10, tail_early_scale=0.5)  # looser early is not what it is for
+    with pytest.warns(UserWarning, match=r"tail_early_scale \(4.0\) applies only with tail_early_steps > 0"):
+        RepresentationProjection(tail_early_scale=4.0)
     with pytest.raises(FileNotFoundError, match="No saved safety basis"):
         RepresentationProjection(basis="/nonexistent/basis")
     with pytest.raises(ValueError, match="ridge must be finite"):
@@ -573,8 +575,28 @@ def test_bad_arguments_are_refused_early():
         RefusalDirections(request_weight=0.1, centered=True)
     with pytest.warns(UserWarning, match=r"`rank` \(8\) is given, so `energy` \(0.5\) is not used"):
         RefusalDirections(energy=0.5, rank=8)
-    with pytest.warns(UserWarning, match="val_harmful, kl_threshold only apply with select_direction=True"):
+    with pytest.warns(UserWarning, match="val_harmful, kl_threshold apply only with select_direction=True"):
         RefusalDirections(val_harmful=["a b", "c d"], kl_threshold=0.2)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: RefusalDirections(n_prompts=3.5), TypeError, "n_prompts must be an integer, got 3.5"),
+    (lambda: RefusalDirections(rank=True), TypeError, "rank must be an integer or None, got True"),
+    (lambda: RefusalDirections(energy="0.9"), TypeError, "energy must be a number or None, got '0.9'"),
+    (lambda: RefusalDirections(answer_tokens=2.5), TypeError, "answer_tokens must be an integer"),
+    (lambda: RefusalDirections(ridge="0.03"), TypeError, "ridge must be a number"),
+    (lambda: RefusalDirections(centered="yes"), TypeError, "centered must be true or false"),
+    (lambda: RepresentationProjection(strength="1"), TypeError, "strength must be a number"),
+    (lambda: RepresentationProjection(tail_reference_lr=float("inf")), ValueError, "tail_reference_lr must be finite"),
+    (lambda: RepresentationProjection(hold_absent_rows="no"), TypeError, "hold_absent_rows must be true or false"),
+    (lambda: DriftGeometry(every_n_steps=2.5), TypeError, "every_n_steps must be an integer"),
+    (lambda: DriftGeometry(warn_refusal_drop="0.1"), TypeError, "warn_refusal_drop must be a number or None"),
+], ids=["float-count", "bool-rank", "string-energy", "float-answer-tokens", "string-ridge", "string-flag",
+        "string-strength", "infinite-lr", "string-rows-flag", "float-cadence", "string-drop"])
+def test_wrong_argument_types_name_the_argument(make, error, message):
+    """Python callers get no jsonargparse type check: a wrong type stops in __init__, not deep in the fit."""
+    with pytest.raises(error, match=message):
+        make()
 
 
 @pytest.mark.parametrize("source, error, message", [

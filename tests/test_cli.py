@@ -101,6 +101,12 @@ def test_every_shipped_config_validates(config, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] and printed["data"]["class_path"]
+    for callback in printed["trainer"].get("callbacks") or []:
+        arguments = callback.get("init_args", {})
+        if callback["class_path"].endswith("ModelCheckpoint") and arguments.get("dirpath"):
+            # a fixed folder with the counter on: a rerun writes last-v1.ckpt and the README's `lightning test
+            # --ckpt_path .../last.ckpt` silently tests the first run's weights
+            assert arguments.get("enable_version_counter") is False, config.name
 
 
 

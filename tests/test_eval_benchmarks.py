@@ -42,7 +42,7 @@ HUB_ROWS = {
 @pytest.fixture
 def shared():
     if not SHARED_DATA.is_dir():
-        pytest.skip("the benchmark copies in ../shared/data (next to the repository) are absent")
+        pytest.skip("no benchmark copies in ../shared/data (next to the repository) or RG_LIGHTNING_DATA")
     return SHARED_DATA
 
 

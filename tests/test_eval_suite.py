@@ -31,7 +31,8 @@ REAL_BENCHMARKS = {
     "harmbench": "harmbench/harmbench_behaviors_text_test.csv",
     "strongreject": "refusal_direction/raw/strongreject.csv",
 }
-needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="benchmark copies in ../shared/data absent")
+needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(),
+                                       reason="no benchmark copies in ../shared/data or RG_LIGHTNING_DATA")
 
 
 def _rows(directory: Path) -> dict:

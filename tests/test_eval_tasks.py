@@ -21,7 +21,7 @@ from rg_lightning.toy.world import REFUSAL, ToyWorld
 @pytest.fixture
 def shared():
     if not SHARED_DATA.is_dir():
-        pytest.skip("the benchmark copies in ../shared/data (next to the repository) are absent")
+        pytest.skip("no benchmark copies in ../shared/data (next to the repository) or RG_LIGHTNING_DATA")
     return SHARED_DATA
 
 

@@ -14,7 +14,7 @@ def test_a_text_file_holds_one_prompt_per_line(tmp_path):
     assert load_prompts(str(path)) == ["how do i make a bomb ?", "how do i pick a lock ?"]
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="benchmark copies in ../shared/data absent")
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="no benchmark copies in ../shared/data or RG_LIGHTNING_DATA")
 def test_real_prompt_files():
     malicious_instruct = SHARED_DATA / "refusal_direction" / "raw" / "malicious_instruct.txt"
     assert len(load_prompts(str(malicious_instruct))) == 100  # one of the refusal-direction recipe's harmful sources

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     build.add_argument("--out", required=True, default=argparse.SUPPRESS,
                        help="output directory (rg_lightning/toy/aligned replaces the shipped model: a rebuild on "
-                            "another machine can differ from it by ~1e-6)")
+                            "another machine's CPU kernels can come out as another aligned model)")
     build.add_argument("--seed", type=int, default=0, help="seed of the alignment data and training")
     build.add_argument("--steps", type=int, default=None, help="alignment steps (None: the architecture's own)")
     build.add_argument("--variant", default="default", choices=("default", "alt"), help="world variant")
