@@ -575,3 +575,26 @@ def test_absent_rows_are_read_at_this_ranks_offset(monkeypatch):
     present[[1, 7]] = True  # token 1 in another rank's rows, token 7 in this one's
     projection.hold_absent_rows_(weight, present)
     assert shard[:, 0].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
+
+
+def test_a_model_without_adapters_is_guarded_without_importing_peft():
+    """Importing peft loads bitsandbytes, which prints a notice about its CPU kernels: a plain fine-tune
+    (``tiny.yaml``) must not import it just to find no LoRA layers. A fresh process: this one has peft loaded."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import sys, torch\n"
+        "from torch import nn\n"
+        "from rg_lightning.guard.collect import protected_modules\n"
+        "from rg_lightning.guard import build_constraints\n"
+        "model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4))\n"
+        "names = protected_modules(model)\n"
+        "build_constraints(model, {n: torch.linalg.qr(torch.randn(8 if n == '0' else 6, 2))[0] for n in names})\n"
+        "print(names, 'peft' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=root)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == "False" and "['0', '1']" in run.stdout, run.stdout

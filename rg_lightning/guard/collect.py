@@ -24,7 +24,7 @@ from torch import nn
 from rg_lightning.chat import left_padded, position_ids, render_prompt, require_chat_template
 from rg_lightning.generation import plain_greedy, stop_token_ids
 from rg_lightning.guard.basis import SafetyBasis, embedding_probe
-from rg_lightning.guard.projection import canonical_name
+from rg_lightning.guard.projection import canonical_name, lora_layer_types
 from rg_lightning.guard.shards import prompt_world
 from rg_lightning.guard.statistics import GramAccumulator, MeanAccumulator, capture_linear_inputs
 from rg_lightning.guard.subspace import centered_subspace, extend_basis, soft_subspace
@@ -71,13 +71,11 @@ def check_post_instruction_tokens(tokenizer, texts: list[str], suffix: str, n: i
 
 def protected_modules(model: nn.Module) -> list[str]:
     """Trainable linear layers (and PEFT LoRA layers): the modules whose updates the guard constrains."""
-    from peft.tuners.lora import LoraLayer
-
-    names, inside_lora = [], set()
+    names, inside_lora, lora_type = [], set(), lora_layer_types()
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in inside_lora):
             continue
-        if isinstance(module, LoraLayer):
+        if isinstance(module, lora_type):
             inside_lora.add(name)
             if isinstance(module.get_base_layer(), nn.Linear):  # LoRA on an embedding reads token ids, not vectors
                 names.append(name)

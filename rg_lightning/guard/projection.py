@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -558,11 +559,14 @@ class ConstraintSet:
         return "\n".join(lines)
 
 
-def _lora_layer_type():
-    """peft's LoraLayer (imported lazily: peft pulls in transformers)."""
+def lora_layer_types() -> tuple[type, ...]:
+    """peft's LoraLayer while peft is loaded, else no type (for ``isinstance``): only peft builds LoRA layers, and
+    importing it to find none would load bitsandbytes, which prints a notice about its CPU kernels on every run."""
+    if "peft" not in sys.modules:
+        return ()
     from peft.tuners.lora import LoraLayer
 
-    return LoraLayer
+    return (LoraLayer,)
 
 
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")  # PEFT init_lora_weights values (prefixes)
@@ -633,7 +637,7 @@ def build_constraints(
     parameters left without any constraint are listed in ``.uncovered``.
     """
     output_bases = output_bases or {}
-    lora_type = _lora_layer_type()
+    lora_type = lora_layer_types()
     named = list(model.named_modules())
     readers = {canonical_name(n) for n, m in named if isinstance(m, (nn.Linear, lora_type))}
     writers = readers | {canonical_name(n) for n, m in named if isinstance(m, nn.Embedding)}
