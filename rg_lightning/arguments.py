@@ -10,15 +10,13 @@ import math
 from numbers import Integral, Real
 
 
-def require_int(name: str, value, minimum: int | None = None, optional: bool = False) -> None:
-    """``value`` is an integer (not a bool), at least ``minimum``; ``None`` too when ``optional``."""
+def require_int(name: str, value, optional: bool = False) -> None:
+    """``value`` is an integer (not a bool); ``None`` too when ``optional``. Ranges are the caller's."""
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an integer{' or None' if optional else ''}, got {value!r} "
                         f"({type(value).__name__})")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def require_number(name: str, value, optional: bool = False) -> None:
