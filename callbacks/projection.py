@@ -45,8 +45,8 @@ from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.coverage import read_by_text
 from rg_lightning.guard.directions import direction_bases
-from rg_lightning.guard.projection import (ConstraintSet, batch_token_mask, build_constraints, frozen_adapter_keys,
-                                          hold_absent_rows_)
+from rg_lightning.guard.projection import (ConstraintSet, LinearConstraint, batch_token_mask, build_constraints,
+                                          frozen_adapter_keys, hold_absent_rows_)
 from rg_lightning.guard.shards import reshard
 
 
@@ -225,6 +225,16 @@ class RepresentationProjection(L.Callback):
                 "layer's input activations, so the adapters' rounding-level residue flips roundings downstream and the "
                 "protected outputs move (measured: 9e-3 after 4 steps on a tiny Llama, against 1e-6 with nf4). Load "
                 "the base in 4-bit (`quantization: nf4`) for the exact guarantee.")
+        half = [c for c in self.constraints.constraints
+                if isinstance(c, LinearConstraint) and c.param.dtype in (torch.bfloat16, torch.float16)]
+        if half and self.strength > 0:
+            rank_zero_warn(
+                f"RepresentationProjection: {len(half)} constrained weights are {str(half[0].param.dtype)[6:]} (e.g. "
+                f"{half[0].name}): each correction holds the protected outputs only to that dtype's rounding, and the "
+                "residue grows with how far the weights move (measured on tiny models, full fine-tuning: the final "
+                "hidden states moved by 3e-2 at lr 1e-4 and were not held at lr 1e-2; experiments/precision.py). "
+                "Load float32 weights (`dtype: float32`, with `precision: bf16-mixed` for speed), or train LoRA "
+                "with float32 adapters, for the exact guarantee.")
         if self.tail_early_steps and not self.constraints.has_tail:
             raise ValueError("RepresentationProjection: tail_early_steps tightens the damped tail, but the basis has "
                              "none. Give RefusalDirections a ridge > 0, or set tail_early_steps: 0.")

@@ -74,6 +74,19 @@ def test_protected_outputs_do_not_move_while_the_task_learns(tmp_path, tiny_mode
 
 
 
+def test_half_precision_weights_the_guard_corrects_warn(tmp_path, tiny_models, chat_file):
+    """bfloat16 weights under full fine-tuning hold the protected outputs only to bfloat16 rounding (see
+    experiments/precision.py): say so and name the fix. LoRA's float32 adapters on a bfloat16 base are exact."""
+    with pytest.warns(UserWarning, match=r"constrained weights are bfloat16 .*Load float32 weights"):
+        run_fit(tmp_path / "full", tiny_models["llama"], chat_file, [guard(), RepresentationProjection()], steps=1,
+                dtype="bfloat16")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_fit(tmp_path / "lora", tiny_models["llama"], chat_file, [guard(), RepresentationProjection()], steps=1,
+                dtype="bfloat16", lora_r=4)
+    assert not [w for w in caught if "constrained weights are" in str(w.message)]
+
+
 class WithReferenceAdapter(CausalLMModule):
     """A user's module that keeps a second, inactive adapter next to the trained one (a reference, an earlier
     task's), with B ≠ 0 so it does change the outputs it is switched on for."""
