@@ -13,7 +13,6 @@ gathered measurements, and the basis is broadcast from rank zero, so every rank 
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import weakref
@@ -143,8 +142,8 @@ class RefusalDirections(L.Callback):
                                 ("centered", centered), ("head_answer_only", head_answer_only),
                                 ("input_differences", input_differences)):
             require_bool(argument, value)
-        if not 0 <= ridge < math.inf or (ridge and centered):
-            raise ValueError(f"ridge must be finite and >= 0 (and 0 with centered=True), got {ridge}")
+        if ridge < 0 or (ridge and centered):
+            raise ValueError(f"ridge must be >= 0 (and 0 with centered=True), got {ridge}")
         if not 0 <= request_weight <= 1 or (request_weight != 1 and centered):
             raise ValueError(f"request_weight must be in [0, 1] (and 1 with centered=True), got {request_weight}")
         if n_prompts < 2:

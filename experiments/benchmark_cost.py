@@ -194,7 +194,10 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=None, help="fixed subspace dimension instead of --energy")
     parser.add_argument("--out", default="experiments/results/cost.json")
     args = parser.parse_args()
-    check_file_target(args.out, "--out")  # before minutes of measuring
+    try:
+        check_file_target(args.out, "--out")  # before minutes of measuring
+    except OSError as error:
+        parser.error(str(error))
     energy = None if args.rank else args.energy
     rows = [row for f in args.families
             for row in measure(f, args.size, args.device, args.steps, args.batch, args.length, energy, args.rank)]

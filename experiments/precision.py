@@ -24,7 +24,7 @@ import time
 
 import lightning as L
 import torch
-from transformers import AutoTokenizer, Gemma2Config, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config, LlamaConfig
 
 from rg_lightning import CausalLMModule
 from rg_lightning.atomic import atomic_file, check_file_target
@@ -49,8 +49,6 @@ def build(family: str, directory: str) -> None:
     config = config_class(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **SIZE, **extra)
     torch.manual_seed(0)
-    from transformers import AutoModelForCausalLM
-
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
@@ -70,10 +68,10 @@ def protected_outputs(module: CausalLMModule, prompts: list[str]) -> tuple[torch
 
 def measure(model_dir: str, dtype: str, lora_r: int, steps: int, lr: float) -> dict:
     def module() -> CausalLMModule:
-        made = CausalLMModule(model=model_dir, dtype=dtype, lora_r=lora_r,
-                              optimizer=lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.0))
-        made.configure_model()
-        return made
+        fresh = CausalLMModule(model=model_dir, dtype=dtype, lora_r=lora_r,
+                               optimizer=lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.0))
+        fresh.configure_model()
+        return fresh
 
     prompts = load_prompts(HARMFUL, N_PROMPTS, SEED)  # the ones RefusalDirections samples with this seed
     states0, logits0 = protected_outputs(module(), prompts)
@@ -91,9 +89,9 @@ def measure(model_dir: str, dtype: str, lora_r: int, steps: int, lr: float) -> d
                   enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
                   default_root_dir=root, callbacks=[refusal, projection]).fit(tuned, data)
     states, logits = protected_outputs(tuned, prompts)
-    linear = [c.anchor_error() for c in projection.constraints.constraints if hasattr(c, "anchor_error")]
+    anchor_errors = [c.anchor_error() for c in projection.constraints.constraints if hasattr(c, "anchor_error")]
     return {"states": float((states - states0).abs().max()), "logits": float((logits - logits0).abs().max()),
-            "anchor": max(linear), "moved": max(float((p.detach().float() - initial[name]).abs().max())
+            "anchor": max(anchor_errors), "moved": max(float((p.detach().float() - initial[name]).abs().max())
                                                 for name, p in tuned.model.named_parameters() if name in initial)}
 
 
@@ -108,7 +106,10 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
     if args.out:
-        check_file_target(args.out)
+        try:
+            check_file_target(args.out, "--out")
+        except OSError as error:
+            parser.error(str(error))
     torch.set_num_threads(args.threads)
     start, rows = time.perf_counter(), []
     print("| family | weights | mode | lr | steps | max |Δ final states| | max |Δ answer logits| "

@@ -73,18 +73,17 @@ def test_protected_outputs_do_not_move_while_the_task_learns(tmp_path, tiny_mode
     assert not torch.allclose(unprotected, protected_forward(reference, ["what is one plus two ?"]), atol=1e-3)
 
 
-
 def test_half_precision_weights_the_guard_corrects_warn(tmp_path, tiny_models, chat_file):
     """bfloat16 weights under full fine-tuning hold the protected outputs only to bfloat16 rounding (see
     experiments/precision.py): say so and name the fix. LoRA's float32 adapters on a bfloat16 base are exact."""
-    with pytest.warns(UserWarning, match=r"constrained weights are bfloat16 .*Load float32 weights"):
+    with pytest.warns(UserWarning, match=r"constrained weight\(s\) are bfloat16 .*Load float32 weights"):
         run_fit(tmp_path / "full", tiny_models["llama"], chat_file, [guard(), RepresentationProjection()], steps=1,
                 dtype="bfloat16")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run_fit(tmp_path / "lora", tiny_models["llama"], chat_file, [guard(), RepresentationProjection()], steps=1,
                 dtype="bfloat16", lora_r=4)
-    assert not [w for w in caught if "constrained weights are" in str(w.message)]
+    assert not [w for w in caught if "constrained weight(s) are" in str(w.message)]
 
 
 class WithReferenceAdapter(CausalLMModule):
@@ -572,7 +571,7 @@ def test_bad_arguments_are_refused_early():
         RepresentationProjection(tail_reference_lr=0.0)
     with pytest.raises(ValueError, match="tail_early_steps"):
         RepresentationProjection(tail_early_steps=-1)
-    with pytest.raises(ValueError, match="tail_early_steps"):
+    with pytest.raises(TypeError, match="tail_early_steps must be an integer"):
         RepresentationProjection(tail_early_steps=2.5)
     with pytest.raises(ValueError, match="tail_early_scale must be >= 1"):
         RepresentationProjection(tail_early_steps=10, tail_early_scale=0.5)  # looser early is not what it is for
@@ -610,6 +609,16 @@ def test_wrong_argument_types_name_the_argument(make, error, message):
     """Python callers get no jsonargparse type check: a wrong type stops in __init__, not deep in the fit."""
     with pytest.raises(error, match=message):
         make()
+
+
+def test_numpy_numbers_are_accepted_as_arguments():
+    """A value computed with numpy (a sweep's grid) is an integer or a number like Python's own."""
+    import numpy as np
+
+    RefusalDirections(n_prompts=np.int64(8), energy=np.float32(0.9), ridge=np.float64(0.03), rank=None)
+    RefusalDirections(rank=np.int32(4), energy=None)
+    RepresentationProjection(strength=np.float32(0.5), tail_early_steps=np.int64(2), tail_early_scale=np.float64(2))
+    DriftGeometry(every_n_steps=np.int64(5), n_probes=np.int16(4), warn_refusal_drop=np.float32(0.2))
 
 
 @pytest.mark.parametrize("source, error, message", [

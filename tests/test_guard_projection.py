@@ -1,6 +1,9 @@
 """Post-step constraints on plain linears: exact protection after real AdamW steps, learning elsewhere."""
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -580,10 +583,6 @@ def test_absent_rows_are_read_at_this_ranks_offset(monkeypatch):
 def test_a_model_without_adapters_is_guarded_without_importing_peft():
     """Importing peft loads bitsandbytes, which prints a notice about its CPU kernels: a plain fine-tune
     (``tiny.yaml``) must not import it just to find no LoRA layers. A fresh process: this one has peft loaded."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = (
         "import sys, torch\n"
         "from torch import nn\n"
