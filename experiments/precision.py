@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Llam
 from rg_lightning import CausalLMModule
 from rg_lightning.atomic import atomic_file, check_file_target
 from rg_lightning.callbacks import RefusalDirections, RepresentationProjection
-from rg_lightning.chat import render_prompt
+from rg_lightning.chat import encode_prompts, position_ids
 from rg_lightning.prompts import load_prompts
 from rg_lightning.toy import ALIGNED_MODEL_DIR
 from rg_lightning.toy.data import ToyTaskDataModule
@@ -55,14 +55,9 @@ def build(family: str, directory: str) -> None:
 
 def protected_outputs(module: CausalLMModule, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states at every position and the last position's logits, in float32."""
-    tokenizer = module.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    batch = tokenizer([render_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
-                      add_special_tokens=False)
-    tokenizer.padding_side = side
-    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    batch = encode_prompts(module.tokenizer, prompts)
     with torch.no_grad():
-        output = module.model(**batch, position_ids=positions, output_hidden_states=True)
+        output = module.model(**batch, position_ids=position_ids(batch["attention_mask"]), output_hidden_states=True)
     return output.hidden_states[-1][batch["attention_mask"].bool()].float(), output.logits[:, -1].float()
 
 
