@@ -199,6 +199,7 @@ class RepresentationProjection(L.Callback):
                 "the projection's state, so it holds the fine-tuned weights' responses, not the aligned model's. "
                 "Resume from a checkpoint of a guarded run, or start from the aligned model.")
         self.constraints = build_constraints(model, inputs, output_bases=outputs, protected_token_ids=ids,
+                                             protected_token_weights=basis.protected_token_weights,
                                              strength=self.strength, freeze_norms=self.freeze_norms,
                                              project_lora=not restoring, measured_with_adapters=True)
         if restoring:  # resume: the anchors of the aligned model, not of the drifted one

@@ -102,6 +102,12 @@ class RefusalDirections(L.Callback):
             12 shipped worlds at 150 steps and refusal where it was short, but met the goals on no more of them;
             0.03 and 0.01 lost refusal on worlds whose refusal reads the request
             (experiments/results/README.md). Not with ``centered``.
+        row_energy: 1 (default): the embedding rows of every token in the harmful prompts are held exactly.
+            Below 1: the rows of the most frequent of those tokens, covering ``row_energy`` of their
+            occurrences, are held exactly and the others are pulled back at every step with weight
+            ``p / (p + row_ridge)``, ``p`` the token's share of the occurrences (``guard.subspace.row_weights``):
+            the rows' counterpart of ``energy`` and ``ridge``. Rarely read rows can then follow the task.
+        row_ridge: The damping of the rows below ``row_energy`` (0: left free); only with ``row_energy`` < 1.
     """
 
     def __init__(
@@ -129,12 +135,15 @@ class RefusalDirections(L.Callback):
         ridge: float = 0.0,
         input_differences: bool = False,
         request_weight: float = 1.0,
+        row_energy: float = 1.0,
+        row_ridge: float = 0.0,
     ) -> None:
         for argument, value in (("n_prompts", n_prompts), ("answer_tokens", answer_tokens),
                                 ("batch_size", batch_size), ("seed", seed), ("n_val", n_val)):
             require_int(argument, value)
         require_int("rank", rank, optional=True)
-        for argument, value in (("ridge", ridge), ("request_weight", request_weight), ("kl_threshold", kl_threshold)):
+        for argument, value in (("ridge", ridge), ("request_weight", request_weight), ("kl_threshold", kl_threshold),
+                                ("row_energy", row_energy), ("row_ridge", row_ridge)):
             require_number(argument, value)
         require_number("energy", energy, optional=True)
         require_number("max_statistics_gb", max_statistics_gb, optional=True)
@@ -146,6 +155,10 @@ class RefusalDirections(L.Callback):
             raise ValueError(f"ridge must be >= 0 (and 0 with centered=True), got {ridge}")
         if not 0 <= request_weight <= 1 or (request_weight != 1 and centered):
             raise ValueError(f"request_weight must be in [0, 1] (and 1 with centered=True), got {request_weight}")
+        if not 0 < row_energy <= 1 or row_ridge < 0:
+            raise ValueError(f"row_energy must be in (0, 1] and row_ridge >= 0, got {row_energy} and {row_ridge}")
+        if row_ridge and row_energy == 1:
+            rank_zero_warn(f"RefusalDirections: row_ridge ({row_ridge}) applies only with row_energy < 1.")
         if n_prompts < 2:
             raise ValueError(f"n_prompts must be at least 2, got {n_prompts}")
         if rank is None and (energy is None or not 0.0 < energy <= 1.0):
@@ -187,6 +200,7 @@ class RefusalDirections(L.Callback):
         self.max_statistics_gb = max_statistics_gb
         self.centered, self.head_answer_only, self.ridge = centered, head_answer_only, ridge
         self.input_differences, self.request_weight = input_differences, request_weight
+        self.row_energy, self.row_ridge = row_energy, row_ridge
         self.basis: SafetyBasis | None = None
         self._model = lambda: None  # weak reference to the model the basis belongs to
         self._restored = False  # the basis came from a checkpoint: it belongs to the model being resumed
@@ -246,7 +260,8 @@ class RefusalDirections(L.Callback):
         mine = {"energy": None if self.rank else self.energy, "rank": self.rank, "ridge": self.ridge,
                 "centered": self.centered, "answer_tokens": self.answer_tokens,
                 "head_answer_only": self.head_answer_only, "input_differences": self.input_differences,
-                "request_weight": self.request_weight, "n_harmful": self.n_prompts}
+                "request_weight": self.request_weight, "row_energy": self.row_energy, "row_ridge": self.row_ridge,
+                "n_harmful": self.n_prompts}
         saved = basis.metadata
         differ = {key: (saved[key], value) for key, value in mine.items()
                   if key in saved and saved[key] != value and not (key == "n_harmful" and saved[key] < value)}
@@ -286,7 +301,7 @@ class RefusalDirections(L.Callback):
                 system_prompt=self.rendering_system_prompt,
                 progress=progress, max_statistics_gb=self.max_statistics_gb, centered=self.centered,
                 head_answer_only=self.head_answer_only, ridge=self.ridge, input_differences=self.input_differences,
-                request_weight=self.request_weight,
+                request_weight=self.request_weight, row_energy=self.row_energy, row_ridge=self.row_ridge,
                 metadata={"model_id": model_id, "chat_template_hash": template_fingerprint(tokenizer),
                           "harmful_hash": fingerprint(harmful), "harmless_hash": fingerprint(harmless),
                           "harmful_source": str(self.harmful)[:200], "harmless_source": str(self.harmless)[:200],
@@ -298,10 +313,12 @@ class RefusalDirections(L.Callback):
         exact = [int((basis_weights(b) > UNIT_WEIGHT).sum()) for b in basis.subspaces.values()]
         tail = (f", held exactly {min(exact, default=0)}-{max(exact, default=0)}, the rest a damped tail"
                 if sum(exact) < sum(dims) else "")
+        rows = ("" if basis.protected_token_weights is None else
+                f" ({basis.metadata['rows_exact']} of their rows held exactly, the rest damped)")
         rank_zero_info(
             f"RefusalDirections: {len(harmful)} harmful / {len(harmless)} harmless prompts, "
             f"{len(basis.subspaces)} protected modules (subspace dims {min(dims, default=0)}-{max(dims, default=0)}"
-            f"{tail}), {basis.protected_token_ids.numel()} protected tokens"
+            f"{tail}), {basis.protected_token_ids.numel()} protected tokens{rows}"
         )
         return basis
 

@@ -72,6 +72,7 @@ DEFAULT_TAIL_REFERENCE_LR = 1e-3  # experiments/tiny.yaml (RepresentationProject
 DEFAULT_HOLD_ABSENT_ROWS = True  # experiments/tiny.yaml (RepresentationProjection hold_absent_rows)
 DEFAULT_INPUT_DIFFERENCES = False  # experiments/tiny.yaml (RefusalDirections input_differences)
 DEFAULT_REQUEST_WEIGHT = 1.0  # experiments/tiny.yaml (RefusalDirections request_weight)
+DEFAULT_ROW_ENERGY, DEFAULT_ROW_RIDGE = 1.0, 0.0  # experiments/tiny.yaml (RefusalDirections row_energy, row_ridge)
 WORLD_THREADS = 1  # every non-shipped world in experiments/results was built with one thread (see toy.build.THREADS)
 SHIPPED_WORLDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worlds")  # <variant>-<arch>/ each
 DEFAULT_ANSWER_TOKENS = 0  # experiments/tiny.yaml (RefusalDirections answer_tokens); likewise
@@ -211,7 +212,8 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
             replay_fraction: float = DEFAULT_REPLAY_FRACTION, weight_decay: float = DEFAULT_WEIGHT_DECAY,
             sft_betas: tuple[float, float, float] = ConstrainedSFT.BETAS, validation: bool = False,
             every: int = 0, tail_early: tuple[int, float] = (0, 1.0),
-            request_weight: float = DEFAULT_REQUEST_WEIGHT) -> dict:
+            request_weight: float = DEFAULT_REQUEST_WEIGHT, row_energy: float = DEFAULT_ROW_ENERGY,
+            row_ridge: float = DEFAULT_ROW_RIDGE) -> dict:
     L.seed_everything(seed)
     report = (Trajectory(every, task=task, variant=variant, validation=validation) if every
               else AlignmentReport(task=task, variant=variant, validation=validation))
@@ -223,7 +225,8 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
                                         centered=centered, head_answer_only=head_answer_only,
                                         answer_tokens=answer_tokens, batch_size=32,
                                         seed=seed, ridge=ridge, input_differences=input_differences,
-                                        request_weight=request_weight),
+                                        request_weight=request_weight, row_energy=row_energy,
+                                        row_ridge=row_ridge),
                       LeavingOut(list(leave_out), variant, mode="directions" if arm == "directions" else "subspace",
                                  project_gradients=project_gradients, tail_reference_lr=tail_reference_lr,
                                  tail_early_steps=tail_early[0], tail_early_scale=tail_early[1],
@@ -377,6 +380,12 @@ def main() -> None:
     parser.add_argument("--request-weight", type=float, default=DEFAULT_REQUEST_WEIGHT,
                         help="RefusalDirections request_weight: weight of the prompt positions before the "
                              "post-instruction template in the statistics (1: every position alike)")
+    parser.add_argument("--row-energy", type=float, default=DEFAULT_ROW_ENERGY,
+                        help="RefusalDirections row_energy: embedding rows of the most frequent protected tokens, "
+                             "covering this share of their occurrences, held exactly (1: every row)")
+    parser.add_argument("--row-ridge", type=float, default=DEFAULT_ROW_RIDGE,
+                        help="RefusalDirections row_ridge: the other protected rows pulled back with weight "
+                             "p/(p+row_ridge) (0: left free)")
     parser.add_argument("--replay-fraction", type=float, default=DEFAULT_REPLAY_FRACTION,
                         help="replay arm (the safety-data mixing defence, no guard): share of the training rows "
                              "that are harmful requests from the basis split answered with a refusal")
@@ -412,7 +421,8 @@ def main() -> None:
                                 args.rank, args.centered, args.head_positions == "answer", args.ridge, args.leave_out,
                                 args.tail_reference_lr or None, args.hold_absent_rows, args.input_differences,
                                 args.replay_fraction, args.weight_decay, tuple(args.sft_betas), args.validation,
-                                args.every, tail_early, request_weight=args.request_weight))
+                                args.every, tail_early, request_weight=args.request_weight,
+                                row_energy=args.row_energy, row_ridge=args.row_ridge))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
@@ -427,6 +437,7 @@ def main() -> None:
         name += (("_centered" if args.centered else "_uncentered") if args.centered != DEFAULT_CENTERED else "")
         name += (f"_ridge{args.ridge:g}" if args.ridge else "")  # files without it: hard cutoff
         name += (f"_request{args.request_weight:g}" if args.request_weight != 1 else "")  # without it: weight 1
+        name += (f"_rows{args.row_energy:g}r{args.row_ridge:g}" if args.row_energy != 1 else "")  # without: exact
         name += (f"_answer{args.answer_tokens}" if args.answer_tokens != DEFAULT_ANSWER_TOKENS else "")
         name += "".join(f"_no-{group}" for group in args.leave_out)
         name += ((f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "")
@@ -468,6 +479,8 @@ def main() -> None:
              + (", embedding rows of tokens absent from the batch held" if args.hold_absent_rows else "")
              + (", harmful-minus-harmless input means held" if args.input_differences else "")
              + (f", request positions weighted {args.request_weight:g}" if args.request_weight != 1 else "")
+             + (f", embedding rows covering {args.row_energy:g} of the protected tokens' occurrences held exactly, "
+                f"the rest weighted p/(p+{args.row_ridge:g})" if args.row_energy != 1 else "")
              + f", {args.n_prompts} prompts, answer tokens {args.answer_tokens}, gradients "
              + f"{'not ' if args.post_step_only else ''}projected before each step; ")
     aligned = describe_world(model_dir)

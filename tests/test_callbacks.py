@@ -242,11 +242,13 @@ def test_gradient_accumulation_clipping_and_amp_keep_protection(tmp_path, tiny_m
                            reference.model.model.layers[0].mlp.up_proj.weight)  # it trained
 
 
-@pytest.mark.parametrize("lora", [{}, {"lora_r": 4}], ids=["full", "lora"])
-def test_crash_then_resume_restores_every_callback(tmp_path, tiny_models, chat_file, monkeypatch, lora):
-    """strength 0.5: a LoRA matrix projected again when its constraint is rebuilt on resume would differ."""
+@pytest.mark.parametrize("lora, rows", [({}, {}), ({"lora_r": 4}, {}), ({}, {"row_energy": 0.5, "row_ridge": 0.3})],
+                         ids=["full", "lora", "damped-rows"])
+def test_crash_then_resume_restores_every_callback(tmp_path, tiny_models, chat_file, monkeypatch, lora, rows):
+    """strength 0.5: a LoRA matrix projected again when its constraint is rebuilt on resume would differ. Damped
+    rows: their weights come back with the basis and the constraints (not measured again on the drifted model)."""
     def callbacks():
-        return [guard(), RepresentationProjection(strength=0.5), DriftGeometry(every_n_steps=1, figures=False)]
+        return [guard(**rows), RepresentationProjection(strength=0.5), DriftGeometry(every_n_steps=1, figures=False)]
 
     straight, _ = run_fit(tmp_path / "straight", tiny_models["llama"], chat_file, callbacks(), steps=4, **lora)
     first = callbacks()
@@ -261,6 +263,8 @@ def test_crash_then_resume_restores_every_callback(tmp_path, tiny_models, chat_f
                          ckpt_path=str(checkpoint), **lora)
     for key, tensor in first[0].basis.tensors().items():
         assert torch.equal(tensor, second[0].basis.tensors()[key]), key
+    assert ("protected_token_weights" in second[0].basis.tensors()) == bool(rows)
+    assert any("weights" in state for state in second[1].constraints.state_dict().values()) == bool(rows)
     for key, state in first[1].constraints.state_dict().items():
         for name, tensor in state.items():
             assert torch.equal(tensor, second[1].constraints.state_dict()[key][name]), (key, name)
@@ -583,6 +587,12 @@ def test_bad_arguments_are_refused_early():
         RefusalDirections(ridge=float("inf"))
     with pytest.raises(ValueError, match=r"request_weight must be in \[0, 1\]"):
         RefusalDirections(request_weight=1.5)
+    with pytest.raises(ValueError, match=r"row_energy must be in \(0, 1\] and row_ridge >= 0"):
+        RefusalDirections(row_energy=0.0)
+    with pytest.raises(ValueError, match=r"row_energy must be in \(0, 1\] and row_ridge >= 0"):
+        RefusalDirections(row_energy=0.5, row_ridge=-1.0)
+    with pytest.warns(UserWarning, match=r"row_ridge \(0.3\) applies only with row_energy < 1"):
+        RefusalDirections(row_ridge=0.3)
     with pytest.raises(ValueError, match="and 1 with centered=True"):
         RefusalDirections(request_weight=0.1, centered=True)
     with pytest.warns(UserWarning, match=r"`rank` \(8\) is given, so `energy` \(0.5\) is not used"):

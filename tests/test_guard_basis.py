@@ -18,9 +18,12 @@ def _basis(**changes):
     return SafetyBasis(**fields)
 
 
-def test_save_and_load_round_trip_bit_exact(tmp_path):
-    basis = _basis()
+@pytest.mark.parametrize("weights", [None, torch.tensor([1.0, 0.25, 0.5])], ids=["exact-rows", "damped-rows"])
+def test_save_and_load_round_trip_bit_exact(tmp_path, weights):
+    basis = _basis(protected_token_weights=weights)
     loaded = SafetyBasis.load(basis.save(str(tmp_path / "basis")))
+    assert set(loaded.tensors()) == set(basis.tensors())
+    assert ("protected_token_weights" in loaded.tensors()) == (weights is not None)  # a basis without: every row exact
     for key, value in basis.tensors().items():
         assert torch.equal(loaded.tensors()[key], value) and loaded.tensors()[key].dtype == value.dtype, key
     assert loaded.metadata == basis.metadata
@@ -41,6 +44,12 @@ def test_save_and_load_round_trip_bit_exact(tmp_path):
     ({"embedding_probe_ids": torch.tensor([1, 4])}, "embedding probe must be"),
     ({"embedding_probe_ids": torch.tensor([1, 4]), "embedding_probe_rows": torch.ones(3, 8)},
      "embedding probe must be"),
+    ({"protected_token_weights": torch.tensor([1.0, 0.5])}, "one weight in \\[0, 1\\] per distinct"),
+    ({"protected_token_weights": torch.tensor([1.0, 0.5, 1.5])}, "one weight in \\[0, 1\\] per distinct"),
+    ({"protected_token_weights": torch.tensor([1, 1, 1])}, "one weight in \\[0, 1\\] per distinct"),
+    ({"protected_token_weights": torch.tensor([1.0, float("nan"), 1.0])}, "one weight in \\[0, 1\\] per distinct"),
+    ({"protected_token_ids": torch.tensor([1, 1, 5]), "protected_token_weights": torch.ones(3)},
+     "one weight in \\[0, 1\\] per distinct"),
 ])
 def test_malformed_contents_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -139,11 +139,13 @@ def _worker(rank, world_size, store, model_dir, out, options):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("options", [{"input_differences": True}, {"centered": True}],
-                         ids=["input-differences", "centered"])
+@pytest.mark.parametrize("options", [{"input_differences": True}, {"centered": True},
+                                     {"row_energy": 0.5, "row_ridge": 0.3}],
+                         ids=["input-differences", "centered", "row-weights"])
 def test_a_process_without_prompts_adds_nothing(tmp_path, tiny_models, options):
     """Three processes, two prompts per set: the third process's shards are empty. Centred subspaces need the
-    input sums reduced over processes too (each rank would centre with its own otherwise)."""
+    input sums reduced over processes too (each rank would centre with its own otherwise), and row weights the
+    token counts of every rank's prompts."""
     out = mp.Manager().dict()
     mp.start_processes(_worker, args=(3, str(tmp_path / "store"), tiny_models["llama"], out, options), nprocs=3,
                        start_method="fork")
@@ -396,3 +398,28 @@ def test_a_suffix_that_tokenizes_into_another_count_inside_the_prompt_is_refused
     with pytest.raises(ValueError, match="does not tokenize apart"):
         check_post_instruction_tokens(offsets, ["abcXYZ"], "XYZ", 2)
     check_post_instruction_tokens(offsets, ["abcXYZ"], "XYZ", 3)
+
+
+def test_row_weights_follow_how_often_each_token_occurs_in_the_harmful_prompts(tiny_models):
+    """``row_energy`` < 1: the weights are :func:`row_weights` of each protected token's count in the rendered
+    harmful prompts (the test counts them itself); the default holds every row exactly and stores no weights."""
+    from rg_lightning.chat import render_prompt
+    from rg_lightning.guard.subspace import row_weights
+
+    model, tokenizer = _load(tiny_models["llama"])
+    plain = collect_basis(model, tokenizer, HARMFUL, HARMLESS, energy=0.9, answer_tokens=0)
+    assert plain.protected_token_weights is None
+    basis = collect_basis(model, tokenizer, HARMFUL, HARMLESS, energy=0.9, answer_tokens=0, row_energy=0.5,
+                          row_ridge=0.3)
+    counts: dict[int, int] = {}
+    for prompt in HARMFUL:
+        for token in tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]:
+            counts[token] = counts.get(token, 0) + 1
+    assert basis.protected_token_ids.tolist() == sorted(counts) == plain.protected_token_ids.tolist()
+    expected = row_weights(torch.tensor([counts[t] for t in sorted(counts)], dtype=torch.float64), 0.5, 0.3)
+    torch.testing.assert_close(basis.protected_token_weights, expected.float())
+    assert 0 < basis.metadata["rows_exact"] < len(counts) and basis.metadata["row_energy"] == 0.5
+    frequent = max(counts, key=counts.get)
+    assert basis.protected_token_weights[sorted(counts).index(frequent)] == 1.0
+    with pytest.raises(ValueError, match="row_energy must be in"):
+        collect_basis(model, tokenizer, HARMFUL, HARMLESS, row_energy=0.0)

@@ -236,3 +236,24 @@ def test_centered_subspace_never_takes_the_mean_twice():
         basis = centered_subspace(x.T @ x, x.sum(0), 4, **kwargs)
         assert basis.shape == (3, 2), kwargs
         torch.testing.assert_close(basis[:, 1].abs(), torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+
+
+def test_row_weights_hold_the_most_frequent_rows_exactly_and_damp_the_rest_by_their_share():
+    from rg_lightning.guard.subspace import row_weights
+
+    counts = torch.tensor([1, 50, 20, 20, 9], dtype=torch.float64)  # 100 occurrences
+    weights = row_weights(counts, energy=0.6, ridge=0.3)
+    # 50 + 20 (the first of the tied 20s, by position) cover 70% >= 60%: those two rows are exact
+    assert weights[[1, 2]].tolist() == [1.0, 1.0]
+    torch.testing.assert_close(weights[[0, 3, 4]], torch.tensor([0.01 / 0.31, 0.2 / 0.5, 0.09 / 0.39],
+                                                                dtype=torch.float64))
+    assert row_weights(counts, energy=0.5, ridge=0.3)[1] == 1 and row_weights(counts, 0.5, 0.3)[2] < 1
+    assert torch.equal(row_weights(counts, energy=1.0, ridge=0.3), torch.ones(5, dtype=torch.float64))
+    assert row_weights(counts, energy=0.6, ridge=0.0)[[0, 3, 4]].tolist() == [0.0, 0.0, 0.0]  # left free
+    looser = row_weights(counts, energy=0.6, ridge=1.0)
+    assert bool((looser <= weights).all()) and bool((looser[[0, 3, 4]] < weights[[0, 3, 4]]).all())
+    for bad in (torch.tensor([1.0, 0.0]), torch.tensor([]), torch.tensor([[1.0]]), torch.tensor([float("nan")])):
+        with pytest.raises(ValueError, match="counts must be"):
+            row_weights(bad, 0.5, 0.3)
+    with pytest.raises(ValueError, match="energy must be in"):
+        row_weights(counts, 0.0, 0.3)

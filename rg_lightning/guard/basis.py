@@ -1,7 +1,8 @@
 """SafetyBasis: everything RefusalGuard measured on the aligned model, as one checkpointable object.
 
 It holds the difference-in-means candidates (per layer and post-instruction position), the protected
-input subspace of every module, the token ids of the protected prompts, and metadata that ties it to
+input subspace of every module, the token ids of the protected prompts (with their rows' pull-back weights when
+some rows are damped), and metadata that ties it to
 one model and one prompt set. It saves as ``basis.safetensors`` + ``basis.json`` in a directory.
 
 Metadata written by RefusalDirections' options: ``selected`` (the chosen ``{"position", "layer"}``, which
@@ -64,6 +65,9 @@ class SafetyBasis:
     # model name (two runs of one architecture have the same shapes); None in bases saved before it existed
     embedding_probe_ids: Tensor | None = None  # 1-D int64
     embedding_probe_rows: Tensor | None = None  # [len(ids), hidden] float32
+    # each protected row's pull-back weight in [0, 1] (guard.subspace.row_weights), aligned with
+    # protected_token_ids; None (and in bases saved before it existed): every row held exactly
+    protected_token_weights: Tensor | None = None  # 1-D float32
 
     def __post_init__(self) -> None:
         if self.harmful_means.shape != self.harmless_means.shape or self.harmful_means.dim() != 3:
@@ -97,6 +101,12 @@ class SafetyBasis:
                 and (self.embedding_probe_ids.is_floating_point() or self.embedding_probe_ids.ndim != 1
                      or tuple(self.embedding_probe_rows.shape) != (len(self.embedding_probe_ids), self.hidden_size))):
             raise ValueError(f"SafetyBasis embedding probe must be 1-D token ids and their [ids, hidden] rows{damaged}")
+        weights = self.protected_token_weights
+        if weights is not None and (not weights.is_floating_point() or weights.shape != ids.shape
+                                    or not torch.isfinite(weights).all() or bool(((weights < 0) | (weights > 1)).any())
+                                    or torch.unique(ids).numel() != ids.numel()):
+            raise ValueError("SafetyBasis protected_token_weights must be one weight in [0, 1] per distinct protected "
+                             f"token id{damaged}")
         for name, tensor in {"harmful_means": self.harmful_means, "harmless_means": self.harmless_means,
                              **{f"subspace {k}": v for k, v in self.subspaces.items()}}.items():
             if not torch.isfinite(tensor).all():
@@ -221,6 +231,8 @@ class SafetyBasis:
         if self.embedding_probe_ids is not None:
             out.update({"embedding_probe_ids": self.embedding_probe_ids,
                         "embedding_probe_rows": self.embedding_probe_rows})
+        if self.protected_token_weights is not None:
+            out["protected_token_weights"] = self.protected_token_weights
         out.update({f"subspace.{name}": basis for name, basis in self.subspaces.items()})
         return {key: value.detach().cpu().contiguous() for key, value in out.items()}
 
@@ -231,7 +243,8 @@ class SafetyBasis:
             raise ValueError(f"Safety basis is missing {sorted(missing)}; the file is not a RefusalGuard basis.")
         subspaces = {k[len("subspace."):]: v for k, v in tensors.items() if k.startswith("subspace.")}
         return cls(tensors["harmful_means"], tensors["harmless_means"], subspaces, tensors["protected_token_ids"],
-                   dict(metadata), tensors.get("embedding_probe_ids"), tensors.get("embedding_probe_rows"))
+                   dict(metadata), tensors.get("embedding_probe_ids"), tensors.get("embedding_probe_rows"),
+                   tensors.get("protected_token_weights"))
 
     def save(self, directory: str) -> str:
         """Write ``basis.safetensors`` and ``basis.json`` atomically (staged, then renamed)."""

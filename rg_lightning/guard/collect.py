@@ -15,6 +15,7 @@ are generated once), turns its Grams into subspaces and frees them. One pass whe
 
 from __future__ import annotations
 
+import collections
 import contextlib
 
 import torch
@@ -27,7 +28,7 @@ from rg_lightning.guard.basis import SafetyBasis, embedding_probe
 from rg_lightning.guard.projection import canonical_name, lora_layer_types
 from rg_lightning.guard.shards import prompt_world
 from rg_lightning.guard.statistics import GramAccumulator, MeanAccumulator, capture_linear_inputs
-from rg_lightning.guard.subspace import centered_subspace, extend_basis, soft_subspace
+from rg_lightning.guard.subspace import centered_subspace, extend_basis, row_weights, soft_subspace
 from rg_lightning.modes import enter_eval
 
 
@@ -251,6 +252,8 @@ def collect_basis(
     ridge: float = 0.0,
     input_differences: bool = False,
     request_weight: float = 1.0,
+    row_energy: float = 1.0,
+    row_ridge: float = 0.0,
 ) -> SafetyBasis:
     """Measure the aligned model once and return its SafetyBasis (identical on every rank).
 
@@ -274,6 +277,10 @@ def collect_basis(
     positions, where the model decides to refuse, and the answer tokens weigh 1. Below 1 the energy cutoff
     and the tail's shares favour what the modules read there, and the request's own directions are held more
     loosely (through the tail, their shares scaled by the weight; not with ``centered``).
+    ``row_energy`` < 1: the embedding rows of the protected tokens get pull-back weights from how often each
+    token occurs in the harmful prompts (:func:`~rg_lightning.guard.subspace.row_weights`): the most frequent
+    ones covering ``row_energy`` of the occurrences are held exactly, the rest weighted ``p / (p + row_ridge)``
+    (``row_ridge`` 0: left free). 1 (default): every row exact.
     """
     if max_statistics_gb is not None and not max_statistics_gb > 0:
         raise ValueError(f"max_statistics_gb must be positive or None, got {max_statistics_gb}.")
@@ -281,6 +288,8 @@ def collect_basis(
         raise ValueError(f"ridge must be >= 0 (and 0 with centered=True), got {ridge}")
     if not 0 <= request_weight <= 1 or (request_weight != 1 and centered):
         raise ValueError(f"request_weight must be in [0, 1] (and 1 with centered=True), got {request_weight}")
+    if not 0 < row_energy <= 1 or not row_ridge >= 0:
+        raise ValueError(f"row_energy must be in (0, 1] and row_ridge >= 0, got {row_energy} and {row_ridge}")
     if len(harmful) < 2 or len(harmless) < 2:
         raise ValueError(f"Need at least 2 harmful and 2 harmless prompts, got {len(harmful)} and {len(harmless)}.")
     if set(harmful) == set(harmless):
@@ -305,7 +314,7 @@ def collect_basis(
     unread: list[str] = []  # protected linears no protected prompt reaches (a vision tower's): nothing to hold
     means = {"harmful": MeanAccumulator(), "harmless": MeanAccumulator()}
     subspaces: dict[str, torch.Tensor] = {}
-    token_ids: set[int] = set()
+    token_counts: collections.Counter = collections.Counter()  # occurrences of each token in the harmful prompts
     harmful_batches: list[tuple[dict, torch.Tensor, int]] = []
     head = output_head_name(model, list(groups)) if head_answer_only else None
     input_means = {"harmful": MeanAccumulator(), "harmless": MeanAccumulator()}
@@ -376,7 +385,7 @@ def collect_basis(
                         column = prompt_width - n_positions + position
                         means[kind].update((layer, position), states[:, column])
                 if kind == "harmful":
-                    token_ids.update(batch["input_ids"][mask].tolist())
+                    token_counts.update(batch["input_ids"][mask].tolist())
                     if len(passes) > 1:
                         harmful_batches.append((batch, positions, prompt_width))
                 if progress is not None:
@@ -407,8 +416,10 @@ def collect_basis(
             gram_pass(grams, names_in_pass)
         if processes > 1:
             gathered: list = [None] * processes
-            dist.all_gather_object(gathered, sorted(token_ids))
-            token_ids = {t for ids in gathered for t in ids}
+            dist.all_gather_object(gathered, sorted(token_counts.items()))
+            token_counts = collections.Counter()
+            for counts in gathered:
+                token_counts.update(dict(counts))
     finally:
         restore_modes()
 
@@ -420,12 +431,17 @@ def collect_basis(
     meta.update({"n_harmful": len(harmful), "n_harmless": len(harmless), "post_instruction_tokens": n_positions,
                  "energy": energy, "rank": rank, "centered": centered, "ridge": ridge,
                  "input_differences": input_differences, "head_answer_only": head_answer_only,
-                 "request_weight": request_weight,
+                 "request_weight": request_weight, "row_energy": row_energy, "row_ridge": row_ridge,
                  "answer_tokens": answer_tokens, "modules": [name for name in names if name in subspaces],
                  "modules_not_read": unread,
                  "subspace_dims": {name: int(basis.shape[1]) for name, basis in subspaces.items()},
                  "statistics_passes": len(passes),
                  "system_prompt": system_prompt})
-    protected = torch.tensor(sorted(token_ids), dtype=torch.long)
+    protected = torch.tensor(sorted(token_counts), dtype=torch.long)
+    weights = None
+    if row_energy < 1:
+        counts = torch.tensor([token_counts[t] for t in protected.tolist()], dtype=torch.float64)
+        weights = row_weights(counts, row_energy, row_ridge).float()
+        meta["rows_exact"] = int((weights == 1).sum())
     return SafetyBasis(stacked(means["harmful"]), stacked(means["harmless"]), subspaces, protected, meta,
-                       *embedding_probe(model, protected))
+                       *embedding_probe(model, protected), protected_token_weights=weights)

@@ -339,27 +339,70 @@ class LoraConstraint(LinearConstraint):
 
 
 class RowFreeze(_Constraint):
-    """Restore the embedding rows of protected token ids (the only rows protected prompts read)."""
+    """Restore the embedding rows of protected token ids (the only rows protected prompts read).
+
+    ``weights`` (one per id, in [0, 1]; see :func:`~rg_lightning.guard.subspace.row_weights`): each row's drift
+    loses the share ``c_r`` at every step, as a weighted basis's tail columns do in :class:`LinearConstraint`
+    (1: held exactly, the default; rows of weight 0 are left free). Rarely read rows then follow the task
+    within a drift bounded by how often protected prompts read them.
+    """
 
     kind = "rows"
-    _state = ("ids", "rows")
+    _state = ("ids", "rows", "weights")
 
-    def __init__(self, name: str, module: nn.Module, ids: Tensor):
+    def __init__(self, name: str, module: nn.Module, ids: Tensor, weights: Tensor | None = None):
         super().__init__(name, module)
         w = self.param
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.ndim != 1:
             raise ValueError(f"{name}: protected token ids must be a 1-D integer tensor, got {ids.dtype} of shape "
                              f"{tuple(ids.shape)} (a [vocab] bool mask? pass mask.nonzero().flatten())")
-        ids = torch.unique(ids.detach().to(device=w.device, dtype=torch.long))
+        ids = ids.detach().to(device=w.device, dtype=torch.long)
+        if weights is not None:
+            weights = _checked_row_weights(name, weights, ids)
+            ids, order = torch.sort(ids)
+            weights = weights.to(w.device)[order]
+            held = weights > 0
+            ids, weights = ids[held], weights[held]
+            weights = None if bool((weights > UNIT_WEIGHT).all()) else weights
+        else:
+            ids = torch.unique(ids)
         if ids.numel() and (ids[0] < 0 or ids[-1] >= w.shape[0]):
             raise ValueError(
                 f"{name}: protected token ids must be in [0, {w.shape[0]}), got {int(ids[0])}..{int(ids[-1])}"
             )
-        self.ids = ids
+        self.ids, self.weights = ids, weights
         self.rows = whole(w.detach())[ids].clone()
+        self._gain: Tensor | None = None  # see scale_tail
+        self._tail_scale = 1.0
 
     def describe(self) -> str:
-        return f"{self.ids.numel()} rows"
+        if self.weights is None:
+            return f"{self.ids.numel()} rows"
+        exact = int((self.weights > UNIT_WEIGHT).sum())
+        return f"{exact} rows (+{self.ids.numel() - exact} damped)"
+
+    @property
+    def has_tail(self) -> bool:
+        return self.weights is not None
+
+    def scale_tail(self, scale: float) -> None:
+        """Pull the damped rows back at ``scale`` times their built rate (as :meth:`LinearConstraint.scale_tail`)."""
+        if scale == self._tail_scale:
+            return
+        self._tail_scale = scale
+        self._gain = None if scale == 1.0 or not self.has_tail else tail_gain(self.weights.double(), scale).float()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        super().load_state_dict(state)
+        scale, self._tail_scale, self._gain = self._tail_scale, 1.0, None
+        self.scale_tail(scale)
+
+    def _shares(self, strength: float, mine: Tensor) -> Tensor | float:
+        """Each held row's pull-back share this step: ``strength`` times its weight (and tail gain)."""
+        if self.weights is None:
+            return strength
+        weights = self.weights[mine] if self._gain is None else (self.weights * self._gain)[mine]
+        return (strength * weights)[:, None]
 
     def _held(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """This rank's rows of ``t``, the protected ids among them (local indices) and their positions in ``ids``."""
@@ -370,13 +413,30 @@ class RowFreeze(_Constraint):
     @torch.no_grad()
     def apply_(self, strength: float = 1.0) -> None:
         w, ids, mine = self._held(self.param.data)
-        w.index_copy_(0, ids, torch.lerp(w[ids], self.rows[mine], strength))
+        shares = self._shares(strength, mine)
+        if not isinstance(shares, float):
+            shares = shares.to(w.dtype)
+        w.index_copy_(0, ids, torch.lerp(w[ids], self.rows[mine].to(w.dtype), shares))
 
     @torch.no_grad()
     def project_grad_(self, strength: float = 1.0) -> None:
         if self.param.grad is not None:
-            g, ids, _ = self._held(self.param.grad)
-            g.index_copy_(0, ids, g[ids] * (1.0 - strength))
+            g, ids, mine = self._held(self.param.grad)
+            shares = self._shares(strength, mine)
+            g.index_copy_(0, ids, g[ids] * (1.0 - (shares if isinstance(shares, float) else shares.to(g.dtype))))
+
+
+def _checked_row_weights(name: str, weights: Tensor, ids: Tensor) -> Tensor:
+    """Row weights as float32 in [0, 1], one per id; ids must then be distinct (a weight belongs to one row)."""
+    if weights.ndim != 1 or not weights.is_floating_point() or weights.shape != ids.shape:
+        raise ValueError(f"{name}: row weights must be a 1-D float tensor with one weight per protected token id "
+                         f"({tuple(ids.shape)}), got {weights.dtype} of shape {tuple(weights.shape)}")
+    weights = weights.detach().float()
+    if not torch.isfinite(weights).all() or bool(((weights < 0) | (weights > 1)).any()):
+        raise ValueError(f"{name}: row weights must be in [0, 1]")
+    if torch.unique(ids).numel() != ids.numel():
+        raise ValueError(f"{name}: protected token ids must be distinct when they carry row weights")
+    return weights
 
 
 class ParamFreeze(_Constraint):
@@ -511,12 +571,13 @@ class ConstraintSet:
                 else:
                     c.project_grad_(s, weight=weight, bias=bias)
 
-    def _tails(self) -> list[LinearConstraint]:
-        return [c for c in self.constraints if isinstance(c, LinearConstraint) and c.has_tail]
+    def _tails(self) -> list:
+        """Constraints with a damped part: weighted linear bases and weighted embedding rows."""
+        return [c for c in self.constraints if getattr(c, "has_tail", False)]
 
     @property
     def has_tail(self) -> bool:
-        """Whether any constraint carries a damped tail (a basis built with ``ridge`` > 0)."""
+        """Whether any constraint carries a damped tail (a basis built with ``ridge`` > 0, or damped rows)."""
         return bool(self._tails())
 
     def scale_tails(self, scale_of) -> None:
@@ -616,6 +677,7 @@ def build_constraints(
     *,
     output_bases: dict[str, Tensor] | None = None,
     protected_token_ids: Tensor | None = None,
+    protected_token_weights: Tensor | None = None,
     strength: float = 1.0,
     freeze_norms: bool = True,
     project_lora: bool = True,
@@ -627,7 +689,8 @@ def build_constraints(
     PEFT prefixes ``base_model.model.`` / ``.base_layer`` are ignored when matching).
     ``output_bases``: module name -> basis in the space the module *writes* (directions mode; linears,
     LoRA layers and embeddings). ``protected_token_ids``: rows of the input token embedding to keep; any other
-    trainable nn.Embedding (positions, a vision tower's) is held whole. ``freeze_norms``: restore every other trainable
+    trainable nn.Embedding (positions, a vision tower's) is held whole. ``protected_token_weights``: the rows' pull-back
+weights (one per id, :class:`RowFreeze`; None: every row exact). ``freeze_norms``: restore every other trainable
     1-D parameter (norm weights, biases). ``project_lora``: project LoRA matrices onto their constraint now (a new
     fit; not when the constraints' state is about to be restored). ``measured_with_adapters``: the bases were
     measured on this model with its LoRA adapters in place (as RefusalDirections does at fit start), so an
@@ -723,7 +786,7 @@ def build_constraints(
             if writes is not None:
                 constraints.append(LinearConstraint(name, m, writes, side="right", keep_bias=False))
             if protected_token_ids is not None:
-                constraints.append(RowFreeze(name, m, protected_token_ids))
+                constraints.append(RowFreeze(name, m, protected_token_ids, protected_token_weights))
             if writes is not None or protected_token_ids is not None:
                 covered.add(id(m.weight))
 

@@ -135,6 +135,30 @@ def extend_basis(basis: Tensor, directions: Tensor, min_residual: float = 1e-2, 
     return span
 
 
+def row_weights(counts: Tensor, energy: float = 1.0, ridge: float = 0.0) -> Tensor:
+    """Pull-back weights ``c_r`` of protected embedding rows from how often each token occurs in the protected
+    prompts: the rows of the most frequent tokens that together cover ``energy`` of all occurrences weigh 1 (held
+    exactly), every other row ``p_r / (p_r + ridge)`` with ``p_r`` its token's share of the occurrences (0 with
+    ``ridge = 0``: left free). The rows' counterpart of :func:`soft_subspace`'s damped tail; ``energy = 1`` holds
+    every row exactly. Ties in count are broken by position (the callers pass ids in ascending order), so equal
+    counts give identical weights on every rank.
+    """
+    if counts.ndim != 1 or counts.is_complex() or counts.dtype == torch.bool or not len(counts):
+        raise ValueError(f"counts must be a non-empty 1-D tensor of occurrence counts, got {counts.dtype} of shape "
+                         f"{tuple(counts.shape)}")
+    c = counts.detach().double()
+    if not torch.isfinite(c).all() or bool((c <= 0).any()):
+        raise ValueError("counts must be positive and finite (a protected token occurs at least once)")
+    if not 0.0 < energy <= 1.0 or not ridge >= 0:
+        raise ValueError(f"energy must be in (0, 1] and ridge >= 0, got {energy} and {ridge}")
+    order = torch.sort(c, descending=True, stable=True).indices
+    n_exact = energy_rank(c[order], energy)
+    share = c / c.sum()
+    weights = share / (share + ridge) if ridge > 0 else torch.zeros_like(share)
+    weights[order[:n_exact]] = 1.0
+    return weights
+
+
 UNIT_WEIGHT = 1 - 1e-4  # columns of a weighted basis above this weight are held exactly
 
 
