@@ -75,8 +75,8 @@ class RepresentationProjection(L.Callback):
         protect_embeddings: Restore the embedding rows of tokens that occur in the protected prompts.
         project_gradients: Also remove the constrained parts from the gradients before each optimizer
             step, so the optimizer's statistics only see what the constraint lets through.
-        tail_reference_lr: Only for a basis with a damped tail (``RefusalDirections(ridge > 0)``): the
-            learning rate at which the tail is pulled back as built. At every step the pull-back rate is
+        tail_reference_lr: Only for a basis with a damped tail (``RefusalDirections(ridge > 0)``, or damped
+            embedding rows: ``row_energy < 1``): the learning rate at which the tail is pulled back as built. At every step the pull-back rate is
             scaled by the parameter group's current learning rate over this one, so the drift the tail
             allows does not grow with the learning rate (or shrink with a decaying schedule). ``None``:
             the same pull-back share at every step, whatever the learning rate.
@@ -241,7 +241,7 @@ class RepresentationProjection(L.Callback):
                 "with float32 adapters, for the exact guarantee.")
         if self.tail_early_steps and not self.constraints.has_tail:
             raise ValueError("RepresentationProjection: tail_early_steps tightens the damped tail, but the basis has "
-                             "none. Give RefusalDirections a ridge > 0, or set tail_early_steps: 0.")
+                             "none. Give RefusalDirections a ridge > 0 (or row_energy < 1), or set tail_early_steps: 0.")
         whole = self.constraints.held_whole()
         if whole:
             rank_zero_info(
