@@ -107,6 +107,9 @@ class RefusalDirections(L.Callback):
             occurrences, are held exactly and the others are pulled back at every step with weight
             ``p / (p + row_ridge)``, ``p`` the token's share of the occurrences (``guard.subspace.row_weights``):
             the rows' counterpart of ``energy`` and ``ridge``. Rarely read rows can then follow the task.
+            Miniature worlds, 3 seeds, 150 steps: 0.5 with ``row_ridge`` 0.3 raised the task on 32 of 36 worlds and
+            met the goals on 25 of them (every row exact: 23), but lost more than a point of harmful refusal on six
+            (down to 86.5%) (experiments/results/README.md, "Damped embedding rows").
         row_ridge: The damping of the rows below ``row_energy`` (0: left free); only with ``row_energy`` < 1.
     """
 
