@@ -330,3 +330,23 @@ def test_a_request_weight_is_passed_to_the_guard_and_named_in_the_results(bench,
     assert "request positions weighted 0.1" in (tmp_path / f"{name}.md").read_text()
     assert "request positions" not in (tmp_path / "tiny_default_benign_energy0.9_head-answer_ridge0.03_batch-rows.md"
                                        ).read_text()
+
+
+def test_damped_rows_are_passed_to_the_guard_and_named_in_the_results(bench, monkeypatch, tmp_path):
+    seen = []
+
+    def run_arm(arm, *args, **kwargs):
+        seen.append((kwargs.get("row_energy"), kwargs.get("row_ridge")))
+        return {"arm": arm, "seed": 0, "seconds": 1.0, "before": dict.fromkeys(bench.METRICS, 1.0),
+                "after": dict.fromkeys(bench.METRICS, 0.5)}
+
+    monkeypatch.setattr(bench, "run_arm", run_arm)
+    argv = ["benchmark_tiny.py", "--seeds", "0", "--arms", "guarded", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv + ["--row-energy", "0.5", "--row-ridge", "0.3"])
+    bench.main()
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    assert seen == [(0.5, 0.3), (1.0, 0.0)]
+    name = "tiny_default_benign_energy0.9_head-answer_ridge0.03_rows0.5r0.3_batch-rows"
+    assert "rest weighted p/(p+0.3)" in (tmp_path / f"{name}.md").read_text()
+    assert "p/(p+" not in (tmp_path / "tiny_default_benign_energy0.9_head-answer_ridge0.03_batch-rows.md").read_text()
