@@ -45,8 +45,8 @@ from rg_lightning.contract import check_unsharded, hf_model, tokenizer_of
 from rg_lightning.guard.basis import SafetyBasis
 from rg_lightning.guard.coverage import read_by_text
 from rg_lightning.guard.directions import direction_bases
-from rg_lightning.guard.projection import (ConstraintSet, LinearConstraint, batch_token_mask, build_constraints,
-                                           frozen_adapter_keys, hold_absent_rows_)
+from rg_lightning.guard.projection import (ConstraintSet, LinearConstraint, RowFreeze, batch_token_mask,
+                                           build_constraints, frozen_adapter_keys, hold_absent_rows_)
 from rg_lightning.guard.shards import reshard
 
 
@@ -76,7 +76,8 @@ class RepresentationProjection(L.Callback):
         project_gradients: Also remove the constrained parts from the gradients before each optimizer
             step, so the optimizer's statistics only see what the constraint lets through.
         tail_reference_lr: Only for a basis with a damped tail (``RefusalDirections(ridge > 0)``, or damped
-            embedding rows: ``row_energy < 1``): the learning rate at which the tail is pulled back as built. At every step the pull-back rate is
+            rows of a trainable embedding: ``row_energy < 1`` with ``row_ridge > 0``): the learning rate at which
+            the tail is pulled back as built. At every step the pull-back rate is
             scaled by the parameter group's current learning rate over this one, so the drift the tail
             allows does not grow with the learning rate (or shrink with a decaying schedule). ``None``:
             the same pull-back share at every step, whatever the learning rate.
@@ -227,8 +228,10 @@ class RepresentationProjection(L.Callback):
                 "layer's input activations, so the adapters' rounding-level residue flips roundings downstream and the "
                 "protected outputs move (measured: 9e-3 after 4 steps on a tiny Llama, against 1e-6 with nf4). Load "
                 "the base in 4-bit (`quantization: nf4`) for the exact guarantee.")
+        # a damped row's pull-back (a small share of a small drift) is rounded away in half precision too
         half_precision = [c for c in self.constraints.constraints
-                          if isinstance(c, LinearConstraint) and c.param.dtype in (torch.bfloat16, torch.float16)]
+                          if (isinstance(c, LinearConstraint) or (isinstance(c, RowFreeze) and c.has_tail))
+                          and c.param.dtype in (torch.bfloat16, torch.float16)]
         if half_precision and self.strength > 0:
             first = half_precision[0]
             rank_zero_warn(
@@ -241,7 +244,8 @@ class RepresentationProjection(L.Callback):
                 "with float32 adapters, for the exact guarantee.")
         if self.tail_early_steps and not self.constraints.has_tail:
             raise ValueError("RepresentationProjection: tail_early_steps tightens the damped tail, but the basis has "
-                             "none. Give RefusalDirections a ridge > 0 (or row_energy < 1), or set tail_early_steps: 0.")
+                             "none. Give RefusalDirections a ridge > 0 (or row_energy < 1 with row_ridge > 0, for "
+                             "trainable embeddings), or set tail_early_steps: 0.")
         whole = self.constraints.held_whole()
         if whole:
             rank_zero_info(

@@ -102,14 +102,16 @@ class RefusalDirections(L.Callback):
             12 shipped worlds at 150 steps and refusal where it was short, but met the goals on no more of them;
             0.03 and 0.01 lost refusal on worlds whose refusal reads the request
             (experiments/results/README.md). Not with ``centered``.
-        row_energy: 1 (default): the embedding rows of every token in the harmful prompts are held exactly.
+        row_energy: 1 (default): the embedding rows of every token in the harmful prompts (and their
+            ``answer_tokens``) are held exactly.
             Below 1: the rows of the most frequent of those tokens, covering ``row_energy`` of their
             occurrences, are held exactly and the others are pulled back at every step with weight
             ``p / (p + row_ridge)``, ``p`` the token's share of the occurrences (``guard.subspace.row_weights``):
             the rows' counterpart of ``energy`` and ``ridge``. Rarely read rows can then follow the task.
             Miniature worlds, 3 seeds, 150 steps: 0.5 with ``row_ridge`` 0.3 raised the task on 32 of 36 worlds and
             met the goals on 25 of them (every row exact: 23), but lost more than a point of harmful refusal on six
-            (down to 86.5%) (experiments/results/README.md, "Damped embedding rows").
+            (down to 86.5%) (experiments/results/README.md, "Damped embedding rows"). Damped rows need float32
+            weights: in bfloat16 a small share of a small drift rounds away.
         row_ridge: The damping of the rows below ``row_energy`` (0: left free); only with ``row_energy`` < 1.
     """
 
@@ -265,7 +267,8 @@ class RefusalDirections(L.Callback):
                 "head_answer_only": self.head_answer_only, "input_differences": self.input_differences,
                 "request_weight": self.request_weight, "row_energy": self.row_energy, "row_ridge": self.row_ridge,
                 "n_harmful": self.n_prompts}
-        saved = basis.metadata
+        # bases saved before an option existed were measured as its default
+        saved = {"row_energy": 1.0, "row_ridge": 0.0, **basis.metadata}
         differ = {key: (saved[key], value) for key, value in mine.items()
                   if key in saved and saved[key] != value and not (key == "n_harmful" and saved[key] < value)}
         if differ:
@@ -317,7 +320,8 @@ class RefusalDirections(L.Callback):
         tail = (f", held exactly {min(exact, default=0)}-{max(exact, default=0)}, the rest a damped tail"
                 if sum(exact) < sum(dims) else "")
         rows = ("" if basis.protected_token_weights is None else
-                f" ({basis.metadata['rows_exact']} of their rows held exactly, the rest damped)")
+                f" ({basis.metadata['rows_exact']} of their rows held exactly, the rest "
+                f"{'damped' if self.row_ridge else 'left free'})")
         rank_zero_info(
             f"RefusalDirections: {len(harmful)} harmful / {len(harmless)} harmless prompts, "
             f"{len(basis.subspaces)} protected modules (subspace dims {min(dims, default=0)}-{max(dims, default=0)}"

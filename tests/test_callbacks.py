@@ -76,9 +76,14 @@ def test_protected_outputs_do_not_move_while_the_task_learns(tmp_path, tiny_mode
 def test_half_precision_weights_the_guard_corrects_warn(tmp_path, tiny_models, chat_file):
     """bfloat16 weights under full fine-tuning hold the protected outputs only to bfloat16 rounding (see
     experiments/precision.py): say so and name the fix. LoRA's float32 adapters on a bfloat16 base are exact."""
-    with pytest.warns(UserWarning, match=r"constrained weight\(s\) are bfloat16 .*Load float32 weights"):
-        run_fit(tmp_path / "full", tiny_models["llama"], chat_file, [guard(), RepresentationProjection()], steps=1,
-                dtype="bfloat16")
+    counts = []
+    for rows in ({}, {"row_energy": 0.5, "row_ridge": 0.3}):  # damped rows' small corrections round away too
+        with pytest.warns(UserWarning, match=r"constrained weight\(s\) are bfloat16 .*Load float32 weights") as caught:
+            run_fit(tmp_path / f"full{len(rows)}", tiny_models["llama"], chat_file,
+                    [guard(**rows), RepresentationProjection()], steps=1, dtype="bfloat16")
+        message = next(str(w.message) for w in caught if "constrained weight(s) are" in str(w.message))
+        counts.append(int(message.split("RepresentationProjection: ")[1].split()[0]))
+    assert counts[1] == counts[0] + 1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run_fit(tmp_path / "lora", tiny_models["llama"], chat_file, [guard(), RepresentationProjection()], steps=1,
@@ -1086,6 +1091,14 @@ def test_a_loaded_basis_measured_with_other_settings_warns(tmp_path, tiny_models
                                          r"request_weight 1.0 \(yours: 0.1\)"):
         run_fit(tmp_path / "c", tiny_models["llama"], chat_file,
                 [guard(load=str(tmp_path / "basis"), energy=0.5, ridge=0.03, request_weight=0.1)], steps=1)
+    # a basis saved before an option existed was measured as its default: every row exact
+    metadata = json.loads((tmp_path / "basis" / "basis.json").read_text())
+    del metadata["row_energy"], metadata["row_ridge"]
+    (tmp_path / "basis" / "basis.json").write_text(json.dumps(metadata))
+    with pytest.warns(UserWarning,
+                      match=r"other settings: row_energy 1.0 \(yours: 0.5\), row_ridge 0.0 \(yours: 0.3\)"):
+        run_fit(tmp_path / "f", tiny_models["llama"], chat_file,
+                [guard(load=str(tmp_path / "basis"), row_energy=0.5, row_ridge=0.3)], steps=1)
 
 
 def test_drift_state_with_the_earlier_layer_count_is_refused():

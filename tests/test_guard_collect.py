@@ -421,5 +421,9 @@ def test_row_weights_follow_how_often_each_token_occurs_in_the_harmful_prompts(t
     assert 0 < basis.metadata["rows_exact"] < len(counts) and basis.metadata["row_energy"] == 0.5
     frequent = max(counts, key=counts.get)
     assert basis.protected_token_weights[sorted(counts).index(frequent)] == 1.0
+    # the weights' fingerprint reads exact rows only: damped ones move in a guarded fit, which may resume with it
+    exact = set(basis.protected_token_ids[basis.protected_token_weights == 1].tolist())
+    assert set(basis.embedding_probe_ids.tolist()) <= exact
+    assert not set(plain.embedding_probe_ids.tolist()) <= exact  # the first ids, as before, include damped rows
     with pytest.raises(ValueError, match="row_energy must be in"):
         collect_basis(model, tokenizer, HARMFUL, HARMLESS, row_energy=0.0)

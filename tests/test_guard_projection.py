@@ -629,9 +629,21 @@ def test_weighted_rows_lose_their_weights_share_of_the_drift_each_step_and_resto
     assert set(state) == {"ids", "rows", "weights"}
     other = RowFreeze("emb", nn.Embedding(10, 4), ids, torch.tensor([1.0, 1.0, 1.0, 1.0]))
     assert other.weights is None and set(other.state_dict()) == {"ids", "rows"}  # all exact: as before weights
-    again = RowFreeze("emb", emb, ids, weights)
-    again.load_state_dict(state)
+    again = RowFreeze("emb", emb, ids, torch.tensor([0.5, 1.0, 0.1, 0.0]))  # other weights, same rows
+    again.scale_tail(2.0)
+    again.load_state_dict(state)  # the saved weights, and the tail gain recomputed for them
     assert torch.equal(again.rows, state["rows"]) and torch.equal(again.weights, state["weights"])
+    emb.weight.grad = torch.ones(10, 4)
+    again.project_grad_()
+    torch.testing.assert_close(emb.weight.grad[[1, 3, 7]][:, 0], 1 - torch.tensor([1.0, 0.5, 0.25]) * gain)
+    with pytest.raises(ValueError, match=r"must be in \[0, 10\), got 1..12"):  # checked before free rows are dropped
+        RowFreeze("emb", emb, torch.tensor([1, 12]), torch.tensor([1.0, 0.0]))
+    assert RowFreeze("emb", emb, ids, torch.tensor([0.25, 1.0 - 1e-6, 0.5, 0.0])).weights.tolist()[0] == 1.0
+    for strength in (1, 0):  # an int strength, as Python callers may pass, with and without weights
+        for constraint in (RowFreeze("emb", emb, ids), RowFreeze("emb", emb, ids, weights)):
+            emb.weight.grad = torch.ones(10, 4)
+            constraint.project_grad_(strength)
+            constraint.apply_(strength)
     with pytest.raises(ValueError, match="one weight per protected token id"):
         RowFreeze("emb", emb, ids, torch.ones(3))
     with pytest.raises(ValueError, match=r"row weights must be in \[0, 1\]"):

@@ -278,9 +278,10 @@ def collect_basis(
     and the tail's shares favour what the modules read there, and the request's own directions are held more
     loosely (through the tail, their shares scaled by the weight; not with ``centered``).
     ``row_energy`` < 1: the embedding rows of the protected tokens get pull-back weights from how often each
-    token occurs in the harmful prompts (:func:`~rg_lightning.guard.subspace.row_weights`): the most frequent
-    ones covering ``row_energy`` of the occurrences are held exactly, the rest weighted ``p / (p + row_ridge)``
-    (``row_ridge`` 0: left free). 1 (default): every row exact.
+    token occurs in the harmful prompts and their protected answer tokens
+    (:func:`~rg_lightning.guard.subspace.row_weights`): the most frequent ones covering ``row_energy`` of the
+    occurrences are held exactly, the rest weighted ``p / (p + row_ridge)`` (``row_ridge`` 0: left free).
+    1 (default): every row exact.
     """
     if max_statistics_gb is not None and not max_statistics_gb > 0:
         raise ValueError(f"max_statistics_gb must be positive or None, got {max_statistics_gb}.")
@@ -443,5 +444,8 @@ def collect_basis(
         counts = torch.tensor([token_counts[t] for t in protected.tolist()], dtype=torch.float64)
         weights = row_weights(counts, row_energy, row_ridge).float()
         meta["rows_exact"] = int((weights == 1).sum())
+    # the weights' fingerprint from exactly held rows only: a damped row moves with fine-tuning, and a resumed run
+    # checks its basis against the fine-tuned weights
+    fingerprinted = protected if weights is None else protected[weights == 1]
     return SafetyBasis(stacked(means["harmful"]), stacked(means["harmless"]), subspaces, protected, meta,
-                       *embedding_probe(model, protected), protected_token_weights=weights)
+                       *embedding_probe(model, fingerprinted), protected_token_weights=weights)

@@ -357,19 +357,19 @@ class RowFreeze(_Constraint):
             raise ValueError(f"{name}: protected token ids must be a 1-D integer tensor, got {ids.dtype} of shape "
                              f"{tuple(ids.shape)} (a [vocab] bool mask? pass mask.nonzero().flatten())")
         ids = ids.detach().to(device=w.device, dtype=torch.long)
+        if ids.numel() and (ids.min() < 0 or ids.max() >= w.shape[0]):
+            raise ValueError(
+                f"{name}: protected token ids must be in [0, {w.shape[0]}), got {int(ids.min())}..{int(ids.max())}"
+            )
         if weights is not None:
             weights = _checked_row_weights(name, weights, ids)
             ids, order = torch.sort(ids)
             weights = weights.to(w.device)[order]
-            held = weights > 0
-            ids, weights = ids[held], weights[held]
-            weights = None if bool((weights > UNIT_WEIGHT).all()) else weights
+            held = weights > 0  # weight 0: left free
+            ids, weights = ids[held], weights[held].masked_fill(weights[held] > UNIT_WEIGHT, 1.0)
+            weights = None if bool((weights == 1.0).all()) else weights
         else:
             ids = torch.unique(ids)
-        if ids.numel() and (ids[0] < 0 or ids[-1] >= w.shape[0]):
-            raise ValueError(
-                f"{name}: protected token ids must be in [0, {w.shape[0]}), got {int(ids[0])}..{int(ids[-1])}"
-            )
         self.ids, self.weights = ids, weights
         self.rows = whole(w.detach())[ids].clone()
         self._gain: Tensor | None = None  # see scale_tail
@@ -400,7 +400,7 @@ class RowFreeze(_Constraint):
     def _shares(self, strength: float, mine: Tensor) -> Tensor | float:
         """Each held row's pull-back share this step: ``strength`` times its weight (and tail gain)."""
         if self.weights is None:
-            return strength
+            return float(strength)
         weights = self.weights[mine] if self._gain is None else (self.weights * self._gain)[mine]
         return (strength * weights)[:, None]
 
@@ -414,16 +414,16 @@ class RowFreeze(_Constraint):
     def apply_(self, strength: float = 1.0) -> None:
         w, ids, mine = self._held(self.param.data)
         shares = self._shares(strength, mine)
-        if not isinstance(shares, float):
+        if isinstance(shares, Tensor):
             shares = shares.to(w.dtype)
-        w.index_copy_(0, ids, torch.lerp(w[ids], self.rows[mine].to(w.dtype), shares))
+        w.index_copy_(0, ids, torch.lerp(w[ids], self.rows[mine], shares))
 
     @torch.no_grad()
     def project_grad_(self, strength: float = 1.0) -> None:
         if self.param.grad is not None:
             g, ids, mine = self._held(self.param.grad)
             shares = self._shares(strength, mine)
-            g.index_copy_(0, ids, g[ids] * (1.0 - (shares if isinstance(shares, float) else shares.to(g.dtype))))
+            g.index_copy_(0, ids, g[ids] * (1.0 - (shares.to(g.dtype) if isinstance(shares, Tensor) else shares)))
 
 
 def _checked_row_weights(name: str, weights: Tensor, ids: Tensor) -> Tensor:
@@ -689,10 +689,10 @@ def build_constraints(
     PEFT prefixes ``base_model.model.`` / ``.base_layer`` are ignored when matching).
     ``output_bases``: module name -> basis in the space the module *writes* (directions mode; linears,
     LoRA layers and embeddings). ``protected_token_ids``: rows of the input token embedding to keep; any other
-    trainable nn.Embedding (positions, a vision tower's) is held whole. ``protected_token_weights``: the rows' pull-back
-weights (one per id, :class:`RowFreeze`; None: every row exact). ``freeze_norms``: restore every other trainable
-    1-D parameter (norm weights, biases). ``project_lora``: project LoRA matrices onto their constraint now (a new
-    fit; not when the constraints' state is about to be restored). ``measured_with_adapters``: the bases were
+    trainable nn.Embedding (positions, a vision tower's) is held whole. ``protected_token_weights``: the rows'
+    pull-back weights (one per id, :class:`RowFreeze`; None: every row exact). ``freeze_norms``: restore every other
+    trainable 1-D parameter (norm weights, biases). ``project_lora``: project LoRA matrices onto their constraint now
+    (a new fit; not when the constraints' state is about to be restored). ``measured_with_adapters``: the bases were
     measured on this model with its LoRA adapters in place (as RefusalDirections does at fit start), so an
     adapter that already changes the protected outputs is refused: projecting it would remove that change, not
     hold it (measured without the adapters, the projection restores what was measured). Frozen weights,

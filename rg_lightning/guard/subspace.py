@@ -137,11 +137,12 @@ def extend_basis(basis: Tensor, directions: Tensor, min_residual: float = 1e-2, 
 
 def row_weights(counts: Tensor, energy: float = 1.0, ridge: float = 0.0) -> Tensor:
     """Pull-back weights ``c_r`` of protected embedding rows from how often each token occurs in the protected
-    prompts: the rows of the most frequent tokens that together cover ``energy`` of all occurrences weigh 1 (held
-    exactly), every other row ``p_r / (p_r + ridge)`` with ``p_r`` its token's share of the occurrences (0 with
-    ``ridge = 0``: left free). The rows' counterpart of :func:`soft_subspace`'s damped tail; ``energy = 1`` holds
-    every row exactly. Ties in count are broken by position (the callers pass ids in ascending order), so equal
-    counts give identical weights on every rank.
+    prompts (with their protected answer tokens): the rows of the most frequent tokens that together cover
+    ``energy`` of all occurrences weigh 1 (held exactly), every other row ``p_r / (p_r + ridge)`` with ``p_r`` its
+    token's share of the occurrences (0 with ``ridge = 0``: left free). The rows' counterpart of
+    :func:`soft_subspace`'s damped tail; ``energy = 1`` holds every row exactly. Ties in count at the cutoff are
+    broken by position (the callers pass ids in ascending order), so the same counts give the same weights on every
+    rank.
     """
     if counts.ndim != 1 or counts.is_complex() or counts.dtype == torch.bool or not len(counts):
         raise ValueError(f"counts must be a non-empty 1-D tensor of occurrence counts, got {counts.dtype} of shape "
