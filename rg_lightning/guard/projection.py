@@ -97,6 +97,32 @@ class _Constraint:
     def state_dict(self) -> dict[str, Tensor]:
         return {k: getattr(self, k) for k in self._state if getattr(self, k) is not None}
 
+    # A damped part (pull-back shares c < 1: a weighted basis's tail, weighted rows) pulls back at ``scale`` times
+    # its built rate through a per-entry gain (``tail_gain``), recomputed only when the scale changes.
+    _tail_gain: Tensor | None = None
+    _tail_scale = 1.0
+
+    @property
+    def has_tail(self) -> bool:
+        return False
+
+    def _tail_weights(self) -> Tensor:
+        """The pull-back shares ``c`` the gain rescales (only called when ``has_tail``)."""
+        raise NotImplementedError
+
+    def scale_tail(self, scale: float) -> None:
+        """Pull the damped part back at ``scale`` times the rate it was built with (1: as built). Called every
+        step; the gain is recomputed only when the scale changes (a schedule moved the lr)."""
+        if scale == self._tail_scale:
+            return
+        self._tail_scale = scale
+        self._tail_gain = None if scale == 1.0 or not self.has_tail else tail_gain(self._tail_weights(), scale)
+
+    def _rescale_tail(self) -> None:
+        """The current scale's gain for new shares (a restored state)."""
+        scale, self._tail_scale, self._tail_gain = self._tail_scale, 1.0, None
+        self.scale_tail(scale)
+
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         mine = self.state_dict()
         if set(state) != set(mine):
@@ -154,8 +180,6 @@ class LinearConstraint(_Constraint):
             raise ValueError(f"{name}: side must be 'right' or 'left', got {side!r}")
         self.side = side
         self.kind = f"linear.{side}"
-        self._tail_gain: Tensor | None = None  # see scale_tail
-        self._tail_scale = 1.0
         w = self.param
         dim, what = (w.shape[1], "input features") if side == "right" else (w.shape[0], "output features")
         self.basis = _checked_basis(name, basis, dim, what, w.device)
@@ -183,13 +207,8 @@ class LinearConstraint(_Constraint):
     def has_tail(self) -> bool:
         return self._exact.shape[1] < self.basis.shape[1]
 
-    def scale_tail(self, scale: float) -> None:
-        """Pull the damped tail back at ``scale`` times the rate the basis was built with (1: as built).
-        Called every step; the gain is recomputed only when the scale changes (a schedule moved the lr)."""
-        if scale == self._tail_scale:
-            return
-        self._tail_scale = scale
-        self._tail_gain = None if scale == 1.0 or not self.has_tail else tail_gain(self._of_basis()[0], scale)
+    def _tail_weights(self) -> Tensor:
+        return self._of_basis()[0]
 
     def _damped(self, err: Tensor, columns_last: bool = True) -> Tensor:
         """``err`` (one entry per basis column, along its last or first dim) times the tail gain, if any."""
@@ -218,8 +237,7 @@ class LinearConstraint(_Constraint):
         """Restore; the basis is checked like a new one, and a damped tail's gain follows the restored weights."""
         super().load_state_dict(state)
         self.basis = _checked_basis(self.name, self.basis, self.basis.shape[0], "rows", self.basis.device)
-        scale, self._tail_scale, self._tail_gain = self._tail_scale, 1.0, None
-        self.scale_tail(scale)
+        self._rescale_tail()
 
     def anchor_error(self) -> float:
         """Largest |W·U − A0| entry: 0 when the protected response is exactly the initial one."""
@@ -372,8 +390,6 @@ class RowFreeze(_Constraint):
             ids = torch.unique(ids)
         self.ids, self.weights = ids, weights
         self.rows = whole(w.detach())[ids].clone()
-        self._gain: Tensor | None = None  # see scale_tail
-        self._tail_scale = 1.0
 
     def describe(self) -> str:
         if self.weights is None:
@@ -385,23 +401,18 @@ class RowFreeze(_Constraint):
     def has_tail(self) -> bool:
         return self.weights is not None
 
-    def scale_tail(self, scale: float) -> None:
-        """Pull the damped rows back at ``scale`` times their built rate (as :meth:`LinearConstraint.scale_tail`)."""
-        if scale == self._tail_scale:
-            return
-        self._tail_scale = scale
-        self._gain = None if scale == 1.0 or not self.has_tail else tail_gain(self.weights.double(), scale).float()
+    def _tail_weights(self) -> Tensor:
+        return self.weights
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         super().load_state_dict(state)
-        scale, self._tail_scale, self._gain = self._tail_scale, 1.0, None
-        self.scale_tail(scale)
+        self._rescale_tail()
 
     def _shares(self, strength: float, mine: Tensor) -> Tensor | float:
         """Each held row's pull-back share this step: ``strength`` times its weight (and tail gain)."""
         if self.weights is None:
             return float(strength)
-        weights = self.weights[mine] if self._gain is None else (self.weights * self._gain)[mine]
+        weights = self.weights[mine] if self._tail_gain is None else (self.weights * self._tail_gain)[mine]
         return (strength * weights)[:, None]
 
     def _held(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -571,9 +582,9 @@ class ConstraintSet:
                 else:
                     c.project_grad_(s, weight=weight, bias=bias)
 
-    def _tails(self) -> list:
+    def _tails(self) -> list[_Constraint]:
         """Constraints with a damped part: weighted linear bases and weighted embedding rows."""
-        return [c for c in self.constraints if getattr(c, "has_tail", False)]
+        return [c for c in self.constraints if c.has_tail]
 
     @property
     def has_tail(self) -> bool:
