@@ -88,6 +88,46 @@ def test_non_shipped_worlds_never_overwrite_the_shipped_model():
         build("unused", steps=1, arch="qwen2")
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3", "phi3", "gemma3", "olmo2"])
+def test_a_wider_world_keeps_the_architecture_and_widens_only_its_sizes(arch):
+    """``width`` scales hidden, intermediate and head counts (heads stay 32 wide); the default is the shipped size."""
+    from rg_lightning.toy.build import WIDTH, model_config
+
+    tokenizer = build_tokenizer(ToyWorld("default"))
+    base, wide = model_config(tokenizer, arch), model_config(tokenizer, arch, width=256)
+    assert (base.hidden_size, base.intermediate_size, base.num_attention_heads, base.num_key_value_heads) == (
+        WIDTH, 256, 4, 2)
+    assert (wide.hidden_size, wide.intermediate_size, wide.num_attention_heads, wide.num_key_value_heads) == (
+        256, 512, 8, 4)
+    sizes = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    differing = {k for k in set(base.to_dict()) | set(wide.to_dict()) if base.to_dict().get(k) != wide.to_dict().get(k)}
+    assert differing <= set(sizes)
+    model = AutoModelForCausalLM.from_config(wide)
+    attention = model.model.layers[0].self_attn
+    assert model.model.embed_tokens.weight.shape[1] == 256
+    assert getattr(attention, "head_dim", 32) == 32
+
+
+@pytest.mark.parametrize("width", [0, 96, 100, -64, 128.0, True])
+def test_a_world_width_must_be_a_positive_multiple_of_64(width):
+    from rg_lightning.toy.build import model_config
+
+    with pytest.raises(ValueError, match="width must be a positive multiple of 64"):
+        model_config(build_tokenizer(ToyWorld("default")), "llama", width=width)
+
+
+def test_a_wider_build_records_its_width_and_never_replaces_the_shipped_model(tmp_path):
+    from rg_lightning.toy.build import build
+
+    with pytest.raises(ValueError, match="256 wide is not the shipped one"):
+        build(None, steps=1, width=256)
+    record = build(tmp_path / "wide", steps=1, width=128 + 64, log=lambda *_: None)
+    saved = json.loads((tmp_path / "wide" / "world.json").read_text())
+    assert saved == record and saved["width"] == 192 and "hidden 192, intermediate 384, 6 heads, 3 kv heads" in (
+        saved["architecture"])
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "wide").config.hidden_size == 192
+
+
 def test_tiny_recipe_runs_guarded_through_the_cli(tmp_path, monkeypatch):
     """The embedded default, shortened (fewer steps, prompts and evaluations): the guard keeps refusal."""
     import yaml
@@ -180,7 +220,8 @@ def test_build_refuses_an_output_that_is_a_file_before_building(tmp_path, capsys
     (["build", "--out", "unused", "--steps", "-1"], "must be positive: --steps -1"),
     (["collapse", "--model", "/nonexistent"], "has no world.json to read the world variant from: give --variant"),
     (["collapse", "--harmful-fraction", "2"], r"--harmful-fraction must be in \[0, 1\]"),
-], ids=["batch-size", "collapse-steps", "build-steps", "model", "harmful-fraction"])
+    (["build", "--out", "unused", "--width", "100"], "--width must be a positive multiple of 64, got 100"),
+], ids=["batch-size", "collapse-steps", "build-steps", "model", "harmful-fraction", "width"])
 def test_toy_command_arguments_are_checked_before_any_work(argv, message, capsys):
     from rg_lightning.toy.__main__ import main
 

@@ -1,5 +1,5 @@
 """``python -m rg_lightning.toy build --out DIR [--seed 0] [--steps N] [--variant default|alt]
-[--arch llama|gemma2|qwen3|phi3|gemma3|olmo2] [--threads 2]`` trains and saves
+[--arch llama|gemma2|qwen3|phi3|gemma3|olmo2] [--threads 2] [--width 128]`` trains and saves
 the aligned model; ``python -m rg_lightning.toy collapse [--model DIR] [--task benign] [--lr 1e-3] [--steps 150]
 [--harmful-fraction 0]`` measures what plain fine-tuning does to its refusals."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rg_lightning.toy.build import ARCHITECTURES, THREADS
+from rg_lightning.toy.build import ARCHITECTURES, THREADS, WIDTH
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> None:
                        help="architecture family (the shipped model is llama)")
     build.add_argument("--threads", type=int, default=THREADS,
                        help="CPU threads, set exactly: the weights depend on it (the shipped model: 2)")
+    build.add_argument("--width", type=int, default=WIDTH,
+                       help="hidden size, a multiple of 64 (intermediate twice it, heads of width 32); every shipped "
+                            "world is 128 wide")
     collapse = commands.add_parser("collapse", help="plain fine-tuning of the aligned model on a downstream task",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     collapse.add_argument("--model", default=None, help="model directory (default: the shipped aligned model)")
@@ -44,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     wrong = [f"{flag} {value}" for flag, value in positive.items() if value is not None and not value > 0]
     if wrong:
         parser.error(f"must be positive: {', '.join(wrong)}")
+    width = getattr(args, "width", WIDTH)
+    if width < 64 or width % 64:
+        parser.error(f"--width must be a positive multiple of 64, got {width}")
     if args.command == "collapse":
         if args.model and args.variant is None and not (Path(args.model) / "world.json").is_file():
             parser.error(f"--model {args.model!r} has no world.json to read the world variant from: give --variant, "
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(error))
         shipped = Path(args.out).resolve() == ALIGNED_MODEL_DIR.resolve()
         run_build(None if shipped else args.out, seed=args.seed, steps=args.steps, variant=args.variant,
-                  arch=args.arch, threads=args.threads)
+                  arch=args.arch, threads=args.threads, width=args.width)
         return
 
     import json

@@ -1,12 +1,13 @@
 """Build the shipped aligned model: ``python -m rg_lightning.toy build [--out DIR] [--seed 0] [--steps N]
-[--variant default|alt] [--arch llama|gemma2|qwen3|phi3|gemma3|olmo2]``.
+[--variant default|alt] [--arch llama|gemma2|qwen3|phi3|gemma3|olmo2] [--width 128]``.
 
 A plain PyTorch supervised fine-tuning loop (loss on assistant tokens only, AdamW, deterministic) trains a
 small model from scratch on :meth:`ToyWorld.alignment_examples`, then measures held-out refusal rates and
 saves a Hugging Face directory atomically.
 
 Architectures (:data:`ARCHITECTURES`), all 4 layers, hidden 128, intermediate 256, 4 attention heads of
-width 32, 2 key/value heads, float32 weights:
+width 32, 2 key/value heads, float32 weights (``width`` widens any of them: hidden ``width``, intermediate
+``2·width``, ``width/32`` heads of width 32, ``width/64`` key/value heads; every shipped world is 128 wide):
 
 * ``llama`` (the shipped model): SiLU-gated MLP, untied input embeddings and LM head (~2.7 MB).
 * ``gemma2``: the Gemma-2 block (GELU-tanh gated MLP, four RMSNorms per block with ``1 + weight``
@@ -77,6 +78,7 @@ MAX_LENGTH = 64
 # depend on the thread count (Gemma-2 builds at 1 and 2 threads differed by 4e-8 after 20 steps and gave
 # different worlds after 400). The shipped model was built with 2; the benchmark builds its worlds with 1.
 THREADS = 2
+WIDTH = 128  # hidden size of every shipped world
 
 
 ARCHITECTURES = {
@@ -90,11 +92,15 @@ ARCHITECTURES = {
 }
 
 
-def model_config(tokenizer, arch: str = "llama"):
-    """Hugging Face config of the miniature model of one architecture family (see the module docstring)."""
+def model_config(tokenizer, arch: str = "llama", width: int = WIDTH):
+    """Hugging Face config of the miniature model of one architecture family (see the module docstring), ``width``
+    wide (a multiple of 64: heads of width 32, one key/value head per two query heads)."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 64 or width % 64:
+        raise ValueError(f"width must be a positive multiple of 64 (the shipped worlds: {WIDTH}), got {width!r}")
     common = dict(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=MAX_LENGTH * 2,
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=4,
+        num_attention_heads=width // 32, num_key_value_heads=width // 64, head_dim=32,
+        max_position_embeddings=MAX_LENGTH * 2,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
         use_cache=True,
     )
@@ -228,15 +234,17 @@ def heldout_refusal(model, tokenizer, world: ToyWorld, n: int | None = None, see
 
 
 def build(out: str | os.PathLike | None = None, seed: int = 0, steps: int | None = None,
-          variant: str = "default", arch: str = "llama", threads: int = THREADS, log=print) -> dict:
+          variant: str = "default", arch: str = "llama", threads: int = THREADS, width: int = WIDTH,
+          log=print) -> dict:
     """Train the aligned model and save it (model, tokenizer, ``world.json``) to ``out``; returns the
     ``world.json`` record. ``out=None`` is the shipped directory, allowed only for the shipped world
     (default variant, Llama): other worlds must go elsewhere. The same arguments (``threads`` included, see
     :data:`THREADS`) give the same weights."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
-    if out is None and (variant, arch) != ("default", "llama"):
-        raise ValueError(f"the {variant!r}/{arch!r} world is not the shipped one: give an output directory")
+    if out is None and (variant, arch, width) != ("default", "llama", WIDTH):
+        raise ValueError(f"the {variant!r}/{arch!r} world {width} wide is not the shipped one: give an output "
+                         "directory")
     out = Path(out) if out is not None else ALIGNED_MODEL_DIR
     steps = ARCH_STEPS[arch] if steps is None else steps
     start = time.perf_counter()
@@ -244,7 +252,7 @@ def build(out: str | os.PathLike | None = None, seed: int = 0, steps: int | None
         world = ToyWorld(variant)
         tokenizer = build_tokenizer(world)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(model_config(tokenizer, arch))
+        model = AutoModelForCausalLM.from_config(model_config(tokenizer, arch, width))
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         examples = world.alignment_examples(steps * BATCH_SIZE, seed=seed)
@@ -273,6 +281,10 @@ def build(out: str | os.PathLike | None = None, seed: int = 0, steps: int | None
         # the CPU kernels' vector width: builds on machines with another one differ in rounding, then in weights
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+    if width != WIDTH:  # the shipped worlds' records predate the option
+        record["width"] = width
+        record["architecture"] += (f"; widened to hidden {width}, intermediate {2 * width}, {width // 32} heads, "
+                                   f"{width // 64} kv heads")
     _save_atomically(out, model, tokenizer, record)
     log(f"saved to {out}; total {time.perf_counter() - start:.1f}s")
     return record
