@@ -27,7 +27,8 @@ A world is a variant (templates, vocabulary) times an architecture. The default 
 floating-point kernels, while fine-tuning a given model gives the same results across machines, so shipped
 weights make every result reproducible. ``--build-worlds`` ignores them and builds each world once by
 ``python -m rg_lightning.toy build`` into ``--cache`` (``runs/worlds/<variant>-<arch>``), reused while its
-``world.json`` matches: this machine's own builds, worlds no setting was chosen on.
+``world.json`` matches: this machine's own builds, worlds no setting was chosen on. ``--world-width`` builds a
+wider model of the world there (``<variant>-<arch>-width<W>``; every shipped world is 128 wide).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from rg_lightning.callbacks import RefusalDirections, RepresentationProjection
 from rg_lightning.contract import tokenizer_of
 from rg_lightning.guard.projection import RowFreeze
 from rg_lightning.toy import ALIGNED_MODEL_DIR
-from rg_lightning.toy.build import ARCH_STEPS, ARCHITECTURES, BUILD_VERSION, TIED_ARCHITECTURES
+from rg_lightning.toy.build import ARCH_STEPS, ARCHITECTURES, BUILD_VERSION, TIED_ARCHITECTURES, WIDTH
 from rg_lightning.toy.data import ToyTaskDataModule
 from rg_lightning.toy.report import METRICS, AlignmentReport
 
@@ -254,13 +255,16 @@ def _read_json(path: str):
         return json.load(handle)
 
 
-def world_model(variant: str, arch: str, cache: str, shipped: str | None = SHIPPED_WORLDS, seed: int = 0) -> str:
+def world_model(variant: str, arch: str, cache: str, shipped: str | None = SHIPPED_WORLDS, seed: int = 0,
+                width: int = WIDTH) -> str:
     """Directory of the aligned model of a world: the shipped one (``shipped=None``: none but the package's
     default world), or a cached build (built on demand). A build ``seed`` other than 0 (another initialisation
-    and draw of alignment data) is never shipped: it gives an aligned model no setting was chosen on."""
-    if seed == 0 and (variant, arch) == ("default", "llama"):
+    and draw of alignment data) or a ``width`` other than the shipped 128 is never shipped: it gives an aligned
+    model no setting was chosen on."""
+    original = seed == 0 and width == WIDTH
+    if original and (variant, arch) == ("default", "llama"):
         return str(ALIGNED_MODEL_DIR)
-    if shipped is not None and seed == 0:
+    if shipped is not None and original:
         directory = os.path.join(shipped, f"{variant}-{arch}")
         if os.path.isfile(os.path.join(directory, "model.safetensors")):
             built = _read_json(os.path.join(directory, "world.json"))
@@ -268,21 +272,22 @@ def world_model(variant: str, arch: str, cache: str, shipped: str | None = SHIPP
                 raise ValueError(f"{directory} holds the {built.get('variant')!r}/{built.get('arch')!r} world, "
                                  f"not {variant!r}/{arch!r}: restore it (git checkout) or pass --build-worlds")
             return directory
-    directory = os.path.join(cache, f"{variant}-{arch}" + (f"-seed{seed}" if seed else ""))
+    directory = os.path.join(cache, f"{variant}-{arch}" + (f"-seed{seed}" if seed else "")
+                             + (f"-width{width}" if width != WIDTH else ""))
     record = os.path.join(directory, "world.json")
     if os.path.isfile(record):
         built = _read_json(record)
         # everything a build depends on: a record of another seed, recipe version or torch is rebuilt, as is
         # one whose weights are missing
         if ((built.get("variant"), built.get("arch", "llama"), built.get("steps"), built.get("threads"),
-             built.get("seed"), built.get("build_version"), built.get("torch"))
-                == (variant, arch, ARCH_STEPS[arch], WORLD_THREADS, seed, BUILD_VERSION, torch.__version__)
+             built.get("seed"), built.get("build_version"), built.get("torch"), built.get("width", WIDTH))
+                == (variant, arch, ARCH_STEPS[arch], WORLD_THREADS, seed, BUILD_VERSION, torch.__version__, width)
                 and bool(built.get("vocabulary_examples")) == (arch in TIED_ARCHITECTURES)
                 and os.path.isfile(os.path.join(directory, "model.safetensors"))):
             return directory
     from rg_lightning.toy.build import build
 
-    build(directory, variant=variant, arch=arch, threads=WORLD_THREADS, seed=seed)
+    build(directory, variant=variant, arch=arch, threads=WORLD_THREADS, seed=seed, width=width)
     return directory
 
 
@@ -342,6 +347,9 @@ def main() -> None:
     parser.add_argument("--world-seed", type=int, default=0,
                         help="build seed of the aligned model (0: the shipped worlds; another: a new aligned model of "
                              "the same world, built into --cache, on which no setting was chosen)")
+    parser.add_argument("--world-width", type=int, default=WIDTH,
+                        help="hidden size of the aligned model, a multiple of 64 (another than 128: a wider model of "
+                             "the same world, built into --cache)")
     parser.add_argument("--build-worlds", action="store_true",
                         help="build the world on this machine (into --cache) instead of using its shipped weights: "
                              "a build differs from machine to machine, so this is a world no setting was chosen on")
@@ -409,10 +417,15 @@ def main() -> None:
     if not (float(args.tail_early[0]).is_integer() and args.tail_early[0] >= 0):
         parser.error(f"--tail-early STEPS must be a whole number of steps >= 0, got {args.tail_early[0]:g}")
     tail_early = (int(args.tail_early[0]), args.tail_early[1])
+    if args.world_width < 64 or args.world_width % 64:
+        parser.error(f"--world-width must be a positive multiple of 64, got {args.world_width}")
+    if args.world_width != WIDTH and args.model:
+        parser.error("--world-width builds a wider aligned model: leave out --model")
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     model_dir = args.model or world_model(args.variant, args.arch, args.cache,
-                                          shipped=None if args.build_worlds else SHIPPED_WORLDS, seed=args.world_seed)
+                                          shipped=None if args.build_worlds else SHIPPED_WORLDS, seed=args.world_seed,
+                                          width=args.world_width)
     runs = []
     for seed in args.seeds:
         for arm in args.arms:

@@ -132,13 +132,19 @@ def test_a_cached_world_is_reused_only_when_it_is_the_build_asked_for(bench, tmp
     (world / "world.json").write_text(json.dumps(record))
     (world / "model.safetensors").write_bytes(b"")
     assert bench.world_model("alt", "phi3", str(tmp_path), shipped=None) == str(world) and not built
-    for change in ({"seed": 7}, {"build_version": 1}, {"torch": "1.0"}):
+    for change in ({"seed": 7}, {"build_version": 1}, {"torch": "1.0"}, {"width": 256}):
         (world / "world.json").write_text(json.dumps({**record, **change}))
         bench.world_model("alt", "phi3", str(tmp_path), shipped=None)
     (world / "world.json").write_text(json.dumps(record))
     (world / "model.safetensors").unlink()
     bench.world_model("alt", "phi3", str(tmp_path), shipped=None)
-    assert built == [str(world)] * 4  # each stale or incomplete record was rebuilt
+    assert built == [str(world)] * 5  # each stale or incomplete record was rebuilt
+    wide = tmp_path / "alt-phi3-width256"
+    wide.mkdir()
+    (wide / "world.json").write_text(json.dumps({**record, "width": 256}))
+    (wide / "model.safetensors").write_bytes(b"")
+    assert bench.world_model("alt", "phi3", str(tmp_path), shipped=None, width=256) == str(wide)
+    assert len(built) == 5
 
 
 def test_shipped_weights_are_used_unless_the_world_is_to_be_built_here(bench, tmp_path, monkeypatch):
@@ -149,9 +155,9 @@ def test_shipped_weights_are_used_unless_the_world_is_to_be_built_here(bench, tm
     import rg_lightning.toy.build
 
     built = []
-    monkeypatch.setattr(rg_lightning.toy.build, "build",
-                        lambda directory, **kwargs: built.append(directory) or seeds.append(kwargs["seed"]))
-    seeds = []
+    monkeypatch.setattr(rg_lightning.toy.build, "build", lambda directory, **kwargs: built.append(directory)
+                        or seeds.append(kwargs["seed"]) or widths.append(kwargs["width"]))
+    seeds, widths = [], []
     shipped = tmp_path / "shipped" / "alt-qwen3"
     shipped.mkdir(parents=True)
     (shipped / "world.json").write_text(json.dumps({"variant": "alt", "arch": "qwen3", "torch": "1.0"}))
@@ -166,8 +172,11 @@ def test_shipped_weights_are_used_unless_the_world_is_to_be_built_here(bench, tm
     assert bench.world_model("alt", "qwen3", str(cache), shipped=str(tmp_path / "shipped"), seed=1) == str(
         cache / "alt-qwen3-seed1")
     assert bench.world_model("default", "llama", str(cache), seed=2) == str(cache / "default-llama-seed2")
-    assert built == [str(cache / n) for n in ("alt-qwen3", "alt-gemma3", "alt-qwen3-seed1", "default-llama-seed2")]
-    assert seeds == [0, 0, 1, 2]
+    # so is a wider model of a world
+    assert bench.world_model("default", "llama", str(cache), width=256) == str(cache / "default-llama-width256")
+    assert built == [str(cache / n) for n in ("alt-qwen3", "alt-gemma3", "alt-qwen3-seed1", "default-llama-seed2",
+                                              "default-llama-width256")]
+    assert seeds == [0, 0, 1, 2, 0] and widths == [128, 128, 128, 128, 256]
     (shipped / "world.json").write_text(json.dumps({"variant": "default", "arch": "qwen3"}))
     with pytest.raises(ValueError, match="--build-worlds"):
         bench.world_model("alt", "qwen3", str(cache), shipped=str(tmp_path / "shipped"))
@@ -350,3 +359,22 @@ def test_damped_rows_are_passed_to_the_guard_and_named_in_the_results(bench, mon
     name = "tiny_default_benign_energy0.9_head-answer_ridge0.03_rows0.5r0.3_batch-rows"
     assert "rest weighted p/(p+0.3)" in (tmp_path / f"{name}.md").read_text()
     assert "p/(p+" not in (tmp_path / "tiny_default_benign_energy0.9_head-answer_ridge0.03_batch-rows.md").read_text()
+
+
+def test_a_world_width_builds_a_wider_world_and_is_checked_before_any_work(bench, monkeypatch, tmp_path, capsys):
+    asked = []
+    monkeypatch.setattr(bench, "world_model", lambda *args, **kwargs: asked.append(kwargs["width"]) or "unused")
+    monkeypatch.setattr(bench, "run_arm", lambda arm, *args, **kwargs: {
+        "arm": arm, "seed": 0, "seconds": 1.0, "before": dict.fromkeys(bench.METRICS, 1.0),
+        "after": dict.fromkeys(bench.METRICS, 0.5)})
+    argv = ["benchmark_tiny.py", "--seeds", "0", "--arms", "plain", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv + ["--world-width", "256"])
+    bench.main()
+    assert asked == [256]
+    for extra, message in ((["--world-width", "100"], "--world-width must be a positive multiple of 64, got 100"),
+                           (["--world-width", "256", "--model", "dir"], "leave out --model")):
+        monkeypatch.setattr(sys, "argv", argv + extra)
+        with pytest.raises(SystemExit):
+            bench.main()
+        assert message in capsys.readouterr().err
+    assert asked == [256]
