@@ -38,6 +38,7 @@ import copy
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -97,15 +98,20 @@ class LeavingOut(RepresentationProjection):
     tokens / of the world's request-template words that are not harm words; ``mlp``, ``attention``: those
     linears' constraints; ``attention-qk`` / ``attention-vo``: only the query and key / value and output
     projections' (where attends, what it moves; a fused ``qkv_proj`` is in neither); ``lm-head``: the logit
-    head's; ``norms``: the norm weights' (every 1-D freeze).
+    head's; ``norms``: the norm weights' (every 1-D freeze). ``layers``: only those decoder layers' constraints of
+    the groups (where in the depth the cost sits); the embeddings, the logit head and the final norm stay held.
     """
 
-    def __init__(self, groups: list[str], variant: str, **kwargs) -> None:
+    def __init__(self, groups: list[str], variant: str, layers: list[int] = (), **kwargs) -> None:
         super().__init__(**kwargs)
         unknown = set(groups) - set(LEAVE_OUT)
         if unknown:
             raise ValueError(f"unknown groups {sorted(unknown)}; choose from {LEAVE_OUT}")
-        self.groups, self.variant = set(groups), variant
+        if layers and not groups:
+            raise ValueError("layers narrow the groups left out: name the groups too")
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+            raise ValueError(f"layers must be decoder layer indices >= 0, got {list(layers)}")
+        self.groups, self.variant, self.layers = set(groups), variant, set(layers)
 
     def _free_tokens(self, tokenizer) -> set[int]:
         from rg_lightning.chat import render_prompt
@@ -125,6 +131,10 @@ class LeavingOut(RepresentationProjection):
 
     def _left_out(self, constraint) -> bool:
         name, kind = constraint.name, constraint.kind
+        if self.layers:
+            layer = re.search(r"\.layers\.(\d+)\.", f".{name}.")
+            if layer is None or int(layer.group(1)) not in self.layers:
+                return False
         if kind == "rows":
             return "rows" in self.groups
         if kind == "param":
@@ -214,7 +224,7 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
             sft_betas: tuple[float, float, float] = ConstrainedSFT.BETAS, validation: bool = False,
             every: int = 0, tail_early: tuple[int, float] = (0, 1.0),
             request_weight: float = DEFAULT_REQUEST_WEIGHT, row_energy: float = DEFAULT_ROW_ENERGY,
-            row_ridge: float = DEFAULT_ROW_RIDGE) -> dict:
+            row_ridge: float = DEFAULT_ROW_RIDGE, leave_out_layers: list[int] = ()) -> dict:
     L.seed_everything(seed)
     report = (Trajectory(every, task=task, variant=variant, validation=validation) if every
               else AlignmentReport(task=task, variant=variant, validation=validation))
@@ -228,7 +238,8 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
                                         seed=seed, ridge=ridge, input_differences=input_differences,
                                         request_weight=request_weight, row_energy=row_energy,
                                         row_ridge=row_ridge),
-                      LeavingOut(list(leave_out), variant, mode="directions" if arm == "directions" else "subspace",
+                      LeavingOut(list(leave_out), variant, layers=list(leave_out_layers),
+                                 mode="directions" if arm == "directions" else "subspace",
                                  project_gradients=project_gradients, tail_reference_lr=tail_reference_lr,
                                  tail_early_steps=tail_early[0], tail_early_scale=tail_early[1],
                                  hold_absent_rows=hold_absent_rows)]
@@ -404,6 +415,8 @@ def main() -> None:
                         help="RefusalDirections answer_tokens")
     parser.add_argument("--leave-out", nargs="+", default=[], choices=LEAVE_OUT,
                         help="screen: run the guard without these constraint groups (see LeavingOut)")
+    parser.add_argument("--leave-out-layers", type=int, nargs="+", default=[], metavar="LAYER",
+                        help="screen: leave the --leave-out groups out only in these decoder layers (0 = first)")
     parser.add_argument("--post-step-only", action="store_true",
                         help="RepresentationProjection project_gradients=False (the constraint only after each step)")
     parser.add_argument("--validation", action="store_true",
@@ -417,6 +430,10 @@ def main() -> None:
     if not (float(args.tail_early[0]).is_integer() and args.tail_early[0] >= 0):
         parser.error(f"--tail-early STEPS must be a whole number of steps >= 0, got {args.tail_early[0]:g}")
     tail_early = (int(args.tail_early[0]), args.tail_early[1])
+    if args.leave_out_layers and not args.leave_out:
+        parser.error("--leave-out-layers narrows --leave-out: name the groups to leave out too")
+    if any(layer < 0 for layer in args.leave_out_layers):
+        parser.error(f"--leave-out-layers must be layer indices >= 0, got {args.leave_out_layers}")
     if args.world_width < 64 or args.world_width % 64:
         parser.error(f"--world-width must be a positive multiple of 64, got {args.world_width}")
     if args.world_width != WIDTH and args.model:
@@ -435,7 +452,8 @@ def main() -> None:
                                 args.tail_reference_lr or None, args.hold_absent_rows, args.input_differences,
                                 args.replay_fraction, args.weight_decay, tuple(args.sft_betas), args.validation,
                                 args.every, tail_early, request_weight=args.request_weight,
-                                row_energy=args.row_energy, row_ridge=args.row_ridge))
+                                row_energy=args.row_energy, row_ridge=args.row_ridge,
+                                leave_out_layers=args.leave_out_layers))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
@@ -453,6 +471,7 @@ def main() -> None:
         name += (f"_rows{args.row_energy:g}r{args.row_ridge:g}" if args.row_energy != 1 else "")  # without: exact
         name += (f"_answer{args.answer_tokens}" if args.answer_tokens != DEFAULT_ANSWER_TOKENS else "")
         name += "".join(f"_no-{group}" for group in args.leave_out)
+        name += f"_layers{'-'.join(map(str, args.leave_out_layers))}" if args.leave_out_layers else ""
         name += ((f"_steps{args.steps}" if args.steps != DEFAULT_STEPS else "")
                  + (f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else ""))
         if args.ridge and args.tail_reference_lr != DEFAULT_TAIL_REFERENCE_LR:  # only a damped tail is scaled
@@ -489,6 +508,7 @@ def main() -> None:
                 if tail_early[0] else "")
              + f", logit head protected at {args.head_positions} positions"
              + (f", without {', '.join(args.leave_out)}" if args.leave_out else "")
+             + (f" in decoder layers {', '.join(map(str, args.leave_out_layers))}" if args.leave_out_layers else "")
              + (", embedding rows of tokens absent from the batch held" if args.hold_absent_rows else "")
              + (", harmful-minus-harmless input means held" if args.input_differences else "")
              + (f", request positions weighted {args.request_weight:g}" if args.request_weight != 1 else "")

@@ -50,6 +50,49 @@ def test_groups_select_their_constraints_only(bench):
         bench.LeavingOut(["embeddings"], "default")
 
 
+def test_layers_narrow_the_groups_to_those_decoder_layers(bench):
+    def constraint(kind, name):
+        return SimpleNamespace(kind=kind, name=name)
+
+    every = [constraint("linear.right", f"model.layers.{i}.{m}") for i in (0, 1, 12) for m in
+             ("mlp.up_proj", "self_attn.q_proj")]
+    every += [constraint("linear.right", "lm_head"), constraint("param", "model.norm.weight"),
+              constraint("param", "model.layers.1.input_layernorm.weight"), constraint("rows", "model.embed_tokens")]
+    left_out = lambda screen: [c.name for c in every if screen._left_out(c)]  # noqa: E731
+    assert left_out(bench.LeavingOut(["attention"], "default", layers=[1])) == ["model.layers.1.self_attn.q_proj"]
+    assert left_out(bench.LeavingOut(["mlp", "norms"], "default", layers=[1, 12])) == [
+        "model.layers.1.mlp.up_proj", "model.layers.12.mlp.up_proj", "model.layers.1.input_layernorm.weight"]
+    assert left_out(bench.LeavingOut(["lm-head", "rows"], "default", layers=[0])) == []  # no layer of their own
+    with pytest.raises(ValueError, match="name the groups too"):
+        bench.LeavingOut([], "default", layers=[0])
+    with pytest.raises(ValueError, match="layer indices"):
+        bench.LeavingOut(["mlp"], "default", layers=[-1])
+
+
+def test_leave_out_layers_reach_the_guard_are_named_and_need_groups(bench, monkeypatch, tmp_path, capsys):
+    seen = []
+
+    def run_arm(arm, *args, **kwargs):
+        seen.append((args[15], kwargs["leave_out_layers"]))
+        return {"arm": arm, "seed": 0, "seconds": 1.0, "before": dict.fromkeys(bench.METRICS, 1.0),
+                "after": dict.fromkeys(bench.METRICS, 0.5)}
+
+    monkeypatch.setattr(bench, "run_arm", run_arm)
+    argv = ["benchmark_tiny.py", "--seeds", "0", "--arms", "guarded", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv + ["--leave-out", "attention", "--leave-out-layers", "0", "2"])
+    bench.main()
+    assert seen == [(["attention"], [0, 2])]
+    name = "tiny_default_benign_energy0.9_head-answer_ridge0.03_no-attention_layers0-2_batch-rows"
+    assert "without attention in decoder layers 0, 2" in (tmp_path / f"{name}.md").read_text()
+    for extra, message in ((["--leave-out-layers", "0"], "name the groups to leave out too"),
+                           (["--leave-out", "mlp", "--leave-out-layers", "-1"], "layer indices >= 0")):
+        monkeypatch.setattr(sys, "argv", argv + extra)
+        with pytest.raises(SystemExit):
+            bench.main()
+        assert message in capsys.readouterr().err
+    assert len(seen) == 1
+
+
 def test_the_replay_arm_mixes_refusals_into_plain_fine_tuning(bench, monkeypatch):
     """``replay`` = no guard callbacks, and ``--replay-fraction`` of the training rows are refused harmful requests;
     ``guarded-replay`` = the guard on that data."""
