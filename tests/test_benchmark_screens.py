@@ -22,6 +22,12 @@ def bench():
     return module
 
 
+def finished_run(bench, arm: str, before: float = 1.0) -> dict:
+    """What a stand-in for ``run_arm`` returns: one run of ``arm`` whose every metric went from ``before`` to 0.5."""
+    return {"arm": arm, "seed": 0, "seconds": 1.0, "before": dict.fromkeys(bench.METRICS, before),
+            "after": dict.fromkeys(bench.METRICS, 0.5)}
+
+
 def test_freed_rows_are_the_chat_tokens_and_the_harmless_template_words(bench):
     tokenizer = AutoTokenizer.from_pretrained(ALIGNED_MODEL_DIR)
     words = lambda ids: set(tokenizer.convert_ids_to_tokens(sorted(ids)))  # noqa: E731
@@ -74,8 +80,7 @@ def test_leave_out_layers_reach_the_guard_are_named_and_need_groups(bench, monke
 
     def run_arm(arm, *args, **kwargs):
         seen.append((args[15], kwargs["leave_out_layers"]))
-        return {"arm": arm, "seed": 0, "seconds": 1.0, "before": dict.fromkeys(bench.METRICS, 1.0),
-                "after": dict.fromkeys(bench.METRICS, 0.5)}
+        return finished_run(bench, arm)
 
     monkeypatch.setattr(bench, "run_arm", run_arm)
     argv = ["benchmark_tiny.py", "--seeds", "0", "--arms", "guarded", "--out", str(tmp_path)]
@@ -135,8 +140,7 @@ def test_the_replay_arm_mixes_refusals_into_plain_fine_tuning(bench, monkeypatch
 ])
 def test_result_names_say_which_arms_trained_on_refusal_examples(bench, monkeypatch, tmp_path, arms, suffix):
     def run_arm(arm, *args, **kwargs):
-        return {"arm": arm, "seed": 0, "seconds": 1.0, "before": dict.fromkeys(bench.METRICS, 0.0),
-                "after": dict.fromkeys(bench.METRICS, 0.5)}
+        return finished_run(bench, arm, before=0.0)
 
     monkeypatch.setattr(bench, "run_arm", run_arm)
     monkeypatch.setattr(sys, "argv", ["benchmark_tiny.py", "--seeds", "0", "--out", str(tmp_path), "--arms", *arms])
@@ -147,8 +151,7 @@ def test_result_names_say_which_arms_trained_on_refusal_examples(bench, monkeypa
 def test_a_run_of_other_arms_says_which_result_it_replaces_and_one_run_shows_no_spread(bench, monkeypatch, tmp_path,
                                                                                         capsys):
     def run_arm(arm, *args, **kwargs):
-        return {"arm": arm, "seed": 0, "seconds": 1.0, "before": dict.fromkeys(bench.METRICS, 1.0),
-                "after": dict.fromkeys(bench.METRICS, 0.5)}
+        return finished_run(bench, arm)
 
     monkeypatch.setattr(bench, "run_arm", run_arm)
     for arms in (["guarded"], ["guarded"], ["plain", "guarded"]):
@@ -346,8 +349,7 @@ def test_an_early_tail_is_passed_to_the_guard_named_in_the_results_and_whole_ste
 
     def run_arm(arm, *args, **kwargs):
         seen.append(args[-1])
-        return {"arm": arm, "seed": 0, "seconds": 1.0, "before": dict.fromkeys(bench.METRICS, 1.0),
-                "after": dict.fromkeys(bench.METRICS, 0.5)}
+        return finished_run(bench, arm)
 
     monkeypatch.setattr(bench, "run_arm", run_arm)
     argv = ["benchmark_tiny.py", "--seeds", "0", "--arms", "guarded", "--out", str(tmp_path), "--ridge", "0.3"]
@@ -368,8 +370,7 @@ def test_a_request_weight_is_passed_to_the_guard_and_named_in_the_results(bench,
 
     def run_arm(arm, *args, **kwargs):
         seen.append(kwargs.get("request_weight"))
-        return {"arm": arm, "seed": 0, "seconds": 1.0, "before": dict.fromkeys(bench.METRICS, 1.0),
-                "after": dict.fromkeys(bench.METRICS, 0.5)}
+        return finished_run(bench, arm)
 
     monkeypatch.setattr(bench, "run_arm", run_arm)
     argv = ["benchmark_tiny.py", "--seeds", "0", "--arms", "guarded", "--out", str(tmp_path)]
@@ -389,8 +390,7 @@ def test_damped_rows_are_passed_to_the_guard_and_named_in_the_results(bench, mon
 
     def run_arm(arm, *args, **kwargs):
         seen.append((kwargs.get("row_energy"), kwargs.get("row_ridge")))
-        return {"arm": arm, "seed": 0, "seconds": 1.0, "before": dict.fromkeys(bench.METRICS, 1.0),
-                "after": dict.fromkeys(bench.METRICS, 0.5)}
+        return finished_run(bench, arm)
 
     monkeypatch.setattr(bench, "run_arm", run_arm)
     argv = ["benchmark_tiny.py", "--seeds", "0", "--arms", "guarded", "--out", str(tmp_path)]
@@ -407,9 +407,7 @@ def test_damped_rows_are_passed_to_the_guard_and_named_in_the_results(bench, mon
 def test_a_world_width_builds_a_wider_world_and_is_checked_before_any_work(bench, monkeypatch, tmp_path, capsys):
     asked = []
     monkeypatch.setattr(bench, "world_model", lambda *args, **kwargs: asked.append(kwargs["width"]) or "unused")
-    monkeypatch.setattr(bench, "run_arm", lambda arm, *args, **kwargs: {
-        "arm": arm, "seed": 0, "seconds": 1.0, "before": dict.fromkeys(bench.METRICS, 1.0),
-        "after": dict.fromkeys(bench.METRICS, 0.5)})
+    monkeypatch.setattr(bench, "run_arm", lambda arm, *args, **kwargs: finished_run(bench, arm))
     argv = ["benchmark_tiny.py", "--seeds", "0", "--arms", "plain", "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv + ["--world-width", "256"])
     bench.main()
