@@ -28,6 +28,15 @@ def finished_run(bench, arm: str, before: float = 1.0) -> dict:
             "after": dict.fromkeys(bench.METRICS, 0.5)}
 
 
+def assert_refused(bench, monkeypatch, capsys, argv: list[str], cases) -> None:
+    """Each ``(extra arguments, message)`` stops the benchmark before any run, saying ``message``."""
+    for extra, message in cases:
+        monkeypatch.setattr(sys, "argv", argv + extra)
+        with pytest.raises(SystemExit):
+            bench.main()
+        assert message in capsys.readouterr().err
+
+
 def test_freed_rows_are_the_chat_tokens_and_the_harmless_template_words(bench):
     tokenizer = AutoTokenizer.from_pretrained(ALIGNED_MODEL_DIR)
     words = lambda ids: set(tokenizer.convert_ids_to_tokens(sorted(ids)))  # noqa: E731
@@ -89,12 +98,8 @@ def test_leave_out_layers_reach_the_guard_are_named_and_need_groups(bench, monke
     assert seen == [(["attention"], [0, 2])]
     name = "tiny_default_benign_energy0.9_head-answer_ridge0.03_no-attention_layers0-2_batch-rows"
     assert "without attention in decoder layers 0, 2" in (tmp_path / f"{name}.md").read_text()
-    for extra, message in ((["--leave-out-layers", "0"], "name the groups to leave out too"),
-                           (["--leave-out", "mlp", "--leave-out-layers", "-1"], "layer indices >= 0")):
-        monkeypatch.setattr(sys, "argv", argv + extra)
-        with pytest.raises(SystemExit):
-            bench.main()
-        assert message in capsys.readouterr().err
+    assert_refused(bench, monkeypatch, capsys, argv, [(["--leave-out-layers", "0"], "name the groups to leave out too"),
+                   (["--leave-out", "mlp", "--leave-out-layers", "-1"], "layer indices >= 0")])
     assert len(seen) == 1
 
 
@@ -412,10 +417,7 @@ def test_a_world_width_builds_a_wider_world_and_is_checked_before_any_work(bench
     monkeypatch.setattr(sys, "argv", argv + ["--world-width", "256"])
     bench.main()
     assert asked == [256]
-    for extra, message in ((["--world-width", "100"], "--world-width must be a positive multiple of 64, got 100"),
-                           (["--world-width", "256", "--model", "dir"], "leave out --model")):
-        monkeypatch.setattr(sys, "argv", argv + extra)
-        with pytest.raises(SystemExit):
-            bench.main()
-        assert message in capsys.readouterr().err
+    assert_refused(bench, monkeypatch, capsys, argv,
+                   [(["--world-width", "100"], "--world-width must be a positive multiple of 64, got 100"),
+                    (["--world-width", "256", "--model", "dir"], "leave out --model")])
     assert asked == [256]
