@@ -102,10 +102,9 @@ def test_a_wider_world_keeps_the_architecture_and_widens_only_its_sizes(arch):
     sizes = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
     differing = {k for k in set(base.to_dict()) | set(wide.to_dict()) if base.to_dict().get(k) != wide.to_dict().get(k)}
     assert differing <= set(sizes)
+    assert wide.hidden_size // wide.num_attention_heads == 32 and getattr(wide, "head_dim", None) in (None, 32)
     model = AutoModelForCausalLM.from_config(wide)
-    attention = model.model.layers[0].self_attn
-    assert model.model.embed_tokens.weight.shape[1] == 256
-    assert getattr(attention, "head_dim", 32) == 32
+    assert model.model.embed_tokens.weight.shape[1] == 256 and model.model.layers[0].mlp.down_proj.in_features == 512
 
 
 @pytest.mark.parametrize("width", [0, 96, 100, -64, 128.0, True])
