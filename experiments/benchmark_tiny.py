@@ -54,7 +54,7 @@ from rg_lightning.callbacks import RefusalDirections, RepresentationProjection
 from rg_lightning.contract import tokenizer_of
 from rg_lightning.guard.projection import RowFreeze
 from rg_lightning.toy import ALIGNED_MODEL_DIR
-from rg_lightning.toy.build import ARCH_STEPS, ARCHITECTURES, BUILD_VERSION, TIED_ARCHITECTURES, WIDTH
+from rg_lightning.toy.build import ARCH_STEPS, ARCHITECTURES, BUILD_VERSION, TIED_ARCHITECTURES, WIDTH, valid_width
 from rg_lightning.toy.data import ToyTaskDataModule
 from rg_lightning.toy.report import METRICS, AlignmentReport
 
@@ -434,7 +434,7 @@ def main() -> None:
         parser.error("--leave-out-layers narrows --leave-out: name the groups to leave out too")
     if any(layer < 0 for layer in args.leave_out_layers):
         parser.error(f"--leave-out-layers must be layer indices >= 0, got {args.leave_out_layers}")
-    if args.world_width < 64 or args.world_width % 64:
+    if not valid_width(args.world_width):
         parser.error(f"--world-width must be a positive multiple of 64, got {args.world_width}")
     if args.world_width != WIDTH and args.model:
         parser.error("--world-width builds a wider aligned model: leave out --model")

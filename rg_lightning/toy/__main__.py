@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rg_lightning.toy.build import ARCHITECTURES, THREADS, WIDTH
+from rg_lightning.toy.build import ARCHITECTURES, THREADS, WIDTH, valid_width
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     if wrong:
         parser.error(f"must be positive: {', '.join(wrong)}")
     width = getattr(args, "width", WIDTH)
-    if width < 64 or width % 64:
+    if not valid_width(width):
         parser.error(f"--width must be a positive multiple of 64, got {width}")
     if args.command == "collapse":
         if args.model and args.variant is None and not (Path(args.model) / "world.json").is_file():

@@ -81,6 +81,12 @@ THREADS = 2
 WIDTH = 128  # hidden size of every shipped world
 
 
+def valid_width(width) -> bool:
+    """Whether ``width`` can size a miniature model: a positive multiple of 64 (heads of width 32, one key/value
+    head per two query heads)."""
+    return not isinstance(width, bool) and isinstance(width, int) and width >= 64 and width % 64 == 0
+
+
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, untied",
     "gemma2": "Gemma2ForCausalLM, 4 layers, hidden 128, intermediate 256, 4 heads, 2 kv heads, tied",
@@ -95,7 +101,7 @@ ARCHITECTURES = {
 def model_config(tokenizer, arch: str = "llama", width: int = WIDTH):
     """Hugging Face config of the miniature model of one architecture family (see the module docstring), ``width``
     wide (a multiple of 64: heads of width 32, one key/value head per two query heads)."""
-    if isinstance(width, bool) or not isinstance(width, int) or width < 64 or width % 64:
+    if not valid_width(width):
         raise ValueError(f"width must be a positive multiple of 64 (the shipped worlds: {WIDTH}), got {width!r}")
     common = dict(
         vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=4,
