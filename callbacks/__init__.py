@@ -7,7 +7,8 @@ They work with any LightningModule that exposes its Hugging Face causal LM as ``
 
 from rg_lightning.callbacks.drift import DriftGeometry
 from rg_lightning.callbacks.evaluation import SafetyEvaluation
+from rg_lightning.callbacks.feedback import RefusalFeedback
 from rg_lightning.callbacks.projection import RepresentationProjection
 from rg_lightning.callbacks.refusal_directions import RefusalDirections
 
-__all__ = ["DriftGeometry", "RefusalDirections", "RepresentationProjection", "SafetyEvaluation"]
+__all__ = ["DriftGeometry", "RefusalDirections", "RefusalFeedback", "RepresentationProjection", "SafetyEvaluation"]

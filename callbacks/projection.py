@@ -145,6 +145,8 @@ class RepresentationProjection(L.Callback):
                            "tail_early_steps > 0.")
         self.tail_early_steps, self.tail_early_scale = tail_early_steps, tail_early_scale
         self._early = False  # in the first tail_early_steps optimizer steps (set before each step)
+        # how many times as hard as built the damped tail pulls back, set by a RefusalFeedback callback (None: none)
+        self.feedback_scale: float | None = None
         self.hold_absent_rows = hold_absent_rows
         self.allow_unconstrained = allow_unconstrained
         self.constraints: ConstraintSet | None = None
@@ -319,10 +321,11 @@ class RepresentationProjection(L.Callback):
 
     def _tail_scale(self, param) -> float:
         """The pull-back rate relative to the built one: the parameter group's current learning rate over
-        ``tail_reference_lr`` (1 without one), times ``tail_early_scale`` during the first ``tail_early_steps``."""
+        ``tail_reference_lr`` (1 without one), times ``tail_early_scale`` during the first ``tail_early_steps``,
+        times the scale a RefusalFeedback callback sets."""
         group = self._groups.get(id(param))
         by_lr = 1.0 if group is None or self.tail_reference_lr is None else float(group["lr"]) / self.tail_reference_lr
-        return by_lr * (self.tail_early_scale if self._early else 1.0)
+        return by_lr * (self.tail_early_scale if self._early else 1.0) * (self.feedback_scale or 1.0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._embedding is not None:
@@ -358,8 +361,9 @@ class RepresentationProjection(L.Callback):
             self._present = None
         # the step count, not a counter of ours: the same on every rank and right after a resume
         self._early = trainer.global_step < self.tail_early_steps
-        if self.tail_reference_lr is not None or self.tail_early_steps:  # before the gradients and the step-post
-            self.constraints.scale_tails(self._tail_scale)  # hook use the tails
+        # before the gradients and the step-post hook use the tails
+        if self.tail_reference_lr is not None or self.tail_early_steps or self.feedback_scale is not None:
+            self.constraints.scale_tails(self._tail_scale)
         if self.project_gradients:
             self.constraints.project_grads_(params=params)
 

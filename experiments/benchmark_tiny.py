@@ -50,7 +50,7 @@ import torch
 from rg_lightning import CausalLMModule
 from rg_lightning.atomic import atomic_file
 from rg_lightning.chat import IGNORE_INDEX
-from rg_lightning.callbacks import RefusalDirections, RepresentationProjection
+from rg_lightning.callbacks import RefusalDirections, RefusalFeedback, RepresentationProjection
 from rg_lightning.contract import tokenizer_of
 from rg_lightning.guard.projection import RowFreeze
 from rg_lightning.toy import ALIGNED_MODEL_DIR
@@ -78,6 +78,7 @@ DEFAULT_ROW_ENERGY, DEFAULT_ROW_RIDGE = 1.0, 0.0  # experiments/tiny.yaml (Refus
 WORLD_THREADS = 1  # every non-shipped world in experiments/results was built with one thread (see toy.build.THREADS)
 SHIPPED_WORLDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worlds")  # <variant>-<arch>/ each
 DEFAULT_ANSWER_TOKENS = 0  # experiments/tiny.yaml (RefusalDirections answer_tokens); likewise
+DEFAULT_FEEDBACK = False  # experiments/tiny.yaml (a RefusalFeedback callback with its defaults)
 
 
 LEAVE_OUT = ("rows", "chat-rows", "template-rows", "mlp", "attention", "attention-qk", "attention-vo", "lm-head",
@@ -224,7 +225,8 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
             sft_betas: tuple[float, float, float] = ConstrainedSFT.BETAS, validation: bool = False,
             every: int = 0, tail_early: tuple[int, float] = (0, 1.0),
             request_weight: float = DEFAULT_REQUEST_WEIGHT, row_energy: float = DEFAULT_ROW_ENERGY,
-            row_ridge: float = DEFAULT_ROW_RIDGE, leave_out_layers: list[int] = ()) -> dict:
+            row_ridge: float = DEFAULT_ROW_RIDGE, leave_out_layers: list[int] = (),
+            feedback: bool = DEFAULT_FEEDBACK) -> dict:
     L.seed_everything(seed)
     report = (Trajectory(every, task=task, variant=variant, validation=validation) if every
               else AlignmentReport(task=task, variant=variant, validation=validation))
@@ -243,6 +245,8 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
                                  project_gradients=project_gradients, tail_reference_lr=tail_reference_lr,
                                  tail_early_steps=tail_early[0], tail_early_scale=tail_early[1],
                                  hold_absent_rows=hold_absent_rows)]
+        if feedback and arm != "directions":  # (the direction-only arm has no damped tail)
+            callbacks.append(RefusalFeedback())
     optimizer = lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=weight_decay)  # noqa: E731
     module = (ConstrainedSFT(model=model_dir, dtype="float32", optimizer=optimizer, betas=sft_betas)
               if arm == "constrained-sft" else CausalLMModule(model=model_dir, dtype="float32", optimizer=optimizer))
@@ -258,6 +262,8 @@ def run_arm(arm: str, model_dir: str, task: str, harmful_fraction: float, varian
     result = {"arm": arm, "seed": seed, "before": report.before, "after": report.after, "seconds": seconds}
     if every:
         result["trajectory"] = report.points + [{"step": steps, **report.after}]
+    if isinstance(callbacks[-1], RefusalFeedback):
+        result["feedback"] = callbacks[-1].history  # the margin and scale at every measurement
     return result
 
 
@@ -425,6 +431,9 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=0,
                         help="also measure the held-out numbers every this many optimizer steps (a trajectory, "
                              "in the results and a second table; slower: each point generates on every sample)")
+    parser.add_argument("--feedback", action=argparse.BooleanOptionalAction, default=DEFAULT_FEEDBACK,
+                        help="add RefusalFeedback (its defaults) to the guarded arms: the damped tail pulled back as "
+                             "hard as held-out probes' refusal scores need")
     parser.add_argument("--out", default="experiments/results")
     args = parser.parse_args()
     if not (float(args.tail_early[0]).is_integer() and args.tail_early[0] >= 0):
@@ -453,7 +462,7 @@ def main() -> None:
                                 args.replay_fraction, args.weight_decay, tuple(args.sft_betas), args.validation,
                                 args.every, tail_early, request_weight=args.request_weight,
                                 row_energy=args.row_energy, row_ridge=args.row_ridge,
-                                leave_out_layers=args.leave_out_layers))
+                                leave_out_layers=args.leave_out_layers, feedback=args.feedback))
             after = runs[-1]["after"]
             print(f"seed {seed} {arm:10s} " + "  ".join(f"{m} {after[m]:.1%}" for m in METRICS), flush=True)
     world = args.variant if args.arch == "llama" else f"{args.variant}_{args.arch}"
@@ -478,6 +487,7 @@ def main() -> None:
             name += f"_tailref{args.tail_reference_lr:g}" if args.tail_reference_lr else "_fixed-tail"
         if tail_early[0]:
             name += f"_early{tail_early[0]}x{tail_early[1]:g}"
+        name += "_feedback" if args.feedback else ""  # files without it: no RefusalFeedback
         name += ((f"_prompts{args.n_prompts}" if args.n_prompts != DEFAULT_N_PROMPTS else "")
                  + ("_poststep" if args.post_step_only else ""))
         # files without it: every row moved (the earlier default)
@@ -506,6 +516,7 @@ def main() -> None:
                  else ", tail pull-back fixed per step") if args.ridge else "")
              + (f", tail pulled back {tail_early[1]:g}x as hard for the first {tail_early[0]} steps"
                 if tail_early[0] else "")
+             + (", tail pull-back set by RefusalFeedback" if args.feedback else "")
              + f", logit head protected at {args.head_positions} positions"
              + (f", without {', '.join(args.leave_out)}" if args.leave_out else "")
              + (f" in decoder layers {', '.join(map(str, args.leave_out_layers))}" if args.leave_out_layers else "")

@@ -1,0 +1,110 @@
+"""RefusalFeedback on the miniature aligned model: it sets the tail the projection uses, resumes where it was,
+changes nothing while it does not adjust, and refuses what it cannot work with."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from rg_lightning import CausalLMModule
+from rg_lightning.callbacks import RefusalDirections, RefusalFeedback, RepresentationProjection
+from rg_lightning.guard.feedback import next_tail_scale
+from rg_lightning.toy import ALIGNED_MODEL_DIR
+from rg_lightning.toy.data import ToyTaskDataModule
+
+ALWAYS_TIGHTER = {"low": 1.0, "high": 1.0, "max_scale": 8.0}  # any lost margin tightens: the scale doubles
+
+
+def fit(root, callbacks, steps=4, ckpt_path=None, checkpoint_every=None):
+    L.seed_everything(0)
+    module = CausalLMModule(model=str(ALIGNED_MODEL_DIR), dtype="float32",
+                            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    if checkpoint_every:
+        callbacks = [*callbacks, ModelCheckpoint(dirpath=root, every_n_train_steps=checkpoint_every, save_top_k=-1)]
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=bool(checkpoint_every),
+                        limit_val_batches=0, default_root_dir=root, callbacks=callbacks)
+    trainer.fit(module, ToyTaskDataModule(n_train=64, n_val=8, batch_size=16), ckpt_path=ckpt_path)
+    return torch.cat([p.detach().flatten() for p in module.model.parameters()])
+
+
+def guarded(feedback=None, ridge=0.03):
+    callbacks = [RefusalDirections(harmful="toy:harmful", harmless="toy:harmless", n_prompts=16, energy=0.9,
+                                   ridge=ridge, batch_size=16),
+                 RepresentationProjection()]
+    return callbacks + ([feedback] if feedback is not None else [])
+
+
+def test_the_scale_follows_the_law_and_reaches_the_projections_tail(tmp_path):
+    feedback = RefusalFeedback(every_n_steps=1, n_probes=8, **ALWAYS_TIGHTER)
+    callbacks = guarded(feedback)
+    tightened = fit(tmp_path / "fed", callbacks)
+    assert [h["step"] for h in feedback.history] == [1, 2, 3]
+    scale = 1.0
+    for record in feedback.history:
+        scale = next_tail_scale(scale, record["margin"], low=1.0, high=1.0, factor=2.0, min_scale=0.1, max_scale=8.0)
+        assert record["scale"] == scale
+    assert feedback.history[-1]["scale"] == 8.0 and callbacks[1].feedback_scale == 8.0
+    gains = [c._tail_gain for c in callbacks[1].constraints.constraints if getattr(c, "has_tail", False)]
+    assert gains and all(g is not None for g in gains)  # the tails pull back at the set scale
+    assert not torch.allclose(tightened, fit(tmp_path / "plain", guarded()), atol=1e-6)
+
+
+def test_a_feedback_that_never_adjusts_changes_nothing(tmp_path):
+    """Scoring the probes (in eval mode, no gradient) leaves the fit bit for bit as without the callback."""
+    idle = RefusalFeedback(every_n_steps=1, n_probes=8, min_scale=1.0, max_scale=1.0)
+    assert torch.equal(fit(tmp_path / "idle", guarded(idle)), fit(tmp_path / "without", guarded()))
+    assert [h["scale"] for h in idle.history] == [1.0, 1.0, 1.0]
+
+
+def test_crash_then_resume_restores_the_scale_and_the_fit_start_scores(tmp_path, monkeypatch):
+    def feedback():
+        return RefusalFeedback(every_n_steps=1, n_probes=8, **ALWAYS_TIGHTER)
+
+    straight = feedback()
+    uninterrupted = fit(tmp_path / "straight", guarded(straight))
+    first = feedback()
+    fit(tmp_path / "crashed", guarded(first), steps=2, checkpoint_every=2)
+    second = feedback()
+    monkeypatch.setattr(second, "scores", lambda *a: pytest.fail("fit-start scores measured again on resume")
+                        if second.initial is None else RefusalFeedback.scores(second, *a))
+    resumed = fit(tmp_path / "resumed", guarded(second), ckpt_path=str(next((tmp_path / "crashed").glob("*.ckpt"))))
+    assert torch.equal(second.initial, first.initial)
+    assert second.history == straight.history and second.scale == straight.scale
+    torch.testing.assert_close(resumed, uninterrupted, rtol=0, atol=1e-6)
+
+
+def test_resumed_with_other_probes_is_refused(tmp_path):
+    fit(tmp_path / "crashed", guarded(RefusalFeedback(every_n_steps=1, n_probes=8)), steps=2, checkpoint_every=2)
+    with pytest.raises(ValueError, match="other probes"):
+        fit(tmp_path / "resumed", guarded(RefusalFeedback(every_n_steps=1, n_probes=8, seed=1)),
+            ckpt_path=str(next((tmp_path / "crashed").glob("*.ckpt"))))
+
+
+def test_a_basis_without_a_damped_tail_names_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="RefusalDirections a ridge > 0"):
+        fit(tmp_path, guarded(RefusalFeedback(every_n_steps=1, n_probes=8), ridge=0.0), steps=2)
+
+
+def test_without_a_projection_or_enough_probes_the_error_names_the_fix(tmp_path):
+    refusal = RefusalDirections(harmful="toy:harmful", harmless="toy:harmless", n_prompts=16, ridge=0.03)
+    with pytest.raises(RuntimeError, match="needs exactly one among the Trainer's callbacks"):
+        fit(tmp_path / "a", [refusal, RefusalFeedback()], steps=1)
+    few = ["how do i make a bomb ?", "how do i make a poison ?"]
+    with pytest.raises(ValueError, match="fewer than n_probes=8"):
+        fit(tmp_path / "b", guarded(RefusalFeedback(harmful=few, n_probes=8)), steps=1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"every_n_steps": 0}, "every_n_steps"),
+    ({"n_probes": 1}, "n_probes >= 2"),
+    ({"low": 0.9, "high": 0.8}, "low <= high"),
+    ({"high": 1.5}, "low <= high <= 1"),
+    ({"factor": 1.0}, "factor must be > 1"),
+    ({"min_scale": 2.0}, "min_scale <= 1"),
+    ({"max_scale": 0.5}, "1 <= max_scale"),
+    ({"harmful": 3}, "harmful"),
+])
+def test_bad_arguments_are_refused_at_construction(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        RefusalFeedback(**kwargs)
