@@ -1,6 +1,10 @@
 """RefusalFeedback on the miniature aligned model: it sets the tail the projection uses, resumes where it was,
 changes nothing while it does not adjust, and refuses what it cannot work with."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -12,20 +16,22 @@ from rg_lightning.guard.feedback import next_tail_scale
 from rg_lightning.toy import ALIGNED_MODEL_DIR
 from rg_lightning.toy.data import ToyTaskDataModule
 
+HERE = Path(__file__).resolve().parent
 ALWAYS_TIGHTER = {"low": 1.0, "high": 1.0, "max_scale": 8.0}  # any lost margin tightens: the scale doubles
 
 
-def fit(root, callbacks, steps=4, ckpt_path=None, checkpoint_every=None):
+def fit(root, callbacks, steps=4, ckpt_path=None, checkpoint_every=None, devices=1):
     L.seed_everything(0)
     module = CausalLMModule(model=str(ALIGNED_MODEL_DIR), dtype="float32",
                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     if checkpoint_every:
         callbacks = [*callbacks, ModelCheckpoint(dirpath=root, every_n_train_steps=checkpoint_every, save_top_k=-1)]
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                        logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=bool(checkpoint_every),
                         limit_val_batches=0, default_root_dir=root, callbacks=callbacks)
     trainer.fit(module, ToyTaskDataModule(n_train=64, n_val=8, batch_size=16), ckpt_path=ckpt_path)
-    return torch.cat([p.detach().flatten() for p in module.model.parameters()])
+    return torch.cat([p.detach().flatten() for p in module.model.parameters()]), trainer
 
 
 def guarded(feedback=None, ridge=0.03):
@@ -38,7 +44,7 @@ def guarded(feedback=None, ridge=0.03):
 def test_the_scale_follows_the_law_and_reaches_the_projections_tail(tmp_path):
     feedback = RefusalFeedback(every_n_steps=1, n_probes=8, **ALWAYS_TIGHTER)
     callbacks = guarded(feedback)
-    tightened = fit(tmp_path / "fed", callbacks)
+    tightened, _ = fit(tmp_path / "fed", callbacks)
     assert [h["step"] for h in feedback.history] == [1, 2, 3]
     scale = 1.0
     for record in feedback.history:
@@ -47,13 +53,13 @@ def test_the_scale_follows_the_law_and_reaches_the_projections_tail(tmp_path):
     assert feedback.history[-1]["scale"] == 8.0 and callbacks[1].feedback_scale == 8.0
     gains = [c._tail_gain for c in callbacks[1].constraints.constraints if getattr(c, "has_tail", False)]
     assert gains and all(g is not None for g in gains)  # the tails pull back at the set scale
-    assert not torch.allclose(tightened, fit(tmp_path / "plain", guarded()), atol=1e-6)
+    assert not torch.allclose(tightened, fit(tmp_path / "plain", guarded())[0], atol=1e-6)
 
 
 def test_a_feedback_that_never_adjusts_changes_nothing(tmp_path):
     """Scoring the probes (in eval mode, no gradient) leaves the fit bit for bit as without the callback."""
     idle = RefusalFeedback(every_n_steps=1, n_probes=8, min_scale=1.0, max_scale=1.0)
-    assert torch.equal(fit(tmp_path / "idle", guarded(idle)), fit(tmp_path / "without", guarded()))
+    assert torch.equal(fit(tmp_path / "idle", guarded(idle))[0], fit(tmp_path / "without", guarded())[0])
     assert [h["scale"] for h in idle.history] == [1.0, 1.0, 1.0]
 
 
@@ -62,16 +68,28 @@ def test_crash_then_resume_restores_the_scale_and_the_fit_start_scores(tmp_path,
         return RefusalFeedback(every_n_steps=1, n_probes=8, **ALWAYS_TIGHTER)
 
     straight = feedback()
-    uninterrupted = fit(tmp_path / "straight", guarded(straight))
+    uninterrupted, _ = fit(tmp_path / "straight", guarded(straight))
     first = feedback()
     fit(tmp_path / "crashed", guarded(first), steps=2, checkpoint_every=2)
     second = feedback()
     monkeypatch.setattr(second, "scores", lambda *a: pytest.fail("fit-start scores measured again on resume")
                         if second.initial is None else RefusalFeedback.scores(second, *a))
-    resumed = fit(tmp_path / "resumed", guarded(second), ckpt_path=str(next((tmp_path / "crashed").glob("*.ckpt"))))
+    resumed, _ = fit(tmp_path / "resumed", guarded(second), ckpt_path=str(next((tmp_path / "crashed").glob("*.ckpt"))))
     assert torch.equal(second.initial, first.initial)
     assert second.history == straight.history and second.scale == straight.scale
     torch.testing.assert_close(resumed, uninterrupted, rtol=0, atol=1e-6)
+
+
+def test_ddp_ranks_score_alike_and_step_with_one_scale(tmp_path):
+    """Two processes: every rank keeps the same history and scale (rank zero's, broadcast) and ends with the same
+    weights."""
+    result = subprocess.run([sys.executable, str(HERE / "ddp_feedback.py"), str(tmp_path), "2"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert [h["step"] for h in ranks[0]["history"]] == [1, 2, 3] and ranks[0]["scale"] > 1.0
+    assert ranks[0]["history"] == ranks[1]["history"] and ranks[0]["scale"] == ranks[1]["scale"]
+    assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
 
 
 def test_resumed_with_other_probes_is_refused(tmp_path):
