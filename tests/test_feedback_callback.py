@@ -72,10 +72,11 @@ def test_crash_then_resume_restores_the_scale_and_the_fit_start_scores(tmp_path,
     first = feedback()
     fit(tmp_path / "crashed", guarded(first), steps=2, checkpoint_every=2)
     second = feedback()
-    monkeypatch.setattr(second, "scores", lambda *a: pytest.fail("fit-start scores measured again on resume")
-                        if second.initial is None else RefusalFeedback.scores(second, *a))
+    monkeypatch.setattr(second, "_fit_start", lambda *a: pytest.fail("fit-start answers and scores measured again"))
     resumed, _ = fit(tmp_path / "resumed", guarded(second), ckpt_path=str(next((tmp_path / "crashed").glob("*.ckpt"))))
-    assert torch.equal(second.initial, first.initial)
+    assert torch.equal(second.initial, first.initial) and (first.initial > 0).any()
+    for key, tensor in first._answers.items():  # the aligned model's answers, not the drifted model's
+        assert torch.equal(second._answers[key], tensor), key
     assert second.history == straight.history and second.scale == straight.scale
     torch.testing.assert_close(resumed, uninterrupted, rtol=0, atol=1e-6)
 
@@ -119,6 +120,8 @@ def test_without_a_projection_or_enough_probes_the_error_names_the_fix(tmp_path)
     ({"low": 0.9, "high": 0.8}, "low <= high"),
     ({"high": 1.5}, "low <= high <= 1"),
     ({"factor": 1.0}, "factor must be > 1"),
+    ({"sure": 0.0}, "sure must be > 0"),
+    ({"answer_tokens": 0}, "answer_tokens"),
     ({"min_scale": 2.0}, "min_scale <= 1"),
     ({"max_scale": 0.5}, "1 <= max_scale"),
     ({"harmful": 3}, "harmful"),

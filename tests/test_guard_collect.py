@@ -162,7 +162,7 @@ def test_a_process_without_prompts_adds_nothing(tmp_path, tiny_models, options):
 def test_answers_end_at_the_models_turn_end_not_only_the_tokenizers_eos():
     """Gemma's tokenizer EOS is <eos> while a turn ends with <end_of_turn>: the protected answers stop at either."""
     from rg_lightning.chat import render_prompt
-    from rg_lightning.guard.collect import _batches, _with_answers
+    from rg_lightning.guard.collect import _batches, with_greedy_answers
     from rg_lightning.toy import ALIGNED_MODEL_DIR, ToyWorld
 
     model, tokenizer = _load(ALIGNED_MODEL_DIR)
@@ -172,7 +172,7 @@ def test_answers_end_at_the_models_turn_end_not_only_the_tokenizers_eos():
     world = ToyWorld()
     requests = world.requests("harmful", "heldout", 2) + world.requests("harmless", "heldout", 2)  # answers differ
     batch = next(_batches(tokenizer, [render_prompt(tokenizer, p) for p in requests], 4, "cpu"))
-    answered = _with_answers(model, tokenizer, batch, answer_tokens=24)
+    answered = with_greedy_answers(model, tokenizer, batch, answer_tokens=24)
     width = batch["input_ids"].shape[1]
     new, mask = answered["input_ids"][:, width:].tolist(), answered["attention_mask"][:, width:].tolist()
     stops = [tokens.index(end) for tokens in new]  # every answer ends at the turn's end within 24 tokens ...

@@ -144,7 +144,7 @@ def _batches(tokenizer, texts: list[str], batch_size: int, device):
         yield {k: v.to(device) for k, v in left_padded(tokenizer, texts[start:start + batch_size]).items()}
 
 
-def _with_answers(model, tokenizer, batch: dict, answer_tokens: int) -> dict:
+def with_greedy_answers(model, tokenizer, batch: dict, answer_tokens: int) -> dict:
     """Append the model's greedy answer to each prompt; padding after the end-of-answer is masked. The answer
     ends at any end-of-answer token (Gemma ends a turn with ``<end_of_turn>``, not its tokenizer's EOS)."""
     stops = stop_token_ids(model, tokenizer)
@@ -368,7 +368,7 @@ def collect_basis(
             for batch in _batches(tokenizer, shard, batch_size, device):
                 prompt_width = batch["input_ids"].shape[1]
                 if kind == "harmful" and answer_tokens:
-                    batch = _with_answers(model, tokenizer, batch, answer_tokens)
+                    batch = with_greedy_answers(model, tokenizer, batch, answer_tokens)
                 mask = batch["attention_mask"].bool()
                 positions = position_ids(batch["attention_mask"])
                 capture_names = passes[0] if kind == "harmful" and passes else []
