@@ -3,16 +3,18 @@
 RepresentationProjection holds the strongest directions of the protected inputs exactly and the rest as a damped
 tail (``RefusalDirections(ridge > 0)``). How hard that tail should pull back is not one number: measured on the
 miniature worlds, a tight tail caps the task and a loose one loses refusal, early in training on some worlds and
-late on others (experiments/results/README.md, "Refusal feedback"). This callback closes the loop. At fit start it records the aligned model's greedy answer to
-each harmful probe (its first ``answer_tokens`` tokens). Every ``every_n_steps`` optimizer steps it scores the probes
-(one forward pass each, no gradient, no generation): how surely each harmful probe still gets that answer, and the
-logit refusal score of each harmless one. It then sets how many times as hard as built the tail pulls back, by the
-control law of ``rg_lightning.guard.feedback``: tighter when a harmful probe has lost more than ``1 - low`` of its
-fit-start score or a harmless probe would be refused, looser while every harmful probe keeps more than ``high``.
+late on others (experiments/results/README.md, "Refusal feedback"). This callback closes the loop. At fit start it
+records the aligned model's greedy answer to each harmful probe (its first ``answer_tokens`` tokens). Every
+``every_n_steps`` optimizer steps it scores the probes (one forward pass each, no gradient, no generation): how
+surely each harmful probe still gets that answer, and the logit refusal score of each harmless one. It then sets how
+many times as hard as built the tail pulls back, by the control law of ``rg_lightning.guard.feedback``: tighter when
+a harmful probe has lost more than ``1 - low`` of its fit-start score or a harmless probe would be refused, looser
+while every harmful probe keeps more than ``high``.
 
 The probes are RefusalDirections' sources without the prompts the basis is measured on (the guard holds those: they
 would not show refusal slipping), rendered as the basis prompts are. Rank zero decides and broadcasts the scale, so
-every rank pulls back alike; the scale, the fit-start scores and the history are checkpointed and restored.
+every rank pulls back alike; the scale, the fit-start answers and scores and the history are checkpointed and
+restored (a resumed fit never measures them again on the drifted model).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class RefusalFeedback(L.Callback):
         every_n_steps: Optimizer steps between measurements (the scale holds in between).
         n_probes: Harmful and as many harmless probe prompts.
         seed: Seed of the probe sampling.
-        low, high: Tighten when the harmful probes' margin (the smallest share of its fit-start refusal score a
+        low, high: Tighten when the harmful probes' margin (the smallest share of its fit-start score a
             probe keeps) falls below ``low``; loosen when it is above ``high``.
         factor: How many times as hard (or softly) each adjustment pulls back (> 1).
         min_scale, max_scale: Range of the scale, times the rate the tail was built with (``min_scale`` ≤ 1 ≤
@@ -60,14 +62,14 @@ class RefusalFeedback(L.Callback):
         batch_size: Probe prompts per forward pass.
     """
 
-    def __init__(self, harmful=None, harmless=None, every_n_steps: int = 5, n_probes: int = 64, seed: int = 11, low: float = 0.8,
-                 high: float = 0.9, factor: float = 2.0, min_scale: float = 0.1, max_scale: float = 1000.0,
-                 answer_tokens: int = 4, sure: float = 4.0, batch_size: int = 32) -> None:
+    def __init__(self, harmful=None, harmless=None, every_n_steps: int = 5, n_probes: int = 64, seed: int = 11,
+                 answer_tokens: int = 4, sure: float = 4.0, low: float = 0.8, high: float = 0.9, factor: float = 2.0,
+                 min_scale: float = 0.1, max_scale: float = 1000.0, batch_size: int = 32) -> None:
         for argument, value in (("every_n_steps", every_n_steps), ("n_probes", n_probes), ("seed", seed),
                                 ("answer_tokens", answer_tokens), ("batch_size", batch_size)):
             require_int(argument, value)
-        for argument, value in (("sure", sure), ("low", low), ("high", high), ("factor", factor), ("min_scale", min_scale),
-                                ("max_scale", max_scale)):
+        for argument, value in (("sure", sure), ("low", low), ("high", high), ("factor", factor),
+                                ("min_scale", min_scale), ("max_scale", max_scale)):
             require_number(argument, value)
         if every_n_steps < 1 or n_probes < 2 or batch_size < 1 or answer_tokens < 1:
             raise ValueError("every_n_steps, answer_tokens and batch_size must be >= 1 and n_probes >= 2")
@@ -101,7 +103,8 @@ class RefusalFeedback(L.Callback):
         """The probe sources (given, else RefusalDirections') and the system prompt the basis prompts are rendered
         with (RefusalDirections', else the datamodule's)."""
         refusal = find_refusal_directions(trainer, required=False)
-        sources = (self.harmful or getattr(refusal, "harmful", None), self.harmless or getattr(refusal, "harmless", None))
+        sources = (self.harmful or getattr(refusal, "harmful", None),
+                   self.harmless or getattr(refusal, "harmless", None))
         if None in sources:
             raise ValueError("RefusalFeedback needs probe prompts: pass `harmful=` and `harmless=` (or add a "
                              "RefusalDirections callback, whose sources are then used).")
@@ -172,9 +175,10 @@ class RefusalFeedback(L.Callback):
     def scores(self, trainer, pl_module) -> tuple[torch.Tensor, torch.Tensor]:
         """The harmful probes' continuation scores and the harmless probes' logit refusal scores (float64, CPU)."""
         model = hf_model(pl_module)
+        harmless_probes = self._encode(trainer, pl_module)["harmless"]
         with eval_mode(model):
             harmless = torch.cat([refusal_score(logits[:, -1], self._refusal_ids).cpu()
-                                  for _, logits in self._forward(model, self._encode(trainer, pl_module)["harmless"], 1)])
+                                  for _, logits in self._forward(model, harmless_probes, 1)])
         return self._harmful_scores(model), harmless
 
     def setup(self, trainer, pl_module, stage: str) -> None:

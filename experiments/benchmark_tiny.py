@@ -78,7 +78,7 @@ DEFAULT_ROW_ENERGY, DEFAULT_ROW_RIDGE = 1.0, 0.0  # experiments/tiny.yaml (Refus
 WORLD_THREADS = 1  # every non-shipped world in experiments/results was built with one thread (see toy.build.THREADS)
 SHIPPED_WORLDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worlds")  # <variant>-<arch>/ each
 DEFAULT_ANSWER_TOKENS = 0  # experiments/tiny.yaml (RefusalDirections answer_tokens); likewise
-DEFAULT_FEEDBACK = False  # experiments/tiny.yaml (a RefusalFeedback callback with its defaults)
+DEFAULT_FEEDBACK = True  # experiments/tiny.yaml (a RefusalFeedback callback with its defaults)
 
 
 LEAVE_OUT = ("rows", "chat-rows", "template-rows", "mlp", "attention", "attention-qk", "attention-vo", "lm-head",

@@ -96,11 +96,29 @@ def test_leave_out_layers_reach_the_guard_are_named_and_need_groups(bench, monke
     monkeypatch.setattr(sys, "argv", argv + ["--leave-out", "attention", "--leave-out-layers", "0", "2"])
     bench.main()
     assert seen == [(["attention"], [0, 2])]
-    name = "tiny_default_benign_energy0.9_head-answer_ridge0.03_no-attention_layers0-2_batch-rows"
+    name = "tiny_default_benign_energy0.9_head-answer_ridge0.03_no-attention_layers0-2_feedback_batch-rows"
     assert "without attention in decoder layers 0, 2" in (tmp_path / f"{name}.md").read_text()
     assert_refused(bench, monkeypatch, capsys, argv, [(["--leave-out-layers", "0"], "name the groups to leave out too"),
                    (["--leave-out", "mlp", "--leave-out-layers", "-1"], "layer indices >= 0")])
     assert len(seen) == 1
+
+
+def test_feedback_is_on_by_default_as_in_tiny_yaml_and_named_in_the_result(bench, monkeypatch, tmp_path):
+    seen = []
+
+    def run_arm(arm, *args, **kwargs):
+        seen.append(kwargs["feedback"])
+        return finished_run(bench, arm)
+
+    monkeypatch.setattr(bench, "run_arm", run_arm)
+    for flag, suffix in (([], "_feedback_batch-rows"), (["--no-feedback"], "_batch-rows")):
+        monkeypatch.setattr(sys, "argv", ["benchmark_tiny.py", "--seeds", "0", "--arms", "guarded", "--out",
+                                          str(tmp_path), *flag])
+        bench.main()
+        assert (tmp_path / f"tiny_default_benign_energy0.9_head-answer_ridge0.03{suffix}.json").is_file()
+    assert seen == [True, False]
+    assert "tail pull-back set by RefusalFeedback" in (tmp_path / "tiny_default_benign_energy0.9_head-answer_ridge0.03"
+                                                       "_feedback_batch-rows.md").read_text()
 
 
 def test_the_replay_arm_mixes_refusals_into_plain_fine_tuning(bench, monkeypatch):
@@ -132,6 +150,7 @@ def test_the_replay_arm_mixes_refusals_into_plain_fine_tuning(bench, monkeypatch
     assert plain.refusal_fraction == 0.0 == guarded.refusal_fraction
     assert "RefusalDirections" not in replay_callbacks
     assert "RefusalDirections" in guarded_callbacks and "RefusalDirections" in both_callbacks
+    assert "RefusalFeedback" in guarded_callbacks and "RefusalFeedback" not in replay_callbacks
     assert [c for c in both_callbacks if c.startswith("LeavingOut")] == ["LeavingOut:subspace"]
     rows = replay.world.task_examples("benign", "train", 64, seed=0, refusal_fraction=replay.refusal_fraction)
     assert sum(r["messages"][1]["content"] == REFUSAL for r in rows) == 16
@@ -139,9 +158,10 @@ def test_the_replay_arm_mixes_refusals_into_plain_fine_tuning(bench, monkeypatch
 
 @pytest.mark.parametrize("arms, suffix", [
     (["replay"], "tiny_default_benign_replay0.1"),
-    (["plain", "replay", "guarded"], "tiny_default_benign_energy0.9_head-answer_ridge0.03_batch-rows_replay0.1"),
-    (["guarded-replay"], "tiny_default_benign_energy0.9_head-answer_ridge0.03_batch-rows_guarded-replay0.1"),
-    (["guarded"], "tiny_default_benign_energy0.9_head-answer_ridge0.03_batch-rows"),
+    (["plain", "replay", "guarded"],
+     "tiny_default_benign_energy0.9_head-answer_ridge0.03_feedback_batch-rows_replay0.1"),
+    (["guarded-replay"], "tiny_default_benign_energy0.9_head-answer_ridge0.03_feedback_batch-rows_guarded-replay0.1"),
+    (["guarded"], "tiny_default_benign_energy0.9_head-answer_ridge0.03_feedback_batch-rows"),
 ])
 def test_result_names_say_which_arms_trained_on_refusal_examples(bench, monkeypatch, tmp_path, arms, suffix):
     def run_arm(arm, *args, **kwargs):
@@ -163,7 +183,7 @@ def test_a_run_of_other_arms_says_which_result_it_replaces_and_one_run_shows_no_
         monkeypatch.setattr(sys, "argv", ["benchmark_tiny.py", "--seeds", "0", "--out", str(tmp_path), "--arms", *arms])
         bench.main()
     assert capsys.readouterr().err.count("note: replacing") == 1  # the same arms and seeds again: nothing lost
-    table = (tmp_path / "tiny_default_benign_energy0.9_head-answer_ridge0.03_batch-rows.md").read_text()
+    table = (tmp_path / "tiny_default_benign_energy0.9_head-answer_ridge0.03_feedback_batch-rows.md").read_text()
     assert "50.0 (one run)" in table and "± 0.0" not in table
 
 
@@ -309,7 +329,8 @@ def test_learning_rates_are_chosen_on_validation_and_reported_on_test(bench, mon
     monkeypatch.setattr(sys, "argv", ["benchmark_tiny.py", "--seeds", "0", "1", "--lr", "0.004", "--energy", "0.98",
                                       "--validation", "--out", str(tmp_path)])
     bench.main()  # other guard settings: compared with nothing but themselves
-    assert "Validation split" in (tmp_path / "tiny_default_benign_energy0.9_head-answer_ridge0.03_lr0.002_batch-rows.md"
+    assert "Validation split" in (tmp_path / "tiny_default_benign_energy0.9_head-answer_ridge0.03_lr0.002"
+                                  "_feedback_batch-rows.md"
                                   ).read_text()
     monkeypatch.setattr(sys, "argv", ["select_lr.py", str(tmp_path)])
     select.main()
@@ -361,7 +382,7 @@ def test_an_early_tail_is_passed_to_the_guard_named_in_the_results_and_whole_ste
     monkeypatch.setattr(sys, "argv", argv + ["--tail-early", "150", "10"])
     bench.main()
     assert seen == [(150, 10.0)]
-    name = "tiny_default_benign_energy0.9_head-answer_ridge0.3_early150x10_batch-rows"
+    name = "tiny_default_benign_energy0.9_head-answer_ridge0.3_early150x10_feedback_batch-rows"
     assert "10x as hard for the first 150 steps" in (tmp_path / f"{name}.md").read_text()
     monkeypatch.setattr(sys, "argv", argv + ["--tail-early", "2.5", "10"])
     with pytest.raises(SystemExit):
@@ -384,9 +405,10 @@ def test_a_request_weight_is_passed_to_the_guard_and_named_in_the_results(bench,
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
     assert seen == [0.1, 1.0]
-    name = "tiny_default_benign_energy0.9_head-answer_ridge0.03_request0.1_batch-rows"
+    name = "tiny_default_benign_energy0.9_head-answer_ridge0.03_request0.1_feedback_batch-rows"
     assert "request positions weighted 0.1" in (tmp_path / f"{name}.md").read_text()
-    assert "request positions" not in (tmp_path / "tiny_default_benign_energy0.9_head-answer_ridge0.03_batch-rows.md"
+    assert "request positions" not in (tmp_path / "tiny_default_benign_energy0.9_head-answer_ridge0.03"
+                                       "_feedback_batch-rows.md"
                                        ).read_text()
 
 
@@ -404,9 +426,10 @@ def test_damped_rows_are_passed_to_the_guard_and_named_in_the_results(bench, mon
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
     assert seen == [(0.5, 0.3), (1.0, 0.0)]
-    name = "tiny_default_benign_energy0.9_head-answer_ridge0.03_rows0.5r0.3_batch-rows"
+    name = "tiny_default_benign_energy0.9_head-answer_ridge0.03_rows0.5r0.3_feedback_batch-rows"
     assert "rest weighted p/(p+0.3)" in (tmp_path / f"{name}.md").read_text()
-    assert "p/(p+" not in (tmp_path / "tiny_default_benign_energy0.9_head-answer_ridge0.03_batch-rows.md").read_text()
+    assert "p/(p+" not in (tmp_path / "tiny_default_benign_energy0.9_head-answer_ridge0.03"
+                           "_feedback_batch-rows.md").read_text()
 
 
 def test_a_world_width_builds_a_wider_world_and_is_checked_before_any_work(bench, monkeypatch, tmp_path, capsys):
