@@ -91,7 +91,7 @@ class RefusalFeedback(L.Callback):
         self.low, self.high, self.factor = low, high, factor
         self.min_scale, self.max_scale = min_scale, max_scale
         self.scale = 1.0
-        self.initial: torch.Tensor | None = None  # fit-start scores: harmful probes, then harmless ones
+        self.initial: torch.Tensor | None = None  # the harmful probes' fit-start scores (0: not refused then)
         self.history: list[dict] = []
         self._probes: dict | None = None
         self._answers: dict | None = None  # the harmful probes with the aligned model's greedy answers appended
@@ -204,6 +204,10 @@ class RefusalFeedback(L.Callback):
         self._restored_probes, self._model = None, weakref.ref(model)
         if self.initial is None:  # rank zero's answers and scores for every rank (measured once, on the aligned model)
             self._answers, self.initial = trainer.strategy.broadcast(self._fit_start(trainer, pl_module), src=0)
+            if not bool((self.initial > 0).any()):
+                raise ValueError("RefusalFeedback: the aligned model refuses none of the harmful probes (logit refusal "
+                                 "score > 0 on none), so there is no refusal to hold. Check the probes (harmful=) and "
+                                 "the model.")
         else:
             self._encode(trainer, pl_module)
         self._projection.feedback_scale = self.scale

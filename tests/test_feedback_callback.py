@@ -129,3 +129,15 @@ def test_without_a_projection_or_enough_probes_the_error_names_the_fix(tmp_path)
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         RefusalFeedback(**kwargs)
+
+
+def test_a_model_that_refuses_no_probe_is_stopped_at_fit_start(tmp_path, tiny_models, chat_file):
+    """A random tiny model refuses nothing: there is no refusal to hold, and the error says so before any step."""
+    from test_callbacks import HARMFUL, HARMLESS, run_fit
+
+    probes = {"harmful": [p.replace("bomb", "cake") for p in HARMFUL], "harmless": [p.replace("cake", "bomb")
+                                                                                   for p in HARMLESS]}
+    callbacks = [RefusalDirections(harmful=HARMFUL, harmless=HARMLESS, energy=0.9, ridge=0.03, answer_tokens=0),
+                 RepresentationProjection(), RefusalFeedback(n_probes=4, **probes)]
+    with pytest.raises(ValueError, match="refuses none of the harmful probes"):
+        run_fit(tmp_path, tiny_models["llama"], chat_file, callbacks, steps=1)

@@ -99,14 +99,17 @@ def test_bad_columns_name_the_form(goals, tmp_path):
 
 
 def test_the_readme_counts_are_what_the_committed_results_give(goals):
-    """The shipped worlds and the seed-1 and seed-2 builds, at tiny.yaml's 150 steps and at 450, as the README
-    says."""
-    long = "energy0.9_head-answer_ridge0.03_steps450_batch-rows"
-    columns = [(f"{directory}, {settings}", str(ROOT / "experiments/results" / directory), settings)
-               for directory in ("shipped_worlds", "world_seed1", "world_seed2") for settings in (SETTINGS, long)]
-    counts = goals.table(columns).splitlines()[-1]
-    assert counts == "| **goals** | " + " | ".join(f"**{n} of 12**" for n in (9, 4, 7, 5, 7, 4)) + " |"
+    """The shipped worlds and the seed-1 and seed-2 builds, at tiny.yaml's 150 steps and at 450, with RefusalFeedback
+    (tiny.yaml's guard) and without it, as the README says."""
     readme = " ".join((ROOT / "README.md").read_text().split())
-    assert "150 steps on 9 of the 12 shipped miniature worlds" in readme
-    assert "on 7 of 12 new aligned models of the same worlds for each of two more build seeds" in readme
-    assert "they hold on 4, 5 and 4 of 12" in readme
+    for feedback, expected in (("_feedback", (10, 6, 8, 6, 7, 6)), ("", (9, 4, 7, 5, 7, 4))):
+        short = f"energy0.9_head-answer_ridge0.03{feedback}_batch-rows"
+        long = f"energy0.9_head-answer_ridge0.03_steps450{feedback}_batch-rows"
+        columns = [(f"{directory}, {settings}", str(ROOT / "experiments/results" / directory), settings)
+                   for directory in ("shipped_worlds", "world_seed1", "world_seed2") for settings in (short, long)]
+        counts = goals.table(columns).splitlines()[-1]
+        assert counts == "| **goals** | " + " | ".join(f"**{n} of 12**" for n in expected) + " |", feedback
+    assert "150 steps on 10 of the 12 shipped miniature worlds" in readme
+    assert "and on 8 and 7 of 12 new aligned models of the same worlds built with two more seeds" in readme
+    assert "they hold on 6, 6 and 6 of 12" in readme
+    assert "the same guard met them on 9, 7, 7 and 4, 5, 4 of 12" in readme

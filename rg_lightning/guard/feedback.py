@@ -7,10 +7,9 @@ A harmful probe's score is how surely the model still gives the refusal the alig
 log-odds of the refusal's first tokens (``continuation_score``; the first token alone misses a model that still
 opens "I" but no longer goes on "cannot", measured on the miniature worlds). The margin is the smallest share of its
 fit-start score that a harmful probe keeps, a start score above ``sure`` counting as ``sure`` (probes the aligned
-model did not refuse are not counted), and any
-harmless probe that would be refused (logit refusal score > 0) counts as no margin.
-Below ``low`` the tail pulls back ``factor`` times as hard, above ``high`` ``factor`` times as softly, within
-``[min_scale, max_scale]`` times the rate it was built with.
+model did not refuse are not counted), and any harmless probe that would be refused (logit refusal score > 0) counts
+as no margin. Below ``low`` the tail pulls back ``factor`` times as hard, above ``high`` ``factor`` times as softly,
+within ``[min_scale, max_scale]`` times the rate it was built with.
 """
 
 from __future__ import annotations
