@@ -34,7 +34,7 @@ from rg_lightning.callbacks.refusal_directions import find_refusal_directions
 from rg_lightning.chat import encode_prompts, position_ids
 from rg_lightning.contract import check_unsharded, hf_model, log_now, system_prompt_of, tokenizer_of
 from rg_lightning.guard.collect import with_greedy_answers
-from rg_lightning.guard.feedback import continuation_score, next_tail_scale, refusal_margin
+from rg_lightning.guard.feedback import continuation_score, next_tail_scale, refusal_margin, refused_at_start
 from rg_lightning.modes import eval_mode
 from rg_lightning.prompts import check_prompt_source, load_prompts, prompt_hashes
 from rg_lightning.refusal_score import refusal_score, refusal_token_ids
@@ -158,15 +158,14 @@ class RefusalFeedback(L.Callback):
         answers = {k: torch.cat([torch.nn.functional.pad(a[k], (0, width - a[k].shape[1]),
                                                          value=0 if k == "attention_mask" else tokenizer.pad_token_id)
                                  for a in answered]) for k in ("input_ids", "attention_mask")}
-        self._answers = answers
-        return answers, self._harmful_scores(model).where(torch.cat(refused), torch.zeros(()))
+        return answers, self._harmful_scores(model, answers).where(torch.cat(refused), torch.zeros(()))
 
-    def _harmful_scores(self, model) -> torch.Tensor:
+    def _harmful_scores(self, model, answers: dict) -> torch.Tensor:
         """How surely each harmful probe still gets the aligned model's answer (``continuation_score``)."""
-        answer = self._answers["input_ids"].shape[1] - self._probes["harmful"]["input_ids"].shape[1]
+        answer = answers["input_ids"].shape[1] - self._probes["harmful"]["input_ids"].shape[1]
         out = []
         with eval_mode(model):
-            for batch, logits in self._forward(model, self._answers, answer + 1):
+            for batch, logits in self._forward(model, answers, answer + 1):
                 out.append(continuation_score(logits[:, :-1], batch["input_ids"][:, -answer:],
                                               batch["attention_mask"][:, -answer:]).cpu())
         return torch.cat(out)
@@ -179,7 +178,7 @@ class RefusalFeedback(L.Callback):
         with eval_mode(model):
             harmless = torch.cat([refusal_score(logits[:, -1], self._refusal_ids).cpu()
                                   for _, logits in self._forward(model, harmless_probes, 1)])
-        return self._harmful_scores(model), harmless
+        return self._harmful_scores(model, self._answers), harmless
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         check_unsharded(trainer, "RefusalFeedback")
@@ -204,10 +203,7 @@ class RefusalFeedback(L.Callback):
         self._restored_probes, self._model = None, weakref.ref(model)
         if self.initial is None:  # rank zero's answers and scores for every rank (measured once, on the aligned model)
             self._answers, self.initial = trainer.strategy.broadcast(self._fit_start(trainer, pl_module), src=0)
-            if not bool((self.initial > 0).any()):
-                raise ValueError("RefusalFeedback: the aligned model refuses none of the harmful probes (logit refusal "
-                                 "score > 0 on none), so there is no refusal to hold. Check the probes (harmful=) and "
-                                 "the model.")
+            refused_at_start(self.initial)  # stops now, not at the first measurement
         else:
             self._encode(trainer, pl_module)
         self._projection.feedback_scale = self.scale
