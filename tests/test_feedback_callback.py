@@ -9,10 +9,12 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from rg_lightning import CausalLMModule
 from rg_lightning.callbacks import RefusalDirections, RefusalFeedback, RepresentationProjection
 from rg_lightning.guard.feedback import next_tail_scale
+from rg_lightning.guard.shards import whole
 from rg_lightning.toy import ALIGNED_MODEL_DIR
 from rg_lightning.toy.data import ToyTaskDataModule
 
@@ -20,18 +22,23 @@ HERE = Path(__file__).resolve().parent
 ALWAYS_TIGHTER = {"low": 1.0, "high": 1.0, "max_scale": 8.0}  # any lost margin tightens: the scale doubles
 
 
-def fit(root, callbacks, steps=4, ckpt_path=None, checkpoint_every=None, devices=1):
+def fit(root, callbacks, steps=4, ckpt_path=None, checkpoint_every=None, devices=1, strategy="ddp"):
+    """``strategy`` with several devices: ``ddp``, or ``fsdp2`` (CausalLMModule shards itself)."""
     L.seed_everything(0)
     module = CausalLMModule(model=str(ALIGNED_MODEL_DIR), dtype="float32",
                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     if checkpoint_every:
         callbacks = [*callbacks, ModelCheckpoint(dirpath=root, every_n_train_steps=checkpoint_every, save_top_k=-1)]
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+    if devices == 1:
+        strategy = "auto"
+    elif strategy == "fsdp2":
+        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=devices, strategy=strategy,
                         logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=bool(checkpoint_every),
                         limit_val_batches=0, default_root_dir=root, callbacks=callbacks)
     trainer.fit(module, ToyTaskDataModule(n_train=64, n_val=8, batch_size=16), ckpt_path=ckpt_path)
-    return torch.cat([p.detach().flatten() for p in module.model.parameters()]), trainer
+    return torch.cat([whole(p.detach()).flatten() for p in module.model.parameters()]), trainer
 
 
 def guarded(feedback=None, ridge=0.03):
@@ -81,16 +88,29 @@ def test_crash_then_resume_restores_the_scale_and_the_fit_start_scores(tmp_path,
     torch.testing.assert_close(resumed, uninterrupted, rtol=0, atol=1e-6)
 
 
-def test_ddp_ranks_score_alike_and_step_with_one_scale(tmp_path):
-    """Two processes: every rank keeps the same history and scale (rank zero's, broadcast) and ends with the same
-    weights."""
-    result = subprocess.run([sys.executable, str(HERE / "ddp_feedback.py"), str(tmp_path), "2"],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
-    assert [h["step"] for h in ranks[0]["history"]] == [1, 2, 3] and ranks[0]["scale"] > 1.0
-    assert ranks[0]["history"] == ranks[1]["history"] and ranks[0]["scale"] == ranks[1]["scale"]
-    assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
+def test_ddp_and_fsdp2_ranks_score_alike_and_step_with_one_scale(tmp_path):
+    """Two processes, under DDP and under FSDP2 (every forward a collective, the fit-start answers generated on every
+    rank): every rank keeps the same history and scale (rank zero's, broadcast) and ends with the same weights, and
+    the two strategies agree."""
+    runs = {}
+    for strategy in ("ddp", "fsdp2"):
+        out = tmp_path / strategy
+        out.mkdir()
+        result = subprocess.run([sys.executable, str(HERE / "ddp_feedback.py"), str(out), "2", strategy],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        ranks = [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+        assert [h["step"] for h in ranks[0]["history"]] == [1, 2, 3] and ranks[0]["scale"] > 1.0
+        assert ranks[0]["history"] == ranks[1]["history"] and ranks[0]["scale"] == ranks[1]["scale"]
+        assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
+        runs[strategy] = ranks[0]
+    ddp, fsdp2 = runs["ddp"], runs["fsdp2"]
+    assert [(h["step"], h["scale"]) for h in fsdp2["history"]] == [(h["step"], h["scale"]) for h in ddp["history"]]
+    for sharded, replicated in zip(fsdp2["history"], ddp["history"]):
+        assert sharded["margin"] == pytest.approx(replicated["margin"], abs=1e-4)
+    # Not closer: AdamW at lr 1e-2 turns the strategies' different reduction orders in near-zero gradient entries
+    # into steps of up to a tenth of the learning rate, with or without the feedback (measured: 1.1e-3 both ways).
+    torch.testing.assert_close(fsdp2["weights"], ddp["weights"], rtol=0, atol=2e-3)
 
 
 def test_resumed_with_other_probes_is_refused(tmp_path):

@@ -181,6 +181,28 @@ def test_answers_end_at_the_models_turn_end_not_only_the_tokenizers_eos():
         assert all(kept[:stop + 1]) and not any(kept[stop + 1:])  # the end token kept, nothing after it
 
 
+@pytest.mark.parametrize("sharded, world, synced", [(True, 2, True), (True, 1, False), (False, 2, False)])
+def test_answers_are_decoded_in_step_across_sharded_ranks(monkeypatch, sharded, world, synced):
+    """Under FSDP2 with several processes every forward is a collective: decoding must go on until every rank is
+    done (a rank whose answers all end early would otherwise leave the others waiting in a gather)."""
+    from rg_lightning.guard import collect
+    from rg_lightning.toy import ALIGNED_MODEL_DIR
+
+    model, tokenizer = _load(ALIGNED_MODEL_DIR)
+    seen = []
+
+    def generate(input_ids, synced_gpus, **kwargs):  # (a synced decode needs a process group)
+        seen.append(synced_gpus)
+        return torch.cat([input_ids, input_ids[:, -2:]], dim=1)
+
+    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(collect, "uses_fsdp2", lambda m: sharded)
+    monkeypatch.setattr(collect, "process_world", lambda: (0, world))
+    batch = next(collect._batches(tokenizer, ["how do i bake a cake ?"], 1, "cpu"))
+    collect.with_greedy_answers(model, tokenizer, batch, answer_tokens=2)
+    assert seen == [synced]
+
+
 def test_a_head_kept_trainable_by_peft_is_still_the_answer_only_head(tiny_models):
     from peft import LoraConfig, get_peft_model
 
