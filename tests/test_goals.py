@@ -100,7 +100,7 @@ def test_bad_columns_name_the_form(goals, tmp_path):
 
 def test_the_readme_counts_are_what_the_committed_results_give(goals):
     """The shipped worlds and the seed-1 and seed-2 builds, at tiny.yaml's 150 steps and at 450, with RefusalFeedback
-    (tiny.yaml's guard) and without it, as the README says."""
+    (tiny.yaml's guard) and without it, and at twice the learning rate, as the README says."""
     readme = " ".join((ROOT / "README.md").read_text().split())
     for feedback, expected in (("_feedback", (10, 6, 8, 6, 7, 6)), ("", (9, 4, 7, 5, 7, 4))):
         short = f"energy0.9_head-answer_ridge0.03{feedback}_batch-rows"
@@ -109,6 +109,11 @@ def test_the_readme_counts_are_what_the_committed_results_give(goals):
                    for directory in ("shipped_worlds", "world_seed1", "world_seed2") for settings in (short, long)]
         counts = goals.table(columns).splitlines()[-1]
         assert counts == "| **goals** | " + " | ".join(f"**{n} of 12**" for n in expected) + " |", feedback
+    doubled = [(directory, str(ROOT / "experiments/results" / directory),
+                "energy0.9_head-answer_ridge0.03_lr0.002_feedback_batch-rows")
+               for directory in ("shipped_worlds", "world_seed1", "world_seed2")]
+    assert goals.table(doubled).splitlines()[-1] == "| **goals** | **10 of 12** | **9 of 12** | **8 of 12** |"
+    assert "learning rate in both arms (150 steps) the goals hold on 10, 9 and 8 of 12" in readme
     assert "150 steps on 10 of the 12 shipped miniature worlds" in readme
     assert "and on 8 and 7 of 12 new aligned models of the same worlds built with two more seeds" in readme
     assert "they hold on 6, 6 and 6 of 12" in readme
