@@ -14,30 +14,36 @@ while every harmful probe keeps more than ``high``.
 The probes are RefusalDirections' sources without the prompts the basis is measured on (the guard holds those: they
 would not show refusal slipping), rendered as the basis prompts are. Rank zero decides and broadcasts the scale, so
 every rank pulls back alike; the scale, the fit-start answers and scores and the history are checkpointed and
-restored (a resumed fit never measures them again on the drifted model).
+restored (a resumed fit never measures them again on the drifted model). At fit end rank zero writes the history to
+``feedback_history.json`` and draws it in ``feedback.png``, in the run directory.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import weakref
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from rg_lightning.arguments import require_int, require_number
+from rg_lightning.arguments import require_bool, require_int, require_number
+from rg_lightning.atomic import atomic_file
 from rg_lightning.callbacks.drift import probe_fingerprint
 from rg_lightning.callbacks.projection import RepresentationProjection
 from rg_lightning.callbacks.refusal_directions import find_refusal_directions
 from rg_lightning.chat import encode_prompts, position_ids
 from rg_lightning.contract import check_unsharded, hf_model, log_now, system_prompt_of, tokenizer_of
+from rg_lightning.figures import feedback_figure, save_png
 from rg_lightning.guard.collect import with_greedy_answers
 from rg_lightning.guard.feedback import continuation_score, next_tail_scale, refusal_margin, refused_at_start
 from rg_lightning.modes import eval_mode
 from rg_lightning.prompts import check_prompt_source, load_prompts, prompt_hashes
 from rg_lightning.refusal_score import refusal_score, refusal_token_ids
+from rg_lightning.strict_json import finite_or_null
 
 
 class RefusalFeedback(L.Callback):
@@ -60,17 +66,19 @@ class RefusalFeedback(L.Callback):
             a start score above it is taken as it, so a token that was all but certain may lose certainty that
             greedy decoding never needed (4: p = 0.98).
         batch_size: Probe prompts per forward pass.
+        figures: Draw the history in ``feedback.png`` at fit end (``feedback_history.json`` is written either way).
     """
 
     def __init__(self, harmful=None, harmless=None, every_n_steps: int = 5, n_probes: int = 64, seed: int = 11,
                  answer_tokens: int = 4, sure: float = 4.0, low: float = 0.8, high: float = 0.9, factor: float = 2.0,
-                 min_scale: float = 0.1, max_scale: float = 1000.0, batch_size: int = 32) -> None:
+                 min_scale: float = 0.1, max_scale: float = 1000.0, batch_size: int = 32, figures: bool = True) -> None:
         for argument, value in (("every_n_steps", every_n_steps), ("n_probes", n_probes), ("seed", seed),
                                 ("answer_tokens", answer_tokens), ("batch_size", batch_size)):
             require_int(argument, value)
         for argument, value in (("sure", sure), ("low", low), ("high", high), ("factor", factor),
                                 ("min_scale", min_scale), ("max_scale", max_scale)):
             require_number(argument, value)
+        require_bool("figures", figures)
         if every_n_steps < 1 or n_probes < 2 or batch_size < 1 or answer_tokens < 1:
             raise ValueError("every_n_steps, answer_tokens and batch_size must be >= 1 and n_probes >= 2")
         if not 0 < low <= high <= 1:
@@ -90,6 +98,7 @@ class RefusalFeedback(L.Callback):
         self.answer_tokens, self.sure = answer_tokens, sure
         self.low, self.high, self.factor = low, high, factor
         self.min_scale, self.max_scale = min_scale, max_scale
+        self.figures = figures
         self.scale = 1.0
         self.initial: torch.Tensor | None = None  # the harmful probes' fit-start scores (0: not refused then)
         self.history: list[dict] = []
@@ -226,6 +235,22 @@ class RefusalFeedback(L.Callback):
         log_now(trainer, {"feedback/margin": margin, "feedback/refused_share": refused, "feedback/scale": self.scale})
         if math.isnan(margin):
             rank_zero_warn("RefusalFeedback: the probes' refusal scores are not finite (a diverged model).")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.history:
+            # trainer.log_dir broadcasts, so every rank asks for it; only rank zero writes.
+            self._write(trainer.log_dir or trainer.default_root_dir)
+
+    @rank_zero_only
+    def _write(self, directory: str) -> None:
+        settings = {key: getattr(self, key) for key in ("every_n_steps", "n_probes", "answer_tokens", "sure", "low",
+                                                        "high", "factor", "min_scale", "max_scale")}
+        with atomic_file(os.path.join(directory, "feedback_history.json")) as handle:
+            json.dump(finite_or_null({"settings": settings, "history": self.history}), handle, indent=2,
+                      allow_nan=False)
+        if self.figures:
+            save_png(feedback_figure(self.history, self.low, self.high, self.min_scale, self.max_scale),
+                     os.path.join(directory, "feedback.png"))
 
     def state_dict(self) -> dict:
         if self.initial is None:

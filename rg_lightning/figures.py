@@ -84,3 +84,23 @@ def _integer_layers(axis) -> None:
 
 def _finite(value: float) -> float:
     return value if math.isfinite(value) else math.nan
+
+
+def feedback_figure(history: list[dict], low: float, high: float, min_scale: float, max_scale: float):
+    """RefusalFeedback over a fit: the harmful probes' margin against the thresholds (and the share still refused),
+    and the tail's scale it set, within its range."""
+    steps = [record["step"] for record in history]
+    figure, (margin, scale) = new_figure(2, 11, 4)
+    margin.plot(steps, [_finite(record["margin"]) for record in history], color="tab:red", label="margin")
+    margin.plot(steps, [record["refused_share"] for record in history], color="tab:gray", linestyle=":",
+                label="harmful probes refused")
+    for threshold, name in ((low, "low: tighten below"), (high, "high: loosen above")):
+        margin.axhline(threshold, color="gray", linestyle="--", linewidth=1)
+        margin.annotate(name, (steps[0], threshold), fontsize=7, va="bottom")
+    margin.set(xlabel="step", ylabel="share of the fit-start score", title="Harmful probes")
+    margin.legend(fontsize=7)
+    scale.step(steps, [record["scale"] for record in history], where="post", color="tab:blue")
+    for bound in (min_scale, max_scale):
+        scale.axhline(bound, color="gray", linestyle="--", linewidth=1)
+    scale.set(xlabel="step", ylabel="times the built rate", yscale="log", title="Damped tail's pull-back")
+    return figure

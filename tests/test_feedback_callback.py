@@ -1,6 +1,7 @@
 """RefusalFeedback on the miniature aligned model: it sets the tail the projection uses, resumes where it was,
 changes nothing while it does not adjust, and refuses what it cannot work with."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,17 @@ def test_ddp_and_fsdp2_ranks_score_alike_and_step_with_one_scale(tmp_path):
     torch.testing.assert_close(fsdp2["weights"], ddp["weights"], rtol=0, atol=2e-3)
 
 
+def test_fit_end_writes_the_history_and_draws_it(tmp_path):
+    drawn = RefusalFeedback(every_n_steps=1, n_probes=8, **ALWAYS_TIGHTER)
+    fit(tmp_path / "drawn", guarded(drawn))
+    written = json.loads((tmp_path / "drawn" / "feedback_history.json").read_text())
+    assert written["history"] == drawn.history and written["settings"]["low"] == 1.0
+    assert (tmp_path / "drawn" / "feedback.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fit(tmp_path / "plain", guarded(RefusalFeedback(every_n_steps=1, n_probes=8, figures=False)))
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir() if p.suffix in (".json", ".png")) == \
+        ["feedback_history.json"]
+
+
 def test_resumed_with_other_probes_is_refused(tmp_path):
     fit(tmp_path / "crashed", guarded(RefusalFeedback(every_n_steps=1, n_probes=8)), steps=2, checkpoint_every=2)
     with pytest.raises(ValueError, match="other probes"):
@@ -145,6 +157,7 @@ def test_without_a_projection_or_enough_probes_the_error_names_the_fix(tmp_path)
     ({"min_scale": 2.0}, "min_scale <= 1"),
     ({"max_scale": 0.5}, "1 <= max_scale"),
     ({"harmful": 3}, "harmful"),
+    ({"figures": "yes"}, "figures"),
 ])
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
