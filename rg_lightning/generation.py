@@ -50,6 +50,13 @@ def plain_greedy(model) -> Iterator[None]:
         owner.generation_config = own
 
 
+def decodes_in_step(model) -> bool:
+    """Whether greedy decoding must run until every process is done (``synced_gpus``): under FSDP2 with several
+    processes every forward is a collective, and a rank whose answers all end early would leave the others waiting
+    in a gather (a sharded forward may round differently per rank, so answers can end at different tokens)."""
+    return uses_fsdp2(model) and process_world()[1] > 1
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
              system_prompt: str | None = None, progress=None, return_finished: bool = False):
@@ -64,8 +71,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
     collective, so every process must call this with as many batches, and decoding runs until every process
     is done (``synced_gpus``); the weights are put back into their shards afterwards.
     """
-    sharded = uses_fsdp2(model)
-    synced = sharded and process_world()[1] > 1
+    sharded, synced = uses_fsdp2(model), decodes_in_step(model)
     device = next(model.parameters()).device
     restore_modes = enter_eval(model)
     answers: list[str] = []

@@ -185,6 +185,7 @@ def test_answers_end_at_the_models_turn_end_not_only_the_tokenizers_eos():
 def test_answers_are_decoded_in_step_across_sharded_ranks(monkeypatch, sharded, world, synced):
     """Under FSDP2 with several processes every forward is a collective: decoding must go on until every rank is
     done (a rank whose answers all end early would otherwise leave the others waiting in a gather)."""
+    from rg_lightning import generation
     from rg_lightning.guard import collect
     from rg_lightning.toy import ALIGNED_MODEL_DIR
 
@@ -196,8 +197,8 @@ def test_answers_are_decoded_in_step_across_sharded_ranks(monkeypatch, sharded, 
         return torch.cat([input_ids, input_ids[:, -2:]], dim=1)
 
     monkeypatch.setattr(model, "generate", generate)
-    monkeypatch.setattr(collect, "uses_fsdp2", lambda m: sharded)
-    monkeypatch.setattr(collect, "process_world", lambda: (0, world))
+    monkeypatch.setattr(generation, "uses_fsdp2", lambda m: sharded)
+    monkeypatch.setattr(generation, "process_world", lambda: (0, world))
     batch = next(collect._batches(tokenizer, ["how do i bake a cake ?"], 1, "cpu"))
     collect.with_greedy_answers(model, tokenizer, batch, answer_tokens=2)
     assert seen == [synced]

@@ -23,10 +23,10 @@ import torch.distributed as dist
 from torch import nn
 
 from rg_lightning.chat import left_padded, position_ids, render_prompt, require_chat_template
-from rg_lightning.generation import plain_greedy, stop_token_ids
+from rg_lightning.generation import decodes_in_step, plain_greedy, stop_token_ids
 from rg_lightning.guard.basis import SafetyBasis, embedding_probe
 from rg_lightning.guard.projection import canonical_name, lora_layer_types
-from rg_lightning.guard.shards import process_world, prompt_world, uses_fsdp2
+from rg_lightning.guard.shards import prompt_world
 from rg_lightning.guard.statistics import GramAccumulator, MeanAccumulator, capture_linear_inputs
 from rg_lightning.guard.subspace import centered_subspace, extend_basis, row_weights, soft_subspace
 from rg_lightning.modes import enter_eval
@@ -146,15 +146,12 @@ def _batches(tokenizer, texts: list[str], batch_size: int, device):
 
 def with_greedy_answers(model, tokenizer, batch: dict, answer_tokens: int) -> dict:
     """Append the model's greedy answer to each prompt; padding after the end-of-answer is masked. The answer
-    ends at any end-of-answer token (Gemma ends a turn with ``<end_of_turn>``, not its tokenizer's EOS).
-
-    Under FSDP2 every forward is a collective and every rank decodes the same prompts, but a sharded forward may
-    round differently per rank: decoding runs until every rank is done (``synced_gpus``), so a rank whose answers
-    all end a token early does not leave the others waiting in a gather."""
+    ends at any end-of-answer token (Gemma ends a turn with ``<end_of_turn>``, not its tokenizer's EOS). Under FSDP2
+    decoding runs until every rank is done (:func:`~rg_lightning.generation.decodes_in_step`)."""
     stops = stop_token_ids(model, tokenizer)
-    synced = uses_fsdp2(model) and process_world()[1] > 1
     with plain_greedy(model):
-        output = model.generate(**batch, max_new_tokens=answer_tokens, do_sample=False, synced_gpus=synced,
+        output = model.generate(**batch, max_new_tokens=answer_tokens, do_sample=False,
+                                synced_gpus=decodes_in_step(model),
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
     new = output[:, batch["input_ids"].shape[1]:]
     finished = torch.zeros_like(new, dtype=torch.bool)
