@@ -69,6 +69,17 @@ def test_each_goal_is_checked_and_plain_comes_from_the_same_world(goals, tmp_pat
                               "default × Gemma-3", "default × OLMo-2"]
 
 
+def test_another_defence_is_measured_by_the_same_goals(goals, tmp_path):
+    plain = _runs("plain", (0.0, 0.0, 0.80))
+    _write(tmp_path, "llama", plain + _runs("guarded", (1.0, 0.0, 0.70)) + _runs("replay", (1.0, 0.0, 0.79)))
+    _write(tmp_path, "qwen3", plain + _runs("replay", (1.0, 0.05, 0.80)))  # replay alone: no guarded runs
+    text = goals.table([("replay", str(tmp_path), SETTINGS)], arm="replay")
+    assert "| 100.0 / 79.0 (99%) |" in text and "harmless 5.0 ✗" in text and "**1 of 2**" in text
+    assert "**0 of 1**" in goals.table([("guard", str(tmp_path), SETTINGS)])  # the guard's own column is unchanged
+    with pytest.raises(SystemExit, match="No directions benign result"):
+        goals.table([("x", str(tmp_path), SETTINGS)], arm="directions")
+
+
 def test_the_figure_draws_the_same_grid(goals, tmp_path):
     _write(tmp_path, "llama", _runs("plain", (0.0, 0.0, 0.80)) + _runs("guarded", (1.0, 0.0, 0.80)))
     goals.main([f"guard={tmp_path}:{SETTINGS}", "--figure", str(tmp_path / "fig" / "goals.png")])
