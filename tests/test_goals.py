@@ -132,3 +132,29 @@ def test_the_readme_counts_are_what_the_committed_results_give(goals):
     assert "and on 8 and 7 of 12 new aligned models of the same worlds built with two more seeds" in readme
     assert "they hold on 6, 6 and 6 of 12" in readme
     assert "the same guard met them on 9, 7, 7 and 4, 5, 4 of 12" in readme
+
+
+def test_the_replay_counts_are_what_the_committed_results_give(goals):
+    """Mixing refusals into the data, alone and with the guard, on the shipped worlds (README, Further results)."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    shipped = str(ROOT / "experiments/results/shipped_worlds")
+
+    def count(directory: str, settings: str, arm: str) -> str:
+        column = [("x", str(ROOT / "experiments/results/shipped_worlds" / directory), settings)]
+        return goals.table(column, plain_directories=(shipped,), arm=arm).splitlines()[-1]
+
+    assert count("replay_150", "replay0.1", "replay") == "| **goals** | **5 of 12** |"
+    assert count("replay_450", "replay0.1", "replay") == "| **goals** | **5 of 12** |"
+    for settings, expected in (("energy0.9_head-answer_steps450_batch-rows_guarded-replay0.1", 8),
+                               ("ridge0.03_steps450_feedback_batch-rows_guarded-replay0.1", 7),
+                               ("no-attention_steps450_batch-rows_guarded-replay0.1", 6)):
+        assert count("replay_450", settings, "guarded-replay") == f"| **goals** | **{expected} of 12** |", settings
+    assert "(5 of 12 at 150 steps, 5 of 12 at 450)" in readme
+    assert "meets the goals on 8 of the 12 shipped worlds at 450 steps (the guard alone: 6)" in readme
+    seed1 = str(ROOT / "experiments/results/world_seed1")
+    for arm, settings, expected in (("replay", "replay0.1", 4),
+                                    ("guarded-replay", "energy0.9_head-answer_steps450_batch-rows_guarded-replay0.1", 6)):
+        column = [("x", seed1 + "/replay_450", settings)]
+        assert goals.table(column, plain_directories=(seed1,), arm=arm).splitlines()[-1] == \
+            f"| **goals** | **{expected} of 12** |", arm
+    assert "but on 6 of 12 seed-1 builds, as the guard alone (replay: 4): 14 of 24 against 12 and 9" in readme
