@@ -9,8 +9,9 @@ runs it learnt the task on some worlds where the guard alone fell short (experim
 refusals are the model's own greedy answers, so the mix teaches nothing the aligned model did not already say.
 Dropped: answers whose opening a refusal judge does not read as a refusal (the model complied, refused in words
 the judge misses, or mentioned a refusal phrase only later in a compliant answer), and answers cut off at
-``--max-new-tokens`` (training on them would teach the model to stop mid-sentence). Take the requests from prompts you do not evaluate on: ``SafetyEvaluation`` leaves out
-benchmark prompts found in ``data.mix``, so mixing AdvBench requests shrinks the AdvBench it scores.
+``--max-new-tokens`` (training on them would teach the model to stop mid-sentence). Take the requests from
+prompts you do not evaluate on: ``SafetyEvaluation`` leaves out benchmark prompts found in ``data.mix``, so
+mixing AdvBench requests shrinks the AdvBench it scores.
 """
 
 from __future__ import annotations
