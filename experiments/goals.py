@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("columns", nargs="+", type=parse_column, metavar="[LABEL=]DIR:SETTINGS")
     parser.add_argument("--task", default="benign", choices=("benign", "sentiment", "arithmetic"))
-    parser.add_argument("--plain", nargs="+", default=(), metavar="DIR",
-                        help="more directories to take plain fine-tuning's runs from")
+    parser.add_argument("--plain", action="append", default=[], metavar="DIR",
+                        help="another directory to take plain fine-tuning's runs from (repeat for more)")
     parser.add_argument("--figure", metavar="PNG", help="also draw the grid (green: every goal holds) to this file")
     parser.add_argument("--arm", default="guarded", choices=DEFENCE_ARMS,
                         help="the defence measured against plain fine-tuning (a benchmark_tiny.py arm)")

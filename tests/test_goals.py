@@ -80,6 +80,13 @@ def test_another_defence_is_measured_by_the_same_goals(goals, tmp_path):
         goals.table([("x", str(tmp_path), SETTINGS)], arm="directions")
 
 
+def test_a_column_after_plain_is_a_column(goals, tmp_path, capsys):
+    _write(tmp_path / "plain", "llama", _runs("plain", (0.0, 0.0, 0.80)), settings="")
+    _write(tmp_path, "llama", _runs("replay", (1.0, 0.0, 0.80)))
+    goals.main(["--arm", "replay", "--plain", str(tmp_path / "plain"), f"r={tmp_path}:{SETTINGS}"])
+    assert "| default × Llama | 100.0 / 80.0 (100%) |" in capsys.readouterr().out
+
+
 def test_the_figure_draws_the_same_grid(goals, tmp_path):
     _write(tmp_path, "llama", _runs("plain", (0.0, 0.0, 0.80)) + _runs("guarded", (1.0, 0.0, 0.80)))
     goals.main([f"guard={tmp_path}:{SETTINGS}", "--figure", str(tmp_path / "fig" / "goals.png")])
