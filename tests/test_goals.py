@@ -158,10 +158,13 @@ def test_the_replay_counts_are_what_the_committed_results_give(goals):
         assert count("replay_450", settings, "guarded-replay") == f"| **goals** | **{expected} of 12** |", settings
     assert "(5 of 12 at 150 steps, 5 of 12 at 450)" in readme
     assert "meets the goals on 8 of the 12 shipped worlds at 450 steps (the guard alone: 6)" in readme
-    seed1 = str(ROOT / "experiments/results/world_seed1")
-    for arm, settings, expected in (("replay", "replay0.1", 4),
-                                    ("guarded-replay", "energy0.9_head-answer_steps450_batch-rows_guarded-replay0.1", 6)):
-        column = [("x", seed1 + "/replay_450", settings)]
-        assert goals.table(column, plain_directories=(seed1,), arm=arm).splitlines()[-1] == \
-            f"| **goals** | **{expected} of 12** |", arm
-    assert "but on 6 of 12 seed-1 builds, as the guard alone (replay: 4): 14 of 24 against 12 and 9" in readme
+    for build, replayed, together in (("world_seed1", 4, 6), ("world_seed2", 6, 7)):
+        directory = str(ROOT / "experiments/results" / build)
+        for arm, settings, expected in (("replay", "replay0.1", replayed),
+                                        ("guarded-replay", "energy0.9_head-answer_steps450_batch-rows_guarded-replay0.1",
+                                         together)):
+            column = [("x", directory + "/replay_450", settings)]
+            assert goals.table(column, plain_directories=(directory,), arm=arm).splitlines()[-1] == \
+                f"| **goals** | **{expected} of 12** |", (build, arm)
+    assert ("on 6 and 7 of 12 seed-1 and seed-2 builds (the guard alone: 6 and 6; replay: 4 and 6): 21 of 36 against "
+            "18 and 15") in readme
