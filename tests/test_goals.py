@@ -152,6 +152,8 @@ def test_the_replay_counts_are_what_the_committed_results_give(goals):
 
     assert count("replay_150", "replay0.1", "replay") == "| **goals** | **5 of 12** |"
     assert count("replay_450", "replay0.1", "replay") == "| **goals** | **5 of 12** |"
+    assert count("replay_150", "energy0.9_head-answer_batch-rows_guarded-replay0.1", "guarded-replay") == \
+        "| **goals** | **5 of 12** |"  # the long runs' recipe at 150 steps
     for settings, expected in (("energy0.9_head-answer_steps450_batch-rows_guarded-replay0.1", 8),
                                ("ridge0.03_steps450_feedback_batch-rows_guarded-replay0.1", 7),
                                ("no-attention_steps450_batch-rows_guarded-replay0.1", 6)):
