@@ -39,7 +39,7 @@ from rg_lightning.atomic import atomic_file
 from rg_lightning.callbacks.projection import RepresentationProjection
 from rg_lightning.callbacks.refusal_directions import find_refusal_directions
 from rg_lightning.chat import encode_prompts, position_ids
-from rg_lightning.contract import check_unsharded, hf_model, log_now, system_prompt_of, tokenizer_of
+from rg_lightning.contract import check_unsharded, hf_model, log_now, run_directory, system_prompt_of, tokenizer_of
 from rg_lightning.figures import new_figure, save_png
 from rg_lightning.guard.geometry import (
     cosine,
@@ -371,9 +371,7 @@ class DriftGeometry(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.initial is not None:
-            # trainer.log_dir broadcasts, so every rank asks for it; only rank zero writes.
-            directory = trainer.log_dir or trainer.default_root_dir
-            self._write(directory, self.measure_states(trainer, pl_module))
+            self._write(run_directory(trainer), self.measure_states(trainer, pl_module))
 
     @rank_zero_only
     def _write(self, directory: str, final: dict) -> None:

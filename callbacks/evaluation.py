@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 from rg_lightning.atomic import check_replaceable
 from rg_lightning.callbacks.refusal_directions import find_refusal_directions
-from rg_lightning.contract import check_unsharded, hf_model, log_now, system_prompt_of, tokenizer_of
+from rg_lightning.contract import check_unsharded, hf_model, log_now, run_directory, system_prompt_of, tokenizer_of
 from rg_lightning.evaluation.report import REPORT_FILES, markdown, write_report
 from rg_lightning.evaluation.suite import EvaluationSuite
 from rg_lightning.prompts import prompt_hashes
@@ -185,9 +185,7 @@ class SafetyEvaluation(L.Callback):
         metadata.update({"step": step, "checkpoint": trainer.ckpt_path,
                          "excluded_basis_prompts": dict(self.excluded),
                          "excluded_trained_prompts": dict(self.excluded_trained)})
-        # trainer.log_dir broadcasts, so every rank asks for it; only rank zero writes.
-        self._write(self.output_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "evaluation"),
-                    metadata)
+        self._write(self.output_dir or os.path.join(run_directory(trainer), "evaluation"), metadata)
 
     @rank_zero_only
     def _write(self, directory: str, metadata: dict) -> None:

@@ -36,7 +36,7 @@ from rg_lightning.callbacks.drift import probe_fingerprint
 from rg_lightning.callbacks.projection import RepresentationProjection
 from rg_lightning.callbacks.refusal_directions import find_refusal_directions
 from rg_lightning.chat import encode_prompts, position_ids
-from rg_lightning.contract import check_unsharded, hf_model, log_now, system_prompt_of, tokenizer_of
+from rg_lightning.contract import check_unsharded, hf_model, log_now, run_directory, system_prompt_of, tokenizer_of
 from rg_lightning.figures import feedback_figure, save_png
 from rg_lightning.guard.collect import with_greedy_answers
 from rg_lightning.guard.feedback import continuation_score, next_tail_scale, refusal_margin, refused_at_start
@@ -238,8 +238,7 @@ class RefusalFeedback(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.history:
-            # trainer.log_dir broadcasts, so every rank asks for it; only rank zero writes.
-            self._write(trainer.log_dir or trainer.default_root_dir)
+            self._write(run_directory(trainer))
 
     @rank_zero_only
     def _write(self, directory: str) -> None:

@@ -96,3 +96,9 @@ def log_now(trainer, metrics: dict[str, float]) -> None:
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def run_directory(trainer) -> str:
+    """Where a callback writes its fit-end files: the first logger's version folder, else ``default_root_dir``.
+    ``trainer.log_dir`` broadcasts, so every rank must call this, even where only rank zero writes."""
+    return trainer.log_dir or trainer.default_root_dir

@@ -9,7 +9,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from rg_lightning.atomic import atomic_file
-from rg_lightning.contract import hf_model, tokenizer_of
+from rg_lightning.contract import hf_model, run_directory, tokenizer_of
 from rg_lightning.toy.generation import generate, refusal_rate
 from rg_lightning.toy.world import ToyWorld, task_metric
 
@@ -97,7 +97,7 @@ class AlignmentReport(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.after = self._measure(trainer, pl_module)
-        self._write(trainer.log_dir or trainer.default_root_dir)  # log_dir broadcasts: asked on every rank
+        self._write(run_directory(trainer))
 
     @rank_zero_only
     def _write(self, directory: str) -> None:
